@@ -1,0 +1,1 @@
+"""Shard sets: writers, the streaming reader and per-task decoding."""

@@ -1,0 +1,1 @@
+"""Evaluation, halting sweeps, plots and export."""

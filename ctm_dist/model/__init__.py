@@ -1,0 +1,1 @@
+"""The Continuous Thought Machine model: config, presets, module and its parts."""

@@ -1,0 +1,1 @@
+"""The one training loop, its components and the Ray driver."""
