@@ -1,0 +1,212 @@
+"""Time one CTM training step (forward, certainty loss, backward, AdamW) per preset.
+
+    python bench/step.py --preset parity --batch 16 --steps 3 --reference /work/ref
+    python bench/step.py --preset imagenet --iterations 50 --image-size 96 --batch 2 --checkpointing 0,5
+
+For every combination of --checkpointing and --dtype it prints the median step time over
+--steps (after one warm-up step), FLOPs per step (torch.utils.flop_counter), achieved GFLOP/s,
+the memory held for backward at the end of forward (bytes of the tensors autograd saved, counted
+with saved_tensors_hooks, plus the inputs that tick checkpointing keeps), and the process's peak
+RSS during the step. ``--reference DIR`` also times the reference implementation (imported from
+that checkout) on the same configuration and batch and prints the speed ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ctm_dist.model import CTM, CTMConfig, preset  # noqa: E402
+
+OUR_ONLY_FIELDS = ("in_channels", "tick_checkpointing", "attention_impl")
+
+
+# --- inputs and a minimal certainty loss ---------------------------------------------------------
+
+def make_batch(cfg: CTMConfig, name: str, batch: int, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    if cfg.backbone_type == "parity_backbone":
+        length = cfg.prediction_reshaper[0]
+        x = torch.randint(0, 2, (batch, length), generator=g).float() * 2 - 1
+        return x, torch.randint(0, 2, (batch, length), generator=g)
+    x = torch.randn(batch, cfg.in_channels, image_size, image_size, generator=g)
+    if cfg.prediction_reshaper != [-1]:
+        length, classes = cfg.prediction_reshaper
+        return x, torch.randint(0, classes, (batch, length), generator=g)
+    return x, torch.randint(0, cfg.out_dims, (batch,), generator=g)
+
+
+def certainty_loss(predictions: torch.Tensor, certainties: torch.Tensor, targets: torch.Tensor,
+                   reshaper: list[int]) -> torch.Tensor:
+    """Mean of the loss at the lowest-loss tick and at the most certain tick (the paper's loss)."""
+    b, _, t = predictions.shape
+    classes = predictions.size(1) if reshaper == [-1] else reshaper[-1]
+    logits = predictions.reshape(b, -1, classes, t).permute(0, 3, 1, 2)          # [B, T, L, C]
+    per_tick = F.cross_entropy(logits.flatten(0, 2), targets.reshape(b, 1, -1).expand(b, t, -1).flatten(),
+                               reduction="none").view(b, t, -1).mean(-1)       # [B, T]
+    most_certain = certainties[:, 1].argmax(-1)
+    rows = torch.arange(b)
+    return (per_tick.min(-1).values + per_tick[rows, most_certain]).mean() / 2
+
+
+# --- measurement -------------------------------------------------------------------------------
+
+def _rss_peak_reset() -> None:
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _rss_peak_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class SavedBytes:
+    """Bytes of distinct storages autograd saves for backward while active."""
+
+    def __init__(self):
+        self.storages: dict[int, int] = {}
+
+    def pack(self, tensor: torch.Tensor):
+        with contextlib.suppress(Exception):
+            storage = tensor.untyped_storage()
+            self.storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    @property
+    def mb(self) -> float:
+        return sum(self.storages.values()) / 2**20
+
+
+def _checkpoint_inputs_mb(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """Bytes that tick checkpointing keeps alive: the state entering each segment."""
+    k = getattr(getattr(model, "cfg", None), "tick_checkpointing", 0)
+    if not k:
+        return 0.0
+    cfg = model.cfg
+    b = x.size(0)
+    per_state = b * cfg.d_model * (cfg.memory_length + 1) + 2 * b * (cfg.synch_size_action + cfg.synch_size_out)
+    segments = -(-cfg.iterations // k)
+    return segments * per_state * 4 / 2**20
+
+
+def step_fn(model, optimizer, x, targets, reshaper, dtype):
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+    with autocast:
+        predictions, certainties, _ = model(x)[:3]
+        loss = certainty_loss(predictions.float(), certainties.float(), targets, reshaper)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def measure(model, x, targets, reshaper, dtype: str, steps: int) -> dict:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    model.train()
+    step_fn(model, optimizer, x, targets, reshaper, dtype)               # warm-up (also creates AdamW state)
+    times = []
+    _rss_peak_reset()
+    for _ in range(steps):
+        start = time.perf_counter()
+        step_fn(model, optimizer, x, targets, reshaper, dtype)
+        times.append(time.perf_counter() - start)
+    peak_rss = _rss_peak_mb()
+    # FLOPs and memory held for backward, measured on one more forward/backward
+    saved = SavedBytes()
+    with FlopCounterMode(display=False) as counter:
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), autocast:
+            predictions, certainties, _ = model(x)[:3]
+            loss = certainty_loss(predictions.float(), certainties.float(), targets, reshaper)
+        held = saved.mb + _checkpoint_inputs_mb(model, x)
+        loss.backward()
+    optimizer.zero_grad(set_to_none=True)
+    seconds = statistics.median(times)
+    flops = counter.get_total_flops()
+    return dict(seconds=seconds, gflop=flops / 1e9, gflops=flops / 1e9 / seconds, held_mb=held, peak_rss_mb=peak_rss)
+
+
+def build_reference(reference: Path, cfg: CTMConfig, x: torch.Tensor):
+    sys.path.insert(0, str(reference))
+    from models.ctm import ContinuousThoughtMachine
+    kwargs = {k: v for k, v in cfg.to_dict().items() if k not in OUR_ONLY_FIELDS}
+    with contextlib.redirect_stdout(io.StringIO()):
+        model = ContinuousThoughtMachine(**kwargs)
+        with torch.no_grad():
+            model.eval()
+            model(x[:1])                                                 # materialise lazy layers
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", action="append", required=True, help="preset name (repeatable)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--iterations", type=int, default=None, help="override T")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--checkpointing", default="0", help="comma list of tick_checkpointing values")
+    parser.add_argument("--dtype", default="fp32", help="comma list of fp32,bf16")
+    parser.add_argument("--reference", type=Path, default=None, help="reference checkout to time alongside")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    header = f"{'model':<34} {'dtype':>5} {'ckpt':>4} {'step s':>8} {'GFLOP':>8} {'GFLOP/s':>8} {'held MB':>9} {'peakRSS MB':>10}"
+    for name in args.preset:
+        overrides = {} if args.iterations is None else {"iterations": args.iterations}
+        cfg = preset(name, **overrides)
+        x, targets = make_batch(cfg, name, args.batch, args.image_size)
+        print(f"\n== {name}: batch {args.batch}, input {tuple(x.shape)}, T={cfg.iterations}")
+        print(header)
+        rows = {}
+        for dtype in args.dtype.split(","):
+            for k in [int(v) for v in args.checkpointing.split(",")]:
+                torch.manual_seed(0)
+                np.random.seed(0)
+                model = CTM(cfg.replace(tick_checkpointing=k))
+                r = measure(model, x, targets, cfg.prediction_reshaper, dtype, args.steps)
+                rows[(dtype, k)] = r
+                print(f"{'ours':<34} {dtype:>5} {k:>4} {r['seconds']:8.3f} {r['gflop']:8.1f} {r['gflops']:8.1f} "
+                      f"{r['held_mb']:9.1f} {r['peak_rss_mb']:10.0f}", flush=True)
+                del model
+        if args.reference is not None:
+            torch.manual_seed(0)
+            np.random.seed(0)
+            ref = build_reference(args.reference, cfg, x)
+            r = measure(ref, x, targets, cfg.prediction_reshaper, "fp32", args.steps)
+            print(f"{'reference':<34} {'fp32':>5} {0:>4} {r['seconds']:8.3f} {r['gflop']:8.1f} {r['gflops']:8.1f} "
+                  f"{r['held_mb']:9.1f} {r['peak_rss_mb']:10.0f}")
+            ours = rows.get(("fp32", 0))
+            if ours:
+                print(f"speed-up ours/reference (fp32, no checkpointing): {r['seconds'] / ours['seconds']:.2f}x")
+        base = rows.get(("fp32", 0))
+        for (dtype, k), r in rows.items():
+            if k and base and dtype == "fp32":
+                print(f"checkpointing k={k}: held {r['held_mb'] / base['held_mb']:.0%} of plain, "
+                      f"step time {r['seconds'] / base['seconds'] - 1:+.0%}")
+
+
+if __name__ == "__main__":
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # make freed tensors leave RSS, so peaks mean something
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        os.execv(sys.executable, [sys.executable] + sys.argv)
+    main()

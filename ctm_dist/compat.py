@@ -1,0 +1,374 @@
+"""Reference checkpoints in and out.
+
+The reference training scripts (SakanaAI/continuous-thought-machines, ``tasks/*/train.py``)
+save ``torch.save({"model_state_dict": ..., "args": argparse.Namespace, ...})``. The model's
+shape is spread over those command-line options, and two of the constructor's arguments,
+``out_dims`` and ``prediction_reshaper``, are derived from the task (dataset) rather than
+given. This module turns such a file into a ready :class:`~ctm_dist.model.CTM` and writes
+our models back in the same format, so that the reference's analysis scripts can read them.
+
+Loading never runs code from the file: ``torch.load(weights_only=True)`` with only
+``argparse.Namespace`` and plain numpy arrays/scalars (the reference checkpoints carry
+numpy RNG state and accuracy curves) added to torch's allow-list.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import tempfile
+import warnings
+import zipfile
+from typing import IO, Any, Mapping, Optional, Union
+
+import numpy as np
+import torch
+
+from ctm_dist.model import CTM, CTMConfig
+
+__all__ = [
+    "CheckpointError",
+    "CLASSIFICATION_DATASETS",
+    "MAZE_DATASETS",
+    "PARITY_DATASETS",
+    "task_output_shape",
+    "config_from_reference_args",
+    "reference_args_from_config",
+    "read_reference_checkpoint",
+    "load_reference_checkpoint",
+    "export_reference_checkpoint",
+]
+
+Source = Union[str, os.PathLike, IO[bytes]]
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable reference checkpoint; the message says why."""
+
+
+# Number of classes per classification dataset of the reference's image_classification/train.py.
+# 'demo' is ours (its class count is read from args.out_dims).
+CLASSIFICATION_DATASETS: dict[str, Optional[int]] = {"cifar10": 10, "cifar100": 100, "imagenet": 1000, "demo": None}
+MAZE_DATASETS = ("mazes-small", "mazes-medium", "mazes-large")
+PARITY_DATASETS = ("parity",)
+MAZE_MOVES = 5  # up, down, left, right, wait
+
+# Options every reference CTM run saves (names as in the reference's argparse parsers).
+_REQUIRED_ARGS = ("iterations", "d_model", "d_input", "heads", "n_synch_out", "n_synch_action",
+                  "synapse_depth", "memory_length", "deep_memory", "memory_hidden_dims", "dataset")
+
+
+# --- task shapes ---------------------------------------------------------------------------------
+
+def task_output_shape(args: argparse.Namespace) -> tuple[int, list[int]]:
+    """``(out_dims, prediction_reshaper)`` for a run, derived from its dataset as its train script does."""
+    dataset = getattr(args, "dataset", None)
+    if dataset in CLASSIFICATION_DATASETS:
+        classes = CLASSIFICATION_DATASETS[dataset]
+        if classes is None:
+            classes = getattr(args, "out_dims", None)
+            if not isinstance(classes, int) or classes < 1:
+                raise CheckpointError(f"dataset {dataset!r} needs args.out_dims (the number of classes); got {classes!r}")
+        return classes, [-1]
+    if dataset in MAZE_DATASETS:
+        route = _positive_int(args, "maze_route_length")
+        return route * MAZE_MOVES, [route, MAZE_MOVES]
+    if dataset in PARITY_DATASETS:
+        length = _positive_int(args, "parity_sequence_length")
+        return length * 2, [length, 2]
+    known = sorted(CLASSIFICATION_DATASETS) + list(MAZE_DATASETS) + list(PARITY_DATASETS)
+    raise CheckpointError(f"unknown dataset {dataset!r} in checkpoint args; supported: {known}")
+
+
+def _positive_int(args: argparse.Namespace, name: str) -> int:
+    value = getattr(args, name, None)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise CheckpointError(f"dataset {args.dataset!r} needs a positive integer args.{name}; got {value!r}")
+    return value
+
+
+# --- args <-> config -----------------------------------------------------------------------------
+
+def _in_channels(backbone_type: str, state_dict: Optional[Mapping[str, torch.Tensor]]) -> int:
+    """Input channels: the reference infers them lazily, so read them off the weights that see the input."""
+    if state_dict is None:
+        return 3
+    for key in ("initial_rgb.weight", "backbone.layers.0.weight") if backbone_type != "none" else ("kv_proj.0.weight",):
+        weight = state_dict.get(key)
+        if isinstance(weight, torch.Tensor) and weight.dim() >= 2:
+            return int(weight.shape[1])
+    return 3
+
+
+def config_from_reference_args(
+    args: argparse.Namespace,
+    state_dict: Optional[Mapping[str, torch.Tensor]] = None,
+    **overrides: Any,
+) -> CTMConfig:
+    """Map a reference run's options (and, for input channels, its weights) to a :class:`CTMConfig`."""
+    if not isinstance(args, argparse.Namespace):
+        raise CheckpointError(f"checkpoint 'args' must be an argparse.Namespace, got {type(args).__name__}")
+    model_kind = getattr(args, "model", None) or getattr(args, "model_type", None) or "ctm"
+    if model_kind != "ctm":
+        raise CheckpointError(f"checkpoint holds a {model_kind!r} model, not a CTM")
+    missing = [name for name in _REQUIRED_ARGS if not hasattr(args, name)]
+    backbone_type = getattr(args, "backbone_type", None)
+    if backbone_type is None and hasattr(args, "resnet_type"):
+        # Early runs named the backbone and its depth separately.
+        backbone_type = f"{args.resnet_type}-{getattr(args, 'resnet_feature_scales', [4])[-1]}"
+    if backbone_type is None:
+        missing.append("backbone_type")
+    if missing:
+        raise CheckpointError(f"checkpoint args lack {missing}; not a checkpoint of a reference CTM train script")
+
+    out_dims, reshaper = task_output_shape(args)
+    saved_out_dims = getattr(args, "out_dims", None)
+    if saved_out_dims is not None and saved_out_dims != out_dims:
+        raise CheckpointError(f"args.out_dims={saved_out_dims} does not match dataset {args.dataset!r} "
+                              f"(which gives {out_dims})")
+    values = dict(
+        iterations=args.iterations,
+        d_model=args.d_model,
+        d_input=args.d_input,
+        heads=args.heads,
+        n_synch_out=args.n_synch_out,
+        n_synch_action=args.n_synch_action,
+        synapse_depth=args.synapse_depth,
+        memory_length=args.memory_length,
+        deep_nlms=bool(args.deep_memory),
+        memory_hidden_dims=args.memory_hidden_dims,
+        do_layernorm_nlm=bool(getattr(args, "do_normalisation", False)),
+        backbone_type=backbone_type,
+        positional_embedding_type=getattr(args, "positional_embedding_type", "none"),
+        out_dims=out_dims,
+        prediction_reshaper=reshaper,
+        dropout=getattr(args, "dropout", 0.0),
+        dropout_nlm=getattr(args, "dropout_nlm", None),
+        # Runs from before the option existed used first-last selection.
+        neuron_select_type=getattr(args, "neuron_select_type", "first-last"),
+        n_random_pairing_self=getattr(args, "n_random_pairing_self", 0),
+        in_channels=_in_channels(backbone_type, state_dict),
+    )
+    values.update(overrides)
+    try:
+        return CTMConfig(**values)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint args describe an invalid CTM: {err}") from err
+
+
+def reference_args_from_config(
+    cfg: CTMConfig, dataset: str, extra_args: Optional[Mapping[str, Any]] = None
+) -> argparse.Namespace:
+    """The options a reference train script would have saved for a model of this config."""
+    args = argparse.Namespace(
+        model="ctm",        # image_classification/ and mazes/ scripts
+        model_type="ctm",   # parity/ scripts
+        dataset=dataset,
+        iterations=cfg.iterations,
+        d_model=cfg.d_model,
+        d_input=cfg.d_input,
+        heads=cfg.heads,
+        n_synch_out=cfg.n_synch_out,
+        n_synch_action=cfg.n_synch_action,
+        synapse_depth=cfg.synapse_depth,
+        memory_length=cfg.memory_length,
+        deep_memory=cfg.deep_nlms,
+        memory_hidden_dims=cfg.memory_hidden_dims,
+        do_normalisation=cfg.do_layernorm_nlm,
+        backbone_type=cfg.backbone_type,
+        positional_embedding_type=cfg.positional_embedding_type,
+        out_dims=cfg.out_dims,
+        dropout=cfg.dropout,
+        dropout_nlm=cfg.dropout_nlm,
+        neuron_select_type=cfg.neuron_select_type,
+        n_random_pairing_self=cfg.n_random_pairing_self,
+    )
+    if dataset in MAZE_DATASETS:
+        args.maze_route_length = cfg.out_dims // MAZE_MOVES
+    elif dataset in PARITY_DATASETS:
+        args.parity_sequence_length = cfg.out_dims // 2
+    for key, value in (extra_args or {}).items():
+        setattr(args, key, value)
+
+    out_dims, reshaper = task_output_shape(args)
+    if out_dims != cfg.out_dims or reshaper != list(cfg.prediction_reshaper):
+        raise ValueError(f"dataset {dataset!r} expects out_dims={out_dims} and prediction_reshaper={reshaper}; "
+                         f"the model has out_dims={cfg.out_dims} and prediction_reshaper={cfg.prediction_reshaper}")
+    return args
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+def _numpy_data_globals() -> list:
+    """numpy functions and types needed to rebuild plain (numeric/bool) arrays and scalars; they run no user code."""
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray
+    allowed: list = [np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar]
+    # Files pickled under numpy 1.x name the module numpy.core; under 2.x numpy._core.
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed += [(multiarray._reconstruct, f"{module}._reconstruct"), (multiarray.scalar, f"{module}.scalar")]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        excluded = {"ObjectDType", "VoidDType", "StringDType", "StrDType", "BytesDType"}
+        allowed += [getattr(dtypes, name) for name in dir(dtypes) if name.endswith("DType") and name not in excluded]
+    return allowed
+
+
+def _describe(source: Source) -> str:
+    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
+
+
+def read_reference_checkpoint(source: Source) -> dict:
+    """The checkpoint dict, loaded without running code from the file; CheckpointError if unusable."""
+    name = _describe(source)
+    if isinstance(source, (str, os.PathLike)):
+        if not os.path.isfile(source):
+            raise CheckpointError(f"{name}: not a file")
+        with open(source, "rb") as handle:
+            return _read(handle, name)
+    return _read(source, name)
+
+
+def _read(handle: IO[bytes], name: str) -> dict:
+    start = handle.tell()
+    head = handle.read(2)
+    handle.seek(start)
+    is_zip = zipfile.is_zipfile(handle)
+    handle.seek(start)
+    if not is_zip and not head.startswith(b"\x80"):  # neither torch's zip format nor a legacy pickle
+        raise CheckpointError(f"{name}: not a torch checkpoint (no torch.save archive; the file may be truncated)")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace, *_numpy_data_globals()]), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # legacy files; errors still raise
+            checkpoint = torch.load(handle, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not any(sign in str(err) for sign in _REFUSAL_SIGNS):
+            raise CheckpointError(f"{name}: not a readable torch checkpoint: {_first_line(err)}") from None
+        refused = _refused_globals(handle, start) if is_zip else []
+        what = f" ({', '.join(refused)})" if refused else ""
+        raise CheckpointError(
+            f"{name}: refused to load: the checkpoint contains Python objects or code{what} that a weights-only "
+            "load does not run. A reference checkpoint holds only tensors, containers, argparse.Namespace and "
+            "numpy arrays. If you made this file yourself and trust it, re-save its 'model_state_dict' and "
+            f"'args' alone. Loader said: {_first_line(err)}"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"{name}: not a readable torch checkpoint: {_first_line(err)}") from err
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{name}: expected a dict with 'args' and 'model_state_dict', got {type(checkpoint).__name__}")
+    missing = [key for key in ("args", "model_state_dict") if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{name}: checkpoint lacks {missing} (has {sorted(map(str, checkpoint))[:10]})")
+    state = checkpoint["model_state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{name}: 'model_state_dict' must map names to tensors")
+    return checkpoint
+
+
+# Phrases of torch's weights-only unpickler when it meets a global (a function or class) it will not load.
+_REFUSAL_SIGNS = ("Unsupported global", "Can only build", "allowlist", "GLOBAL ")
+
+
+def _refused_globals(handle: IO[bytes], start: int) -> list[str]:
+    allowed = {"argparse.Namespace"}
+    try:
+        handle.seek(start)
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(handle)
+    except Exception:  # best effort: the message is useful without the list
+        return []
+    numpy_ok = {name if isinstance(name, str) else f"{name.__module__}.{name.__qualname__}"
+                for name in (item[1] if isinstance(item, tuple) else item for item in _numpy_data_globals())}
+    return [g for g in found if g not in allowed and g not in numpy_ok]
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    for line in text.splitlines():
+        if any(sign in line for sign in ("GLOBAL", "Unsupported", "Can only build", "got <")):
+            return line.strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+def load_reference_checkpoint(source: Source, **overrides: Any) -> CTM:
+    """A CTM in eval mode with the weights of a reference checkpoint, loaded strictly.
+
+    ``overrides`` replace config fields that do not change weights (e.g. ``tick_checkpointing``,
+    ``attention_impl``).
+    """
+    checkpoint = read_reference_checkpoint(source)
+    name = _describe(source)
+    state = checkpoint["model_state_dict"]
+    cfg = config_from_reference_args(checkpoint["args"], state, **overrides)
+    model = CTM(cfg)
+    _check_state_dict(model, state, name)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def _check_state_dict(model: CTM, state: Mapping[str, torch.Tensor], name: str) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(value.shape)}"
+                  for key, value in expected.items() if key in state and state[key].shape != value.shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_clip(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_clip(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatch {_clip(mismatched)}")
+    if problems:
+        raise CheckpointError(f"{name}: weights do not fit the CTM its args describe: " + "; ".join(problems))
+
+
+def _clip(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return f"[{shown}{f', ... ({len(items) - limit} more)' if len(items) > limit else ''}]"
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+def export_reference_checkpoint(
+    model: torch.nn.Module,
+    path: Union[str, os.PathLike],
+    dataset: str,
+    extra_args: Optional[Mapping[str, Any]] = None,
+) -> None:
+    """Write ``{"model_state_dict", "args"}`` as a reference train script would, atomically.
+
+    ``dataset`` names the task for the reference (``cifar10``, ``imagenet``, ``mazes-medium``,
+    ``parity``, ...); ``extra_args`` adds or overrides options in the saved Namespace.
+    """
+    while not isinstance(model, CTM):
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)  # DDP/DeepSpeed, torch.compile
+        if not isinstance(inner, torch.nn.Module):
+            break
+        model = inner
+    if not isinstance(model, CTM):
+        raise TypeError(f"expected a ctm_dist CTM, got {type(model).__name__}")
+    args = reference_args_from_config(model.cfg, dataset, extra_args)
+    # The reference keeps float32 weights; bf16/fp16 copies (e.g. from a DeepSpeed engine) are widened.
+    state = {key: value.detach().to("cpu", dtype=torch.float32 if value.is_floating_point() else value.dtype,
+                                    copy=True)
+             for key, value in model.state_dict().items()}
+    payload = {"model_state_dict": state, "args": args}
+
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".export-", suffix=".pt.tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

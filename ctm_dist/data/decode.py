@@ -1,0 +1,159 @@
+"""Per-task decoding of one shard sample into ``(input, target)`` tensors.
+
+``make_decoder(task, train, meta, ...)`` returns a ``Decoder``: ``decoder(sample, rng)`` maps a
+webdataset sample dict (``__key__`` plus raw byte fields) to tensors, or raises ``BadSample``
+(undecodable image, missing or out-of-range label, malformed route), which the reader skips and
+counts or, in strict mode, reports with the shard and key.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import transforms as T
+
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
+IMAGE_TASKS = ("imagenet", "demo", "cifar10")
+DEFAULT_IMAGE_SIZE = 224
+DEFAULT_ROUTE_LENGTH = 100
+
+
+class BadSample(ValueError):
+    """A sample that cannot be turned into tensors; the message says why."""
+
+
+def _open_image(sample: dict[str, Any]) -> Image.Image:
+    data = next((sample[f] for f in IMAGE_FIELDS if f in sample), None)
+    if data is None:
+        raise BadSample(f"no image field (one of {', '.join(IMAGE_FIELDS)})")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        return img.convert("RGB") if img.mode != "RGB" else img
+    except Exception as e:  # PIL raises many types for broken files
+        raise BadSample(f"undecodable image: {type(e).__name__}: {e}") from None
+
+
+def _label(sample: dict[str, Any], num_classes: int | None) -> int:
+    raw = sample.get("cls")
+    if raw is None:
+        raise BadSample("no .cls label")
+    try:
+        label = int(raw.decode("ascii").strip() if isinstance(raw, bytes) else raw)
+    except (ValueError, UnicodeDecodeError):
+        raise BadSample(f"label {raw[:20]!r} is not an integer") from None
+    if label < 0 or (num_classes is not None and label >= num_classes):
+        raise BadSample(f"label {label} is outside [0, {num_classes})")
+    return label
+
+
+@dataclass
+class Decoder:
+    """Base: subclasses implement ``__call__`` and ``blank`` (zero tensors of the output shapes)."""
+
+    train: bool
+
+    def __call__(self, sample: dict[str, Any], rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def blank(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Zero input/target of the right shapes, if known without data (for masked slots)."""
+        return None
+
+
+@dataclass
+class ClassificationDecoder(Decoder):
+    """ImageNet-format samples (imagenet, demo, cifar10): image + class index."""
+
+    task: str = "imagenet"
+    image_size: int = DEFAULT_IMAGE_SIZE
+    num_classes: int | None = None
+    mean: tuple = T.IMAGENET_MEAN
+    std: tuple = T.IMAGENET_STD
+    flip: bool = True
+    crop_scale: tuple = (0.08, 1.0)
+
+    def __call__(self, sample, rng):
+        label = _label(sample, self.num_classes)
+        img = _open_image(sample)
+        size = self.image_size
+        if self.task == "cifar10":
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.Resampling.BILINEAR)
+            if self.train:
+                img = T.autoaugment_cifar10(img, rng)
+        elif self.train:
+            img = T.random_resized_crop(img, size, rng, scale=self.crop_scale)
+            if self.flip and rng.random() < 0.5:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        else:
+            img = T.center_crop(T.resize_shorter(img, int(size * 256 / 224)), size)
+        return T.to_tensor(img, self.mean, self.std), torch.tensor(label, dtype=torch.long)
+
+    def blank(self):
+        return (torch.zeros(3, self.image_size, self.image_size), torch.tensor(0, dtype=torch.long))
+
+
+@dataclass
+class MazeDecoder(Decoder):
+    """Maze samples: ``.png`` + ``.json`` route; training applies turn/flip augmentation."""
+
+    route_length: int = DEFAULT_ROUTE_LENGTH
+    image_size: int | None = None
+    augment_p: float = 0.5
+
+    def __call__(self, sample, rng):
+        if "json" not in sample:
+            raise BadSample("no .json with the route")
+        try:
+            doc = json.loads(sample["json"])
+            route = np.asarray(doc["route"], dtype=np.int64)
+        except (ValueError, KeyError, TypeError) as e:
+            raise BadSample(f"malformed route json: {type(e).__name__}: {e}") from None
+        if route.ndim != 1 or route.size == 0 or route.min() < 0 or route.max() > T.WAIT:
+            raise BadSample("route moves must be integers in 0..4")
+        route = np.concatenate([route[: self.route_length],
+                                np.full(max(0, self.route_length - route.size), T.WAIT, np.int64)])
+        image = np.asarray(_open_image(sample), dtype=np.uint8)
+        if image.shape[0] != image.shape[1]:
+            raise BadSample(f"maze image is not square: {image.shape[:2]}")
+        if self.train:
+            image, route = T.maze_augment(image, route, rng, self.augment_p)
+        return T.maze_to_tensor(image), torch.from_numpy(np.ascontiguousarray(route))
+
+    def blank(self):
+        if not self.image_size:
+            return None
+        return (torch.zeros(3, self.image_size, self.image_size),
+                torch.full((self.route_length,), T.WAIT, dtype=torch.long))
+
+
+def make_decoder(task: str, train: bool, meta: dict[str, Any] | None = None, *,
+                 image_size: int | None = None, route_length: int | None = None) -> Decoder:
+    """The decoder for ``task`` with sizes from the arguments, else the index meta, else defaults.
+
+    For ``imagenet`` the meta ``image_size`` is the stored (pre-crop) size and is not used as the
+    crop size; ``demo`` and ``cifar10`` shards store images at the model's input size.
+    """
+    meta = meta or {}
+    num_classes = meta.get("num_classes")
+    if task in IMAGE_TASKS:
+        if image_size is None:
+            image_size = meta.get("image_size") if task in ("demo", "cifar10") else None
+            image_size = int(image_size or (32 if task == "cifar10" else DEFAULT_IMAGE_SIZE))
+        if task == "cifar10":
+            return ClassificationDecoder(train, task, image_size, num_classes, T.CIFAR10_MEAN, T.CIFAR10_STD)
+        if task == "demo":  # small digits: milder crops and no flip (digits are not mirror-symmetric)
+            return ClassificationDecoder(train, task, image_size, num_classes, flip=False, crop_scale=(0.35, 1.0))
+        return ClassificationDecoder(train, task, image_size, num_classes)
+    if task == "mazes":
+        length = int(route_length or meta.get("route_length") or DEFAULT_ROUTE_LENGTH)
+        return MazeDecoder(train, length, image_size or meta.get("image_size"))
+    raise ValueError(f"unknown task {task!r} for shard decoding (known: {', '.join(IMAGE_TASKS)}, mazes)")

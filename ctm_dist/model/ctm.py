@@ -1,0 +1,212 @@
+"""The Continuous Thought Machine (Darlow et al. 2025, arXiv:2505.05522), read top to bottom.
+
+A CTM thinks for ``iterations`` internal ticks. Each tick:
+
+1. the *action* synchronisation (how pairs of neurons co-fire over time) forms a query that
+   attends over the input tokens;
+2. the synapses mix [attention output, current post-activations] into new pre-activations,
+   which are pushed onto each neuron's history of the last ``memory_length`` pre-activations;
+3. every neuron's private model (NLM) turns its history into its new post-activation;
+4. the *out* synchronisation is projected to a prediction, whose certainty is 1 - normalised entropy.
+
+``forward`` returns predictions ``[B, out_dims, T]``, certainties ``[B, 2, T]`` (normalised entropy,
+1 - it) and the last out synchronisation, like the reference implementation, whose
+``state_dict`` keys this module shares.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .attention import TickAttention
+from .backbones import backbone_channels, build_backbone
+from .config import CTMConfig
+from .nlm import NeuronLevelModels
+from .positional import build_positional_embedding
+from .synapses import build_synapses
+from .synchronisation import pair_indices, select_neurons, update_synchronisation, upper_triangle
+from .tick_checkpoint import run_ticks
+
+DECAY_CLAMP = (0.0, 15.0)
+
+
+class TickState(NamedTuple):
+    """What one tick hands to the next."""
+    trace: torch.Tensor          # [B, D, M] pre-activation history
+    activated: torch.Tensor      # [B, D] post-activations
+    alpha_action: torch.Tensor   # running sums of the action synchronisation
+    beta_action: torch.Tensor
+    alpha_out: torch.Tensor      # running sums of the out synchronisation
+    beta_out: torch.Tensor
+
+
+class TickContext(NamedTuple):
+    """What every tick reads but never changes."""
+    keys: torch.Tensor           # [B, heads, L, d_input / heads]
+    values: torch.Tensor
+    r_action: torch.Tensor       # per-pair decay factors exp(-decay)
+    r_out: torch.Tensor
+    action_left: torch.Tensor    # neuron index on each side of every tracked pair
+    action_right: torch.Tensor
+    out_left: torch.Tensor
+    out_right: torch.Tensor
+
+
+class TickOutput(NamedTuple):
+    prediction: torch.Tensor     # [B, out_dims]
+    certainty: torch.Tensor      # [B, 2]
+    sync_out: torch.Tensor
+    sync_action: torch.Tensor
+    pre_activation: torch.Tensor  # [B, D]
+    post_activation: torch.Tensor  # [B, D]
+    attention: torch.Tensor | None
+
+
+@dataclass
+class Tracking:
+    """Per-tick internals (``forward(x, track=True)``), detached, stacked over ticks first."""
+    sync_out: torch.Tensor         # [T, B, synch_size_out]
+    sync_action: torch.Tensor      # [T, B, synch_size_action]
+    pre_activations: torch.Tensor  # [T, B, D]
+    post_activations: torch.Tensor  # [T, B, D]
+    attention: torch.Tensor        # [T, B, heads, 1, L]
+
+
+def normalised_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) over the last dim / log(classes), averaged over the other non-batch dims."""
+    log_p = F.log_softmax(logits, dim=-1)
+    entropy = -(log_p.exp() * log_p).sum(-1) / math.log(logits.size(-1))
+    return entropy.flatten(1).mean(-1) if entropy.dim() > 1 else entropy
+
+
+class CTM(nn.Module):
+    def __init__(self, cfg: CTMConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        d_model, d_input = cfg.d_model, cfg.d_input
+
+        # --- input: backbone features -> tokens -> attention keys/values
+        d_backbone = backbone_channels(cfg.backbone_type, d_input, cfg.in_channels)
+        is_resnet = cfg.backbone_type.startswith("resnet")
+        self.initial_rgb = nn.Conv2d(cfg.in_channels, 3, kernel_size=1) if is_resnet else nn.Identity()
+        self.backbone = build_backbone(cfg.backbone_type, d_input, cfg.in_channels)
+        self.positional_embedding = build_positional_embedding(cfg.positional_embedding_type, d_backbone)
+        self.kv_proj = nn.Sequential(nn.Linear(d_backbone, d_input), nn.LayerNorm(d_input))
+        self.q_proj = nn.Linear(cfg.synch_size_action, d_input)
+        self.attention = TickAttention(d_input, cfg.heads, cfg.dropout, cfg.attention_impl)
+
+        # --- core: synapses and neuron-level models
+        self.synapses = build_synapses(d_input + d_model, d_model, cfg.synapse_depth, cfg.dropout)
+        self.trace_processor = NeuronLevelModels(d_model, cfg.memory_length, cfg.deep_nlms, cfg.memory_hidden_dims,
+                                                 cfg.do_layernorm_nlm, cfg.nlm_dropout)
+
+        # --- learned start state
+        bound = math.sqrt(1 / d_model)
+        self.start_activated_state = nn.Parameter(torch.empty(d_model).uniform_(-bound, bound))
+        bound = math.sqrt(1 / (d_model + cfg.memory_length))
+        self.start_trace = nn.Parameter(torch.empty(d_model, cfg.memory_length).uniform_(-bound, bound))
+
+        # --- synchronisation: neuron indices (action drawn first) and learned decays
+        for kind, n_synch, size in (("action", cfg.n_synch_action, cfg.synch_size_action),
+                                    ("out", cfg.n_synch_out, cfg.synch_size_out)):
+            left, right = select_neurons(cfg.neuron_select_type, kind, d_model, n_synch, cfg.n_random_pairing_self)
+            self.register_buffer(f"{kind}_neuron_indices_left", left)
+            self.register_buffer(f"{kind}_neuron_indices_right", right)
+            self.register_parameter(f"decay_params_{kind}", nn.Parameter(torch.zeros(size)))
+            rows, cols = upper_triangle(n_synch)
+            self.register_buffer(f"_{kind}_triangle", torch.stack((rows, cols)), persistent=False)
+
+        # --- output
+        self.output_projector = nn.Sequential(nn.Linear(cfg.synch_size_out, cfg.out_dims))
+
+    # --- input ------------------------------------------------------------------------------
+
+    def compute_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Input -> key/value tokens [B, L, d_input]."""
+        features = self.backbone(self.initial_rgb(x))
+        if self.positional_embedding is not None:
+            features = features + self.positional_embedding(features)
+        return self.kv_proj(features.flatten(2).transpose(1, 2))
+
+    def compute_certainty(self, prediction: torch.Tensor) -> torch.Tensor:
+        """[B, out_dims] -> [B, 2]: (normalised entropy, 1 - normalised entropy)."""
+        entropy = normalised_entropy(prediction.reshape([prediction.size(0)] + self.cfg.prediction_reshaper))
+        return torch.stack((entropy, 1 - entropy), dim=-1)
+
+    # --- the tick ------------------------------------------------------------------------------
+
+    def tick(self, state: TickState, ctx: TickContext, need_weights: bool = False) -> tuple[TickState, TickOutput]:
+        sync_action, alpha_action, beta_action = update_synchronisation(
+            state.activated, state.alpha_action, state.beta_action, ctx.r_action, ctx.action_left, ctx.action_right)
+
+        attended, weights = self.attention(self.q_proj(sync_action), ctx.keys, ctx.values, need_weights)
+        pre_activation = self.synapses(torch.cat((attended, state.activated), dim=-1))
+        trace = torch.cat((state.trace[:, :, 1:], pre_activation.unsqueeze(-1)), dim=-1)
+        activated = self.trace_processor(trace)
+
+        sync_out, alpha_out, beta_out = update_synchronisation(
+            activated, state.alpha_out, state.beta_out, ctx.r_out, ctx.out_left, ctx.out_right)
+        prediction = self.output_projector(sync_out)
+
+        new_state = TickState(trace, activated, alpha_action, beta_action, alpha_out, beta_out)
+        return new_state, TickOutput(prediction, self.compute_certainty(prediction), sync_out, sync_action,
+                                     pre_activation, activated, weights)
+
+    # --- set-up shared by forward and adaptive inference ----------------------------------------------
+
+    def _pairs(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, cols = getattr(self, f"_{kind}_triangle")
+        return pair_indices(self.cfg.neuron_select_type, getattr(self, f"{kind}_neuron_indices_left"),
+                            getattr(self, f"{kind}_neuron_indices_right"), rows, cols)
+
+    def start(self, x: torch.Tensor) -> tuple[TickState, TickContext]:
+        """Featurise the input and build the state before the first tick."""
+        keys, values = self.attention.project_kv(self.compute_features(x))
+        b = keys.size(0)
+        with torch.no_grad():  # the reference clamps the stored decays in place
+            self.decay_params_action.clamp_(*DECAY_CLAMP)
+            self.decay_params_out.clamp_(*DECAY_CLAMP)
+        action_left, action_right = self._pairs("action")
+        out_left, out_right = self._pairs("out")
+        ctx = TickContext(keys, values, torch.exp(-self.decay_params_action), torch.exp(-self.decay_params_out),
+                          action_left, action_right, out_left, out_right)
+
+        activated = self.start_activated_state.unsqueeze(0).expand(b, -1)
+        trace = self.start_trace.unsqueeze(0).expand(b, -1, -1)
+        alpha_out = activated[:, out_left] * activated[:, out_right]
+        # zero running sums make the first action update exactly the reference's fresh start
+        zeros_action = alpha_out.new_zeros(b, action_left.numel())
+        state = TickState(trace, activated, zeros_action, zeros_action, alpha_out, torch.ones_like(alpha_out))
+        return state, ctx
+
+    # --- forward ---------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, track: bool = False):
+        state, ctx = self.start(x)
+        if track:
+            def tick(s, c):
+                return self.tick(s, c, need_weights=True)
+            state, outputs = run_ticks(tick, state, ctx, self.cfg.iterations, segment=0)
+        else:
+            state, outputs = run_ticks(self.tick, state, ctx, self.cfg.iterations, self.cfg.tick_checkpointing)
+
+        predictions = torch.stack([o.prediction for o in outputs], dim=-1).float()
+        certainties = torch.stack([o.certainty for o in outputs], dim=-1).float()
+        sync_out = outputs[-1].sync_out
+        if not track:
+            return predictions, certainties, sync_out
+
+        def stacked(name: str) -> torch.Tensor:
+            return torch.stack([getattr(o, name).detach() for o in outputs])
+        tracking = Tracking(sync_out=stacked("sync_out"), sync_action=stacked("sync_action"),
+                            pre_activations=stacked("pre_activation"),
+                            post_activations=stacked("post_activation"),
+                            attention=stacked("attention"))
+        return predictions, certainties, sync_out, tracking

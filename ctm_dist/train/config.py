@@ -1,0 +1,328 @@
+"""Typed training config: dataclasses, YAML loading, dotted CLI overrides, validation.
+
+A config is built in three layers, later ones winning: the dataclass defaults, an optional
+YAML file, then dotted overrides such as ``model.d_model=256 optim.lr=1e-3``. Every error
+(unknown field, wrong type, impossible value, bad YAML) raises :class:`ConfigError` with one
+readable line, before any Ray worker starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import yaml
+
+TASKS = ("demo", "imagenet", "cifar10", "mazes", "parity")
+PRECISIONS = ("bf16", "fp16", "fp32")
+SCHEDULES = ("cosine", "constant")
+
+
+class ConfigError(ValueError):
+    """A config problem, described in one line."""
+
+
+@dataclass
+class RunSection:
+    name: str = "demo"
+    storage: str = ""  # URL of the run store; "" = the embedded local object store
+    seed: int = 0
+    max_steps: int = 600
+    log_every: int = 25
+    local_dir: str = ".ctm-dist"  # scratch: Ray results, embedded store, local TensorBoard copy
+
+
+@dataclass
+class DataSection:
+    url: str = ""  # shard set URL; "" = demo shards written into the embedded store
+    task: str = "demo"
+    batch_size: int = 64  # global batch = micro-batch * workers * grad_accumulation
+    eval_batch_size: int = 128  # global, split over workers
+    num_workers: int = 0  # dataloader processes per training worker
+    image_size: int = 0  # model input size for image tasks; 0 = the shard set's / task's default
+
+
+@dataclass
+class ModelSection:
+    preset: str = "demo"
+    overrides: dict = field(default_factory=dict)  # any CTMConfig field, e.g. d_model: 256
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 50
+    decay_steps: int = 0  # length of the schedule; 0 = run.max_steps
+    warmup_start_lr: float = 1e-6
+    min_lr: float = 1e-6
+    schedule: str = "cosine"
+
+
+@dataclass
+class DeepSpeedSection:
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    precision: str = "bf16"
+    grad_accumulation: int = 1
+    gradient_clipping: float = 0.0  # explicit: DeepSpeed's own default became 1.0 in 0.19.3
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 200  # steps; a final checkpoint is always written
+    keep: int = 3
+
+
+@dataclass
+class EvalSection:
+    every: int = 200  # steps; 0 = only at the end
+    batches: int = 0  # batches per worker per eval; 0 = the whole validation split
+
+
+@dataclass
+class ScaleSection:
+    workers: int = 2
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2  # worker-group restarts Ray may do
+
+
+@dataclass
+class TrainConfig:
+    run: RunSection = field(default_factory=RunSection)
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    scale: ScaleSection = field(default_factory=ScaleSection)
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.data.batch_size // (self.scale.workers * self.deepspeed.grad_accumulation)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "TrainConfig":
+        cfg = cls()
+        _merge(cfg, raw, "")
+        return cfg
+
+    def validate(self) -> "TrainConfig":
+        _validate(self)
+        return self
+
+
+# ---------------------------------------------------------------- coercion
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Convert ``value`` (from YAML or a CLI string) to the annotated type, or raise."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, args[0], where)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+        if f != int(f):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(f)
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return "" if value is None else str(value)
+    if hint is tuple or origin is tuple:
+        if isinstance(value, str):
+            value = _parse_scalar(value)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(v, float, where) for v in value)
+    if hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _hints(obj: Any) -> dict:
+    return typing.get_type_hints(type(obj))
+
+
+def _merge(obj: Any, raw: Any, prefix: str) -> None:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = _hints(obj)
+    for key, value in raw.items():
+        where = f"{prefix}{key}"
+        if isinstance(obj, ModelSection) and key != "preset" and key != "overrides":
+            obj.overrides[str(key)] = value
+            continue
+        if key not in hints:
+            raise ConfigError(f"unknown config field {where!r} (known: {', '.join(hints)})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, where + ".")
+        elif isinstance(obj, ModelSection) and key == "overrides":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            obj.overrides.update(value)
+        else:
+            setattr(obj, key, _coerce(value, hints[key], where))
+
+
+def apply_override(cfg: TrainConfig, item: str) -> None:
+    """Apply one ``section.field=value`` override (``model.<CTMConfig field>=...`` included)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form section.field=value")
+    dotted, text = item.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"override {item!r}: expected section.field=value, e.g. optim.lr=1e-3")
+    nested: Any = _parse_scalar(text)
+    if isinstance(nested, str) or nested is None:
+        nested = text  # keep raw text; _coerce turns it into the field's type
+    for part in reversed(parts):
+        nested = {part: nested}
+    _merge(cfg, nested, "")
+
+
+def load_yaml(path: str) -> dict:
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"bad YAML in {path}{where}: {problem}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def build_config(yaml_path: str | None = None, overrides: list[str] = (), base: dict | None = None,
+                 validate: bool = True) -> TrainConfig:
+    """Defaults <- ``base`` (a launcher's task defaults) <- YAML file <- dotted overrides; validated."""
+    cfg = TrainConfig()
+    if base:
+        _merge(cfg, base, "")
+    if yaml_path:
+        _merge(cfg, load_yaml(yaml_path), "")
+    for item in overrides:
+        apply_override(cfg, item)
+    return cfg.validate() if validate else cfg
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def _validate(cfg: TrainConfig) -> None:
+    r, d, o, ds, ck, ev, sc = cfg.run, cfg.data, cfg.optim, cfg.deepspeed, cfg.checkpoint, cfg.eval, cfg.scale
+    _check(bool(r.name) and "/" not in r.name and r.name not in (".", ".."),
+           f"run.name must be a non-empty name without '/', got {r.name!r}")
+    _check(r.max_steps > 0, f"run.max_steps must be > 0, got {r.max_steps}")
+    _check(r.log_every > 0, f"run.log_every must be > 0, got {r.log_every}")
+    _check(d.task in TASKS, f"data.task must be one of {', '.join(TASKS)}, got {d.task!r}")
+    _check(d.url != "" or d.task in ("demo", "parity"),
+           f"data.url is required for task {d.task!r} (only demo and parity have built-in data)")
+    _check(sc.workers >= 1, f"scale.workers must be >= 1, got {sc.workers}")
+    _check(sc.gpus_per_worker >= 0, f"scale.gpus_per_worker must be >= 0, got {sc.gpus_per_worker}")
+    _check(sc.cpus_per_worker > 0, f"scale.cpus_per_worker must be > 0, got {sc.cpus_per_worker}")
+    _check(sc.max_failures >= -1, f"scale.max_failures must be >= -1 (-1 = unlimited), got {sc.max_failures}")
+    _check(ds.grad_accumulation >= 1, f"deepspeed.grad_accumulation must be >= 1, got {ds.grad_accumulation}")
+    _check(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
+    per_step = sc.workers * ds.grad_accumulation
+    _check(d.batch_size % per_step == 0,
+           f"data.batch_size={d.batch_size} is not divisible by scale.workers*deepspeed.grad_accumulation="
+           f"{sc.workers}*{ds.grad_accumulation}={per_step}")
+    _check(d.eval_batch_size >= sc.workers and d.eval_batch_size % sc.workers == 0,
+           f"data.eval_batch_size={d.eval_batch_size} must be a positive multiple of scale.workers={sc.workers}")
+    _check(d.image_size >= 0, f"data.image_size must be >= 0 (0 = default), got {d.image_size}")
+    _check(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+    _check(ds.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {ds.zero_stage}")
+    _check(ds.precision in PRECISIONS, f"deepspeed.precision must be one of {', '.join(PRECISIONS)}, got {ds.precision!r}")
+    _check(not ds.offload_optimizer or ds.zero_stage >= 1,
+           "deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+    _check(not ds.offload_params or ds.zero_stage == 3, "deepspeed.offload_params needs deepspeed.zero_stage=3")
+    _check(ds.gradient_clipping >= 0, f"deepspeed.gradient_clipping must be >= 0 (0 = off), got {ds.gradient_clipping}")
+    _check(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+    _check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+    _check(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    _check(o.decay_steps >= 0, f"optim.decay_steps must be >= 0 (0 = run.max_steps), got {o.decay_steps}")
+    _check(o.schedule in SCHEDULES, f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {o.schedule!r}")
+    _check(0 <= o.min_lr <= o.lr, f"optim.min_lr must be in [0, optim.lr], got {o.min_lr}")
+    _check(ck.every >= 1, f"checkpoint.every must be >= 1, got {ck.every}")
+    _check(ck.keep >= 1, f"checkpoint.keep must be >= 1, got {ck.keep}")
+    _check(ev.every >= 0, f"eval.every must be >= 0, got {ev.every}")
+    _check(ev.batches >= 0, f"eval.batches must be >= 0 (0 = whole split), got {ev.batches}")
+    _validate_model(cfg.model)
+
+
+def _validate_model(m: ModelSection) -> None:
+    """Check the preset name and override field names/types against CTMConfig."""
+    try:
+        from ctm_dist.model import CTMConfig, preset
+    except ImportError:  # the model package is not importable yet: nothing to check against
+        return
+    fields = {f.name: f for f in dataclasses.fields(CTMConfig)}
+    hints = typing.get_type_hints(CTMConfig)
+    for key, value in list(m.overrides.items()):
+        if key not in fields:
+            raise ConfigError(f"unknown config field 'model.{key}' (not a CTMConfig field)")
+        m.overrides[key] = _coerce(value, hints[key], f"model.{key}")
+    try:
+        preset(m.preset, **m.overrides)
+    except ConfigError:
+        raise
+    except (KeyError, ValueError, TypeError) as e:
+        msg = str(e).strip("'\"").splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"model (preset {m.preset!r}): {msg}") from None

@@ -1,0 +1,68 @@
+"""DeepSpeed engine for one worker: our config -> DeepSpeed's config dict -> ``deepspeed.initialize``."""
+
+from __future__ import annotations
+
+import torch
+
+from ctm_dist.train.config import TrainConfig
+from ctm_dist.train.schedule import WarmupCosine
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict:
+    """The DeepSpeed config dict; every value that matters is set explicitly."""
+    ds = cfg.deepspeed
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    return {
+        "train_batch_size": cfg.data.batch_size,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": ds.grad_accumulation,
+        "gradient_clipping": ds.gradient_clipping,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16},
+        "zero_optimization": zero,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def model_dtype(cfg: TrainConfig) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.deepspeed.precision]
+
+
+def lr_schedule(cfg: TrainConfig) -> WarmupCosine:
+    o = cfg.optim
+    return WarmupCosine(o.lr, o.warmup_steps, o.decay_steps or cfg.run.max_steps, o.warmup_start_lr,
+                        o.min_lr, cosine=o.schedule == "cosine")
+
+
+def build_engine(model: torch.nn.Module, cfg: TrainConfig):
+    """Wrap ``model`` in a DeepSpeed engine with AdamW and the warmup+cosine schedule.
+
+    With optimizer offload DeepSpeed builds its own CPU Adam (from the config dict); otherwise
+    the engine wraps ``torch.optim.AdamW``. The scheduler is stepped by the engine once per
+    optimizer step and saved in its checkpoints.
+    """
+    import deepspeed
+
+    o = cfg.optim
+    ds_cfg = deepspeed_config(cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    adam = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
+    if cfg.deepspeed.offload_optimizer:
+        ds_cfg["optimizer"] = {"type": "AdamW", "params": adam}
+        optimizer = None
+    else:
+        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    schedule = lr_schedule(cfg)
+
+    def scheduler(opt):
+        return torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+    engine, optimizer, _, lr_scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, model_parameters=params if optimizer is None else None,
+        lr_scheduler=scheduler, config=ds_cfg, dist_init_required=False)
+    return engine

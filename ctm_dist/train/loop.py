@@ -1,0 +1,245 @@
+"""The one training loop: runs inside every Ray Train worker with a DeepSpeed engine.
+
+Per step: ``grad_accumulation`` micro-batches through the engine (DeepSpeed steps the optimizer and
+the lr schedule at the boundary). Every ``run.log_every`` steps the ranks reduce their metric sums
+and rank 0 writes TensorBoard and tells the driver; every ``eval.every`` steps all ranks evaluate
+on the validation split; every ``checkpoint.every`` steps (and at the end) the Checkpointer saves
+model, optimizer, schedule, data position and RNG. A restarted or relaunched worker group resumes
+from the newest committed checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ctm_dist.train.config import TrainConfig
+from ctm_dist.train.engine import build_engine, model_dtype
+from ctm_dist.train.metrics import RunningSums, StepTimer, TensorBoardLog, format_line
+from ctm_dist.train.tasks import make_task
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run_paths(cfg: TrainConfig) -> dict:
+    """Where a run keeps things: its storage location URL and its local scratch directory."""
+    local = os.path.join(os.path.abspath(cfg.run.local_dir), "runs", cfg.run.name)
+    return {"local": local, "tensorboard": os.path.join(local, "tensorboard"),
+            "workers": os.path.join(local, "workers")}
+
+
+class Trainer:
+    """State and steps of one worker; ``fit()`` runs the whole loop."""
+
+    def __init__(self, cfg: TrainConfig, rank: int, world_size: int, device: torch.device, progress=None):
+        from ctm_dist.model import CTM
+        from ctm_dist.storage import Location
+        from ctm_dist.train import rng
+        from ctm_dist.train.checkpointer import Checkpointer
+
+        self.cfg, self.rank, self.world_size, self.device, self.progress = cfg, rank, world_size, device, progress
+        self.paths = run_paths(cfg)
+        self._record_worker()
+        seed_everything(cfg.run.seed)  # same initial weights on every rank
+        self.task = make_task(cfg, rank, world_size)
+        self.model_cfg = self.task.model_config()
+        self.engine = build_engine(CTM(self.model_cfg).to(device), cfg)
+        self.dtype = model_dtype(cfg)
+        self.run_location = Location.parse(cfg.run.storage).child(cfg.run.name)
+        self.checkpointer = Checkpointer(self.run_location, keep=cfg.checkpoint.keep)
+        self.train_data = self.task.train_loader(cfg.micro_batch_size, seed=cfg.run.seed)
+        self.step = 0
+        self.resumed_from = None
+        restored = self.checkpointer.load_latest(self.engine)
+        if restored is not None:
+            self.step, extra = restored
+            self.resumed_from = self.step
+            self.train_data.load_state_dict(extra["data"])
+            rng.restore(extra["rng"])
+        else:
+            # Different ranks draw different randomness (dropout, augmentation) from here on.
+            seed_everything(cfg.run.seed + 1000003 * (rank + 1))
+        self.tb = TensorBoardLog(self.paths["tensorboard"], start_step=self.step) if rank == 0 else None
+        self.sums = RunningSums()
+        self.timer = StepTimer()
+        self.last: dict = {}
+        self._steps_since_log = 0
+
+    def _record_worker(self) -> None:
+        """Leave ``workers/rank-N.json`` (host, pid) so operators can find each worker process."""
+        os.makedirs(self.paths["workers"], exist_ok=True)
+        path = os.path.join(self.paths["workers"], f"rank-{self.rank}.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump({"rank": self.rank, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}, f)
+        os.replace(path + ".tmp", path)
+
+    # ------------------------------------------------------------ steps
+
+    def train_step(self, batches) -> None:
+        self.engine.train()
+        for _ in range(self.cfg.deepspeed.grad_accumulation):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            self.timer.add("data_wait", time.perf_counter() - t0)
+            x, target, valid = self.task.to_device(batch, self.device, self.dtype)
+            predictions, certainties, _ = self.engine(x)
+            loss, tick = self.task.loss(predictions.float(), certainties.float(), target, valid)
+            self.engine.backward(loss)
+            self.engine.step()
+            with torch.no_grad():
+                n = valid.sum()
+                self.sums.add("loss_sum", loss.detach() * n)
+                self.sums.add("samples", n)
+                self.task.accumulate(self.sums, predictions.detach().float(), target, valid, tick)
+                self.sums.add_ticks(tick[valid.bool()])
+        self.step += 1
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.engine.eval()
+        sums = RunningSums()
+        max_batches = self.cfg.eval.batches or None
+        for i, batch in enumerate(self.task.eval_loader(self.cfg.data.eval_batch_size // self.world_size)):
+            if max_batches is not None and i >= max_batches:
+                break
+            x, target, valid = self.task.to_device(batch, self.device, self.dtype)
+            predictions, certainties, _ = self.engine(x)
+            _, tick = self.task.loss(predictions.float(), certainties.float(), target, valid)
+            sums.add("samples", valid.sum())
+            self.task.accumulate(sums, predictions.float(), target, valid, tick, eval=True)
+            sums.add_ticks(tick[valid.bool()])
+        reduced, ticks = sums.reduce()
+        self.engine.train()
+        out = self.task.summarise(reduced, prefix="eval/")
+        if ticks.numel():
+            out["eval/most_certain_tick_mean"] = ticks.double().mean().item()
+        out["eval/samples"] = float(reduced.get("samples", torch.zeros(1))[0])
+        return out
+
+    def log(self, extra: dict | None = None) -> dict:
+        reduced, ticks = self.sums.reduce()
+        self.sums.clear()
+        phases, elapsed = self.timer.take()
+        samples = float(reduced["samples"][0])
+        steps = max(self._steps_since_log, 1)
+        values = {
+            "train/loss": float(reduced["loss_sum"][0]) / max(samples, 1.0),
+            "train/lr": float(self.engine.get_lr()[0]),
+            "perf/samples_per_s": samples / max(elapsed, 1e-9),
+            "perf/step_time_s": elapsed / steps,
+            "perf/data_wait_s": phases.get("data_wait", 0.0) / steps,
+        }
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            values["train/grad_norm"] = float(grad_norm)
+        values.update(self.task.summarise(reduced, prefix="train/"))
+        if ticks.numel():
+            values["train/most_certain_tick_mean"] = ticks.double().mean().item()
+        if extra:
+            values.update(extra)
+        if self.tb is not None:
+            scalars = {k: v for k, v in values.items() if not isinstance(v, (list, tuple))}
+            self.tb.scalars(scalars, self.step)
+            for k, v in values.items():
+                if isinstance(v, (list, tuple)):  # per-tick accuracy: one scalar per tick
+                    for t, value in enumerate(v):
+                        self.tb.writer.add_scalar(f"{k}/tick_{t:03d}", value, self.step)
+            self.tb.histogram("train/most_certain_tick", ticks, self.step, bins=self.model_cfg.iterations)
+            self.tb.flush()
+        self._steps_since_log = 0
+        return values
+
+    def save(self) -> float:
+        from ctm_dist.train import rng
+
+        t0 = time.perf_counter()
+        extra = {"data": self.train_data.global_state_dict(), "rng": rng.capture()}
+        self.checkpointer.save(self.engine, self.step, extra)
+        if self.tb is not None:
+            self.tb.sync(self.run_location.child("tensorboard"))
+        return time.perf_counter() - t0
+
+    def report(self, values: dict, final: bool = False) -> None:
+        self.last.update(values)
+        if self.rank == 0 and self.progress is not None:
+            payload = {k: v for k, v in values.items() if not isinstance(v, (list, tuple))}
+            payload["step"] = self.step
+            payload["final"] = final
+            self.progress.update.remote(payload)
+
+    # ------------------------------------------------------------ loop
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        max_steps = cfg.run.max_steps
+        started, start_step = time.perf_counter(), self.step
+        self._steps_since_log = 0
+        if self.rank == 0 and self.progress is not None:
+            self.progress.update.remote({"step": self.step, "resumed_from": self.resumed_from, "max_steps": max_steps})
+        batches = forever(self.train_data)
+        pending: dict = {}
+        while self.step < max_steps:
+            t0 = time.perf_counter()
+            self.train_step(batches)
+            self._steps_since_log += 1
+            self.timer.add("step", time.perf_counter() - t0)
+            last = self.step == max_steps
+            if (cfg.eval.every and self.step % cfg.eval.every == 0) or last:
+                pending.update(self.evaluate())
+            if self.step % cfg.checkpoint.every == 0 or last:
+                pending["checkpoint/save_s"] = self.save()
+            if self.step % cfg.run.log_every == 0 or last or pending:
+                self.report(self.log(pending))
+                pending = {}
+        if self.tb is not None:
+            self.tb.close()
+        trained = self.step - start_step
+        summary = dict(self.last)
+        summary.update({"step": self.step, "resumed_from": self.resumed_from,
+                        "steps_per_s": trained / max(time.perf_counter() - started, 1e-9),
+                        "tensorboard_local": self.paths["tensorboard"],
+                        "tensorboard": self.run_location.child("tensorboard").url,
+                        "checkpoints": self.checkpointer.location.url if hasattr(self.checkpointer, "location")
+                        else self.run_location.child("checkpoints").url})
+        self.report(summary, final=True)
+        return summary
+
+
+def forever(loader):
+    """Batches across epochs: each pass over ``loader`` is one epoch and the next pass starts the next."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise RuntimeError("the training loader yielded no batch for a whole epoch")
+
+
+def train_worker(loop_config: dict) -> None:
+    """Ray Train entry point (``train_loop_per_worker``)."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainConfig.from_dict(loop_config["config"])
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device()
+    threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    trainer = Trainer(cfg, ctx.get_world_rank(), ctx.get_world_size(), device, loop_config.get("progress"))
+    summary = trainer.fit()
+    ray.train.report({k: v for k, v in summary.items() if isinstance(v, (int, float, str)) and v is not None})
+    if dist.is_initialized():
+        dist.barrier()

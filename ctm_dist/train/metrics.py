@@ -1,0 +1,131 @@
+"""Training observability: running sums reduced over ranks, TensorBoard on rank 0, one-line logs.
+
+Every rank accumulates sums (loss, correct, samples, per-tick correct, most-certain ticks) and
+all ranks reduce them together at the same step; rank 0 then writes TensorBoard scalars and
+histograms and hands a flat dict to the driver's progress display.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+
+class RunningSums:
+    """Named sums (scalars or fixed-size vectors) plus the most-certain ticks seen, reduced across ranks."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.ticks: list[torch.Tensor] = []
+
+    def add(self, name: str, value) -> None:
+        value = torch.as_tensor(value, dtype=torch.float64).detach().cpu().reshape(-1)
+        if name in self.sums:
+            self.sums[name] += value
+        else:
+            self.sums[name] = value.clone()
+
+    def add_ticks(self, ticks: torch.Tensor) -> None:
+        self.ticks.append(ticks.detach().cpu().long().reshape(-1))
+
+    def reduce(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """All-reduce the sums and gather the ticks; every rank must call it at the same step."""
+        names = sorted(self.sums)
+        flat = torch.cat([self.sums[n] for n in names]) if names else torch.zeros(0, dtype=torch.float64)
+        ticks = torch.cat(self.ticks) if self.ticks else torch.zeros(0, dtype=torch.long)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flat)
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, ticks)
+            ticks = torch.cat(gathered)
+        out, offset = {}, 0
+        for n in names:
+            size = self.sums[n].numel()
+            out[n] = flat[offset:offset + size]
+            offset += size
+        return out, ticks
+
+    def clear(self) -> None:
+        self.sums.clear()
+        self.ticks.clear()
+
+
+class StepTimer:
+    """Wall time per named phase since the last ``take()``."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = defaultdict(float)
+        self.started = time.perf_counter()
+
+    def add(self, name: str, seconds: float) -> None:
+        self.totals[name] += seconds
+
+    def take(self) -> tuple[dict[str, float], float]:
+        now = time.perf_counter()
+        totals, elapsed = dict(self.totals), now - self.started
+        self.totals.clear()
+        self.started = now
+        return totals, elapsed
+
+
+class TensorBoardLog:
+    """TensorBoard writer for rank 0; ``sync`` copies the event files to the run's storage."""
+
+    def __init__(self, local_dir: str, start_step: int = 0):
+        from torch.utils.tensorboard import SummaryWriter
+
+        os.makedirs(local_dir, exist_ok=True)
+        self.local_dir = local_dir
+        # purge_step drops events logged after the checkpoint we resumed from (a crash replays them)
+        self.writer = SummaryWriter(local_dir, purge_step=start_step if start_step > 0 else None)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        for name, value in values.items():
+            self.writer.add_scalar(name, value, step)
+
+    def histogram(self, name: str, values: torch.Tensor, step: int, bins: int | None = None) -> None:
+        if values.numel():
+            if bins:
+                edges = torch.arange(bins + 1, dtype=torch.float64) - 0.5
+                self.writer.add_histogram(name, values.double(), step, bins=edges.numpy())
+            else:
+                self.writer.add_histogram(name, values.double(), step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def sync(self, location) -> None:
+        """Upload the event files to ``location`` (a :class:`ctm_dist.storage.Location`)."""
+        self.flush()
+        location.put_dir(self.local_dir)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def format_line(step: int, max_steps: int, values: dict[str, float]) -> str:
+    """One readable log line from a metrics dict."""
+    parts = [f"step {step}/{max_steps}"]
+    for key, label, fmt in (
+        ("train/loss", "loss", "{:.4f}"),
+        ("train/accuracy", "acc", "{:.3f}"),
+        ("train/most_certain_tick_mean", "tick", "{:.1f}"),
+        ("train/lr", "lr", "{:.2e}"),
+        ("train/grad_norm", "gnorm", "{:.3f}"),
+        ("perf/samples_per_s", "samples/s", "{:.1f}"),
+        ("perf/step_time_s", "step", "{:.3f}s"),
+        ("perf/data_wait_s", "data", "{:.3f}s"),
+        ("eval/top1", "val_top1", "{:.3f}"),
+        ("eval/top5", "val_top5", "{:.3f}"),
+        ("eval/step_accuracy", "val_step", "{:.3f}"),
+        ("eval/route_accuracy", "val_route", "{:.3f}"),
+        ("eval/sequence_accuracy", "val_seq", "{:.3f}"),
+        ("checkpoint/save_s", "ckpt", "{:.2f}s"),
+    ):
+        if key in values and values[key] is not None:
+            parts.append(f"{label} " + fmt.format(values[key]))
+    return " | ".join(parts)

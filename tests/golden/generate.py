@@ -1,0 +1,138 @@
+"""Write the golden fixtures: reference CTM outputs for small configurations.
+
+    python tests/golden/generate.py --reference /path/to/continuous-thought-machines
+
+Imports the reference model from the given checkout at run time (nothing of it is stored here),
+builds each case in ``CASES``, rounds every weight to bfloat16 (so the fixtures can store them at
+half size and still hold the exact values the reference ran with), randomises batch-norm
+statistics and decays (some outside the [0, 15] clamp), runs the reference in eval mode with
+tracking, and writes ``tests/golden/<case>.safetensors`` holding the weights (``model.*``, taken
+before the reference's forward clamps the decays), the input, and the outputs; the config and
+seed go in the metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+HERE = Path(__file__).resolve().parent
+
+_SMALL = dict(iterations=5, d_model=24, d_input=8, heads=2, memory_length=4, memory_hidden_dims=3, out_dims=6,
+              prediction_reshaper=[-1], dropout=0.1, dropout_nlm=None, n_random_pairing_self=0,
+              do_layernorm_nlm=False)
+
+# name -> (config overrides, input shape)
+CASES = {
+    "resnet18-2_multifourier_pairing": (
+        dict(backbone_type="resnet18-2", positional_embedding_type="multi-learnable-fourier",
+             neuron_select_type="random-pairing", n_synch_out=10, n_synch_action=7, n_random_pairing_self=2,
+             synapse_depth=1, deep_nlms=True), (2, 3, 12, 12)),
+    "resnet18-1_fourier_firstlast_unet_shallow": (
+        dict(backbone_type="resnet18-1", positional_embedding_type="learnable-fourier",
+             neuron_select_type="first-last", n_synch_out=5, n_synch_action=4, synapse_depth=3, deep_nlms=False,
+             do_layernorm_nlm=True), (2, 3, 10, 10)),
+    "resnet18-1_rotational_random_unet_gray": (
+        dict(backbone_type="resnet18-1", positional_embedding_type="custom-rotational",
+             neuron_select_type="random", n_synch_out=5, n_synch_action=4, synapse_depth=2, deep_nlms=True,
+             dropout_nlm=0.0, in_channels=1), (2, 1, 9, 9)),
+    "parity_rotational1d_random": (
+        dict(backbone_type="parity_backbone", positional_embedding_type="custom-rotational-1d",
+             neuron_select_type="random", n_synch_out=4, n_synch_action=4, synapse_depth=1, deep_nlms=True,
+             out_dims=12, prediction_reshaper=[6, 2]), (3, 6)),
+    "none_pairing_unet4_layernorm": (
+        dict(backbone_type="none", positional_embedding_type="none", neuron_select_type="random-pairing",
+             n_synch_out=6, n_synch_action=5, n_random_pairing_self=1, synapse_depth=4, deep_nlms=True,
+             do_layernorm_nlm=True, in_channels=5, out_dims=4, prediction_reshaper=[2, 2]), (2, 5, 7)),
+}
+
+OUR_ONLY_FIELDS = ("in_channels", "tick_checkpointing", "attention_impl")
+
+
+def case_config(name: str) -> dict:
+    overrides, _ = CASES[name]
+    return {**_SMALL, **overrides}
+
+
+def make_input(config: dict, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    if config["backbone_type"] == "parity_backbone":
+        return torch.randint(0, 2, shape, generator=generator).float() * 2 - 1
+    return torch.randn(shape, generator=generator)
+
+
+def randomise(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Round weights to bf16, make BN statistics and decays non-trivial."""
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if not tensor.is_floating_point():
+                continue
+            if name.endswith("running_mean"):
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.1)
+            elif name.endswith("running_var"):
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
+            elif "decay_params" in name:
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) * 18 - 1.5)
+            elif name.endswith(".T"):
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
+            tensor.copy_(tensor.to(torch.bfloat16).float())
+
+
+def generate(reference: Path, seed: int = 1234) -> None:
+    sys.path.insert(0, str(reference))
+    from models.ctm import ContinuousThoughtMachine  # noqa: E402  (the user's reference checkout)
+
+    for index, name in enumerate(CASES):
+        config = case_config(name)
+        shape = CASES[name][1]
+        case_seed = seed + index
+        generator = torch.Generator().manual_seed(case_seed)
+        x = make_input(config, shape, generator)
+        ref_kwargs = {k: v for k, v in config.items() if k not in OUR_ONLY_FIELDS}
+        np.random.seed(case_seed)
+        torch.manual_seed(case_seed)
+        with contextlib.redirect_stdout(io.StringIO()):
+            model = ContinuousThoughtMachine(**ref_kwargs)
+            model.eval()
+            with torch.no_grad():
+                model(x)  # materialise lazy layers
+        randomise(model, generator)
+        weights = {f"model.{k}": (v.to(torch.bfloat16) if v.is_floating_point() else v).clone()
+                   for k, v in model.state_dict().items()}
+        with torch.no_grad():
+            predictions, certainties, (sync_out, sync_action), pre, post, attention = model(x, track=True)
+        tensors = {
+            **weights,
+            "input": x,
+            "predictions": predictions,
+            "certainties": certainties,
+            "sync_out": torch.from_numpy(sync_out),
+            "sync_action": torch.from_numpy(sync_action),
+            "pre_activations": torch.from_numpy(pre),
+            "post_activations": torch.from_numpy(post),
+            "attention": torch.from_numpy(attention),
+        }
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        metadata = {"config": json.dumps(config), "numpy_seed": str(case_seed)}
+        path = HERE / f"{name}.safetensors"
+        save_file(tensors, str(path), metadata=metadata)
+        print(f"{path.name}: {path.stat().st_size / 1e3:.0f} kB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reference", type=Path, required=True, help="checkout of the reference CTM repository")
+    parser.add_argument("--seed", type=int, default=1234)
+    args = parser.parse_args()
+    generate(args.reference.resolve(), args.seed)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Our CTM against outputs of the reference implementation (fixtures from tests/golden/generate.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from ctm_dist.model import CTM, CTMConfig
+
+GOLDEN = Path(__file__).parent / "golden"
+FIXTURES = sorted(GOLDEN.glob("*.safetensors"))
+ATOL = 1e-5
+
+
+def load_case(path: Path):
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    weights = {k.removeprefix("model."): (v.float() if v.is_floating_point() else v)
+               for k, v in tensors.items() if k.startswith("model.")}
+    return json.loads(metadata["config"]), int(metadata["numpy_seed"]), weights, tensors
+
+
+def test_fixtures_cover_every_option():
+    configs = [load_case(p)[0] for p in FIXTURES]
+    assert len(configs) >= 5
+    seen = lambda key: {c[key] for c in configs}  # noqa: E731
+    assert seen("neuron_select_type") == {"first-last", "random", "random-pairing"}
+    assert seen("positional_embedding_type") == {"none", "learnable-fourier", "multi-learnable-fourier",
+                                                 "custom-rotational", "custom-rotational-1d"}
+    assert {"resnet18-2", "parity_backbone"} <= seen("backbone_type")
+    assert seen("deep_nlms") == {True, False}
+    assert 1 in seen("synapse_depth") and max(seen("synapse_depth")) > 1
+
+
+@pytest.mark.parametrize("path", FIXTURES, ids=[p.stem for p in FIXTURES])
+@pytest.mark.parametrize("attention_impl", ["sdpa", "reference"])
+def test_matches_reference(path, attention_impl):
+    config, seed, weights, expected = load_case(path)
+    np.random.seed(seed)
+    model = CTM(CTMConfig(**config, attention_impl=attention_impl))
+    # the same NumPy seed draws the reference's neuron indices
+    for key, value in model.state_dict().items():
+        if "neuron_indices" in key:
+            assert torch.equal(value, weights[key]), key
+    model.load_state_dict(weights, strict=True)
+    model.eval()
+    with torch.no_grad():
+        predictions, certainties, sync_out = model(expected["input"])
+    torch.testing.assert_close(predictions, expected["predictions"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(certainties, expected["certainties"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(sync_out, expected["sync_out"][-1], atol=ATOL, rtol=0)
+    # the stored decays were outside [0, 15]; forward clamps them in place as the reference does
+    assert model.decay_params_out.min() >= 0 and model.decay_params_out.max() <= 15
+
+
+@pytest.mark.parametrize("path", FIXTURES, ids=[p.stem for p in FIXTURES])
+def test_tracking_matches_reference(path):
+    config, _, weights, expected = load_case(path)
+    model = CTM(CTMConfig(**config))
+    model.load_state_dict(weights, strict=True)
+    model.eval()
+    with torch.no_grad():
+        predictions, _, _, tracking = model(expected["input"], track=True)
+    torch.testing.assert_close(predictions, expected["predictions"], atol=ATOL, rtol=0)
+    for name in ("sync_out", "sync_action", "pre_activations", "post_activations", "attention"):
+        torch.testing.assert_close(getattr(tracking, name), expected[name], atol=ATOL, rtol=0, msg=name)

@@ -1,0 +1,288 @@
+"""Shard writers (demo, CIFAR-10, ImageNet, the shared writer) against the real local S3 server."""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ctm_dist.data.cifar10_writer import write_cifar10_shards
+from ctm_dist.data.demo_writer import write_demo_shards
+from ctm_dist.data.imagenet_writer import write_imagenet_shards
+from ctm_dist.data.index import FORMAT, ShardIndex, read_index
+from ctm_dist.data.writer import ShardSetWriter
+from ctm_dist.storage import Location
+from writers_fixtures import decode, doc, load_script, read_shard_set, shard_bytes
+
+
+# ---------------------------------------------------------------- the shared writer and index
+
+def test_index_is_written_last_and_stale_shards_go(object_store, s3_location):
+    def samples(n, fail_at=None):
+        for i in range(n):
+            if i == fail_at:
+                raise RuntimeError("source broke")
+            yield {"__key__": f"k{i}", "txt": f"sample {i}".encode()}
+
+    with ShardSetWriter(s3_location, "train", "test", 2) as writer:
+        for s in samples(7):
+            writer.write(s)
+    assert read_index(s3_location, "train").num_samples == 7
+    assert s3_location.exists("train-000003.tar")
+
+    # a failing rewrite: the old index is gone at once, the new one never appears
+    with pytest.raises(RuntimeError, match="source broke"):
+        with ShardSetWriter(s3_location, "train", "test", 2) as writer:
+            for s in samples(7, fail_at=5):
+                writer.write(s)
+    assert s3_location.exists("train-000001.tar") and not s3_location.exists("train.json")
+    with pytest.raises(FileNotFoundError, match="missing or incomplete"):
+        read_index(s3_location, "train")
+
+    # a smaller rewrite removes the shards the new index does not list
+    with ShardSetWriter(s3_location, "train", "test", 2, meta={"x": 1}) as writer:
+        for s in samples(3):
+            writer.write(s)
+    index, got = read_shard_set(s3_location, "train")
+    assert [s.samples for s in index.shards] == [2, 1] and index.meta == {"x": 1}
+    assert [g["txt"] for g in got.values()] == [b"sample 0", b"sample 1", b"sample 2"]
+    assert not s3_location.exists("train-000002.tar") and not s3_location.exists("train-000003.tar")
+
+
+def test_writer_refuses_bad_keys_and_empty_sets(tmp_path):
+    with pytest.raises(ValueError, match="dot"):
+        with ShardSetWriter(tmp_path, "s", "t", 4) as w:
+            w.write({"__key__": "a.b", "txt": b"x"})
+    with pytest.raises(ValueError, match="duplicate"):
+        with ShardSetWriter(tmp_path, "s", "t", 4) as w:
+            w.write({"__key__": "a", "txt": b"x"})
+            w.write({"__key__": "a", "txt": b"y"})
+    with pytest.raises(ValueError, match="no samples"):
+        with ShardSetWriter(tmp_path, "s", "t", 4):
+            pass
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_index_json_matches_the_contract():
+    index = ShardIndex(task="imagenet", split="train", meta={"num_classes": 10})
+    index.shards = [type(index).__dataclass_fields__["shards"].type and None] if False else []
+    from ctm_dist.data.index import ShardInfo
+    index.shards = [ShardInfo("train-000000.tar", 256), ShardInfo("train-000001.tar", 10)]
+    text = index.to_json()
+    import json
+    d = json.loads(text)
+    assert d == {"format": FORMAT, "task": "imagenet", "split": "train", "num_samples": 266,
+                 "shards": [{"name": "train-000000.tar", "samples": 256}, {"name": "train-000001.tar", "samples": 10}],
+                 "meta": {"num_classes": 10}}
+    assert ShardIndex.from_json(text) == index
+    d["num_samples"] = 5
+    with pytest.raises(ValueError, match="inconsistent"):
+        ShardIndex.from_json(json.dumps(d))
+
+
+# ---------------------------------------------------------------- demo
+
+def _nearest_mean_accuracy(train, val):
+    def arrays(samples):
+        x = np.stack([np.asarray(decode(s["png"]).convert("L"), np.float32).ravel() for s in samples])
+        x = (x - x.mean(1, keepdims=True)) / (x.std(1, keepdims=True) + 1e-6)
+        return x, np.array([int(s["cls"]) for s in samples])
+
+    (xt, yt), (xv, yv) = arrays(train), arrays(val)
+    means = np.stack([xt[yt == c].mean(0) for c in range(10)])
+    return ((xv @ means.T).argmax(1) == yv).mean()
+
+
+def test_demo_shards_round_trip_are_learnable_and_deterministic(object_store, s3_location):
+    indexes = write_demo_shards(s3_location.child("a"), seed=0)
+    assert set(indexes) == {"train", "val"}
+    sources, labels, samples = {}, {}, {}
+    for split in ("train", "val"):
+        index, samples[split] = read_shard_set(s3_location.child("a"), split)
+        assert index.task == "demo" and index.meta["image_size"] == 32 and index.meta["num_classes"] == 10
+        assert all(s.samples <= 256 for s in index.shards)
+        sources[split] = {doc(s)["source"] for s in samples[split].values()}
+        labels[split] = [int(s["cls"]) for s in samples[split].values()]
+        for s in samples[split].values():
+            im = decode(s["png"])
+            assert im.size == (32, 32) and im.mode == "RGB"
+    assert len(sources["train"]) + len(sources["val"]) == 1797 and not sources["train"] & sources["val"]
+    assert 0.75 < len(sources["train"]) / 1797 < 0.85
+    assert set(labels["train"]) == set(labels["val"]) == set(range(10))
+    # the jitter keeps digits learnable: nearest class mean on pixels is far above chance (0.1)
+    assert _nearest_mean_accuracy(list(samples["train"].values()), list(samples["val"].values())) > 0.6
+
+    write_demo_shards(s3_location.child("b"), seed=0, splits=("val",))
+    write_demo_shards(s3_location.child("c"), seed=1, splits=("val",))
+    assert shard_bytes(s3_location.child("a"), "val") == shard_bytes(s3_location.child("b"), "val")
+    assert shard_bytes(s3_location.child("a"), "val") != shard_bytes(s3_location.child("c"), "val")
+    assert not s3_location.child("c").exists("train.json")
+
+
+# ---------------------------------------------------------------- CIFAR-10
+
+def _fake_cifar(folder, per_batch=6):
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    truth = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, size=per_batch)]
+        files = [f"{name}_img{i}.png".encode() for i in range(per_batch)]
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": data, b"filenames": files}, f)
+        for i, fn in enumerate(files):
+            truth[fn.decode()] = (data[i].reshape(3, 32, 32).transpose(1, 2, 0), labels[i])
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [f"class{i}".encode() for i in range(10)], b"num_vis": 3072}, f)
+    return truth
+
+
+def test_cifar10_round_trip_lossless(object_store, s3_location, tmp_path):
+    truth = _fake_cifar(tmp_path / "cifar-10-batches-py")
+    source = str(tmp_path / "cifar-10-batches-py")
+    write_cifar10_shards(s3_location, source, "train", seed=2, samples_per_shard=8, progress=False)
+    write_cifar10_shards(s3_location, source, "test", seed=2, samples_per_shard=8, progress=False)
+    index, samples = read_shard_set(s3_location, "train")
+    assert index.num_samples == 30 and index.meta["classes"][3] == "class3" and index.meta["image_size"] == 32
+    assert {doc(s)["batch"] for s in samples.values()} == {f"data_batch_{i}" for i in range(1, 6)}
+    for s in samples.values():
+        image, label = truth[doc(s)["source"]]
+        assert int(s["cls"]) == label
+        assert np.array_equal(np.asarray(decode(s["png"])), image)
+    order = [doc(s)["source"] for s in samples.values()]
+    assert order != sorted(order, key=lambda n: (n.split("_img")[0], int(n.split("_img")[1][:-4]))), "shuffled"
+    index, samples = read_shard_set(s3_location, "test")
+    assert index.num_samples == 6 and {doc(s)["batch"] for s in samples.values()} == {"test_batch"}
+    before = shard_bytes(s3_location, "train")
+    write_cifar10_shards(s3_location, source, "train", seed=2, samples_per_shard=8, progress=False)
+    assert shard_bytes(s3_location, "train") == before
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_cifar10_refuses_pickles_with_code(tmp_path):
+    _fake_cifar(tmp_path / "c")
+    with open(tmp_path / "c" / "data_batch_3", "wb") as f:
+        pickle.dump({b"labels": [], b"data": _Evil()}, f)
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        write_cifar10_shards(tmp_path / "out", str(tmp_path / "c"), "train", progress=False)
+    assert not (tmp_path / "out" / "train.json").exists()
+
+
+# ---------------------------------------------------------------- ImageNet
+
+WNIDS = ["n01440764", "n01443537", "n02085620"]  # sorted order = class index
+
+
+def _jpeg(path, size, colour, mode="RGB", fmt="JPEG"):
+    Image.new(mode, size, colour).save(path, format=fmt)
+
+
+def _fake_imagenet(root):
+    """train/<wnid>/*.JPEG (one CMYK, one PNG in disguise, one corrupt) and flat val/ + devkit."""
+    for c, wnid in enumerate(WNIDS):
+        os.makedirs(root / "train" / wnid)
+        for i in range(3):
+            _jpeg(root / "train" / wnid / f"{wnid}_{i}.JPEG", (40 + 8 * i, 24 + 4 * c), (80 * c, 60 * i, 90))
+    _jpeg(root / "train" / WNIDS[0] / f"{WNIDS[0]}_cmyk.JPEG", (30, 20), (0, 50, 100, 0), mode="CMYK")
+    _jpeg(root / "train" / WNIDS[1] / f"{WNIDS[1]}_png.JPEG", (20, 30), (10, 200, 10), fmt="PNG")
+    (root / "train" / WNIDS[2] / f"{WNIDS[2]}_bad.JPEG").write_bytes(b"\xff\xd8 this is not a jpeg")
+    os.makedirs(root / "val")
+    val_labels = [2, 0, 1, 2, 1]
+    for i, c in enumerate(val_labels):
+        _jpeg(root / "val" / f"ILSVRC2012_val_{i + 1:08d}.JPEG", (32, 48), (80 * c, 0, 0))
+    # devkit: ILSVRC2012_IDs are not in sorted-wnid order
+    id_order = [WNIDS[2], WNIDS[0], WNIDS[1]]
+    os.makedirs(root / "devkit" / "data")
+    (root / "devkit" / "data" / "ILSVRC2012_validation_ground_truth.txt").write_text(
+        "".join(f"{id_order.index(WNIDS[c]) + 1}\n" for c in val_labels))
+    (root / "synsets.txt").write_text("".join(f"{w} some words\n" for w in id_order))
+    (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "".join(
+        f"ILSVRC2012_val_{i + 1:08d},{WNIDS[c]} 1 2 3 4\n" for i, c in enumerate(val_labels)))
+    return val_labels
+
+
+def test_imagenet_train_round_trip_with_skips_and_resize(object_store, s3_location, tmp_path):
+    _fake_imagenet(tmp_path)
+    index, skipped = write_imagenet_shards(s3_location.child("a"), str(tmp_path), "train", seed=1,
+                                           samples_per_shard=4, progress=False)
+    assert len(skipped) == 1 and "_bad.JPEG" in skipped[0]
+    index, samples = read_shard_set(s3_location.child("a"), "train")
+    assert index.task == "imagenet" and index.num_samples == 11 and index.meta["skipped"] == 1
+    assert index.meta["classes"] == WNIDS and index.meta["num_classes"] == 3
+    for key, s in samples.items():
+        d = doc(s)
+        assert set(s) == {"jpg", "cls", "json"} and key == os.path.splitext(os.path.basename(d["source"]))[0]
+        assert int(s["cls"]) == WNIDS.index(d["wnid"]) and d["source"].startswith(d["wnid"] + "/")
+        im = decode(s["jpg"])
+        assert im.format == "JPEG" and im.mode == "RGB"
+        original = (tmp_path / "train" / d["source"]).read_bytes()
+        if key.endswith(("_cmyk", "_png")):
+            assert s["jpg"] != original
+        else:
+            assert s["jpg"] == original, "plain RGB JPEGs are stored unchanged"
+    assert list(samples) != sorted(samples), "shuffled by seed"
+
+    # resized, over two processes; the same call again gives the same bytes
+    for prefix in ("b", "c"):
+        write_imagenet_shards(s3_location.child(prefix), str(tmp_path), "train", seed=1, resize_shorter=16,
+                              samples_per_shard=4, workers=2 if prefix == "b" else 1, progress=False)
+    assert shard_bytes(s3_location.child("b"), "train") == shard_bytes(s3_location.child("c"), "train")
+    index, samples = read_shard_set(s3_location.child("b"), "train")
+    assert index.meta["image_size"] == 16
+    for s in samples.values():
+        assert min(decode(s["jpg"]).size) == 16
+
+
+@pytest.mark.parametrize("labelling", ["devkit_synsets", "val_map", "class_folders"])
+def test_imagenet_val_labels(object_store, s3_location, tmp_path, labelling):
+    val_labels = _fake_imagenet(tmp_path)
+    options = {}
+    if labelling == "devkit_synsets":
+        options = {"devkit": str(tmp_path / "devkit"), "synsets": str(tmp_path / "synsets.txt")}
+    elif labelling == "val_map":
+        options = {"mapping": str(tmp_path / "LOC_val_solution.csv")}
+    else:
+        for i, c in enumerate(val_labels):
+            name = f"ILSVRC2012_val_{i + 1:08d}.JPEG"
+            os.makedirs(tmp_path / "val" / WNIDS[c], exist_ok=True)
+            os.rename(tmp_path / "val" / name, tmp_path / "val" / WNIDS[c] / name)
+    write_imagenet_shards(s3_location, str(tmp_path), "val", samples_per_shard=2, progress=False, **options)
+    index, samples = read_shard_set(s3_location, "val")
+    assert index.num_samples == 5 and index.meta["classes"] == WNIDS
+    got = {k: int(s["cls"]) for k, s in samples.items()}
+    assert got == {f"ILSVRC2012_val_{i + 1:08d}": c for i, c in enumerate(val_labels)}
+
+
+def test_imagenet_flat_val_without_labels_fails_clearly(tmp_path):
+    _fake_imagenet(tmp_path)
+    with pytest.raises(ValueError, match="--devkit"):
+        write_imagenet_shards(tmp_path / "out", str(tmp_path), "val", progress=False)
+
+
+# ---------------------------------------------------------------- scripts
+
+def test_scripts_write_to_s3_with_env_credentials(object_store, s3_bucket, s3_env, tmp_path, capsys):
+    _fake_imagenet(tmp_path / "imagenet")
+    _fake_cifar(tmp_path / "cifar")
+    url = f"s3://{s3_bucket}"
+    common = ["--seed", "4", "--samples-per-shard", "5", "--no-progress"]
+    assert load_script("imagenet").main(["--root", str(tmp_path / "imagenet"), "--split", "val", "--out", f"{url}/in",
+                                         "--val-map", str(tmp_path / "imagenet" / "LOC_val_solution.csv"),
+                                         "--resize-shorter", "8", *common]) == 0
+    assert load_script("cifar10").main(["--source", str(tmp_path / "cifar"), "--split", "train",
+                                        "--out", f"{url}/c10", *common]) == 0
+    assert load_script("demo").main(["--out", f"{url}/demo", "--split", "val", *common]) == 0
+    out = capsys.readouterr().out
+    assert "wrote 5 samples in 1 shards" in out and "wrote 30 samples in 6 shards" in out
+    assert read_index(Location.parse(f"{url}/in"), "val").meta["image_size"] == 8
+    assert read_index(Location.parse(f"{url}/c10"), "train").num_samples == 30
+    assert read_index(Location.parse(f"{url}/demo"), "val").num_samples == 359
+    assert s3_env["AWS_SECRET_ACCESS_KEY"] not in out
