@@ -11,11 +11,12 @@ import sys
 
 from ctm_dist.data.cifar10_writer import PARTS, write_cifar10_shards
 from ctm_dist.data.writer import add_common_args, as_location, print_summary
+from ctm_dist.storage import StorageError
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
+    add_common_args(parser, workers=False)
     parser.add_argument("--source", required=True, help="folder with data_batch_1..5, test_batch, batches.meta")
     parser.add_argument("--part", choices=sorted(PARTS), help="batches to read (default: train for split train, else test)")
     parser.add_argument("--no-shuffle", action="store_true", help="keep batch order (default: shuffled by --seed)")
@@ -29,4 +30,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (ValueError, OSError, StorageError) as e:  # bad input or storage errors: one clear line, no traceback
+        sys.exit(f"error: {e}")

@@ -16,6 +16,7 @@ import sys
 
 from ctm_dist.data.imagenet_writer import write_imagenet_shards
 from ctm_dist.data.writer import add_common_args, as_location, print_summary
+from ctm_dist.storage import StorageError
 
 
 def main(argv=None) -> int:
@@ -41,4 +42,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (ValueError, OSError, StorageError) as e:  # bad input or storage errors: one clear line, no traceback
+        sys.exit(f"error: {e}")

@@ -1,7 +1,9 @@
 """Helpers shared by the cluster tests: free ports, short temp dirs, the Ray environment."""
 
+import importlib.util
 import os
 import shutil
+import sys
 import socket
 import tempfile
 from pathlib import Path
@@ -41,3 +43,77 @@ def ray_client_env() -> dict[str, str]:
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # single node on 127.0.0.1
     env.pop("RAY_ADDRESS", None)
     return env
+
+
+def load_generator():
+    """clusters/kubernetes/generate.py as a module (it is a script, not in the package)."""
+    name = "ctm_k8s_generate"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "clusters" / "kubernetes" / "generate.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the class is built
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+class LocalRayHead:
+    """`ray start --head --block` on 127.0.0.1 with its own ports and temp dir; a context manager.
+
+    Stopped by SIGTERM to that one process (which stops its Ray processes), never `ray stop`,
+    which would stop every Ray cluster on the machine.
+    """
+
+    def __init__(self, num_cpus: int = 2, start_timeout: float = 120.0):
+        self.num_cpus = num_cpus
+        self.start_timeout = start_timeout
+        self.port, self.dashboard_port, self.agent_port, self.client_port = free_ports(4)
+        self.temp = ShortTempDir("ctmray-")
+        self.env = ray_client_env()
+        self.proc = None
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def __enter__(self) -> "LocalRayHead":
+        import subprocess
+        import time
+        import urllib.request
+
+        cmd = ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+               f"--port={self.port}", f"--num-cpus={self.num_cpus}", "--disable-usage-stats",
+               f"--temp-dir={self.temp.path}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+               f"--dashboard-port={self.dashboard_port}", f"--dashboard-agent-listen-port={self.agent_port}",
+               f"--ray-client-server-port={self.client_port}"]
+        self.log = open(self.temp.path / "ray-start.log", "w")
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2):
+                    return self
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise RuntimeError("the Ray head did not start:\n" + (self.temp.path / "ray-start.log").read_text())
+            time.sleep(0.5)
+
+    def __exit__(self, *exc) -> None:
+        import signal
+        import subprocess
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+            try:  # anything left in its session
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=10)
+        self.log.close()
+        self.temp.cleanup()

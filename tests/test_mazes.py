@@ -11,6 +11,7 @@ from PIL import Image
 from ctm_dist.data.mazes_gen import (SIZES, draw_solution, generate_maze, pad_route, pixels_for,
                                      trace_solution)
 from ctm_dist.data.mazes_writer import maze_seed, write_maze_folder_shards, write_maze_shards
+from ctm_dist.storage import Location
 from writers_fixtures import decode, doc, load_script, read_shard_set, shard_bytes
 
 MOVES = {0: (-1, 0), 1: (1, 0), 2: (0, -1), 3: (0, 1)}
@@ -121,7 +122,7 @@ def test_trace_solution_reads_the_reference_format():
         trace_solution(no_green)
 
 
-def test_generated_shard_set_on_s3_round_trips_and_is_deterministic(object_store, s3_location):
+def test_generated_shard_set_on_s3_round_trips_and_is_deterministic(object_store, s3_location, tmp_path):
     index = write_maze_shards(s3_location.child("a"), "train", 23, "small", route_length=30, seed=5,
                               samples_per_shard=8, progress=False)
     assert [s.samples for s in index.shards] == [8, 8, 7]
@@ -138,12 +139,12 @@ def test_generated_shard_set_on_s3_round_trips_and_is_deterministic(object_store
         assert np.array_equal(maze.image, image) and d["route"] == pad_route(maze.moves, 30)
         assert d["solution_length"] == len(maze.moves)
     # same inputs, other process count: identical bytes; other split: other mazes
-    write_maze_shards(s3_location.child("b"), "train", 23, "small", route_length=30, seed=5,
-                      samples_per_shard=8, workers=2, progress=False)
-    assert shard_bytes(s3_location.child("a"), "train") == shard_bytes(s3_location.child("b"), "train")
-    write_maze_shards(s3_location.child("b"), "test", 23, "small", route_length=30, seed=5,
-                      samples_per_shard=8, progress=False)
-    assert s3_location.child("b").read_bytes("test-000000.tar") != s3_location.child("b").read_bytes("train-000000.tar")
+    local = Location.parse(tmp_path)
+    write_maze_shards(local, "train", 23, "small", route_length=30, seed=5, samples_per_shard=8, workers=2,
+                      progress=False)
+    assert shard_bytes(s3_location.child("a"), "train") == shard_bytes(local, "train")
+    write_maze_shards(local, "test", 23, "small", route_length=30, seed=5, samples_per_shard=8, progress=False)
+    assert local.read_bytes("test-000000.tar") != local.read_bytes("train-000000.tar")
 
 
 def test_reference_folder_converts_with_counted_skips(object_store, s3_location, tmp_path):
@@ -180,7 +181,6 @@ def test_cli_writes_to_s3_with_env_credentials(object_store, s3_bucket, s3_env, 
     assert script.main(["--out", url, "--split", "val", "--count", "5", "--pixels", "21",
                         "--route-length", "12", "--seed", "9", "--samples-per-shard", "2", "--no-progress"]) == 0
     assert "wrote 5 samples in 3 shards" in capsys.readouterr().out
-    from ctm_dist.storage import Location
     index, samples = read_shard_set(Location.parse(url), "val")
     assert index.meta["image_size"] == 21
     for sample in samples.values():

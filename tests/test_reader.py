@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import uuid
-from collections import Counter
 
 import numpy as np
 import pytest
@@ -125,6 +124,23 @@ def test_resume_mid_epoch_yields_exactly_the_rest_in_order(shards, reference):
             assert torch.equal(a, b)  # augmentation replays too
 
 
+def test_state_after_last_batch_resumes_with_next_epoch(shards, tmp_path):
+    local = Location.parse(tmp_path / "set")
+    _write(local, "train", _samples(NUM))
+    l = _loader(local)
+    n = len(l)
+    for _, _b in zip(range(n), l):  # the trainer stops right after the last batch
+        pass
+    state = merge_states([l.state_dict()])
+    resumed = _loader(local)
+    resumed.load_state_dict(state)
+    assert len(resumed) == n
+    keys = _flat(_take(resumed)[0])
+    assert sorted(keys) == ALL_KEYS and resumed.epoch == 2
+    second = _loader(local, seed_epoch=1)
+    assert keys == _flat(_take(second)[0])  # exactly epoch 1 of an uninterrupted run
+
+
 def test_unmerged_state_is_refused(shards):
     l = _loader(shards, 0, 2, 1)
     _take(l, 1)
@@ -159,6 +175,11 @@ def test_local_directory_and_eval_order(shards, tmp_path):
     s3 = _loader(shards, train=False, image_size=SIZE)
     _, s3_inputs = _take(s3)
     assert all(torch.equal(a, b) for a, b in zip(inputs, s3_inputs))
+    # more ranks than shards: idle ranks yield masked batches in step with the others
+    many = [_loader(local, r, 9, 0) for r in range(9)]
+    runs = [_take(l)[0] for l in many]
+    assert len({len(r) for r in runs}) == 1 and any(not _flat(r) for r in runs)
+    assert sorted(k for r in runs for k in _flat(r)) == ALL_KEYS
 
 
 def test_wrong_keys_missing_bucket_index_and_shard_fail_clearly(object_store, shards):
@@ -271,7 +292,7 @@ def test_parity_loader_deterministic_and_elastic():
     first = [ParityLoader(16, batch_size=5, rank=r, world_size=2, seed=7, samples_per_epoch=53) for r in range(2)]
     seen = {}
     for l in first:
-        for b, _ in zip(l, range(2)):
+        for _, b in zip(range(2), l):
             seen.update({k: row for k, row, v in zip(b["key"], b["input"], b["valid"]) if v})
     state = merge_states([l.state_dict() for l in first])
     for r in range(3):

@@ -54,6 +54,13 @@ class Slurm:
         ).strip().split(";")[0]
         return job_id, self.workdir / f"job-{job_id}.out"
 
+    def logs(self, job_log: Path) -> str:
+        """The job's output and the end of slurmd's log, for failure messages."""
+        text = job_log.read_text() if job_log.exists() else "(no job output)"
+        slurmd_log = Path(self.env["CTM_SLURM_DIR"]) / "log" / "slurmd.log"
+        tail = slurmd_log.read_text().splitlines()[-15:] if slurmd_log.exists() else []
+        return text + "\n--- slurmd.log ---\n" + "\n".join(tail)
+
     def job(self, job_id: str) -> dict[str, str]:
         line = self.run("scontrol", "show", "job", "-o", job_id)
         return dict(re.findall(r"(\w+)=(\S*)", line))
@@ -65,8 +72,7 @@ class Slurm:
             if until(info):
                 return info
             if time.monotonic() > deadline:
-                text = log.read_text() if log.exists() else "(no output)"
-                raise AssertionError(f"job {job_id} stuck in {info.get('JobState')}:\n{text}")
+                raise AssertionError(f"job {job_id} stuck in {info.get('JobState')}:\n{self.logs(log)}")
             time.sleep(0.5)
 
 
@@ -111,7 +117,7 @@ def test_job_trains_to_completion(slurm, tmp_path):
     job_id, log = slurm.sbatch(str(STANDIN), "--storage", str(tmp_path), "--max-steps", "3")
     info = slurm.wait(job_id, finished, 180, log)
     text = log.read_text()
-    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), text
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), slurm.logs(log)
     assert "Ray cluster ready: 1 node(s)" in text
     # Without --name the run is named after the job, so a requeue would find it again.
     assert (tmp_path / f"ctm-slurm-{job_id}" / "step").read_text() == "3"
@@ -133,11 +139,19 @@ def test_preempted_job_requeues_and_resumes(slurm, tmp_path):
     assert info["JobState"] == "PENDING" and info["Restarts"] == "1", log.read_text()
     checkpointed = int(step_file.read_text())
     assert 1 <= checkpointed < 12
+    # A requeued job waits ~2 min (BeginTime); start it now, once slurmd has finished the
+    # old batch step. slurmd revoked the job's credentials at the kill, with one-second
+    # resolution: a launch within that second is refused as "already killed".
+    deadline = time.monotonic() + 60
+    while slurm.run("sinfo", "-h", "-n", "localhost", "-o", "%T").strip() != "idle":
+        assert time.monotonic() < deadline, "the node did not become idle after the requeue"
+        time.sleep(0.2)
+    time.sleep(2)
     slurm.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
 
     info = slurm.wait(job_id, finished, 180, log)
     text = log.read_text()
-    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), text
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), slurm.logs(log)
     first, second = text.split("restart 1:", 1)
     assert "forwarding SIGUSR1 to the launcher" in first
     assert "launcher exited with status 75" in first

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from ctm_dist.storage import (LocalObjectStore, Location, StorageAccessDenied, StorageError,
+from ctm_dist.storage import (Location, StorageAccessDenied, StorageError,
                               StorageNotFound)
 
 
@@ -176,3 +176,11 @@ def test_cli_serves_prints_endpoint_not_secret_and_stops_cleanly(tmp_path):
     port = endpoint.rsplit(":", 1)[1]
     out = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True).stdout
     assert f"127.0.0.1:{port} " not in out
+
+
+def test_restart_keeps_endpoint_and_data(object_store, s3_location):
+    s3_location.write_bytes("kept", b"before restart")
+    endpoint = object_store.endpoint_url
+    object_store.restart()
+    assert object_store.endpoint_url == endpoint
+    assert s3_location.read_bytes("kept") == b"before restart"  # same client, reconnected

@@ -1,7 +1,7 @@
 """Shard writers (demo, CIFAR-10, ImageNet, the shared writer) against the real local S3 server."""
 from __future__ import annotations
 
-import io
+import json
 import os
 import pickle
 
@@ -12,7 +12,7 @@ from PIL import Image
 from ctm_dist.data.cifar10_writer import write_cifar10_shards
 from ctm_dist.data.demo_writer import write_demo_shards
 from ctm_dist.data.imagenet_writer import write_imagenet_shards
-from ctm_dist.data.index import FORMAT, ShardIndex, read_index
+from ctm_dist.data.index import FORMAT, ShardIndex, ShardInfo, read_index
 from ctm_dist.data.writer import ShardSetWriter
 from ctm_dist.storage import Location
 from writers_fixtures import decode, doc, load_script, read_shard_set, shard_bytes
@@ -27,18 +27,18 @@ def test_index_is_written_last_and_stale_shards_go(object_store, s3_location):
                 raise RuntimeError("source broke")
             yield {"__key__": f"k{i}", "txt": f"sample {i}".encode()}
 
-    with ShardSetWriter(s3_location, "train", "test", 2) as writer:
+    with ShardSetWriter(s3_location, "train", "test", 3) as writer:
         for s in samples(7):
             writer.write(s)
     assert read_index(s3_location, "train").num_samples == 7
-    assert s3_location.exists("train-000003.tar")
+    assert s3_location.list() == ["train-000000.tar", "train-000001.tar", "train-000002.tar", "train.json"]
 
     # a failing rewrite: the old index is gone at once, the new one never appears
     with pytest.raises(RuntimeError, match="source broke"):
-        with ShardSetWriter(s3_location, "train", "test", 2) as writer:
-            for s in samples(7, fail_at=5):
+        with ShardSetWriter(s3_location, "train", "test", 3) as writer:
+            for s in samples(7, fail_at=4):
                 writer.write(s)
-    assert s3_location.exists("train-000001.tar") and not s3_location.exists("train.json")
+    assert "train.json" not in s3_location.list()
     with pytest.raises(FileNotFoundError, match="missing or incomplete"):
         read_index(s3_location, "train")
 
@@ -49,7 +49,7 @@ def test_index_is_written_last_and_stale_shards_go(object_store, s3_location):
     index, got = read_shard_set(s3_location, "train")
     assert [s.samples for s in index.shards] == [2, 1] and index.meta == {"x": 1}
     assert [g["txt"] for g in got.values()] == [b"sample 0", b"sample 1", b"sample 2"]
-    assert not s3_location.exists("train-000002.tar") and not s3_location.exists("train-000003.tar")
+    assert s3_location.list() == ["train-000000.tar", "train-000001.tar", "train.json"]
 
 
 def test_writer_refuses_bad_keys_and_empty_sets(tmp_path):
@@ -67,12 +67,9 @@ def test_writer_refuses_bad_keys_and_empty_sets(tmp_path):
 
 
 def test_index_json_matches_the_contract():
-    index = ShardIndex(task="imagenet", split="train", meta={"num_classes": 10})
-    index.shards = [type(index).__dataclass_fields__["shards"].type and None] if False else []
-    from ctm_dist.data.index import ShardInfo
-    index.shards = [ShardInfo("train-000000.tar", 256), ShardInfo("train-000001.tar", 10)]
+    index = ShardIndex(task="imagenet", split="train", meta={"num_classes": 10},
+                       shards=[ShardInfo("train-000000.tar", 256), ShardInfo("train-000001.tar", 10)])
     text = index.to_json()
-    import json
     d = json.loads(text)
     assert d == {"format": FORMAT, "task": "imagenet", "split": "train", "num_samples": 266,
                  "shards": [{"name": "train-000000.tar", "samples": 256}, {"name": "train-000001.tar", "samples": 10}],
@@ -86,40 +83,41 @@ def test_index_json_matches_the_contract():
 # ---------------------------------------------------------------- demo
 
 def _nearest_mean_accuracy(train, val):
-    def arrays(samples):
-        x = np.stack([np.asarray(decode(s["png"]).convert("L"), np.float32).ravel() for s in samples])
-        x = (x - x.mean(1, keepdims=True)) / (x.std(1, keepdims=True) + 1e-6)
-        return x, np.array([int(s["cls"]) for s in samples])
+    def normalise(x):
+        x = x.reshape(len(x), -1).astype(np.float32)
+        return (x - x.mean(1, keepdims=True)) / (x.std(1, keepdims=True) + 1e-6)
 
-    (xt, yt), (xv, yv) = arrays(train), arrays(val)
+    (xt, yt), (xv, yv) = (normalise(train[0]), train[1]), (normalise(val[0]), val[1])
     means = np.stack([xt[yt == c].mean(0) for c in range(10)])
     return ((xv @ means.T).argmax(1) == yv).mean()
 
 
-def test_demo_shards_round_trip_are_learnable_and_deterministic(object_store, s3_location):
-    indexes = write_demo_shards(s3_location.child("a"), seed=0)
+def test_demo_shards_round_trip_are_learnable_and_deterministic(object_store, s3_location, tmp_path):
+    indexes = write_demo_shards(s3_location.child("a"), seed=0, samples_per_shard=512)
     assert set(indexes) == {"train", "val"}
-    sources, labels, samples = {}, {}, {}
+    sources, data = {}, {}
     for split in ("train", "val"):
-        index, samples[split] = read_shard_set(s3_location.child("a"), split)
+        index, samples = read_shard_set(s3_location.child("a"), split)
         assert index.task == "demo" and index.meta["image_size"] == 32 and index.meta["num_classes"] == 10
-        assert all(s.samples <= 256 for s in index.shards)
-        sources[split] = {doc(s)["source"] for s in samples[split].values()}
-        labels[split] = [int(s["cls"]) for s in samples[split].values()]
-        for s in samples[split].values():
-            im = decode(s["png"])
-            assert im.size == (32, 32) and im.mode == "RGB"
+        assert all(s.samples <= 512 for s in index.shards)
+        sources[split] = {doc(s)["source"] for s in samples.values()}
+        images = [decode(s["png"]) for s in samples.values()]
+        assert all(im.size == (32, 32) and im.mode == "RGB" for im in images)
+        data[split] = (np.stack([np.asarray(im.convert("L")) for im in images]),
+                       np.array([int(s["cls"]) for s in samples.values()]))
     assert len(sources["train"]) + len(sources["val"]) == 1797 and not sources["train"] & sources["val"]
     assert 0.75 < len(sources["train"]) / 1797 < 0.85
-    assert set(labels["train"]) == set(labels["val"]) == set(range(10))
+    assert set(data["train"][1]) == set(data["val"][1]) == set(range(10))
     # the jitter keeps digits learnable: nearest class mean on pixels is far above chance (0.1)
-    assert _nearest_mean_accuracy(list(samples["train"].values()), list(samples["val"].values())) > 0.6
+    assert _nearest_mean_accuracy(data["train"], data["val"]) > 0.6
 
-    write_demo_shards(s3_location.child("b"), seed=0, splits=("val",))
-    write_demo_shards(s3_location.child("c"), seed=1, splits=("val",))
-    assert shard_bytes(s3_location.child("a"), "val") == shard_bytes(s3_location.child("b"), "val")
-    assert shard_bytes(s3_location.child("a"), "val") != shard_bytes(s3_location.child("c"), "val")
-    assert not s3_location.child("c").exists("train.json")
+    # same seed: the same bytes (a local copy is enough to compare); another seed: other images
+    local_b, local_c = Location.parse(tmp_path / "b"), Location.parse(tmp_path / "c")
+    write_demo_shards(local_b, seed=0, splits=("val",), samples_per_shard=512)
+    write_demo_shards(local_c, seed=1, splits=("val",), samples_per_shard=512)
+    assert shard_bytes(s3_location.child("a"), "val") == shard_bytes(local_b, "val")
+    assert shard_bytes(s3_location.child("a"), "val") != shard_bytes(local_c, "val")
+    assert local_c.list() == ["val-000000.tar", "val.json"]
 
 
 # ---------------------------------------------------------------- CIFAR-10
@@ -185,6 +183,17 @@ def _jpeg(path, size, colour, mode="RGB", fmt="JPEG"):
     Image.new(mode, size, colour).save(path, format=fmt)
 
 
+def _write_meta_mat(path, id_order):
+    """A devkit meta.mat: leaf synsets with their ILSVRC2012_ID, plus one inner node (not a class)."""
+    from scipy.io import savemat
+
+    rows = [(i + 1, w, 0) for i, w in enumerate(id_order)] + [(len(id_order) + 1, "n00001740", 3)]
+    dtype = [("ILSVRC2012_ID", "O"), ("WNID", "O"), ("num_children", "O")]
+    synsets = np.array([(np.array([[i]], np.uint16), np.array([w]), np.array([[c]], np.uint8)) for i, w, c in rows],
+                       dtype=dtype).reshape(-1, 1)
+    savemat(path, {"synsets": synsets})
+
+
 def _fake_imagenet(root):
     """train/<wnid>/*.JPEG (one CMYK, one PNG in disguise, one corrupt) and flat val/ + devkit."""
     for c, wnid in enumerate(WNIDS):
@@ -204,6 +213,7 @@ def _fake_imagenet(root):
     (root / "devkit" / "data" / "ILSVRC2012_validation_ground_truth.txt").write_text(
         "".join(f"{id_order.index(WNIDS[c]) + 1}\n" for c in val_labels))
     (root / "synsets.txt").write_text("".join(f"{w} some words\n" for w in id_order))
+    _write_meta_mat(root / "devkit" / "data" / "meta.mat", id_order)
     (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "".join(
         f"ILSVRC2012_val_{i + 1:08d},{WNIDS[c]} 1 2 3 4\n" for i, c in enumerate(val_labels)))
     return val_labels
@@ -231,21 +241,24 @@ def test_imagenet_train_round_trip_with_skips_and_resize(object_store, s3_locati
     assert list(samples) != sorted(samples), "shuffled by seed"
 
     # resized, over two processes; the same call again gives the same bytes
-    for prefix in ("b", "c"):
-        write_imagenet_shards(s3_location.child(prefix), str(tmp_path), "train", seed=1, resize_shorter=16,
-                              samples_per_shard=4, workers=2 if prefix == "b" else 1, progress=False)
-    assert shard_bytes(s3_location.child("b"), "train") == shard_bytes(s3_location.child("c"), "train")
+    local = Location.parse(tmp_path / "out")
+    for location, workers in ((s3_location.child("b"), 2), (local, 1)):
+        write_imagenet_shards(location, str(tmp_path), "train", seed=1, resize_shorter=16,
+                              samples_per_shard=4, workers=workers, progress=False)
+    assert shard_bytes(s3_location.child("b"), "train") == shard_bytes(local, "train")
     index, samples = read_shard_set(s3_location.child("b"), "train")
     assert index.meta["image_size"] == 16
     for s in samples.values():
         assert min(decode(s["jpg"]).size) == 16
 
 
-@pytest.mark.parametrize("labelling", ["devkit_synsets", "val_map", "class_folders"])
+@pytest.mark.parametrize("labelling", ["devkit_meta_mat", "devkit_synsets", "val_map", "class_folders"])
 def test_imagenet_val_labels(object_store, s3_location, tmp_path, labelling):
     val_labels = _fake_imagenet(tmp_path)
     options = {}
-    if labelling == "devkit_synsets":
+    if labelling == "devkit_meta_mat":
+        options = {"devkit": str(tmp_path / "devkit")}
+    elif labelling == "devkit_synsets":
         options = {"devkit": str(tmp_path / "devkit"), "synsets": str(tmp_path / "synsets.txt")}
     elif labelling == "val_map":
         options = {"mapping": str(tmp_path / "LOC_val_solution.csv")}
@@ -279,7 +292,8 @@ def test_scripts_write_to_s3_with_env_credentials(object_store, s3_bucket, s3_en
                                          "--resize-shorter", "8", *common]) == 0
     assert load_script("cifar10").main(["--source", str(tmp_path / "cifar"), "--split", "train",
                                         "--out", f"{url}/c10", *common]) == 0
-    assert load_script("demo").main(["--out", f"{url}/demo", "--split", "val", *common]) == 0
+    assert load_script("demo").main(["--out", f"{url}/demo", "--split", "val", "--samples-per-shard", "400",
+                                     "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "wrote 5 samples in 1 shards" in out and "wrote 30 samples in 6 shards" in out
     assert read_index(Location.parse(f"{url}/in"), "val").meta["image_size"] == 8

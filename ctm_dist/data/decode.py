@@ -29,16 +29,27 @@ class BadSample(ValueError):
     """A sample that cannot be turned into tensors; the message says why."""
 
 
-def _open_image(sample: dict[str, Any]) -> Image.Image:
+def _image_bytes(sample: dict[str, Any]) -> bytes:
     data = next((sample[f] for f in IMAGE_FIELDS if f in sample), None)
     if data is None:
         raise BadSample(f"no image field (one of {', '.join(IMAGE_FIELDS)})")
+    return data
+
+
+def _undecodable(e: Exception) -> BadSample:
+    return BadSample(f"undecodable image: {type(e).__name__}: {e}")
+
+
+def _open_image(sample: dict[str, Any]) -> Image.Image:
+    """The sample's image, decoded, in RGB."""
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(_image_bytes(sample)))
         img.load()
         return img.convert("RGB") if img.mode != "RGB" else img
+    except BadSample:
+        raise
     except Exception as e:  # PIL raises many types for broken files
-        raise BadSample(f"undecodable image: {type(e).__name__}: {e}") from None
+        raise _undecodable(e) from None
 
 
 def _label(sample: dict[str, Any], num_classes: int | None) -> int:
@@ -82,20 +93,26 @@ class ClassificationDecoder(Decoder):
 
     def __call__(self, sample, rng):
         label = _label(sample, self.num_classes)
-        img = _open_image(sample)
+        data = _image_bytes(sample)
         size = self.image_size
-        if self.task == "cifar10":
-            if img.size != (size, size):
-                img = img.resize((size, size), Image.Resampling.BILINEAR)
-            if self.train:
-                img = T.autoaugment_cifar10(img, rng)
-        elif self.train:
-            img = T.random_resized_crop(img, size, rng, scale=self.crop_scale)
-            if self.flip and rng.random() < 0.5:
-                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        else:
-            img = T.center_crop(T.resize_shorter(img, int(size * 256 / 224)), size)
-        return T.to_tensor(img, self.mean, self.std), torch.tensor(label, dtype=torch.long)
+        try:
+            img = Image.open(io.BytesIO(data))  # lazy: crops can pick a cheaper JPEG decode scale
+            if self.task == "cifar10":
+                img = img.convert("RGB")
+                if img.size != (size, size):
+                    img = img.resize((size, size), Image.Resampling.BILINEAR)
+                if self.train:
+                    img = T.autoaugment_cifar10(img, rng)
+            elif self.train:
+                img = T.random_resized_crop(img, size, rng, scale=self.crop_scale)
+                if self.flip and rng.random() < 0.5:
+                    img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            else:
+                img = T.center_crop(T.resize_shorter(img, int(size * 256 / 224)), size)
+            x = T.to_tensor(img, self.mean, self.std)
+        except Exception as e:  # PIL raises many types for broken files
+            raise _undecodable(e) from None
+        return x, torch.tensor(label, dtype=torch.long)
 
     def blank(self):
         return (torch.zeros(3, self.image_size, self.image_size), torch.tensor(0, dtype=torch.long))

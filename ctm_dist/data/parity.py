@@ -56,7 +56,8 @@ class ParityLoader:
             self.epoch, self._consumed = epoch, 0
 
     def __len__(self) -> int:
-        left = max(0, self.samples_per_epoch - self._consumed)
+        left = self.samples_per_epoch - self._consumed
+        left = left if left > 0 else self.samples_per_epoch
         return -(-left // (self.batch_size * self.world_size))
 
     @property
@@ -65,6 +66,8 @@ class ParityLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         step = self.batch_size * self.world_size
+        if self._consumed >= self.samples_per_epoch:  # resumed after an epoch's last batch
+            self.epoch, self._consumed = self.epoch + 1, 0
         while self._consumed < self.samples_per_epoch:
             first = self._consumed + self.rank * self.batch_size
             idx = np.arange(first, first + self.batch_size)

@@ -113,7 +113,7 @@ class ShardStream:
 class _SlotDataset(IterableDataset):
     """The slots of one rank; dataloader worker ``w`` reads slot ``(w + offset) % workers``."""
 
-    def __init__(self, location: dict, slots: list[Slot], positions: dict[str, int], offset: int,
+    def __init__(self, location: Location, slots: list[Slot], positions: dict[str, int], offset: int,
                  decoder: Decoder, *, seed: int, epoch: int, shuffle: bool, strict: bool,
                  batch_size: int):
         self.location, self.slots, self.positions, self.offset = location, slots, positions, offset
@@ -123,7 +123,9 @@ class _SlotDataset(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         local = ((info.id if info else 0) + self.offset) % len(self.slots)
-        return self._batches(self.slots[local], local, Location.from_dict(self.location))
+        # a worker process builds its own filesystem client; in-process reading reuses the loader's
+        loc = Location.from_dict(self.location.to_dict()) if info else self.location
+        return self._batches(self.slots[local], local, loc)
 
     def _entries(self, slot: Slot, loc: Location):
         """(shard, index, sample or None, reason) for every sample the slot has left to read."""
@@ -232,7 +234,7 @@ class ShardLoader:
                  batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                  seed: int = 0, train: bool = True, strict: bool = False, image_size: int | None = None,
                  route_length: int | None = None, shuffle: bool | None = None, window: int = 4,
-                 prefetch_factor: int = 2, multiprocessing_context=None):
+                 prefetch_factor: int = 2, pin_memory: bool = False, multiprocessing_context=None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         if batch_size < 1:
@@ -243,7 +245,7 @@ class ShardLoader:
         self.train, self.strict = train, strict
         self.shuffle = train if shuffle is None else shuffle
         self.window, self.prefetch_factor = window, prefetch_factor
-        self.multiprocessing_context = multiprocessing_context
+        self.multiprocessing_context, self.pin_memory = multiprocessing_context, pin_memory
         self.location.check()
         self.index: ShardIndex = read_index(self.location, split)
         self.task = task or self.index.task
@@ -273,15 +275,23 @@ class ShardLoader:
             self._start_epoch(epoch)
 
     def _plan(self) -> list[Slot]:
-        return make_plan(self.counts, self._base, seed=self.seed, epoch=self.epoch,
-                         world_size=self.world_size, workers=self.workers, shuffle=self.shuffle,
-                         window=self.window)
+        key = (self.epoch, tuple(sorted(self._base.items())))
+        if getattr(self, "_plan_cache", (None,))[0] != key:
+            self._plan_cache = (key, make_plan(self.counts, self._base, seed=self.seed, epoch=self.epoch,
+                                               world_size=self.world_size, workers=self.workers,
+                                               shuffle=self.shuffle, window=self.window))
+        return self._plan_cache[1]
 
     def _total_batches(self, plan: list[Slot]) -> int:
         return max(batches_per_rank(plan, self.world_size, self.workers, self.batch_size))
 
     def __len__(self) -> int:
-        return self._total_batches(self._plan()) - self._batches
+        left = self._total_batches(self._plan()) - self._batches
+        if left <= 0:  # the epoch is done: iterating starts the next one
+            return self._total_batches(make_plan(self.counts, {}, seed=self.seed, epoch=self.epoch + 1,
+                                                 world_size=self.world_size, workers=self.workers,
+                                                 shuffle=self.shuffle, window=self.window))
+        return left
 
     @property
     def num_samples(self) -> int:
@@ -302,14 +312,19 @@ class ShardLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         plan = self._plan()
         total = self._total_batches(plan)
+        if self._batches >= total:  # resumed right after an epoch's last batch: go on with the next
+            self._start_epoch(self.epoch + 1)
+            plan = self._plan()
+            total = self._total_batches(plan)
         mine = plan[self.rank * self.workers:(self.rank + 1) * self.workers]
-        dataset = _SlotDataset(self.location.to_dict(), mine, dict(self._positions), self._next_slot,
+        dataset = _SlotDataset(self.location, mine, dict(self._positions), self._next_slot,
                                self.decoder, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle,
                                strict=self.strict, batch_size=self.batch_size)
         if self._batches < total:
             if self.num_workers > 0:
                 source = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                                     worker_init_fn=_worker_init, prefetch_factor=self.prefetch_factor,
+                                    pin_memory=self.pin_memory,
                                     multiprocessing_context=self.multiprocessing_context)
             else:
                 source = dataset

@@ -19,10 +19,9 @@ CIFAR10_STD = (0.24703233, 0.24348505, 0.26158768)
 
 
 # ---------------------------------------------------------------- geometry
-def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator,
-                        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> Image.Image:
-    """Crop a random area fraction in ``scale`` with aspect ratio in ``ratio``, resize to size x size."""
-    width, height = img.size
+def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
+                            scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(left, top, w, h) of a random area fraction in ``scale`` with aspect ratio in ``ratio``."""
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
@@ -33,21 +32,41 @@ def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator,
         if 0 < w <= width and 0 < h <= height:
             top = int(rng.integers(0, height - h + 1))
             left = int(rng.integers(0, width - w + 1))
-            break
-    else:  # fall back to a central crop with the ratio clamped into range
-        in_ratio = width / height
-        if in_ratio < ratio[0]:
-            w, h = width, int(round(width / ratio[0]))
-        elif in_ratio > ratio[1]:
-            h, w = height, int(round(height * ratio[1]))
-        else:
-            w, h = width, height
-        top, left = (height - h) // 2, (width - w) // 2
-    return img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+            return left, top, w, h
+    in_ratio = width / height  # fall back to a central crop with the ratio clamped into range
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def draft(img: Image.Image, reduce: float) -> float:
+    """Let the JPEG decoder scale down by up to ``reduce`` (DCT scaling: far cheaper than decoding
+    full size and resizing). Returns the factor it actually applied (1.0 for non-JPEGs)."""
+    if getattr(img, "format", None) != "JPEG" or reduce < 2:
+        return 1.0
+    width = img.size[0]
+    img.draft("RGB", (math.ceil(img.size[0] / reduce), math.ceil(img.size[1] / reduce)))
+    return width / img.size[0]
+
+
+def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator,
+                        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> Image.Image:
+    """Crop a random area fraction in ``scale`` with aspect ratio in ``ratio``, resize to size x size.
+    ``img`` may be a lazily opened JPEG: it is then decoded at the smallest sufficient scale."""
+    left, top, w, h = random_resized_crop_box(*img.size, rng, scale, ratio)
+    f = draft(img, min(w, h) / size)
+    img = img.convert("RGB") if img.mode != "RGB" else img
+    return img.resize((size, size), Image.Resampling.BILINEAR, box=(left / f, top / f, (left + w) / f, (top + h) / f))
 
 
 def resize_shorter(img: Image.Image, size: int) -> Image.Image:
-    """Resize so that the shorter side is ``size``, keeping the aspect ratio."""
+    """Resize so that the shorter side is ``size``, keeping the aspect ratio (JPEGs: see ``draft``)."""
+    draft(img, min(img.size) / size)
+    img = img.convert("RGB") if img.mode != "RGB" else img
     width, height = img.size
     if width <= height:
         new = (size, int(size * height / width))
@@ -66,11 +85,11 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
 
 
 def to_tensor(img: Image.Image, mean, std) -> torch.Tensor:
-    """uint8 HWC image -> normalised float CHW tensor."""
-    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return arr.sub_(mean_t).div_(std_t)
+    """uint8 HWC image -> normalised float CHW tensor (numpy: no torch thread pool per sample)."""
+    scale = (1.0 / (255.0 * np.asarray(std, dtype=np.float32)))
+    offset = -np.asarray(mean, dtype=np.float32) / np.asarray(std, dtype=np.float32)
+    arr = np.asarray(img, dtype=np.uint8).astype(np.float32) * scale + offset
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
 # ---------------------------------------------------------------- AutoAugment (CIFAR-10 policy)
@@ -205,7 +224,7 @@ def maze_augment(image: np.ndarray, route: np.ndarray, rng: np.random.Generator,
 
 def maze_to_tensor(image: np.ndarray) -> torch.Tensor:
     """HWC uint8 maze -> CHW float in [-1, 1], any drawn (blue) solution turned into corridor."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
     blue = (x[0] == 0) & (x[1] == 0) & (x[2] == 1)
     x[:, blue] = 1.0
     return x.mul_(2.0).sub_(1.0)

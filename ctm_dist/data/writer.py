@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import multiprocessing
 import os
 import tempfile
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -154,26 +156,41 @@ def write_shard_set(location, split: str, task: str, samples: Iterable[dict[str,
 def parallel_map(fn: Callable, items: list, workers: int, chunksize: int = 16) -> Iterator:
     """``map(fn, items)`` in order, over ``workers`` processes when ``workers > 1``.
 
+    At most ``2 * workers`` chunks are in flight, so a slow consumer (an upload) holds memory bounded.
     The pool starts here, before the caller opens storage clients or progress bars (their threads
-    must not be forked); ``fn`` must be a picklable top-level function.
+    must not be forked); ``fn`` must be picklable (a top-level function or a partial of one).
     """
     if workers <= 1 or len(items) <= 1:
         return map(fn, items)
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     pool = multiprocessing.get_context(method).Pool(workers)
-    return _results(pool, pool.imap(fn, items, chunksize=chunksize))
+    chunks = [items[i:i + chunksize] for i in range(0, len(items), chunksize)]
+    return _results(pool, fn, chunks, ahead=2 * workers)
 
 
-def _results(pool, results: Iterator) -> Iterator:
+def _map_chunk(fn: Callable, chunk: list) -> list:
+    return [fn(item) for item in chunk]
+
+
+def _results(pool, fn: Callable, chunks: list[list], ahead: int) -> Iterator:
     try:
-        yield from results
+        pending: deque = deque()
+        remaining = iter(chunks)
+        for chunk in itertools.islice(remaining, ahead):
+            pending.append(pool.apply_async(_map_chunk, (fn, chunk)))
+        while pending:
+            done = pending.popleft().get()
+            following = next(remaining, None)
+            if following is not None:
+                pending.append(pool.apply_async(_map_chunk, (fn, following)))
+            yield from done
     finally:
         pool.terminate()
         pool.join()
 
 
 def add_common_args(parser: argparse.ArgumentParser, default_split: str = "train",
-                    default_samples_per_shard: int = 1000) -> None:
+                    default_samples_per_shard: int = 1000, workers: bool = True) -> None:
     """Options every shard-writing script takes. Endpoint and keys come from the AWS_* variables."""
     parser.add_argument("--out", required=True,
                         help="where the shard set goes: s3://bucket/prefix, file:///dir or a path "
@@ -181,7 +198,8 @@ def add_common_args(parser: argparse.ArgumentParser, default_split: str = "train
     parser.add_argument("--split", default=default_split, help="split name: shards {split}-000000.tar, index {split}.json")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (shuffle order, generation)")
     parser.add_argument("--samples-per-shard", type=int, default=default_samples_per_shard)
-    parser.add_argument("--workers", type=int, default=1, help="processes that prepare samples")
+    if workers:
+        parser.add_argument("--workers", type=int, default=1, help="processes that prepare samples")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 

@@ -141,6 +141,21 @@ class LocalObjectStore:
                 self.stop()
         raise StorageError(f"weed mini did not start: {last_error}")
 
+    def restart(self) -> None:
+        """Stop and start again on the same ports and data (clients' endpoint stays valid)."""
+        if not self.ports:
+            raise StorageError("restart() needs a store that was started before")
+        self.stop()
+        self._log = open(self.data_dir / "weed.log", "ab")
+        self._proc = subprocess.Popen(
+            self._command(), stdout=self._log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, cwd=self.data_dir, start_new_session=True)
+        try:
+            self._wait_ready()
+        except StorageError:
+            self.stop()
+            raise
+
     def client(self):
         """A botocore S3 client signed with this server's keys."""
         import botocore.config

@@ -33,9 +33,16 @@ class Progress:
 
     def __init__(self):
         self.events: list[dict] = []
+        self.stop_signal: int | None = None
 
     def update(self, payload: dict) -> None:
         self.events.append(payload)
+
+    def request_stop(self, signum: int) -> None:
+        self.stop_signal = self.stop_signal or int(signum)
+
+    def stop_requested(self) -> int | None:
+        return self.stop_signal
 
     def since(self, index: int) -> list[dict]:
         return self.events[index:]
@@ -99,7 +106,7 @@ def connect_ray(address: str | None, env: dict[str, str]) -> bool:
             return True
         except ConnectionError:
             pass
-    ray.init(runtime_env=runtime_env, include_dashboard=False, configure_logging=False)
+    ray.init(runtime_env=runtime_env, configure_logging=False)
     return True
 
 
@@ -196,6 +203,7 @@ def train(cfg: TrainConfig, *, ray_address: str | None = None, interactive: bool
                 except BaseException as e:  # surfaced on the main thread
                     outcome["error"] = e
 
+            restore_signals = _relay_signals(progress)
             thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
             thread.start()
             seen, summary = 0, {}
@@ -211,6 +219,7 @@ def train(cfg: TrainConfig, *, ray_address: str | None = None, interactive: bool
                     break
                 thread.join(timeout=1.0)
             display.close()
+            restore_signals()
             if "error" in outcome:
                 raise outcome["error"]
         finally:
@@ -219,7 +228,35 @@ def train(cfg: TrainConfig, *, ray_address: str | None = None, interactive: bool
     summary = dict(summary)
     summary["wall_s"] = time.perf_counter() - started
     summary["run"] = cfg.run.name
+    if summary.get("preempted"):
+        from ctm_dist.train.preemption import Preempted
+
+        raise Preempted(summary.get("step"), summary.get("signal"))
     return summary
+
+
+def _relay_signals(progress):
+    """Forward SIGTERM/SIGUSR1 sent to the driver to the workers (via the progress actor)."""
+    import signal
+
+    from ctm_dist.train.preemption import DEFAULT_SIGNALS
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {}
+
+    def on_signal(signum, frame):
+        log.warning("got %s: asking the workers to checkpoint and stop", signal.Signals(signum).name)
+        progress.request_stop.remote(signum)
+
+    for s in DEFAULT_SIGNALS:
+        previous[s] = signal.signal(s, on_signal)
+
+    def restore():
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    return restore
 
 
 def summary_lines(summary: dict) -> list[str]:

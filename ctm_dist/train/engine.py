@@ -50,6 +50,7 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig):
 
     o = cfg.optim
     ds_cfg = deepspeed_config(cfg)
+    model = model.to(model_dtype(cfg))  # buffers too (BatchNorm statistics), not only what DeepSpeed casts
     params = [p for p in model.parameters() if p.requires_grad]
     adam = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
     if cfg.deepspeed.offload_optimizer:

@@ -57,16 +57,24 @@ class Trainer:
         self.engine = build_engine(CTM(self.model_cfg).to(device), cfg)
         self.dtype = model_dtype(cfg)
         self.run_location = Location.parse(cfg.run.storage).child(cfg.run.name)
-        self.checkpointer = Checkpointer(self.run_location, keep=cfg.checkpoint.keep)
+        self.checkpointer = Checkpointer(self.run_location, keep_last=cfg.checkpoint.keep, rank=rank,
+                                         world_size=world_size, local_dir=os.path.join(self.paths["local"], "scratch"))
+        # what must match on resume: the model's shape-giving fields (not how ticks are recomputed)
+        model_fields = {k: v for k, v in self.model_cfg.to_dict().items() if k not in ("tick_checkpointing", "attention_impl")}
+        self.checkpoint_config = dict(cfg.to_dict(), model=model_fields)
         self.train_data = self.task.train_loader(cfg.micro_batch_size, seed=cfg.run.seed)
         self.step = 0
         self.resumed_from = None
-        restored = self.checkpointer.load_latest(self.engine)
+        restored = self.checkpointer.load_latest(self.engine, config=self.checkpoint_config, all_ranks=True)
         if restored is not None:
-            self.step, extra = restored
+            self.step, extras = restored
             self.resumed_from = self.step
-            self.train_data.load_state_dict(extra["data"])
-            rng.restore(extra["rng"])
+            mine = extras[rank] if len(extras) == world_size else extras[0]
+            self.train_data.load_state_dict(mine["data"])  # every rank saved the merged position of all
+            if len(extras) == world_size:
+                rng.restore(mine["rng"])
+            else:  # another world size: positions carry over, random streams start afresh
+                seed_everything(cfg.run.seed + 1000003 * (rank + 1) + self.step)
         else:
             # Different ranks draw different randomness (dropout, augmentation) from here on.
             seed_everything(cfg.run.seed + 1000003 * (rank + 1))
@@ -165,7 +173,7 @@ class Trainer:
 
         t0 = time.perf_counter()
         extra = {"data": self.train_data.global_state_dict(), "rng": rng.capture()}
-        self.checkpointer.save(self.engine, self.step, extra)
+        self.checkpointer.save(self.step, self.engine, extra, config=self.checkpoint_config)
         if self.tb is not None:
             self.tb.sync(self.run_location.child("tensorboard"))
         return time.perf_counter() - t0
@@ -189,11 +197,20 @@ class Trainer:
             self.progress.update.remote({"step": self.step, "resumed_from": self.resumed_from, "max_steps": max_steps})
         batches = forever(self.train_data)
         pending: dict = {}
+        preemption = StopRequests(self.progress if self.rank == 0 else None)
+        preempted = None
         while self.step < max_steps:
             t0 = time.perf_counter()
             self.train_step(batches)
             self._steps_since_log += 1
             self.timer.add("step", time.perf_counter() - t0)
+            if preemption.should_stop():
+                preempted = {"preempted": True, "signal": preemption.handler.signum}
+                t_save = time.perf_counter()
+                self.save()
+                pending["checkpoint/save_s"] = time.perf_counter() - t_save
+                self.report(self.log(pending))
+                break
             last = self.step == max_steps
             if (cfg.eval.every and self.step % cfg.eval.every == 0) or last:
                 pending.update(self.evaluate())
@@ -210,10 +227,44 @@ class Trainer:
                         "steps_per_s": trained / max(time.perf_counter() - started, 1e-9),
                         "tensorboard_local": self.paths["tensorboard"],
                         "tensorboard": self.run_location.child("tensorboard").url,
-                        "checkpoints": self.checkpointer.location.url if hasattr(self.checkpointer, "location")
-                        else self.run_location.child("checkpoints").url})
+                        "checkpoints": self.checkpointer.location.url})
+        if preempted:
+            summary.update(preempted)
         self.report(summary, final=True)
         return summary
+
+
+class StopRequests:
+    """Preemption in a Ray worker: a signal to this process, or a stop the driver relays via ``progress``.
+
+    Ray runs the training function off the main thread, where signal handlers cannot be installed,
+    so the driver (which does get the scheduler's signal) forwards it through its progress actor;
+    rank 0 polls that without blocking, and ``should_stop`` agrees on every rank (an all-reduce).
+    """
+
+    def __init__(self, progress=None):
+        from ctm_dist.train.preemption import PreemptionHandler
+
+        self.handler = PreemptionHandler()
+        try:
+            self.handler.install()
+        except (RuntimeError, ValueError):  # not the main thread: rely on the driver's relay
+            pass
+        self.progress = progress
+        self._pending = progress.stop_requested.remote() if progress is not None else None
+
+    def should_stop(self) -> bool:
+        if self._pending is not None and not self.handler.requested:
+            import ray
+
+            ready, _ = ray.wait([self._pending], timeout=0)
+            if ready:
+                signum = ray.get(self._pending)
+                if signum:
+                    self.handler.request(signum)
+                else:
+                    self._pending = self.progress.stop_requested.remote()
+        return self.handler.should_stop()
 
 
 def forever(loader):

@@ -1,0 +1,100 @@
+"""One entry point for every kind of checkpoint: ``load(path)`` -> a CTM ready for inference.
+
+``path`` may be (locally or at any storage URL):
+
+* a consolidated export: a directory with ``model.safetensors`` + ``config.json``, or the
+  ``.safetensors`` file alone (its metadata holds the config);
+* a training run of ours (``{storage}/{run}``): the newest committed step, or ``step=``;
+* a reference checkpoint (``.pt`` as the reference's train scripts save), via ``ctm_dist.compat``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ctm_dist.model import CTM, CTMConfig
+from ctm_dist.storage import Location
+
+from . import export, runs
+
+
+@dataclass
+class Loaded:
+    model: CTM
+    kind: str  # "export", "run" or "reference"
+    task: str | None = None
+    meta: dict = field(default_factory=dict)
+    source: dict = field(default_factory=dict)
+
+    @property
+    def cfg(self) -> CTMConfig:
+        return self.model.cfg
+
+
+def _parent_and_name(location: Location) -> tuple[Location, str]:
+    parent_path, _, name = location.path.rstrip("/").rpartition("/")
+    return replace(location, path=parent_path or "/", _fs=None), name
+
+
+def _load_safetensors(location: Location, name: str, overrides: dict) -> Loaded:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory(prefix="ctm-load-") as tmp:
+        local = os.path.join(tmp, export.MODEL_FILE)
+        if location.protocol == "file":
+            local = location.join(name)
+        else:
+            location.get_file(name, local)
+        with safe_open(local, framework="pt") as f:
+            metadata = f.metadata() or {}
+        state = load_file(local)
+    if metadata.get("format") != export.FORMAT or "config" not in metadata:
+        raise ValueError(f"{location.name_url(name)}: not a ctm-dist export (no '{export.FORMAT}' metadata)")
+    document = json.loads(metadata["config"])
+    cfg = CTMConfig.from_dict({**document["model"], **overrides})
+    model = export.load_weights(CTM(cfg), state).eval()
+    return Loaded(model, "export", document.get("task"), document.get("meta") or {}, document.get("source") or {})
+
+
+def load_model(path: str | os.PathLike | Location, step: int | None = None, map_location: str = "cpu",
+               **overrides) -> Loaded:
+    """Load any supported checkpoint (see the module docstring). ``overrides`` replace CTMConfig fields
+    that do not change weights (e.g. ``iterations``, ``attention_impl``)."""
+    location = Location.parse(path)
+    if location.exists(export.MODEL_FILE):
+        loaded = _load_safetensors(location, export.MODEL_FILE, overrides)
+    elif runs.is_run(location):
+        state, cfg, step, commit = export.run_state(location, step)
+        if cfg is None:
+            raise ValueError(f"{location.url}: its COMMIT marker records no model config")
+        cfg = cfg.replace(**overrides) if overrides else cfg
+        model = export.load_weights(CTM(cfg), state).eval()
+        task = commit.get("task") or (commit.get("config") or {}).get("data", {}).get("task")
+        loaded = Loaded(model, "run", task, commit.get("meta") or {}, {"run": location.url, "step": step})
+    elif location.path.endswith(".safetensors"):
+        parent, name = _parent_and_name(location)
+        loaded = _load_safetensors(parent, name, overrides)
+    elif location.exists():
+        from ctm_dist.compat import load_reference_checkpoint
+
+        if location.protocol == "file":
+            model = load_reference_checkpoint(location.path, **overrides)
+        else:
+            with location.open("") as f:
+                model = load_reference_checkpoint(f, **overrides)
+        loaded = Loaded(model.eval(), "reference", None, {}, {"reference": location.url})
+    else:
+        raise FileNotFoundError(f"{location.url}: no such checkpoint")
+    loaded.model.to(map_location)
+    return loaded
+
+
+def load(path: str | os.PathLike, step: int | None = None, map_location: str = "cpu", **overrides) -> CTM:
+    """A CTM in eval mode from a consolidated export, a run of ours or a reference checkpoint."""
+    return load_model(path, step=step, map_location=map_location, **overrides).model

@@ -1,0 +1,100 @@
+"""All the pictures of a model on a few inputs, from one call: PNG and GIF files (and TensorBoard figures).
+
+* ``certainty_loss.png``: certainty and loss per tick for the batch (loss when targets are known);
+* ``ticks_used.png``: histogram of ticks used by adaptive halting (``ctm_dist.inference.predict``);
+* ``attention_{i}.png`` / ``attention_{i}.gif``: attention over the input, tick by tick;
+* ``maze_{i}.gif``: the predicted route as it unfolds over ticks (maze tasks);
+* ``neurons_{i}.png``: post-activation traces of a sample of neurons; ``sync_{i}.png``: their
+  synchronisation matrix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import animate, plots
+from .inputs import attention_maps, display_rgb
+from .mazes import maze_rgb, split_route
+
+
+def per_tick_loss(predictions: torch.Tensor, targets: torch.Tensor, task: str) -> torch.Tensor:
+    """Cross-entropy [B, T] at every tick."""
+    B, D, T = predictions.shape
+    if task in ("mazes", "parity"):
+        k = 5 if task == "mazes" else 2
+        logits = predictions.reshape(B, D // k, k, T)  # [B, L, k, T]
+        tgt = targets.long().reshape(B, -1)[:, :, None].expand(B, D // k, T)
+        return F.cross_entropy(logits.transpose(1, 2), tgt, reduction="none").mean(1)
+    return F.cross_entropy(predictions, targets.long().view(B, 1).expand(B, T), reduction="none")
+
+
+@torch.no_grad()
+def make_pictures(model, x: torch.Tensor, task: str, out_dir: str | Path, targets: torch.Tensor | None = None,
+                  threshold: float = 0.8, per_input: int = 4, tb=None, step: int = 0) -> list[Path]:
+    """Write every picture for inputs ``x`` into ``out_dir``; returns the files written.
+    ``tb`` (a SummaryWriter) also receives each figure under ``pictures/``."""
+    from ctm_dist.inference import predict
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    x = x.float()
+    predictions, certainties, _, tracking = model(x, track=True)
+    written: list[Path] = []
+
+    def figure(fig, name: str) -> None:
+        if tb is not None:
+            tb.add_figure(f"pictures/{name}", fig, step, close=False)
+        written.append(plots.save(fig, out / f"{name}.png"))
+
+    loss = per_tick_loss(predictions, targets, task) if targets is not None else None
+    figure(plots.certainty_and_loss(certainties[:, 1], loss) if loss is not None
+           else plots.certainty_and_loss(certainties[:, 1], torch.full_like(certainties[:, 1], float("nan"))),
+           "certainty_loss")
+    halted = predict(model, x, certainty_threshold=threshold)
+    figure(plots.ticks_histogram(halted.tick + 1, model.cfg.iterations,
+                                 f"ticks used at certainty >= {threshold:g}"), "ticks_used")
+
+    spatial = x.dim() == 4
+    maps = attention_maps(tracking.attention, tuple(x.shape[-2:])) if spatial else None
+    for i in range(min(per_input, x.shape[0])):
+        if spatial:
+            image = display_rgb(x[i], task)
+            figure(plots.attention_grid(image, maps[:, i]), f"attention_{i}")
+            frames = animate.attention_frames(image, maps[:, i].numpy(),
+                                              captions=[f"tick {t + 1} certainty {certainties[i, 1, t]:.2f}"
+                                                        for t in range(maps.shape[0])])
+            written.append(animate.save_gif(frames, out / f"attention_{i}.gif"))
+        if task == "mazes":
+            rgb, _ = maze_rgb(x[i])
+            moves = split_route(predictions[i:i + 1]).argmax(2)[0].T.numpy()  # [T, L]
+            target = targets[i].numpy() if targets is not None else None
+            written.append(animate.save_gif(animate.maze_route_frames(rgb, moves, target=target),
+                                            out / f"maze_{i}.gif"))
+        post = tracking.post_activations[:, i].float()  # [T, D]
+        figure(plots.neuron_traces(post, seed=i), f"neurons_{i}")
+        figure(plots.synchronisation_figure(post, seed=i), f"sync_{i}")
+    return written
+
+
+def class_name(meta: dict, index: int) -> str:
+    classes = (meta or {}).get("classes")
+    return str(classes[index]) if classes and 0 <= index < len(classes) else str(index)
+
+
+def summary_lines(model, x: torch.Tensor, threshold: float, names: list[str], meta: dict | None = None) -> list[str]:
+    """One line per input: the class, the tick it stopped at and its certainty (adaptive halting)."""
+    from ctm_dist.inference import predict
+
+    model.eval()
+    result = predict(model, x.float(), certainty_threshold=threshold)
+    lines = []
+    for name, logits, tick, cert in zip(names, result.predictions, result.tick, result.certainty):
+        k = int(logits.argmax())
+        lines.append(f"{name}\tclass={class_name(meta, k)}\ttick={int(tick) + 1}/{model.cfg.iterations}"
+                     f"\tcertainty={float(cert):.3f}")
+    return lines
+

@@ -1,0 +1,172 @@
+"""Preemption: a signal asks the loop to checkpoint, commit and exit with ``EXIT_PREEMPTED`` (75).
+
+Contract
+--------
+* A scheduler that wants the job gone sends SIGTERM (Kubernetes, ``scancel``, Ray node
+  drain) or SIGUSR1 (Slurm ``--signal=B:USR1@60``); the list is configurable.
+* :class:`PreemptionHandler` only sets a flag in the signal handler (nothing else is safe
+  there). The loop polls ``handler.should_stop()`` once per step; with torch.distributed
+  initialised that is an all-reduce, so every rank stops at the SAME step even if only one
+  rank got the signal.
+* The loop then saves and commits a checkpoint (``handler.checkpoint_and_exit(save)``),
+  which must finish within ``grace_seconds`` of the signal (the scheduler's kill delay minus
+  a margin: Kubernetes ``terminationGracePeriodSeconds``, Slurm ``KillWait`` / the
+  ``@seconds`` of ``--signal``). It then raises :class:`Preempted`; the launcher exits with
+  ``exit_code_for(error)`` = ``EXIT_PREEMPTED`` = 75 (``EX_TEMPFAIL``: try again later).
+* Wrappers requeue on 75 (``scontrol requeue``, a Kubernetes Job ``podFailurePolicy`` rule
+  ``onExitCodes: {operator: In, values: [75]}``/restart) and the relaunch with the same run
+  name resumes from the newest COMMIT. Any other non-zero code is a real failure.
+* Further signals while saving are absorbed (the flag stays set); SIGKILL after the grace
+  time loses only the step being saved: its checkpoint has no COMMIT and stays invisible.
+
+Ray
+---
+Ray Train workers are actor processes started by the raylet, not children of the driver
+script, so a SIGTERM/SIGUSR1 delivered to the driver (``sbatch`` with ``B:``, the head pod's
+PID 1) does not reach them, and when a node is torn down the raylet kills its workers
+without a grace period. The driver therefore catches the signal and forwards it:
+:func:`forward_signals` re-sends it to the worker processes it knows (their pids, e.g. from
+the ``workers/rank-N.json`` files the trainer writes) on the same host. Workers on other
+hosts receive the scheduler's own signal (Slurm signals every task of the step, Kubernetes
+every pod) or, failing that, stop at the collective ``should_stop()`` as soon as any one
+rank has the flag.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Callable, Iterable
+
+log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL from sysexits.h
+DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(Exception):
+    """Raised after the preemption checkpoint was committed; exit with ``EXIT_PREEMPTED``."""
+
+    def __init__(self, step: int | None = None, signum: int | None = None):
+        name = signal.Signals(signum).name if signum else "a preemption request"
+        super().__init__(f"preempted by {name} at step {step}; checkpoint committed")
+        self.step, self.signum = step, signum
+
+
+def exit_code_for(error: BaseException) -> int | None:
+    """``EXIT_PREEMPTED`` for a :class:`Preempted` error (also wrapped in another exception)."""
+    seen = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        if isinstance(e, Preempted):
+            return EXIT_PREEMPTED
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+class PreemptionHandler:
+    """Turns the given signals into a flag the training loop polls; a context manager.
+
+    Must be installed from the main thread (Python delivers signals there only).
+    """
+
+    def __init__(self, signals: Iterable[int] = DEFAULT_SIGNALS, grace_seconds: float = 60.0):
+        self.signals = tuple(int(s) for s in signals)
+        self.grace_seconds = float(grace_seconds)
+        self.signum: int | None = None
+        self.received_at: float | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> "PreemptionHandler":
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("PreemptionHandler.install() must run in the main thread")
+        for s in self.signals:
+            self._previous[s] = signal.signal(s, self._on_signal)
+        return self
+
+    def uninstall(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+    def __enter__(self) -> "PreemptionHandler":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.uninstall()
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum, self.received_at = signum, time.monotonic()
+
+    def request(self, signum: int = signal.SIGTERM) -> None:
+        """Ask for a stop without a signal (tests, a control message from the driver)."""
+        self._on_signal(signum, None)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def should_stop(self) -> bool:
+        """True on every rank once any rank got a signal (an all-reduce when distributed)."""
+        import torch
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            backend = dist.get_backend()
+            device = "cuda" if backend == "nccl" and torch.cuda.is_available() else "cpu"
+            flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32, device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if int(flag.item()) and not self.requested:
+                self.request(signal.SIGTERM)  # another rank was signalled
+        return self.requested
+
+    def time_left(self) -> float:
+        if self.received_at is None:
+            return self.grace_seconds
+        return self.grace_seconds - (time.monotonic() - self.received_at)
+
+    def checkpoint_and_exit(self, save: Callable[[], object], step: int | None = None) -> None:
+        """Run ``save()`` (which commits) and raise :class:`Preempted`; log if the grace time was exceeded."""
+        start = time.monotonic()
+        save()
+        took = time.monotonic() - start
+        if self.time_left() < 0:
+            log.warning("preemption checkpoint took %.1fs; the grace time of %.0fs was exceeded",
+                        took, self.grace_seconds)
+        else:
+            log.info("preemption checkpoint committed in %.1fs (%.1fs of grace left)", took, self.time_left())
+        raise Preempted(step, self.signum)
+
+
+def forward_signals(pids: Callable[[], Iterable[int]],
+                    signals: Iterable[int] = DEFAULT_SIGNALS) -> Callable[[], None]:
+    """In a driver process: re-send each of ``signals`` to the processes ``pids()`` lists.
+
+    ``pids`` is called at signal time (workers may start after the handler is installed).
+    The driver itself keeps running so it can collect the workers' results; returns a
+    function that restores the previous handlers.
+    """
+    previous = {}
+
+    def on_signal(signum, frame):
+        for pid in list(pids()):
+            if pid == os.getpid():
+                continue
+            try:
+                os.kill(int(pid), signum)
+            except ProcessLookupError:
+                pass
+
+    for s in signals:
+        previous[s] = signal.signal(s, on_signal)
+
+    def restore():
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+    return restore

@@ -1,0 +1,2 @@
+# SCRATCH ONLY
+def exit_code_for(e): return None

@@ -1,0 +1,301 @@
+"""Tools the chaos scenarios use to hurt a run: kill Ray Train workers, take the object store away,
+watch the steps a run reports, and read what a run committed straight from storage.
+
+Nothing here imitates a component: workers are real Ray Train worker processes found through the
+``workers/rank-N.json`` files the training loop leaves (and checked with psutil before a kill), the
+store is the real ``weed mini`` server stopped and started again on the same ports and data, and
+committed checkpoints are read from the bucket by the ``COMMIT`` marker contract, not through the
+checkpointer's own code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+# ---------------------------------------------------------------- results table
+
+
+@dataclass
+class Trial:
+    passed: bool
+    steps_lost: int | None = None      # steps computed but not committed when the fault hit
+    recover_s: float | None = None     # fault -> first new step (or -> clear error) in seconds
+    note: str = ""
+
+
+@dataclass
+class ScenarioRecord:
+    name: str
+    nodeid: str
+    trials: list[Trial] = field(default_factory=list)
+    outcome: str = "not run"           # pytest's outcome of the test that recorded it
+
+    def trial(self, passed: bool = True, steps_lost: int | None = None, recover_s: float | None = None,
+              note: str = "") -> Trial:
+        t = Trial(bool(passed), steps_lost, recover_s, note)
+        self.trials.append(t)
+        return t
+
+
+RECORDS: list[ScenarioRecord] = []
+
+
+def summary_rows() -> list[tuple[str, str, str, str, str]]:
+    """(scenario, trials, passed, steps lost, time to recover) for the summary table."""
+    rows = []
+    for r in RECORDS:
+        trials = r.trials or [Trial(False)]
+        ok = sum(t.passed for t in r.trials) if r.outcome == "passed" else 0
+        lost = [t.steps_lost for t in trials if t.steps_lost is not None]
+        rec = [t.recover_s for t in trials if t.recover_s is not None]
+        lost_s = "-" if not lost else (str(lost[0]) if len(lost) == 1 else f"{sum(lost)} ({','.join(map(str, lost))})")
+        rec_s = "-" if not rec else (f"{rec[0]:.1f}s" if len(rec) == 1 else
+                                     f"{min(rec):.1f}-{max(rec):.1f}s")
+        status = "" if r.outcome == "passed" else f" [{r.outcome.upper()}]"
+        rows.append((r.name, str(len(r.trials)), f"{ok}{status}", lost_s, rec_s))
+    return rows
+
+
+def format_table(rows: list[tuple[str, ...]]) -> list[str]:
+    header = ("scenario", "trials", "passed", "steps lost", "time to recover")
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
+
+
+# ---------------------------------------------------------------- Ray Train worker processes
+
+
+def worker_files(local_dir: str | os.PathLike, run_name: str) -> Path:
+    """Where the training loop records each rank's pid (``ctm_dist.train.loop.run_paths``)."""
+    return Path(local_dir).resolve() / "runs" / run_name / "workers"
+
+
+def is_ray_worker(pid: int) -> bool:
+    """True if ``pid`` is alive and is a Ray worker process (not a recycled pid of something else)."""
+    try:
+        p = psutil.Process(pid)
+        if p.status() == psutil.STATUS_ZOMBIE:
+            return False
+        cmd = " ".join(p.cmdline())
+        return "ray::" in p.name() or "ray::" in cmd or "default_worker.py" in cmd
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def worker_pids(local_dir, run_name: str, written_after: float = 0.0) -> dict[int, int]:
+    """{rank: pid} of the live Ray Train workers of a run (records written after ``written_after``)."""
+    out = {}
+    folder = worker_files(local_dir, run_name)
+    if not folder.is_dir():
+        return out
+    for f in folder.glob("rank-*.json"):
+        try:
+            doc = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if doc.get("time", 0) >= written_after and is_ray_worker(int(doc["pid"])):
+            out[int(doc["rank"])] = int(doc["pid"])
+    return out
+
+
+def kill_worker(pid: int, sig: int = signal.SIGKILL) -> None:
+    if not is_ray_worker(pid):
+        raise RuntimeError(f"pid {pid} is not a live Ray worker; refusing to signal it")
+    os.kill(pid, sig)
+
+
+# ---------------------------------------------------------------- following a run's progress
+
+_STEP = re.compile(r"^step (\d+)/(\d+)")
+_RESUME = re.compile(r"resuming from checkpoint at step (\d+)")
+
+
+class StepStream:
+    """A text stream for the driver's progress display (``train(..., stream=...)``).
+
+    Every line is kept with its arrival time; ``on_step(step)`` callbacks fire for each ``step N/M``
+    line, which lets a scenario strike at an exact step of a running job.
+    """
+
+    def __init__(self, echo=None):
+        if echo is None and os.environ.get("CHAOS_ECHO"):
+            echo = sys.__stderr__
+        self.lines: list[tuple[float, str]] = []
+        self.steps: list[tuple[float, int]] = []
+        self.resumes: list[tuple[float, int]] = []
+        self.callbacks: list = []
+        self.echo = echo
+        self._buf = ""
+        self._lock = threading.Lock()
+
+    def isatty(self) -> bool:
+        return False
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            self._buf += text
+            while "\n" in self._buf:
+                line, self._buf = self._buf.split("\n", 1)
+                self._line(line)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def _line(self, line: str) -> None:
+        now = time.monotonic()
+        self.lines.append((now, line))
+        if self.echo is not None:
+            print(f"[run] {line}", file=self.echo, flush=True)
+        m = _RESUME.search(line)
+        if m:
+            self.resumes.append((now, int(m.group(1))))
+        m = _STEP.match(line)
+        if m:
+            step = int(m.group(1))
+            self.steps.append((now, step))
+            for cb in list(self.callbacks):
+                cb(step)
+
+    def first_step_after(self, t: float, above: int | None = None) -> tuple[float, int] | None:
+        for ts, step in self.steps:
+            if ts > t and (above is None or step > above):
+                return ts, step
+        return None
+
+    def text(self) -> str:
+        return "\n".join(line for _, line in self.lines)
+
+
+def follow_file(path: str | os.PathLike, stream: StepStream, stop: threading.Event) -> threading.Thread:
+    """Feed the lines appended to ``path`` (a launcher's stderr) into ``stream`` until ``stop``."""
+
+    def run():
+        with open(path, "r", errors="replace") as f:
+            while True:
+                chunk = f.read()
+                if chunk:
+                    stream.write(chunk)
+                elif stop.is_set():
+                    return
+                else:
+                    time.sleep(0.05)
+
+    t = threading.Thread(target=run, daemon=True, name="follow-" + Path(path).name)
+    t.start()
+    return t
+
+
+# ---------------------------------------------------------------- the object store going away
+
+
+def stop_store(store) -> None:
+    """Stop ``weed mini`` (SIGTERM, as a maintenance restart would); keep its ports and data."""
+    ports = dict(store.ports)
+    store.stop()
+    store.ports = ports
+
+
+def restart_store(store, timeout: float = 60.0) -> None:
+    """Start ``weed mini`` again on the SAME ports and data dir, so clients' endpoint stays valid."""
+    assert store.ports, "restart_store needs a store that was started before"
+    store._log = open(store.data_dir / "weed.log", "ab")
+    store._proc = subprocess.Popen(store._command(), stdout=store._log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, cwd=store.data_dir, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    client = store.client()
+    while True:
+        if store._proc.poll() is not None:
+            raise RuntimeError(f"weed mini did not restart (exit {store._proc.returncode}); "
+                               f"see {store.data_dir / 'weed.log'}")
+        try:
+            client.list_buckets()
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+class Outage:
+    """Take the store down for ``seconds`` (in a background thread) and bring it back on the same ports.
+
+    ``down_at``/``up_at`` are monotonic times; ``join()`` waits for the restart and re-raises its error.
+    """
+
+    def __init__(self, store, seconds: float):
+        self.store, self.seconds = store, seconds
+        self.down_at = self.stopped_at = self.up_at = None
+        self.error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "Outage":
+        self._thread = threading.Thread(target=self._run, daemon=True, name="store-outage")
+        self._thread.start()
+        return self
+
+    def _run(self):
+        try:
+            self.down_at = time.monotonic()
+            stop_store(self.store)
+            self.stopped_at = time.monotonic()
+            time.sleep(max(0.0, self.seconds - (self.stopped_at - self.down_at)))
+            restart_store(self.store)
+            self.up_at = time.monotonic()
+        except BaseException as e:  # surfaced by join()
+            self.error = e
+
+    def join(self, timeout: float = 120.0) -> None:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError("the store outage thread did not finish")
+        if self.error is not None:
+            raise self.error
+
+
+# ---------------------------------------------------------------- what a run committed (read raw)
+
+
+def committed_steps(run_location) -> list[int]:
+    """Steps under ``{run}/checkpoints/`` whose ``COMMIT`` marker exists, read from storage directly."""
+    ckpts = run_location.child("checkpoints")
+    try:
+        names = ckpts.list()
+    except FileNotFoundError:
+        return []
+    steps = []
+    for name in names:
+        m = re.fullmatch(r"step-(\d{9})", name)
+        if m and ckpts.exists(f"{name}/COMMIT"):
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def all_checkpoint_dirs(run_location) -> list[str]:
+    try:
+        return [n for n in run_location.child("checkpoints").list() if n.startswith("step-")]
+    except FileNotFoundError:
+        return []
+
+
+def wait_until(pred, timeout: float, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)

@@ -1,0 +1,146 @@
+"""Whole training runs for the chaos scenarios: one tiny config, run in this process (sharing one Ray
+session) or as a launcher subprocess (so that it can be signalled and its exit status read), plus
+bitwise comparison of the tensors two runs committed.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 12  # steps of every whole run compared with the reference
+
+# A CTM small enough for a few dozen steps in seconds on two cores: no conv backbone, 2 ticks.
+TINY_MODEL = {"iterations": 2, "d_model": 32, "d_input": 16, "heads": 2, "n_synch_out": 16,
+              "n_synch_action": 16, "memory_length": 2, "memory_hidden_dims": 2, "backbone_type": "none"}
+
+
+def tiny_overrides(*, name: str, storage: str, data: str, local_dir: str | os.PathLike, steps: int,
+                   workers: int = 2, checkpoint_every: int = 2, max_failures: int = 3, **extra) -> list[str]:
+    """Dotted overrides of a tiny demo run; ``extra`` adds more (``section__field=value``)."""
+    out = [f"run.name={name}", f"run.storage={storage}", f"run.local_dir={local_dir}", "run.seed=7",
+           f"run.max_steps={steps}", "run.log_every=1",
+           f"data.url={data}", "data.task=demo", "data.batch_size=8", "data.eval_batch_size=8",
+           "data.image_size=16", "data.num_workers=0",
+           "optim.warmup_steps=2", f"optim.decay_steps={max(steps, 1)}", "optim.lr=3e-3",
+           "deepspeed.zero_stage=2", "deepspeed.precision=bf16", "deepspeed.gradient_clipping=1.0",
+           f"checkpoint.every={checkpoint_every}", "checkpoint.keep=100",
+           "eval.every=0", "eval.batches=1",
+           f"scale.workers={workers}", "scale.cpus_per_worker=1", f"scale.max_failures={max_failures}"]
+    out += [f"model.{k}={v}" for k, v in TINY_MODEL.items()]
+    out += [f"{k.replace('__', '.')}={v}" for k, v in extra.items()]
+    return out
+
+
+def tiny_config(**kwargs):
+    from ctm_dist.train.cli import TASK_DEFAULTS
+    from ctm_dist.train.config import build_config
+
+    return build_config(overrides=tiny_overrides(**kwargs), base=TASK_DEFAULTS["demo"])
+
+
+def run_in_process(cfg, stream) -> dict:
+    """``ctm_dist.train.driver.train`` on the Ray session already initialised in this process."""
+    from ctm_dist.train.driver import train
+
+    return train(cfg, stream=stream, interactive=False)
+
+
+def launcher(overrides: list[str], ray_address: str, env: dict[str, str], log_path: str | os.PathLike,
+             ) -> subprocess.Popen:
+    """The launchers' command line (``ctm_dist.train.cli.main('demo')``) as a subprocess whose
+    stdout+stderr go to ``log_path``; it joins the Ray cluster at ``ray_address``."""
+    code = "import sys; from ctm_dist.train.cli import main; sys.exit(main('demo'))"
+    full_env = dict(os.environ)
+    full_env.update(env)
+    full_env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"})
+    full_env.pop("RAY_ADDRESS", None)
+    log = open(log_path, "ab")
+    try:
+        return subprocess.Popen([sys.executable, "-c", code, "--quiet", "--ray-address", ray_address, *overrides],
+                                cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    finally:
+        log.close()
+
+
+# ---------------------------------------------------------------- what a checkpoint holds
+
+
+def checkpoint_tensors(run_location, step: int) -> dict[str, torch.Tensor]:
+    """Every tensor of every ``.pt``/``.safetensors`` file of committed checkpoint ``step``,
+    keyed ``file:path.to.tensor`` (read from storage directly, ``weights_only=True``)."""
+    folder = run_location.child("checkpoints").child(f"step-{step:09d}")
+    files = folder.call(lambda: folder.fs.find(folder.path), "")
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted(files):
+        rel = os.path.relpath(path, folder.path)
+        if rel.endswith(".pt"):
+            _walk(load_weights_only(folder.read_bytes(rel)), rel + ":", out)
+        elif rel.endswith(".safetensors"):
+            from safetensors.torch import load
+
+            for k, v in load(folder.read_bytes(rel)).items():
+                out[f"{rel}:{k}"] = v
+    return out
+
+
+def load_weights_only(data: bytes):
+    """``torch.load(weights_only=True)``, allowing only the plain-data classes DeepSpeed pickles into
+    its checkpoints (loss scaler, enums); anything else (e.g. code in a pickle) is refused."""
+    import importlib
+    import pickle
+    import re
+
+    allowed: list = []
+    for _ in range(20):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            m = re.search(r"Unsupported global: GLOBAL ([\w.]+)\.(\w+)", str(e))
+            if not m or not m.group(1).startswith("deepspeed."):
+                raise
+            allowed.append(getattr(importlib.import_module(m.group(1)), m.group(2)))
+    raise RuntimeError("too many globals in a checkpoint file")
+
+
+def _walk(obj, prefix: str, out: dict) -> None:
+    if isinstance(obj, torch.Tensor):
+        out[prefix] = obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _walk(v, f"{prefix}{k}.", out)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _walk(v, f"{prefix}{i}.", out)
+
+
+def model_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model weights among a checkpoint's tensors (the DeepSpeed ``module`` state)."""
+    return {k: v for k, v in tensors.items() if ".module." in k or k.split(":", 1)[1].startswith("module.")}
+
+
+def bitwise_differences(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
+    """Names whose tensors differ in any bit (or exist on one side only)."""
+    diffs = sorted(set(a) ^ set(b))
+    for k in sorted(set(a) & set(b)):
+        x, y = a[k], b[k]
+        if x.dtype != y.dtype or x.shape != y.shape:
+            diffs.append(k)
+        elif x.numel() and not torch.equal(_bits(x), _bits(y)):
+            diffs.append(k)
+    return diffs
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().contiguous().cpu()
+    if t.is_floating_point():
+        return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+    return t

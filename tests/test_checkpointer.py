@@ -1,0 +1,234 @@
+"""Checkpointer on a real DeepSpeed engine (CPU, bf16) and a real local S3 server with keys enforced."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoint_fixtures import (MODEL_CONFIG, elastic_worker, free_port, full_params, init_dist,
+                                 make_engine, train_step)
+from ctm_dist.storage import Location
+from ctm_dist.train import rng
+from ctm_dist.train.checkpointer import (COMMIT, Checkpointer, CheckpointError, ConfigMismatch,
+                                         NoCheckpoint, NotACheckpoint, UnsafeCheckpoint, step_name)
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_rank_group():
+    init_dist()
+
+
+@pytest.fixture
+def run(s3_location) -> Location:
+    return s3_location.child("run")
+
+
+def assert_params_equal(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def optimizer_moments(engine) -> list[torch.Tensor]:
+    """Adam's exp_avg/exp_avg_sq of this rank's (fp32 master) partition, in a stable order."""
+    opt = engine.optimizer
+    inner = getattr(opt, "optimizer", opt)
+    return [st[k].clone() for st in inner.state.values() for k in ("exp_avg", "exp_avg_sq")]
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_round_trip_gives_identical_state_and_next_step(run, stage):
+    engine = make_engine(stage, seed=0)
+    for step in (1, 2, 3):
+        train_step(engine, step)
+    ckpt = Checkpointer(run, rank=0, world_size=1)
+    torch.manual_seed(1234)
+    saved_rng = rng.capture()
+    expected_draw = torch.rand(3)
+    commit = ckpt.save(3, engine, {"position": torch.tensor([7, 3]), "rng": saved_rng, "epoch": 1}, MODEL_CONFIG)
+    assert commit["step"] == 3 and commit["zero_stage"] == stage and commit["world_size"] == 1
+    saved_params, saved_moments = full_params(engine), optimizer_moments(engine)
+    saved_lr = engine.lr_scheduler.get_last_lr()
+    next_loss = train_step(engine, 4)
+    next_params = full_params(engine)
+
+    fresh = make_engine(stage, seed=99)  # other initial weights, empty optimizer
+    assert not torch.equal(full_params(fresh)["0.weight"], saved_params["0.weight"])
+    extra = Checkpointer(run).load(fresh, config=MODEL_CONFIG)
+    assert_params_equal(full_params(fresh), saved_params)
+    moments = optimizer_moments(fresh)
+    assert len(moments) == len(saved_moments) > 0
+    assert all(torch.equal(a, b) for a, b in zip(moments, saved_moments))
+    assert fresh.lr_scheduler.get_last_lr() == saved_lr
+    assert fresh.global_steps == engine.global_steps - 1
+    assert torch.equal(extra["position"], torch.tensor([7, 3])) and extra["epoch"] == 1
+    rng.restore(extra["rng"])
+    assert torch.equal(torch.rand(3), expected_draw)
+    assert train_step(fresh, 4) == next_loss
+    assert_params_equal(full_params(fresh), next_params)
+
+
+def test_commit_marker_keep_last_and_no_secrets(run, object_store):
+    engine = make_engine(0)
+    ckpt = Checkpointer(run, keep_last=2)
+    assert ckpt.latest_committed() is None
+    with pytest.raises(NoCheckpoint, match="no committed checkpoint"):
+        ckpt.load(engine)
+    assert ckpt.load_latest(engine) is None
+    config = dict(MODEL_CONFIG, storage={"url": run.url, "secret_key": object_store.secret_key})
+    for step in (1, 2, 3):
+        train_step(engine, step)
+        ckpt.save(step, engine, {"position": torch.tensor(step)}, config)
+    assert ckpt.committed_steps() == [2, 3]
+    assert run.child("checkpoints").list() == [step_name(2), step_name(3)]
+    raw = run.read_bytes(f"checkpoints/{step_name(3)}/{COMMIT}")
+    commit = json.loads(raw)
+    assert commit["files"] == {n: s for n, s in ckpt._sizes(step_name(3)).items() if n != COMMIT}
+    assert "extra-rank-00000.pt" in commit["files"] and "mp_rank_00_model_states.pt" in commit["files"]
+    assert commit["config"]["model"] == MODEL_CONFIG["model"]
+    for name in run.child(f"checkpoints/{step_name(3)}").list():
+        blob = run.read_bytes(f"checkpoints/{step_name(3)}/{name}")
+        assert object_store.secret_key.encode() not in blob and object_store.access_key.encode() not in blob
+    step, extra = ckpt.load_latest(make_engine(0, seed=5))
+    assert step == 3 and int(extra["position"]) == 3
+    # A commit whose file went missing is not a checkpoint any more; the previous one is used.
+    run.rm(f"checkpoints/{step_name(3)}/extra-rank-00000.pt")
+    assert ckpt.latest_committed() == 2
+
+
+def test_refuses_other_config_foreign_file_and_code_pickle(run, tmp_path):
+    engine = make_engine(0)
+    train_step(engine, 1)
+    ckpt = Checkpointer(run)
+    ckpt.save(1, engine, {"position": torch.tensor(1)}, MODEL_CONFIG)
+    other = {"model": dict(MODEL_CONFIG["model"], d_hidden=32)}
+    with pytest.raises(ConfigMismatch, match="d_hidden: 16 .* != 32"):
+        ckpt.load(engine, config=other)
+
+    name = step_name(1)
+    commit = json.loads(run.read_bytes(f"checkpoints/{name}/{COMMIT}"))
+
+    def replace_file(fname: str, data: bytes):
+        run.write_bytes(f"checkpoints/{name}/{fname}", data)
+        commit["files"][fname] = len(data)  # an attacker or a bad copy also fixes the sizes
+        run.write_bytes(f"checkpoints/{name}/{COMMIT}", json.dumps(commit).encode())
+
+    good = run.read_bytes(f"checkpoints/{name}/mp_rank_00_model_states.pt")
+    replace_file("mp_rank_00_model_states.pt", b"this is a text file, not a checkpoint\n" * 10)
+    with pytest.raises(NotACheckpoint, match="mp_rank_00_model_states.pt: not a torch checkpoint"):
+        ckpt.load(engine)
+    replace_file("mp_rank_00_model_states.pt", good)
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "ctm-dist-checkpoint/1", "state": Evil()}, evil)
+    replace_file("extra-rank-00000.pt", evil.read_bytes())
+    with pytest.raises(UnsafeCheckpoint, match="refused to unpickle.*nothing was executed"):
+        ckpt.load(engine)
+    assert not marker.exists()
+
+    run.write_bytes(f"checkpoints/{name}/{COMMIT}", b"not json")
+    with pytest.raises(NotACheckpoint, match="not a ctm-dist commit marker"):
+        ckpt.read_commit(1)
+    assert ckpt.latest_committed() is None
+
+
+def _outage(store, seconds: float) -> threading.Thread:
+    def run():
+        ports = dict(store.ports)
+        store.stop()
+        store.ports = ports
+        time.sleep(seconds)
+        store.restart()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    time.sleep(0.3)  # the server is going down
+    return t
+
+
+def test_store_outage_retried_within_deadline_and_clear_error_beyond(run, object_store):
+    engine = make_engine(0)
+    train_step(engine, 1)
+    Checkpointer(run).save(1, engine, {"position": torch.tensor(1)}, MODEL_CONFIG)
+    params_1 = full_params(engine)
+    train_step(engine, 2)
+
+    outage = _outage(object_store, 5.0)
+    try:
+        start = time.monotonic()
+        Checkpointer(run, retry_deadline=60).save(2, engine, {"position": torch.tensor(2)}, MODEL_CONFIG)
+        assert time.monotonic() - start > 4  # it really waited for the store
+    finally:
+        outage.join(60)
+    assert Checkpointer(run).committed_steps() == [1, 2]
+
+    train_step(engine, 3)
+    outage = _outage(object_store, 12.0)
+    try:
+        with pytest.raises(CheckpointError, match="nothing was committed.*previous committed checkpoint stays valid"):
+            Checkpointer(run, retry_deadline=3).save(3, engine, {"position": torch.tensor(3)}, MODEL_CONFIG)
+    finally:
+        outage.join(60)
+    ckpt = Checkpointer(run, keep_last=1)
+    assert ckpt.latest_committed() == 2
+    fresh = make_engine(0, seed=3)
+    assert int(ckpt.load(fresh)["position"]) == 2
+    assert not torch.equal(full_params(fresh)["0.weight"], params_1["0.weight"])
+
+
+def test_two_ranks_killed_mid_upload_then_resume_on_one_rank(run, object_store, tmp_path):
+    """2-rank ZeRO-2 group commits step 2 and is SIGKILLed while uploading step 3: step 3 is never
+    picked, step 2 resumes on ONE rank with equal weights, and a later save removes step 3's debris."""
+    import torch.multiprocessing as mp
+
+    params_out = tmp_path / "params.pt"
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=elastic_worker, daemon=True,
+                         args=(r, 2, port, f"s3://{run.path}", object_store.env(), str(params_out)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    step3 = run.child(f"checkpoints/{step_name(3)}")
+    try:
+        deadline = time.monotonic() + 240
+        while not (step3.exists() and len(step3.list()) >= 2):
+            assert all(p.is_alive() for p in procs), "a rank died before uploading step 3"
+            assert time.monotonic() < deadline, "step 3 upload never started"
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.pid and p.is_alive():
+                os.kill(p.pid, signal.SIGKILL)
+            p.join(30)
+    assert COMMIT not in step3.list()
+
+    ckpt = Checkpointer(run, rank=0, world_size=1)
+    assert ckpt.committed_steps() == [2]
+    commit = ckpt.read_commit(2)
+    assert commit["world_size"] == 2 and {"extra-rank-00000.pt", "extra-rank-00001.pt"} <= set(commit["files"])
+    engine = make_engine(2, seed=11)
+    with pytest.raises(CheckpointError, match="saved by 2 ranks.*all_ranks=True"):
+        ckpt.load(engine)
+    states = ckpt.load(engine, all_ranks=True)
+    assert [int(s["position"]) for s in states] == [100, 101]
+    assert_params_equal(full_params(engine), torch.load(params_out, weights_only=True))
+    assert torch.isfinite(torch.tensor(train_step(engine, 3)))
+    ckpt.save(4, engine, {"position": torch.tensor(4)}, MODEL_CONFIG)
+    assert run.child("checkpoints").list() == [step_name(2), step_name(4)]  # step 3's debris is gone
+    assert int(Checkpointer(run).load(make_engine(2, seed=12))["position"]) == 4

@@ -1,0 +1,96 @@
+"""Training config: defaults, YAML, dotted overrides, and one-line errors for bad values."""
+
+from __future__ import annotations
+
+import pytest
+
+from ctm_dist.train.config import ConfigError, TrainConfig, apply_override, build_config
+from ctm_dist.train.engine import deepspeed_config
+from ctm_dist.train.schedule import WarmupCosine
+
+
+def test_layers_apply_in_order(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("run: {name: exp1, seed: 3}\noptim: {lr: 0.01}\nmodel: {preset: demo, d_model: 96}\n"
+                    "deepspeed: {zero_stage: 3, offload_params: true}\n")
+    cfg = build_config(str(path), ["optim.lr=1e-3", "model.iterations=5", "scale.workers=4",
+                                   "data.batch_size=32", "deepspeed.grad_accumulation=2"])
+    assert cfg.run.name == "exp1" and cfg.run.seed == 3
+    assert cfg.optim.lr == pytest.approx(1e-3)  # CLI beats YAML; "1e-3" (a YAML string) becomes a float
+    assert cfg.model.overrides == {"d_model": 96, "iterations": 5}
+    assert cfg.deepspeed.zero_stage == 3 and cfg.deepspeed.offload_params is True
+    assert cfg.micro_batch_size == 32 // (4 * 2)
+
+
+def test_round_trip_through_dict():
+    cfg = build_config(None, ["model.d_model=64", "optim.betas=[0.8,0.95]", "run.name=x"])
+    again = TrainConfig.from_dict(cfg.to_dict()).validate()
+    assert again == cfg
+    assert again.optim.betas == (0.8, 0.95)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("data.batch_size=30", "not divisible by scale.workers*deepspeed.grad_accumulation=2*2=4"),
+    ("deepspeed.zero_stage=4", "zero_stage must be 0, 1, 2 or 3, got 4"),
+    ("deepspeed.precision=fp8", "precision must be one of bf16, fp16, fp32"),
+    ("optim.lrr=1", "unknown config field 'optim.lrr'"),
+    ("nosuch.field=1", "unknown config field 'nosuch'"),
+    ("model.d_modl=1", "unknown config field 'model.d_modl'"),
+    ("model.d_model=big", "model.d_model: expected an integer, got 'big'"),
+    ("scale.workers=1.5", "scale.workers: expected an integer"),
+    ("deepspeed.offload_params=true", "offload_params needs deepspeed.zero_stage=3"),
+    ("data.task=imagenet", "data.url is required for task 'imagenet'"),
+    ("model.heads=5", "d_input (64) must be divisible by heads (5)"),
+    ("run.name=a/b", "run.name must be a non-empty name without '/'"),
+    ("optim.lr", "is not of the form section.field=value"),
+])
+def test_bad_values_give_one_clear_line(override, fragment):
+    overrides = ["deepspeed.grad_accumulation=2", override] if "batch_size" in override else [override]
+    with pytest.raises(ConfigError) as err:
+        build_config(None, overrides)
+    message = str(err.value)
+    assert fragment in message
+    assert "\n" not in message
+
+
+def test_bad_yaml_names_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("run:\n  name: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad YAML in .*bad.yaml \(line \d+, column \d+\)"):
+        build_config(str(path))
+    path.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        build_config(str(path))
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        build_config(str(tmp_path / "missing.yaml"))
+
+
+def test_deepspeed_dict_states_every_knob():
+    cfg = build_config(None, ["scale.workers=4", "data.batch_size=64", "deepspeed.grad_accumulation=2",
+                              "deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true",
+                              "deepspeed.offload_params=true", "deepspeed.precision=bf16"])
+    ds = deepspeed_config(cfg)
+    assert ds["train_batch_size"] == 64 == ds["train_micro_batch_size_per_gpu"] * 4 * ds["gradient_accumulation_steps"]
+    assert ds["gradient_clipping"] == 0.0  # explicit: DeepSpeed >= 0.19.3 would clip at 1.0 otherwise
+    assert ds["bf16"] == {"enabled": True} and ds["fp16"]["enabled"] is False
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+
+
+def test_warmup_then_cosine():
+    s = WarmupCosine(base_lr=1e-3, warmup=10, total=110, start_lr=0.0, min_lr=1e-5)
+    assert s.lr(0) == 0.0
+    assert s.lr(5) == pytest.approx(5e-4)
+    assert s.lr(10) == pytest.approx(1e-3)
+    assert s.lr(60) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)
+    assert s.lr(110) == pytest.approx(1e-5) and s.lr(500) == pytest.approx(1e-5)
+    lrs = [s.lr(i) for i in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert WarmupCosine(1e-3, 0, 100, cosine=False).lr(99) == 1e-3
+
+
+def test_override_of_unknown_section_in_model_is_rejected():
+    cfg = TrainConfig()
+    with pytest.raises(ConfigError):
+        apply_override(cfg, "model=3")

@@ -1,0 +1,140 @@
+"""Export round trips: a real ZeRO-2 / ZeRO-3 checkpoint (1-process DeepSpeed engine on CPU, saved by the
+trainer's checkpointer) -> one safetensors file + JSON config, and -> the reference's format; the exported
+models give the trained model's outputs, loaded with ``ctm_dist.load`` without DeepSpeed."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+import torch
+
+import ctm_dist
+from ctm_dist.eval import export, loading, runs
+from ctm_dist.model import CTM
+from ctm_dist.storage import Location
+from eval_fixtures import tiny_config, tiny_ctm
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    import os
+
+    import torch.distributed as dist
+
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port())}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{env['MASTER_PORT']}", rank=0, world_size=1)
+    yield
+    if started:
+        dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def train_and_checkpoint(run_url: str, zero_stage: int, bf16: bool, steps: int = 2):
+    """A tiny CTM trained ``steps`` steps by a DeepSpeed engine, checkpointed like the trainer does."""
+    import deepspeed
+
+    from ctm_dist.losses import image_classification_loss
+    from ctm_dist.train.checkpointer import Checkpointer
+
+    cfg = tiny_config(iterations=3)
+    torch.manual_seed(0)
+    model = CTM(cfg)
+    if bf16:
+        model = model.to(torch.bfloat16)
+    ds_cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
+              "bf16": {"enabled": bf16}, "zero_optimization": {"stage": zero_stage}, "steps_per_print": 10**9}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
+                                      config=ds_cfg, dist_init_required=False)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    x = torch.randn(4, 3, 16, 16)
+    y = torch.tensor([0, 1, 2, 3])
+    for _ in range(steps):
+        p, c, _ = engine(x.to(dtype))
+        loss, _ = image_classification_loss(p, c, y)
+        engine.backward(loss)
+        engine.step()
+    train_config = {"model": {"preset": "demo", "overrides": {}}, "data": {"task": "demo"},
+                    "model_config": cfg.to_dict()}
+    Checkpointer(run_url, keep_last=2).save(steps, engine, {"note": "test"}, config=train_config)
+    engine.eval()
+    with torch.no_grad():
+        probe = torch.randn(3, 3, 16, 16)
+        outputs = engine(probe.to(dtype))
+    return engine, probe, [o.float() for o in outputs[:2]]
+
+
+def test_zero2_bf16_run_exports_to_safetensors_and_reference(tmp_path, process_group):
+    run = tmp_path / "runs" / "demo"
+    engine, probe, (p_trained, c_trained) = train_and_checkpoint(str(run), zero_stage=2, bf16=True)
+    assert runs.committed_steps(Location.parse(str(run))) == [2]
+
+    out = tmp_path / "export"
+    export.export_run(str(run), out)
+    doc = json.loads((out / export.CONFIG_FILE).read_text())
+    assert doc["format"] == export.FORMAT and doc["task"] == "demo" and doc["source"]["step"] == 2
+    model = ctm_dist.load(str(out))  # no DeepSpeed, no Ray needed for this
+    # the export holds DeepSpeed's fp32 master weights; the engine computes with their bf16 copies
+    trained = dict(engine.module.named_parameters())
+    for name, value in model.named_parameters():
+        assert torch.equal(value.to(torch.bfloat16), trained[name].detach()), name
+        assert value.dtype == torch.float32
+    bf16_copy = loading.load(str(out / export.MODEL_FILE)).to(torch.bfloat16)  # the file alone also loads
+    with torch.no_grad():
+        p, c, _ = bf16_copy(probe.to(torch.bfloat16))
+    assert torch.equal(p.float(), p_trained) and torch.equal(c.float(), c_trained)
+
+    ref = tmp_path / "reference.pt"
+    export.export_run(str(run), ref, reference_dataset="cifar10")
+    from_ref = ctm_dist.load(str(ref))
+    with torch.no_grad():
+        assert torch.equal(from_ref(probe)[0], model(probe)[0])
+
+
+def test_zero3_run_on_s3_exports_with_identical_outputs(tmp_path, process_group, s3_location, s3_env):
+    run = s3_location.child("runs/zero3")
+    engine, probe, (p_trained, c_trained) = train_and_checkpoint(run.url, zero_stage=3, bf16=False, steps=3)
+    out = s3_location.child("exports/zero3")
+    export.export_run(run.url, out)
+    model = ctm_dist.load(out.url)
+    with torch.no_grad():
+        p, c, _ = model(probe)
+    assert torch.allclose(p, p_trained, atol=1e-5) and torch.allclose(c, c_trained, atol=1e-5)
+    # a run loads directly too (newest committed step), and a missing step is a clear error
+    direct = ctm_dist.load(run.url)
+    assert torch.equal(direct(probe)[0], p)
+    with pytest.raises(FileNotFoundError, match="step 7"):
+        ctm_dist.load(run.url, step=7)
+    text = out.read_bytes(export.CONFIG_FILE).decode()
+    assert s3_env["AWS_SECRET_ACCESS_KEY"] not in text
+
+
+def test_consolidated_export_round_trip_and_bad_inputs(tmp_path):
+    model = tiny_ctm(seed=5)
+    export.save_consolidated(model, tmp_path / "e", task="demo", meta={"classes": list("abcdefghij")})
+    loaded = loading.load_model(str(tmp_path / "e"), iterations=7)  # more ticks than trained: same weights
+    assert loaded.task == "demo" and loaded.meta["classes"][1] == "b" and loaded.cfg.iterations == 7
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x)[0][..., :5], model(x)[0])
+    with pytest.raises(FileNotFoundError):
+        ctm_dist.load(str(tmp_path / "nothing-here"))
+    other = tiny_ctm(seed=5, d_model=48)
+    with pytest.raises(ValueError, match="do not fit"):
+        export.load_weights(other, model.state_dict() | {"extra.weight": torch.zeros(1)})

@@ -1,0 +1,186 @@
+"""CTMConfig, presets and CTM behaviour: shapes, tick checkpointing, torch.compile, bf16."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ctm_dist.model import CTM, PRESET_NAMES, CTMConfig, preset
+
+
+def tiny(**overrides) -> CTMConfig:
+    values = dict(iterations=6, d_model=32, d_input=16, heads=2, n_synch_out=8, n_synch_action=6, synapse_depth=2,
+                  memory_length=4, deep_nlms=True, memory_hidden_dims=3, backbone_type="none",
+                  positional_embedding_type="none", in_channels=5, out_dims=4, dropout=0.3)
+    values.update(overrides)
+    return CTMConfig(**values)
+
+
+# --- config --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(heads=3), "divisible by heads"),
+    (dict(neuron_select_type="pairs"), "neuron_select_type"),
+    (dict(backbone_type="resnet19-2"), "backbone_type"),
+    (dict(positional_embedding_type="learnable-fourier"), "needs a backbone"),
+    (dict(neuron_select_type="first-last", n_synch_out=30), "first-last"),
+    (dict(n_random_pairing_self=6), "n_random_pairing_self"),
+    (dict(iterations=0), "iterations"),
+    (dict(dropout=1.5), "dropout"),
+    (dict(tick_checkpointing=-1), "tick_checkpointing"),
+    (dict(attention_impl="flash"), "attention_impl"),
+    (dict(prediction_reshaper=[3, 2]), "prediction_reshaper"),
+])
+def test_config_rejects_bad_values(bad, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(**bad)
+
+
+def test_config_round_trips_and_rejects_unknown_fields():
+    cfg = tiny(prediction_reshaper=[2, 2], tick_checkpointing=3)
+    assert CTMConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown fields"):
+        CTMConfig.from_dict({**cfg.to_dict(), "d_modle": 3})
+
+
+def test_presets_follow_reference_scripts():
+    imagenet = preset("imagenet")
+    assert (imagenet.d_model, imagenet.iterations, imagenet.memory_length) == (4096, 75, 25)
+    assert (imagenet.n_synch_out, imagenet.n_synch_action, imagenet.n_random_pairing_self) == (8192, 2048, 32)
+    assert imagenet.backbone_type == "resnet152-4" and imagenet.synapse_depth == 8
+    mazes = preset("mazes", route_length=50)
+    assert (mazes.d_model, mazes.out_dims, mazes.prediction_reshaper) == (2048, 250, [50, 5])
+    assert mazes.neuron_select_type == "first-last" and mazes.backbone_type == "resnet34-2"
+    parity = preset("parity")
+    assert (parity.d_model, parity.out_dims, parity.prediction_reshaper) == (1024, 128, [64, 2])
+    assert parity.neuron_select_type == "random" and parity.backbone_type == "parity_backbone"
+    cifar = preset("cifar10")
+    assert (cifar.d_model, cifar.iterations, cifar.memory_length, cifar.synapse_depth) == (256, 50, 15, 5)
+    assert preset("demo", iterations=3).iterations == 3
+    assert set(PRESET_NAMES) == {"imagenet", "mazes", "parity", "cifar10", "demo"}
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("mnist")
+    with pytest.raises(ValueError, match="unknown CTMConfig fields"):
+        preset("demo", width=3)
+
+
+# --- structure ------------------------------------------------------------------------------------
+
+def test_demo_forward_shapes_and_synch_sizes():
+    cfg = preset("demo", iterations=3)
+    model = CTM(cfg).eval()
+    with torch.no_grad():
+        predictions, certainties, sync = model(torch.randn(2, 3, 32, 32))
+    assert predictions.shape == (2, 10, 3) and certainties.shape == (2, 2, 3)
+    assert sync.shape == (2, cfg.n_synch_out)  # random-pairing: one value per pair
+    torch.testing.assert_close(certainties.sum(1), torch.ones(2, 3))
+    assert ((certainties >= 0) & (certainties <= 1)).all()
+
+
+@pytest.mark.parametrize("select, out_size", [("first-last", 36), ("random", 36), ("random-pairing", 8)])
+def test_synchronisation_sizes(select, out_size):
+    model = CTM(tiny(neuron_select_type=select, n_synch_out=8, n_synch_action=6))
+    assert model.decay_params_out.shape == (out_size,)
+    assert model.q_proj.in_features == (6 if select == "random-pairing" else 21)
+
+
+def test_random_selection_draws_with_replacement_from_numpy():
+    np.random.seed(3)
+    model = CTM(tiny(neuron_select_type="random", d_model=32, n_synch_out=40, n_synch_action=40))
+    left = model.out_neuron_indices_left
+    assert left.dtype == torch.int64 and left.numel() == 40 and left.unique().numel() < 40
+    np.random.seed(3)
+    action_first = np.random.choice(32, size=40)
+    assert torch.equal(model.action_neuron_indices_left, torch.from_numpy(action_first))
+
+
+def test_random_pairing_self_pairs():
+    model = CTM(tiny(neuron_select_type="random-pairing", n_synch_out=8, n_random_pairing_self=3))
+    assert torch.equal(model.out_neuron_indices_left[:3], model.out_neuron_indices_right[:3])
+
+
+def test_decays_are_clamped_in_place():
+    model = CTM(tiny())
+    with torch.no_grad():
+        model.decay_params_out.fill_(20.0)
+        model.decay_params_action.fill_(-3.0)
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(2, 5, 3))
+    assert (model.decay_params_out == 15).all() and (model.decay_params_action == 0).all()
+
+
+def test_tracking_shapes():
+    model = CTM(tiny()).eval()
+    with torch.no_grad():
+        predictions, _, _, tracking = model(torch.randn(2, 5, 7), track=True)
+    assert tracking.attention.shape == (6, 2, 2, 1, 7)
+    assert tracking.pre_activations.shape == tracking.post_activations.shape == (6, 2, 32)
+    assert tracking.sync_out.shape == (6, 2, 8) and tracking.sync_action.shape == (6, 2, 6)
+    torch.testing.assert_close(tracking.attention.sum(-1), torch.ones(6, 2, 2, 1))
+
+
+# --- tick checkpointing ---------------------------------------------------------------------------------
+
+def _loss_and_grads(model, x, seed):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    predictions, certainties, sync = model(x)
+    loss = predictions.square().mean() + certainties[:, 1].mean() + sync.sum()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("segment", [1, 4])  # 4 does not divide T=6
+def test_tick_checkpointing_gives_the_same_gradients_with_dropout(segment):
+    torch.manual_seed(0)
+    model = CTM(tiny(dropout=0.3, dropout_nlm=0.2, neuron_select_type="random")).train()
+    x = torch.randn(3, 5, 7)
+    loss_plain, plain = _loss_and_grads(model, x, seed=11)
+    model.cfg.tick_checkpointing = segment
+    loss_ckpt, ckpt = _loss_and_grads(model, x, seed=11)
+    assert loss_plain == loss_ckpt
+    assert plain.keys() == ckpt.keys() and len(plain) == len(list(model.parameters()))
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], atol=1e-6, rtol=0, msg=name)
+    _, other_dropout = _loss_and_grads(model, x, seed=12)  # the test would notice different masks
+    assert any(not torch.allclose(other_dropout[n], plain[n]) for n in plain)
+
+
+def test_tick_checkpointing_keeps_less_for_backward():
+    def saved_bytes(segment):
+        model = CTM(tiny(tick_checkpointing=segment, iterations=12, d_model=64)).train()
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            predictions, _, _ = model(torch.randn(4, 5, 7))
+        predictions.sum().backward()
+        return sum(storages.values())
+    assert saved_bytes(4) < 0.25 * saved_bytes(0)
+
+
+# --- compile and mixed precision -----------------------------------------------------------------------
+
+def test_tick_compiles_without_graph_breaks():
+    model = CTM(tiny()).eval()
+    with torch.no_grad():
+        state, ctx = model.start(torch.randn(2, 5, 7))
+        eager_state, eager_out = model.tick(state, ctx)
+        compiled = torch.compile(model.tick, backend="eager", fullgraph=True)
+        new_state, out = compiled(state, ctx)
+    torch.testing.assert_close(out.prediction, eager_out.prediction)
+    torch.testing.assert_close(new_state.trace, eager_state.trace)
+
+
+def test_bf16_autocast_forward_and_backward_are_finite():
+    model = CTM(tiny(backbone_type="resnet18-1", in_channels=3)).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        predictions, certainties, _ = model(torch.randn(2, 3, 12, 12))
+    assert predictions.dtype == torch.float32 and torch.isfinite(predictions).all()
+    assert torch.isfinite(certainties).all()
+    predictions.float().square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

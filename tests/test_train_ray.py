@@ -1,0 +1,160 @@
+"""Whole training runs: Ray Train workers with DeepSpeed (gloo, CPU), checkpoints in the local S3 server.
+
+* a 2-worker run checkpoints into S3 and writes TensorBoard events that TensorBoard's own reader loads;
+* a run stopped at a checkpoint and relaunched under the same name continues with exactly the
+  losses of an uninterrupted run;
+* killing one worker process mid-run makes Ray restart the worker group, which resumes from the
+  newest checkpoint and finishes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+import ray
+
+from ctm_dist.storage import Location
+from ctm_dist.train.config import build_config
+from ctm_dist.train.driver import ensure_demo_shards, train
+from ctm_dist.train.loop import run_paths
+
+TINY_MODEL = ["model.iterations=3", "model.d_model=32", "model.d_input=16", "model.heads=2", "model.n_synch_out=16",
+              "model.n_synch_action=16", "model.memory_length=2", "model.memory_hidden_dims=2",
+              "model.tick_checkpointing=2"]
+
+
+@pytest.fixture(scope="module")
+def ray_session(object_store):
+    """One local Ray for the module; workers get the S3 keys as runtime_env variables."""
+    ray.init(num_cpus=2, include_dashboard=True, runtime_env={"env_vars": object_store.env()},
+             configure_logging=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def demo_data(object_store):
+    object_store.create_bucket("train-demo-data")
+    url = "s3://train-demo-data/demo"
+    with _env(object_store.env()):
+        ensure_demo_shards(url)
+    return url
+
+
+class _env:
+    def __init__(self, values):
+        self.values, self.saved = values, {}
+
+    def __enter__(self):
+        for k, v in self.values.items():
+            self.saved[k] = os.environ.get(k)
+            os.environ[k] = v
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _config(tmp_path, storage, data, name, steps, *extra):
+    return build_config(None, [
+        f"run.name={name}", f"run.storage={storage}", f"run.local_dir={tmp_path}", "run.seed=5",
+        f"run.max_steps={steps}", "run.log_every=1", f"data.url={data}", "data.task=demo", "data.batch_size=8",
+        "data.eval_batch_size=16", "data.image_size=8", "optim.lr=3e-3", "optim.warmup_steps=2",
+        "optim.decay_steps=8", "deepspeed.zero_stage=2", "deepspeed.precision=bf16",
+        "deepspeed.gradient_clipping=1.0", "checkpoint.every=2", "checkpoint.keep=2", "eval.every=0",
+        "eval.batches=1", "scale.workers=2", *TINY_MODEL, *extra])
+
+
+def _losses(tb_dir) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars("train/loss")}, acc
+
+
+def _committed_steps(run: Location) -> list[int]:
+    ckpts = run.child("checkpoints")
+    names = [n.rstrip("/").rsplit("/", 1)[-1] for n in ckpts.list()] if ckpts.exists() else []
+    return sorted(int(n.split("-")[1]) for n in names if n.startswith("step-") and ckpts.exists(f"{n}/COMMIT"))
+
+
+def test_run_checkpoints_to_s3_and_resumes_on_the_same_trajectory(ray_session, object_store, s3_bucket,
+                                                                   demo_data, tmp_path):
+    storage = f"s3://{s3_bucket}/runs"
+    # A: 6 uninterrupted steps. B: stopped after 4 (a checkpoint), relaunched to 6.
+    full = train(_config(tmp_path, storage, demo_data, "full", 6), interactive=False)
+    assert full["step"] == 6 and full["resumed_from"] is None
+    part = train(_config(tmp_path, storage, demo_data, "split", 4), interactive=False)
+    assert part["step"] == 4
+    resumed = train(_config(tmp_path, storage, demo_data, "split", 6), interactive=False)
+    assert resumed["resumed_from"] == 4 and resumed["step"] == 6
+
+    with _env(object_store.env()):
+        run = Location.parse(f"{storage}/split")
+        assert _committed_steps(run) == [4, 6]  # keep=2: step 2 was pruned
+        assert run.child("tensorboard").list(), "TensorBoard events were not synced to storage"
+
+    full_losses, acc = _losses(run_paths(_config(tmp_path, storage, demo_data, "full", 6))["tensorboard"])
+    split_losses, _ = _losses(run_paths(_config(tmp_path, storage, demo_data, "split", 6))["tensorboard"])
+    assert sorted(full_losses) == [1, 2, 3, 4, 5, 6]
+    assert sorted(split_losses) == [1, 2, 3, 4, 5, 6]  # the relaunch appended, nothing duplicated
+    for step in (5, 6):  # after the resume: same model, optimizer, schedule, data position, RNG
+        assert split_losses[step] == full_losses[step], (step, split_losses, full_losses)
+    assert full_losses[6] < full_losses[1]
+
+    tags = acc.Tags()
+    for tag in ("train/accuracy", "train/lr", "train/grad_norm", "perf/samples_per_s", "perf/step_time_s",
+                "perf/data_wait_s", "checkpoint/save_s", "eval/top1", "eval/top5", "train/per_tick_accuracy/tick_000"):
+        assert tag in tags["scalars"], tag
+    assert "train/most_certain_tick" in tags["histograms"]
+    lrs = {e.step: e.value for e in acc.Scalars("train/lr")}
+    assert lrs[2] > lrs[1] and lrs[6] < lrs[3]  # warmup, then cosine decay
+
+
+def test_killed_worker_is_restarted_and_training_finishes(ray_session, object_store, s3_bucket, demo_data, tmp_path):
+    storage = f"s3://{s3_bucket}/runs"
+    cfg = _config(tmp_path, storage, demo_data, "killed", 10, "scale.max_failures=2", "optim.decay_steps=10")
+    workers = run_paths(cfg)["workers"]
+    run = Location.parse(f"{storage}/killed", **_store_args(object_store))
+    killed: dict = {}
+
+    def killer():
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            try:
+                if _committed_steps(run) and os.path.exists(os.path.join(workers, "rank-1.json")):
+                    pid = json.load(open(os.path.join(workers, "rank-1.json")))["pid"]
+                    os.kill(pid, signal.SIGKILL)
+                    killed["pid"] = pid
+                    return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    out = io.StringIO()
+    summary = train(cfg, interactive=False, stream=out)
+    thread.join(timeout=5)
+    assert killed, "the worker was never killed"
+    assert summary["step"] == 10
+    assert summary["resumed_from"] is not None and 2 <= summary["resumed_from"] < 10
+    new_pid = json.load(open(os.path.join(workers, "rank-1.json")))["pid"]
+    assert new_pid != killed["pid"]
+    assert f"resuming from checkpoint at step {summary['resumed_from']}" in out.getvalue()
+    with _env(object_store.env()):
+        assert _committed_steps(run)[-1] == 10
+
+
+def _store_args(store):
+    return {"endpoint_url": store.endpoint_url, "key": store.access_key, "secret": store.secret_key}
