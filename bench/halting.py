@@ -44,7 +44,7 @@ def train_demo(data: str, minutes: float, batch_size: int, seed: int = 0, lr: fl
             step += 1
             if step % 20 == 0:
                 print(f"step {step} epoch {epoch} loss {loss.item():.3f}", flush=True)
-            if on_save is not None and step % 100 == 0:
+            if on_save is not None and step % 50 == 0:
                 on_save(model, step)
             if time.monotonic() >= deadline:
                 break
@@ -59,6 +59,7 @@ def main() -> int:
     p.add_argument("--out", default="bench-out/halting")
     p.add_argument("--train-minutes", type=float, default=8.0)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--timing-batches", type=int, default=6)
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
@@ -86,7 +87,7 @@ def main() -> int:
             save_consolidated(model, checkpoint, task="demo",
                               meta={"classes": [str(d) for d in range(10)], "image_size": 32, "train_steps": steps})
 
-        model, steps = train_demo(data, a.train_minutes, a.batch_size, on_save=save)
+        model, steps = train_demo(data, a.train_minutes, a.batch_size, lr=a.lr, on_save=save)
         save(model.eval(), steps)
     req = EvalRequest(checkpoint=checkpoint, data=data, split="val", batch_size=a.batch_size)
     report = evaluate(req)

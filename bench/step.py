@@ -81,6 +81,10 @@ class SavedBytes:
 
     def __init__(self):
         self.storages: dict[int, int] = {}
+        self.before_ticks = 0.0
+
+    def mark_ticks_start(self) -> None:
+        self.before_ticks = self.mb
 
     def pack(self, tensor: torch.Tensor):
         with contextlib.suppress(Exception):
@@ -116,30 +120,61 @@ def step_fn(model, optimizer, x, targets, reshaper, dtype):
     return loss
 
 
-def measure(model, x, targets, reshaper, dtype: str, steps: int) -> dict:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    model.train()
-    step_fn(model, optimizer, x, targets, reshaper, dtype)               # warm-up (also creates AdamW state)
-    times = []
-    _rss_peak_reset()
-    for _ in range(steps):
+class Runner:
+    """A model with its AdamW optimiser, timed one training step at a time."""
+
+    def __init__(self, label: str, model, dtype: str, x, targets, reshaper):
+        self.label, self.model, self.dtype = label, model, dtype
+        self.x, self.targets, self.reshaper = x, targets, reshaper
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        self.times: list[float] = []
+        model.train()
+
+    def step(self, record: bool = True) -> float:
         start = time.perf_counter()
-        step_fn(model, optimizer, x, targets, reshaper, dtype)
-        times.append(time.perf_counter() - start)
-    peak_rss = _rss_peak_mb()
-    # FLOPs and memory held for backward, measured on one more forward/backward
-    saved = SavedBytes()
-    with FlopCounterMode(display=False) as counter:
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
-        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), autocast:
-            predictions, certainties, _ = model(x)[:3]
-            loss = certainty_loss(predictions.float(), certainties.float(), targets, reshaper)
-        held = saved.mb + _checkpoint_inputs_mb(model, x)
-        loss.backward()
-    optimizer.zero_grad(set_to_none=True)
-    seconds = statistics.median(times)
-    flops = counter.get_total_flops()
-    return dict(seconds=seconds, gflop=flops / 1e9, gflops=flops / 1e9 / seconds, held_mb=held, peak_rss_mb=peak_rss)
+        step_fn(self.model, self.optimizer, self.x, self.targets, self.reshaper, self.dtype)
+        seconds = time.perf_counter() - start
+        if record:
+            self.times.append(seconds)
+        return seconds
+
+    def flops_and_memory(self) -> dict:
+        """FLOPs of one forward+backward and the memory held for backward at the end of forward."""
+        saved = SavedBytes()
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if self.dtype == "bf16" else contextlib.nullcontext()
+        start = getattr(self.model, "start", None)
+        if start is not None:   # ours: split off what the input side (backbone, keys/values) keeps
+            def marked_start(*a, **kw):
+                result = start(*a, **kw)
+                saved.mark_ticks_start()
+                return result
+            self.model.start = marked_start
+        _rss_peak_reset()
+        with FlopCounterMode(display=False) as counter:
+            with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), autocast:
+                predictions, certainties, _ = self.model(self.x)[:3]
+                loss = certainty_loss(predictions.float(), certainties.float(), self.targets, self.reshaper)
+            held = saved.mb + _checkpoint_inputs_mb(self.model, self.x)
+            loss.backward()
+        if start is not None:
+            del self.model.start
+        self.optimizer.zero_grad(set_to_none=True)
+        ticks = held - saved.before_ticks if start is not None else float("nan")
+        return dict(gflop=counter.get_total_flops() / 1e9, held_mb=held, ticks_mb=ticks, peak_rss_mb=_rss_peak_mb())
+
+
+def interleaved(runners: list[Runner], steps: int) -> None:
+    """Warm every runner up, then time them in turns so that load changes hit all alike."""
+    for runner in runners:
+        runner.step(record=False)
+    for _ in range(steps):
+        for runner in runners:
+            runner.step()
+
+
+def median_ratio(slow: Runner, fast: Runner) -> float:
+    """Median over rounds of slow/fast step time (both timed in the same round)."""
+    return statistics.median(a / b for a, b in zip(slow.times, fast.times))
 
 
 def build_reference(reference: Path, cfg: CTMConfig, x: torch.Tensor):
@@ -154,13 +189,20 @@ def build_reference(reference: Path, cfg: CTMConfig, x: torch.Tensor):
     return model
 
 
+def report(runner: Runner, k: int, stats: dict) -> None:
+    seconds = statistics.median(runner.times)
+    print(f"{runner.label:<10} {runner.dtype:>5} {k:>4} {seconds:8.2f} {stats['gflop']:8.1f} "
+          f"{stats['gflop'] / seconds:8.1f} {stats['held_mb']:9.1f} {stats['ticks_mb']:9.1f} "
+          f"{stats['peak_rss_mb']:10.0f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", action="append", required=True, help="preset name (repeatable)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--iterations", type=int, default=None, help="override T")
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up)")
     parser.add_argument("--checkpointing", default="0", help="comma list of tick_checkpointing values")
     parser.add_argument("--dtype", default="fp32", help="comma list of fp32,bf16")
     parser.add_argument("--reference", type=Path, default=None, help="reference checkout to time alongside")
@@ -169,40 +211,47 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    header = f"{'model':<34} {'dtype':>5} {'ckpt':>4} {'step s':>8} {'GFLOP':>8} {'GFLOP/s':>8} {'held MB':>9} {'peakRSS MB':>10}"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
     for name in args.preset:
         overrides = {} if args.iterations is None else {"iterations": args.iterations}
         cfg = preset(name, **overrides)
         x, targets = make_batch(cfg, name, args.batch, args.image_size)
         print(f"\n== {name}: batch {args.batch}, input {tuple(x.shape)}, T={cfg.iterations}")
-        print(header)
-        rows = {}
-        for dtype in args.dtype.split(","):
-            for k in [int(v) for v in args.checkpointing.split(",")]:
-                torch.manual_seed(0)
-                np.random.seed(0)
-                model = CTM(cfg.replace(tick_checkpointing=k))
-                r = measure(model, x, targets, cfg.prediction_reshaper, dtype, args.steps)
-                rows[(dtype, k)] = r
-                print(f"{'ours':<34} {dtype:>5} {k:>4} {r['seconds']:8.3f} {r['gflop']:8.1f} {r['gflops']:8.1f} "
-                      f"{r['held_mb']:9.1f} {r['peak_rss_mb']:10.0f}", flush=True)
-                del model
-        if args.reference is not None:
+        print(f"{'model':<10} {'dtype':>5} {'ckpt':>4} {'step s':>8} {'GFLOP':>8} {'GFLOP/s':>8} {'held MB':>9} "
+              f"{'ticks MB':>9} {'peakRSS MB':>10}")
+
+        def ours(k: int, dtype: str) -> Runner:
             torch.manual_seed(0)
             np.random.seed(0)
-            ref = build_reference(args.reference, cfg, x)
-            r = measure(ref, x, targets, cfg.prediction_reshaper, "fp32", args.steps)
-            print(f"{'reference':<34} {'fp32':>5} {0:>4} {r['seconds']:8.3f} {r['gflop']:8.1f} {r['gflops']:8.1f} "
-                  f"{r['held_mb']:9.1f} {r['peak_rss_mb']:10.0f}")
-            ours = rows.get(("fp32", 0))
-            if ours:
-                print(f"speed-up ours/reference (fp32, no checkpointing): {r['seconds'] / ours['seconds']:.2f}x")
-        base = rows.get(("fp32", 0))
-        for (dtype, k), r in rows.items():
-            if k and base and dtype == "fp32":
-                print(f"checkpointing k={k}: held {r['held_mb'] / base['held_mb']:.0%} of plain, "
-                      f"step time {r['seconds'] / base['seconds'] - 1:+.0%}")
+            return Runner("ours", CTM(cfg.replace(tick_checkpointing=k)), dtype, x, targets, cfg.prediction_reshaper)
+
+        base = ours(0, "fp32")
+        if args.reference is not None:   # side by side: ours and the reference in alternating steps
+            torch.manual_seed(0)
+            np.random.seed(0)
+            ref = Runner("reference", build_reference(args.reference, cfg, x), "fp32", x, targets,
+                         cfg.prediction_reshaper)
+            interleaved([base, ref], args.steps)
+            report(base, 0, base.flops_and_memory())
+            report(ref, 0, ref.flops_and_memory())
+            print(f"speed-up ours vs reference (fp32, median of per-round ratios): {median_ratio(ref, base):.2f}x")
+            del ref
+        variants = [(k, d) for d in args.dtype.split(",") for k in map(int, args.checkpointing.split(","))
+                    if (k, d) != (0, "fp32")]
+        if args.reference is None:
+            interleaved([base], args.steps)
+            report(base, 0, base.flops_and_memory())
+        base_stats = base.flops_and_memory()
+        for k, dtype in variants:   # each variant alternates with the plain fp32 model
+            base.times.clear()
+            variant = ours(k, dtype)
+            interleaved([base, variant], args.steps)
+            stats = variant.flops_and_memory()
+            report(variant, k, stats)
+            print(f"   vs plain fp32 in the same rounds: step time {median_ratio(variant, base) - 1:+.0%}, "
+                  f"held for backward {stats['held_mb'] / base_stats['held_mb']:.0%} "
+                  f"(across ticks {stats['ticks_mb'] / base_stats['ticks_mb']:.0%})")
+            del variant
 
 
 if __name__ == "__main__":

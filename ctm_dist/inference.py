@@ -22,7 +22,8 @@ class Prediction(NamedTuple):
 
 
 def _keep(state: TickState, ctx: TickContext, keep: torch.Tensor) -> tuple[TickState, TickContext]:
-    state = TickState(*(s[keep] for s in state))
+    state = state._replace(trace=state.trace[:, keep], **{name: getattr(state, name)[keep]
+                                                          for name in TickState._fields if name != "trace"})
     ctx = ctx._replace(keys=ctx.keys[keep], values=ctx.values[keep])
     return state, ctx
 

@@ -115,8 +115,8 @@ def child_preempt(run_url: str) -> int:
 
 
 def elastic_worker(rank: int, world_size: int, port: int, run_url: str, env: dict, params_out: str) -> None:
-    """One rank of a ZeRO-2 group: commits step 2, then uploads step 3 with a long pause after
-    each file (the test SIGKILLs the group there)."""
+    """One rank of a ZeRO-2 group: agrees on a stop request only rank 1 got, commits step 2,
+    then uploads step 3 with a long pause after each file (the test SIGKILLs the group there)."""
     os.environ.update(env)
     init_dist(rank, world_size, port)
     from ctm_dist.storage import Location
@@ -125,6 +125,13 @@ def elastic_worker(rank: int, world_size: int, port: int, run_url: str, env: dic
     ckpt = _checkpointer(run_url, rank=rank, world_size=world_size)
     for step in (1, 2):
         train_step(engine, step, rank)
+    from ctm_dist.train.preemption import PreemptionHandler
+
+    handler = PreemptionHandler(signals=[])
+    assert not handler.should_stop()
+    if rank == 1:
+        handler.request()  # as if only rank 1 got the signal
+    assert handler.should_stop(), "the stop request of rank 1 did not reach every rank"
     ckpt.save(2, engine, {"position": torch.tensor(100 + rank)}, MODEL_CONFIG)
     if rank == 0:
         torch.save(full_params(engine), params_out)

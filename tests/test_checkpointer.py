@@ -84,7 +84,8 @@ def test_commit_marker_keep_last_and_no_secrets(run, object_store):
     with pytest.raises(NoCheckpoint, match="no committed checkpoint"):
         ckpt.load(engine)
     assert ckpt.load_latest(engine) is None
-    config = dict(MODEL_CONFIG, storage={"url": run.url, "secret_key": object_store.secret_key})
+    config = dict(MODEL_CONFIG, storage={"url": run.url, "secret_key": object_store.secret_key,
+                                         "note": f"copied from a shell: {object_store.secret_key}"})
     for step in (1, 2, 3):
         train_step(engine, step)
         ckpt.save(step, engine, {"position": torch.tensor(step)}, config)
@@ -161,34 +162,29 @@ def _outage(store, seconds: float) -> threading.Thread:
     return t
 
 
-def test_store_outage_retried_within_deadline_and_clear_error_beyond(run, object_store):
+def test_store_outage_clear_error_beyond_deadline_and_retries_within(run, object_store):
     engine = make_engine(0)
     train_step(engine, 1)
     Checkpointer(run).save(1, engine, {"position": torch.tensor(1)}, MODEL_CONFIG)
     params_1 = full_params(engine)
     train_step(engine, 2)
 
-    outage = _outage(object_store, 5.0)
+    outage = _outage(object_store, 6.0)  # weed mini stopped, restarted on the same ports 6 s later
     try:
         start = time.monotonic()
-        Checkpointer(run, retry_deadline=60).save(2, engine, {"position": torch.tensor(2)}, MODEL_CONFIG)
-        assert time.monotonic() - start > 4  # it really waited for the store
-    finally:
-        outage.join(60)
-    assert Checkpointer(run).committed_steps() == [1, 2]
-
-    train_step(engine, 3)
-    outage = _outage(object_store, 12.0)
-    try:
         with pytest.raises(CheckpointError, match="nothing was committed.*previous committed checkpoint stays valid"):
-            Checkpointer(run, retry_deadline=3).save(3, engine, {"position": torch.tensor(3)}, MODEL_CONFIG)
+            Checkpointer(run, retry_deadline=1.5).save(2, engine, {"position": torch.tensor(2)}, MODEL_CONFIG)
+        assert time.monotonic() - start < 30
+        Checkpointer(run, retry_deadline=60).save(2, engine, {"position": torch.tensor(2)}, MODEL_CONFIG)
+        assert time.monotonic() - start > 5  # it really waited for the store to come back
     finally:
         outage.join(60)
-    ckpt = Checkpointer(run, keep_last=1)
-    assert ckpt.latest_committed() == 2
+    ckpt = Checkpointer(run)
+    assert ckpt.committed_steps() == [1, 2]
     fresh = make_engine(0, seed=3)
+    assert int(ckpt.load(fresh, step=1)["position"]) == 1  # the commit from before the outage still loads
+    assert_params_equal(full_params(fresh), params_1)
     assert int(ckpt.load(fresh)["position"]) == 2
-    assert not torch.equal(full_params(fresh)["0.weight"], params_1["0.weight"])
 
 
 def test_two_ranks_killed_mid_upload_then_resume_on_one_rank(run, object_store, tmp_path):
@@ -223,7 +219,7 @@ def test_two_ranks_killed_mid_upload_then_resume_on_one_rank(run, object_store, 
     commit = ckpt.read_commit(2)
     assert commit["world_size"] == 2 and {"extra-rank-00000.pt", "extra-rank-00001.pt"} <= set(commit["files"])
     engine = make_engine(2, seed=11)
-    with pytest.raises(CheckpointError, match="saved by 2 ranks.*all_ranks=True"):
+    with pytest.raises(CheckpointError, match=r"saved by 2 ranks \(ZeRO stage 2\).*all_ranks=True"):
         ckpt.load(engine)
     states = ckpt.load(engine, all_ranks=True)
     assert [int(s["position"]) for s in states] == [100, 101]

@@ -205,9 +205,9 @@ def test_parity_stats_per_position_and_tick():
 # ------------------------------------------------------------------ whole evaluation
 
 
-def test_evaluate_on_s3_inprocess_and_over_ray_workers(tmp_path, s3_location, s3_env, monkeypatch):
+def test_evaluate_on_s3_matches_direct_computation_and_cli(tmp_path, s3_location, s3_env):
     """A consolidated export on S3 evaluated on an S3 shard set: the report's numbers equal a direct
-    computation, two Ray workers merge to the same numbers, and the CLI writes JSON, PNGs and TensorBoard."""
+    computation, and the CLI writes JSON, PNGs and TensorBoard without the credentials."""
     from ctm_dist.eval.cli import evaluate_main
     from ctm_dist.eval.evaluate import EvalRequest, evaluate
     from ctm_dist.eval.export import save_consolidated
@@ -217,8 +217,7 @@ def test_evaluate_on_s3_inprocess_and_over_ray_workers(tmp_path, s3_location, s3
     write_digit_shards(data, n=40)
     model = tiny_ctm(seed=1)
     export_url = save_consolidated(model, s3_location.child("export"), task="demo")
-    req = EvalRequest(checkpoint=export_url, data=data.url, batch_size=16)
-    report = evaluate(req)
+    report = evaluate(EvalRequest(checkpoint=export_url, data=data.url, batch_size=16))
 
     x, y, _ = shard_samples(data.url, "val", 40)
     with torch.no_grad():
@@ -228,13 +227,6 @@ def test_evaluate_on_s3_inprocess_and_over_ray_workers(tmp_path, s3_location, s3
     assert report["classification"]["samples"] == 40
     assert report["classification"]["most_certain_top1"] == pytest.approx(direct.summary()["most_certain_top1"])
     assert report["classification"]["instant_top5_per_tick"] == pytest.approx(direct.summary()["instant_top5_per_tick"])
-
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    split = evaluate(EvalRequest(checkpoint=export_url, data=data.url, batch_size=16, workers=2))
-    assert split["workers"] == 2 and split["classification"]["samples"] == 40
-    for key in ("most_certain_top1", "certainty_weighted_top5", "ece_most_certain"):
-        assert split["classification"][key] == pytest.approx(report["classification"][key])
-    assert split["halting"]["sweep"] == report["halting"]["sweep"]
 
     out = tmp_path / "report"
     assert evaluate_main([export_url, "--data", data.url, "--out", str(out), "--batch-size", "16",
@@ -246,3 +238,54 @@ def test_evaluate_on_s3_inprocess_and_over_ray_workers(tmp_path, s3_location, s3
         assert (out / f"{name}.png").stat().st_size > 1000
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert s3_env["AWS_SECRET_ACCESS_KEY"] not in (out / "report.json").read_text()
+
+
+def test_two_ray_workers_merge_to_the_in_process_numbers(tmp_path, monkeypatch):
+    from ctm_dist.eval.evaluate import EvalRequest, evaluate
+    from ctm_dist.eval.export import save_consolidated
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    write_digit_shards(tmp_path / "shards", n=40)  # 3 shards: the workers get different ones
+    export_dir = save_consolidated(tiny_ctm(seed=1), tmp_path / "export", task="demo")
+    req = EvalRequest(checkpoint=export_dir, data=str(tmp_path / "shards"), batch_size=8)
+    whole = evaluate(req)
+    split = evaluate(EvalRequest(**{**req.__dict__, "workers": 2}))
+    assert split["workers"] == 2 and split["classification"]["samples"] == 40
+    for key in ("most_certain_top1", "certainty_weighted_top5", "ece_most_certain", "loss_per_tick"):
+        assert split["classification"][key] == pytest.approx(whole["classification"][key])
+    assert split["halting"]["sweep"] == whole["halting"]["sweep"]
+
+
+def test_evaluate_mazes_with_generalisation_and_parity(tmp_path):
+    from ctm_dist.data.mazes_writer import write_maze_shards
+    from ctm_dist.eval.evaluate import EvalRequest, evaluate
+    from ctm_dist.eval.export import save_consolidated
+
+    L = 10
+    write_maze_shards(tmp_path / "small", "val", 6, size=11, route_length=L, progress=False)
+    write_maze_shards(tmp_path / "large", "test", 3, size=21, route_length=200, progress=False)
+    maze_model = tiny_ctm(seed=0, out_dims=L * 5, prediction_reshaper=[L, 5], iterations=3)
+    export_dir = save_consolidated(maze_model, tmp_path / "maze-export", task="mazes")
+    report = evaluate(EvalRequest(checkpoint=export_dir, data=str(tmp_path / "small"), batch_size=4,
+                                  generalise_data=str(tmp_path / "large"), generalise_mazes=2,
+                                  max_reapplications=3))
+    assert report["task"] == "mazes" and report["mazes"]["samples"] == 6
+    assert len(report["mazes"]["step_accuracy_per_position"]) == L
+    assert 0 <= report["mazes"]["route_accuracy"] <= report["mazes"]["step_accuracy"] <= 1
+    assert report["generalisation"]["mazes"] == 2
+
+
+
+def test_evaluate_parity_on_generated_sequences(tmp_path):
+    from ctm_dist.eval.evaluate import EvalRequest, evaluate
+    from ctm_dist.eval.export import save_consolidated
+    from ctm_dist.model import CTM, preset
+
+    torch.manual_seed(0)
+    model = CTM(preset("parity", sequence_length=8, iterations=3, d_model=32, d_input=16, heads=2,
+                       n_synch_out=8, n_synch_action=8, memory_length=3, memory_hidden_dims=4)).eval()
+    export_dir = save_consolidated(model, tmp_path / "parity-export", task="parity")
+    report = evaluate(EvalRequest(checkpoint=export_dir, task="parity", batch_size=16, parity_samples=40))
+    per = np.asarray(report["parity"]["accuracy_per_position_per_tick"])
+    assert report["parity"]["samples"] == 40 and per.shape == (8, 3)
+    assert report["parity"]["accuracy"] == pytest.approx(np.mean(report["parity"]["accuracy_per_position"]))

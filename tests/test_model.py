@@ -184,3 +184,17 @@ def test_bf16_autocast_forward_and_backward_are_finite():
     assert torch.isfinite(certainties).all()
     predictions.float().square().mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_batched_weight_grads_equal_per_tick_autograd():
+    torch.manual_seed(0)
+    model = CTM(tiny(dropout=0.2, synapse_depth=3)).train()
+    x = torch.randn(3, 5, 7)
+    model.batch_weight_grads = False
+    loss_plain, plain = _loss_and_grads(model, x, seed=4)
+    model.batch_weight_grads = True
+    loss_batched, batched = _loss_and_grads(model, x, seed=4)
+    assert loss_plain == loss_batched and plain.keys() == batched.keys()
+    for name in plain:
+        torch.testing.assert_close(batched[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert model.q_proj._bank is None  # switched off after forward

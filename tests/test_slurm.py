@@ -1,7 +1,8 @@
 """The Slurm batch script on a real single-node Slurm cluster (clusters/slurm/local-cluster.sh).
 
-One job trains to completion; another is preempted with SIGUSR1, checkpoints, requeues
-itself and resumes where it stopped.
+Jobs run launch/parity.py (a tiny CTM) with their checkpoints in the local S3 server. One
+trains to completion; another is preempted with SIGUSR1, checkpoints, requeues itself and
+resumes from the step it committed.
 """
 
 import os
@@ -15,11 +16,19 @@ import pytest
 
 from cluster_fixtures import REPO, ShortTempDir, free_ports
 
+from ctm_dist.storage import Location
+
 pytestmark = pytest.mark.slurm
 
 LOCAL_CLUSTER = REPO / "clusters" / "slurm" / "local-cluster.sh"
 SBATCH_SCRIPT = REPO / "clusters" / "slurm" / "ray-job.sbatch"
-STANDIN = REPO / "tests" / "preemptible_standin.py"
+PARITY = REPO / "launch" / "parity.py"
+TINY_PARITY = ["--workers", "1", "--checkpoint-every", "2", "--batch-size", "8", "--quiet",
+               "run.log_every=1", "eval.every=0", "eval.batches=1", "data.eval_batch_size=8",
+               "model.iterations=3", "model.d_model=32", "model.d_input=16", "model.heads=2",
+               "model.n_synch_out=16", "model.n_synch_action=16", "model.memory_length=2",
+               "model.memory_hidden_dims=2"]
+PREEMPT_STEPS = 30
 
 
 def _cannot_run_reason() -> str | None:
@@ -113,32 +122,52 @@ def finished(info: dict[str, str]) -> bool:
     return info["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 
 
-def test_job_trains_to_completion(slurm, tmp_path):
-    job_id, log = slurm.sbatch(str(STANDIN), "--storage", str(tmp_path), "--max-steps", "3")
-    info = slurm.wait(job_id, finished, 180, log)
+def committed_steps(run: Location) -> list[int]:
+    ckpts = run.child("checkpoints")
+    names = [n.rstrip("/").rsplit("/", 1)[-1] for n in ckpts.list()] if ckpts.exists() else []
+    return sorted(int(n.split("-")[1]) for n in names if n.startswith("step-") and ckpts.exists(f"{n}/COMMIT"))
+
+
+@pytest.fixture
+def storage(slurm, object_store, s3_bucket):
+    """An s3:// run store; the jobs get its keys from the submitting environment, as users do."""
+    slurm.env.update(object_store.env())
+    url = f"s3://{s3_bucket}/runs"
+    keys = {"endpoint_url": object_store.endpoint_url, "key": object_store.access_key,
+            "secret": object_store.secret_key}
+    return url, lambda name: Location.parse(f"{url}/{name}", **keys)
+
+
+def test_job_trains_to_completion(slurm, storage):
+    url, run_location = storage
+    job_id, log = slurm.sbatch(str(PARITY), "--storage", url, "--max-steps", "4", *TINY_PARITY,
+                               f"run.local_dir={slurm.workdir / 'local'}")
+    info = slurm.wait(job_id, finished, 240, log)
     text = log.read_text()
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), slurm.logs(log)
     assert "Ray cluster ready: 1 node(s)" in text
     # Without --name the run is named after the job, so a requeue would find it again.
-    assert (tmp_path / f"ctm-slurm-{job_id}" / "step").read_text() == "3"
+    name = f"ctm-slurm-{job_id}"
+    assert f"run {name}: 4 steps" in text
+    assert committed_steps(run_location(name))[-1] == 4
     assert "stopping Ray" in text
 
 
-def test_preempted_job_requeues_and_resumes(slurm, tmp_path):
-    run_dir = tmp_path / "preempted"
-    job_id, log = slurm.sbatch(str(STANDIN), "--storage", str(tmp_path), "--name", "preempted",
-                               "--max-steps", "12")
-    step_file = run_dir / "step"
-    deadline = time.monotonic() + 120
-    while not step_file.exists():
-        assert time.monotonic() < deadline, log.read_text() if log.exists() else "no output"
-        time.sleep(0.2)
+def test_preempted_job_requeues_and_resumes(slurm, storage):
+    url, run_location = storage
+    run = run_location("preempted")
+    job_id, log = slurm.sbatch(str(PARITY), "--storage", url, "--name", "preempted", "--max-steps", str(PREEMPT_STEPS),
+                               *TINY_PARITY, f"run.local_dir={slurm.workdir / 'local'}")
+    deadline = time.monotonic() + 180
+    while not committed_steps(run):  # training is under way
+        assert time.monotonic() < deadline and not finished(slurm.job(job_id)), slurm.logs(log)
+        time.sleep(0.3)
 
     slurm.run("scancel", "--batch", "--signal=USR1", job_id)
-    info = slurm.wait(job_id, lambda i: i["JobState"] == "PENDING" or finished(i), 60, log)
-    assert info["JobState"] == "PENDING" and info["Restarts"] == "1", log.read_text()
-    checkpointed = int(step_file.read_text())
-    assert 1 <= checkpointed < 12
+    info = slurm.wait(job_id, lambda i: i["JobState"] == "PENDING" or finished(i), 120, log)
+    assert info["JobState"] == "PENDING" and info["Restarts"] == "1", slurm.logs(log)
+    checkpointed = committed_steps(run)[-1]
+    assert checkpointed < PREEMPT_STEPS, "the run finished before the signal: raise PREEMPT_STEPS"
     # A requeued job waits ~2 min (BeginTime); start it now, once slurmd has finished the
     # old batch step. slurmd revoked the job's credentials at the kill, with one-second
     # resolution: a launch within that second is refused as "already killed".
@@ -149,13 +178,27 @@ def test_preempted_job_requeues_and_resumes(slurm, tmp_path):
     time.sleep(2)
     slurm.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
 
-    info = slurm.wait(job_id, finished, 180, log)
+    info = slurm.wait(job_id, finished, 240, log)
     text = log.read_text()
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), slurm.logs(log)
     first, second = text.split("restart 1:", 1)
     assert "forwarding SIGUSR1 to the launcher" in first
-    assert "launcher exited with status 75" in first
-    assert f"preempted at step {checkpointed}" in first
-    assert f"resumed from step {checkpointed}" in second
-    assert step_file.read_text() == "12"
-    print(text)
+    assert "launcher exited with status 75" in first and "requeueing job" in first
+    assert f"resuming from checkpoint at step {checkpointed}" in second
+    assert f"run preempted: {PREEMPT_STEPS} steps" in second
+    assert committed_steps(run)[-1] == PREEMPT_STEPS
+
+
+def test_job_fails_cleanly_when_ray_cannot_start(slurm):
+    saved = dict(slurm.env)
+    slurm.env["CTM_RAY_HEAD_ARGS"] = "--no-such-option"
+    try:
+        job_id, log = slurm.sbatch(str(PARITY), "--max-steps", "4")
+        info = slurm.wait(job_id, finished, 120, log)
+    finally:
+        slurm.env.clear()
+        slurm.env.update(saved)
+    text = log.read_text()
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "1:0", "0"), slurm.logs(log)
+    assert "the Ray head exited" in text and "Ray cluster did not come up" in text
+    assert "running:" not in text  # the launcher never started

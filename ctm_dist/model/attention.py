@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .weight_grads import TickLinear
+
 
 class TickAttention(nn.Module):
     def __init__(self, d_input: int, heads: int, dropout: float = 0.0, impl: str = "sdpa"):
@@ -22,7 +24,7 @@ class TickAttention(nn.Module):
         self.d_input, self.heads, self.dropout, self.impl = d_input, heads, dropout, impl
         self.in_proj_weight = nn.Parameter(torch.empty(3 * d_input, d_input))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * d_input))
-        self.out_proj = nn.Linear(d_input, d_input)
+        self.out_proj = TickLinear(d_input, d_input)
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 

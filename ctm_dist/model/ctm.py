@@ -32,13 +32,14 @@ from .positional import build_positional_embedding
 from .synapses import build_synapses
 from .synchronisation import pair_indices, select_neurons, update_synchronisation, upper_triangle
 from .tick_checkpoint import run_ticks
+from .weight_grads import TickLinear, new_banks, using_banks
 
 DECAY_CLAMP = (0.0, 15.0)
 
 
 class TickState(NamedTuple):
     """What one tick hands to the next."""
-    trace: torch.Tensor          # [B, D, M] pre-activation history
+    trace: torch.Tensor          # [D, B, M] pre-activation history (neuron-major, see nlm.py)
     activated: torch.Tensor      # [B, D] post-activations
     alpha_action: torch.Tensor   # running sums of the action synchronisation
     beta_action: torch.Tensor
@@ -56,6 +57,7 @@ class TickContext(NamedTuple):
     action_right: torch.Tensor
     out_left: torch.Tensor
     out_right: torch.Tensor
+    nlm_weights: tuple[torch.Tensor, ...]  # NLM weights permuted once per forward
 
 
 class TickOutput(NamedTuple):
@@ -86,6 +88,8 @@ def normalised_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 class CTM(nn.Module):
+    batch_weight_grads = True  # see weight_grads.py; set False on an instance for plain per-tick autograd
+
     def __init__(self, cfg: CTMConfig):
         super().__init__()
         cfg.validate()
@@ -99,7 +103,7 @@ class CTM(nn.Module):
         self.backbone = build_backbone(cfg.backbone_type, d_input, cfg.in_channels)
         self.positional_embedding = build_positional_embedding(cfg.positional_embedding_type, d_backbone)
         self.kv_proj = nn.Sequential(nn.Linear(d_backbone, d_input), nn.LayerNorm(d_input))
-        self.q_proj = nn.Linear(cfg.synch_size_action, d_input)
+        self.q_proj = TickLinear(cfg.synch_size_action, d_input)
         self.attention = TickAttention(d_input, cfg.heads, cfg.dropout, cfg.attention_impl)
 
         # --- core: synapses and neuron-level models
@@ -124,7 +128,7 @@ class CTM(nn.Module):
             self.register_buffer(f"_{kind}_triangle", torch.stack((rows, cols)), persistent=False)
 
         # --- output
-        self.output_projector = nn.Sequential(nn.Linear(cfg.synch_size_out, cfg.out_dims))
+        self.output_projector = nn.Sequential(TickLinear(cfg.synch_size_out, cfg.out_dims))
 
     # --- input ------------------------------------------------------------------------------
 
@@ -148,8 +152,8 @@ class CTM(nn.Module):
 
         attended, weights = self.attention(self.q_proj(sync_action), ctx.keys, ctx.values, need_weights)
         pre_activation = self.synapses(torch.cat((attended, state.activated), dim=-1))
-        trace = torch.cat((state.trace[:, :, 1:], pre_activation.unsqueeze(-1)), dim=-1)
-        activated = self.trace_processor(trace)
+        trace = torch.cat((state.trace[:, :, 1:], pre_activation.t().unsqueeze(-1)), dim=-1)
+        activated = self.trace_processor(trace, ctx.nlm_weights)
 
         sync_out, alpha_out, beta_out = update_synchronisation(
             activated, state.alpha_out, state.beta_out, ctx.r_out, ctx.out_left, ctx.out_right)
@@ -176,10 +180,11 @@ class CTM(nn.Module):
         action_left, action_right = self._pairs("action")
         out_left, out_right = self._pairs("out")
         ctx = TickContext(keys, values, torch.exp(-self.decay_params_action), torch.exp(-self.decay_params_out),
-                          action_left, action_right, out_left, out_right)
+                          action_left, action_right, out_left, out_right,
+                          self.trace_processor.neuron_major_weights())
 
         activated = self.start_activated_state.unsqueeze(0).expand(b, -1)
-        trace = self.start_trace.unsqueeze(0).expand(b, -1, -1)
+        trace = self.start_trace.unsqueeze(1).expand(-1, b, -1)
         alpha_out = activated[:, out_left] * activated[:, out_right]
         # zero running sums make the first action update exactly the reference's fresh start
         zeros_action = alpha_out.new_zeros(b, action_left.numel())
@@ -195,7 +200,9 @@ class CTM(nn.Module):
                 return self.tick(s, c, need_weights=True)
             state, outputs = run_ticks(tick, state, ctx, self.cfg.iterations, segment=0)
         else:
-            state, outputs = run_ticks(self.tick, state, ctx, self.cfg.iterations, self.cfg.tick_checkpointing)
+            banks = new_banks(self) if self.batch_weight_grads and torch.is_grad_enabled() else None
+            state, outputs = run_ticks(self.tick, state, ctx, self.cfg.iterations, self.cfg.tick_checkpointing,
+                                       around_segment=lambda: using_banks(banks))
 
         predictions = torch.stack([o.prediction for o in outputs], dim=-1).float()
         certainties = torch.stack([o.certainty for o in outputs], dim=-1).float()

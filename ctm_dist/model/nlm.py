@@ -1,9 +1,14 @@
 """Neuron-level models (NLMs): a private little MLP per neuron over its pre-activation history.
 
-Each of the ``D`` neurons owns its weights. One layer maps a ``[B, D, in]`` history to
-``[B, D, out]`` with weights ``w1[in, out, D]`` and bias ``b1[1, D, out]``, then divides by a
-learned temperature ``T``. The deep variant stacks two layers with GLUs; the shallow one uses a
-single layer into a GLU. Parameter names follow the reference so checkpoints load as they are.
+Each of the ``D`` neurons owns its weights. One layer maps a neuron's ``in`` history values to
+``out`` values with its slice of ``w1[in, out, D]`` and ``b1[1, D, out]``, then divides by a
+learned temperature ``T``. The deep variant stacks two such layers with GLUs; the shallow one
+uses a single layer into a GLU. Parameter names and layouts follow the reference so checkpoints
+load as they are.
+
+For speed the computation is neuron-major: histories are ``[D, B, M]`` and the weights are
+permuted once per forward to ``[D, in, out]``, so each layer is one contiguous batched matmul
+(the reference's einsum over ``[B, D, M]`` makes CPU bmm loop over neurons).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 class PerNeuronLinear(nn.Module):
@@ -26,34 +32,44 @@ class PerNeuronLinear(nn.Module):
         self.b1 = nn.Parameter(torch.zeros(1, n_neurons, out_dims))
         self.T = nn.Parameter(torch.ones(1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, D, in] -> [B, D, out]
+    def neuron_major_weight(self) -> torch.Tensor:
+        """``w1`` as ``[D, in, out]``, contiguous."""
+        return self.w1.permute(2, 0, 1).contiguous()
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """[D, B, in] -> [D, B, out]; ``weight`` is ``neuron_major_weight()`` computed ahead."""
         x = self.layernorm(self.dropout(x))
-        out = torch.einsum("bdi,iod->bdo", x, self.w1) + self.b1
-        return out / self.T
+        weight = self.neuron_major_weight() if weight is None else weight
+        return torch.baddbmm(self.b1.transpose(0, 1), x, weight) / self.T
 
 
-class SqueezeLast(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.squeeze(-1)
+class NeuronLevelModels(nn.Module):
+    """History ``[D, B, M]`` of pre-activations -> post-activations ``[B, D]``.
 
-
-class NeuronLevelModels(nn.Sequential):
-    """History ``[B, D, M]`` of pre-activations -> post-activations ``[B, D]``.
-
-    Wrapped in one extra ``Sequential`` level to keep the reference's parameter names
-    (``trace_processor.0.0.w1`` ...).
+    The layers sit in a ``Sequential`` named ``0`` with the GLUs between them, which keeps the
+    reference's parameter names (``trace_processor.0.0.w1``, ``trace_processor.0.2.w1``).
     """
 
     def __init__(self, d_model: int, memory_length: int, deep: bool, hidden_dims: int,
                  do_layernorm: bool, dropout: float):
+        super().__init__()
         if deep:
-            layers = [
-                PerNeuronLinear(memory_length, 2 * hidden_dims, d_model, do_layernorm, dropout),
-                nn.GLU(),
-                PerNeuronLinear(hidden_dims, 2, d_model, do_layernorm, dropout),
-                nn.GLU(),
-                SqueezeLast(),
-            ]
+            layers = [PerNeuronLinear(memory_length, 2 * hidden_dims, d_model, do_layernorm, dropout), nn.GLU(),
+                      PerNeuronLinear(hidden_dims, 2, d_model, do_layernorm, dropout), nn.GLU()]
         else:
-            layers = [PerNeuronLinear(memory_length, 2, d_model, do_layernorm, dropout), nn.GLU(), SqueezeLast()]
-        super().__init__(nn.Sequential(*layers))
+            layers = [PerNeuronLinear(memory_length, 2, d_model, do_layernorm, dropout), nn.GLU()]
+        self.add_module("0", nn.Sequential(*layers))
+
+    @property
+    def linears(self) -> list[PerNeuronLinear]:
+        return [m for m in self._modules["0"] if isinstance(m, PerNeuronLinear)]
+
+    def neuron_major_weights(self) -> tuple[torch.Tensor, ...]:
+        return tuple(linear.neuron_major_weight() for linear in self.linears)
+
+    def forward(self, trace: torch.Tensor, weights: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        weights = self.neuron_major_weights() if weights is None else weights
+        out = trace
+        for linear, weight in zip(self.linears, weights):
+            out = F.glu(linear(out, weight), dim=-1)
+        return out.squeeze(-1).t()

@@ -88,16 +88,21 @@ def extra_name(rank: int) -> str:
     return f"extra-rank-{int(rank):05d}.pt"
 
 
-def redact(config: Any) -> Any:
-    """A JSON-friendly copy of ``config`` with values under secret-looking keys replaced by ``***``."""
+def redact(config: Any, secrets: tuple[str, ...] = ()) -> Any:
+    """A JSON-friendly copy of ``config``: values under secret-looking keys, and any occurrence
+    of ``secrets``, replaced by ``***``."""
     if isinstance(config, dict):
-        return {str(k): ("***" if _SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v))
+        return {str(k): ("***" if _SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v, secrets))
                 for k, v in config.items()}
     if isinstance(config, (list, tuple)):
-        return [redact(v) for v in config]
-    if isinstance(config, (str, int, float, bool)) or config is None:
+        return [redact(v, secrets) for v in config]
+    if isinstance(config, (int, float, bool)) or config is None:
         return config
-    return str(config)
+    text = str(config)
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
 
 
 def _deepspeed_safe_globals() -> list:
@@ -208,7 +213,12 @@ class Checkpointer:
 
         step = int(step)
         name = step_name(step)
-        if self._has_commit(name):
+        error, already = None, False
+        try:
+            already = self._has_valid_commit(step)
+        except Exception as e:
+            error = e
+        if any(self._sync_or_raise(error, f"checking checkpoint {name}", already)):
             log.info("checkpoint %s is already committed; not saving it again", name)
             return self.read_commit(step)
         work = self.local_dir / f"save-{name}-rank{self.rank}"
@@ -252,12 +262,13 @@ class Checkpointer:
                     merged = {f: size for f, size in present.items() if f != COMMIT and ".tmp-" not in f}
                     commit = {"format": FORMAT, "step": step, "world_size": self.world_size,
                               "zero_stage": int(engine.zero_optimization_stage()),
-                              "files": dict(sorted(merged.items())), "config": redact(config or {}),
+                              "files": dict(sorted(merged.items())), "config": redact(config or {}, self._secrets()),
                               "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
                     self.location.write_bytes(f"{name}/{COMMIT}", json.dumps(commit, indent=1).encode())
                 except Exception as e:
                     error = e
-            self._sync_or_raise(error, f"committing checkpoint {name}")
+            commits = self._sync_or_raise(error, f"committing checkpoint {name}", commit)
+            commit = commit or next((c for c in commits if c), None)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         if self.rank == 0:
@@ -307,8 +318,9 @@ class Checkpointer:
         stage = int(engine.zero_optimization_stage())
         resized = saved_ws != self.world_size or saved_stage != stage
         if resized and not all_ranks:
-            raise CheckpointError(f"{name} was saved by {saved_ws} ranks and this run has {self.world_size}: "
-                                  "load it with all_ranks=True and merge the data positions")
+            raise CheckpointError(f"{name} was saved by {saved_ws} ranks (ZeRO stage {saved_stage}) and this run "
+                                  f"has {self.world_size} (stage {stage}): load it with all_ranks=True and "
+                                  "merge the data positions")
         if resized and saved_stage == 0 and stage != 0:
             raise CheckpointError(f"{name} was saved without ZeRO (stage 0); loading it under ZeRO stage "
                                   f"{stage} is not supported")
@@ -319,6 +331,8 @@ class Checkpointer:
         ds_dir, extra_dir = work / "ds" / name, work / "extra"
         ds_dir.mkdir(parents=True)
         extra_dir.mkdir()
+        # ZeRO's "elastic_checkpoint" option makes every rank read every rank's optimizer shard.
+        all_shards = universal or bool(getattr(engine, "zero_elastic_checkpoint", lambda: False)())
         try:
             wanted_extra = range(saved_ws) if all_ranks else [self.rank]
             extras = {extra_name(r) for r in wanted_extra}
@@ -328,7 +342,7 @@ class Checkpointer:
                         self.location.get_file(f"{name}/{fname}", extra_dir / fname)
                     continue
                 m = _RANK_FILE.search(fname)
-                if m and not universal and int(m.group(1)) != self.rank:
+                if m and not all_shards and int(m.group(1)) != self.rank:
                     continue  # another rank's shard
                 self.location.get_file(f"{name}/{fname}", ds_dir / fname)
             missing = [e for e in extras if not (extra_dir / e).exists()]
@@ -390,7 +404,7 @@ class Checkpointer:
 
     def _check_model_config(self, commit: dict, config: dict, name: str) -> None:
         saved = (commit.get("config") or {}).get("model")
-        current = redact(config).get("model") if isinstance(config, dict) else None
+        current = redact(config, self._secrets()).get("model") if isinstance(config, dict) else None
         if saved is None or current is None:
             return
         if saved != current:
@@ -407,6 +421,11 @@ class Checkpointer:
             return []
         return sorted(int(m.group(1)) for n in names if (m := _STEP_DIR.fullmatch(n)))
 
+    def _secrets(self) -> tuple[str, ...]:
+        loc = self.run_location
+        return tuple(s for s in (loc.secret, loc.key, os.environ.get("AWS_SECRET_ACCESS_KEY"),
+                                 os.environ.get("AWS_SESSION_TOKEN")) if s)
+
     def _remove_dir(self, name: str) -> None:
         loc = self.location
         with contextlib.suppress(FileNotFoundError):
@@ -416,8 +435,12 @@ class Checkpointer:
             with contextlib.suppress(FileNotFoundError):
                 loc.call(lambda: loc.fs.call_s3("delete_object", Bucket=bucket, Key=key + "/"), name)
 
-    def _has_commit(self, name: str) -> bool:
-        return self.location.exists(f"{name}/{COMMIT}")
+    def _has_valid_commit(self, step: int) -> bool:
+        try:
+            self.read_commit(step)
+            return True
+        except (NoCheckpoint, NotACheckpoint):
+            return False  # a broken marker is debris: this save replaces it
 
     def _sizes(self, name: str) -> dict[str, int]:
         loc = self.location

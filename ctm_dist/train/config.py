@@ -53,7 +53,7 @@ class ModelSection:
 
 @dataclass
 class OptimSection:
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.0
     betas: tuple = (0.9, 0.999)
     eps: float = 1e-8

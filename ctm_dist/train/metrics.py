@@ -81,7 +81,7 @@ class TensorBoardLog:
         os.makedirs(local_dir, exist_ok=True)
         self.local_dir = local_dir
         # purge_step drops events logged after the checkpoint we resumed from (a crash replays them)
-        self.writer = SummaryWriter(local_dir, purge_step=start_step if start_step > 0 else None)
+        self.writer = SummaryWriter(local_dir, purge_step=start_step + 1 if start_step > 0 else None)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         for name, value in values.items():

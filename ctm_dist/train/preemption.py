@@ -21,15 +21,24 @@ Contract
 
 Ray
 ---
-Ray Train workers are actor processes started by the raylet, not children of the driver
-script, so a SIGTERM/SIGUSR1 delivered to the driver (``sbatch`` with ``B:``, the head pod's
-PID 1) does not reach them, and when a node is torn down the raylet kills its workers
-without a grace period. The driver therefore catches the signal and forwards it:
-:func:`forward_signals` re-sends it to the worker processes it knows (their pids, e.g. from
-the ``workers/rank-N.json`` files the trainer writes) on the same host. Workers on other
-hosts receive the scheduler's own signal (Slurm signals every task of the step, Kubernetes
-every pod) or, failing that, stop at the collective ``should_stop()`` as soon as any one
-rank has the flag.
+Ray Train (V2, Ray 2.60) runs the training function in a "TrainingThread" inside each
+worker actor, not in the main thread: ``signal.signal`` cannot be called there, and the
+actor's main thread carries Ray's own SIGTERM handler, which exits the process at once
+(no checkpoint). A signal must therefore not be forwarded to Ray workers as a signal.
+Two ways reach them instead, both plugged in as ``checks`` of the handler:
+
+* :func:`ray_train_check` polls ``ray.train.get_preemption_info()`` (alpha API), which Ray
+  fills when a node of the group is drained for preemption (``ray drain-node``, KubeRay,
+  the autoscaler; ``FailureConfig(max_preemption_failures=...)`` then restarts the run).
+* :func:`marker_check` polls a ``PREEMPT`` marker under the run's storage (throttled, one
+  HEAD request per ``interval_s``). The driver (the process Slurm's ``--signal=B:USR1`` or
+  the pod's SIGTERM reaches) calls :func:`request_stop_on_signals`, which writes the marker
+  when signalled, and :func:`clear_stop_request` before it launches workers, so a resumed
+  run does not stop at once. When the workers end with :class:`Preempted` (Ray wraps it in
+  its own errors), the driver exits ``EXIT_PREEMPTED`` because it knows it asked for the stop.
+
+:func:`forward_signals` re-sends signals to processes that DO install the handler in their
+main thread (``torchrun``/``srun`` tasks, the test children), e.g. from a wrapper script.
 """
 
 from __future__ import annotations
@@ -74,8 +83,10 @@ class PreemptionHandler:
     Must be installed from the main thread (Python delivers signals there only).
     """
 
-    def __init__(self, signals: Iterable[int] = DEFAULT_SIGNALS, grace_seconds: float = 60.0):
+    def __init__(self, signals: Iterable[int] = DEFAULT_SIGNALS, grace_seconds: float = 60.0,
+                 checks: Iterable[Callable[[], bool]] = ()):
         self.signals = tuple(int(s) for s in signals)
+        self.checks = list(checks)  # polled by should_stop(): Ray drain notices, a storage marker
         self.grace_seconds = float(grace_seconds)
         self.signum: int | None = None
         self.received_at: float | None = None
@@ -116,6 +127,8 @@ class PreemptionHandler:
         import torch
         import torch.distributed as dist
 
+        if not self.requested and any(check() for check in self.checks):
+            self.request(signal.SIGTERM)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             backend = dist.get_backend()
             device = "cuda" if backend == "nccl" and torch.cuda.is_available() else "cpu"
@@ -170,3 +183,58 @@ def forward_signals(pids: Callable[[], Iterable[int]],
             signal.signal(s, h)
 
     return restore
+
+
+STOP_MARKER = "PREEMPT"
+
+
+def marker_check(run_location, interval_s: float = 5.0, name: str = STOP_MARKER) -> Callable[[], bool]:
+    """A check that is True once ``{run}/{name}`` exists; looks at most every ``interval_s`` seconds."""
+    last = [float("-inf")]
+    seen = [False]
+
+    def check() -> bool:
+        if not seen[0] and time.monotonic() - last[0] >= interval_s:
+            last[0] = time.monotonic()
+            try:
+                seen[0] = run_location.exists(name)
+            except Exception as e:  # an unreachable store must not stop or kill training
+                log.warning("could not look for the stop marker: %s", e)
+        return seen[0]
+
+    return check
+
+
+def request_stop(run_location, reason: str = "preemption", name: str = STOP_MARKER) -> None:
+    """Write the stop marker the workers' :func:`marker_check` looks for."""
+    import json
+
+    run_location.write_bytes(name, json.dumps({"reason": reason, "time": time.time()}).encode())
+
+
+def clear_stop_request(run_location, name: str = STOP_MARKER) -> None:
+    """Remove a stop marker left by the previous (preempted) attempt."""
+    if run_location.exists(name):
+        run_location.rm(name)
+
+
+def request_stop_on_signals(run_location, signals: Iterable[int] = DEFAULT_SIGNALS) -> Callable[[], int | None]:
+    """In the driver: on any of ``signals`` write the stop marker (once). Returns a function telling
+    which signal arrived (None if none), so the driver can exit ``EXIT_PREEMPTED`` afterwards."""
+    received: list[int] = []
+
+    def on_signal(signum, frame):
+        if not received:
+            received.append(signum)
+            request_stop(run_location, reason=signal.Signals(signum).name)
+
+    for s in signals:
+        signal.signal(s, on_signal)
+    return lambda: received[0] if received else None
+
+
+def ray_train_check() -> Callable[[], bool]:
+    """A check that is True once Ray Train reports an imminent preemption of this worker group."""
+    import ray.train
+
+    return lambda: ray.train.get_preemption_info() is not None

@@ -130,7 +130,8 @@ def s3_env_for(chaos_store, monkeypatch):
 @pytest.fixture(scope="session")
 def ray_session(chaos_store, tmp_path_factory):
     """One local Ray instance for every whole-run scenario (in-process runs and launcher subprocesses
-    join it); its workers get the chaos store's AWS_* variables. Shut down at the end of the session."""
+    join it). Its workers inherit the chaos store's AWS_* variables from this process's environment
+    (not through a runtime_env, which Ray writes into its logs). Shut down at the end of the session."""
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -140,8 +141,7 @@ def ray_session(chaos_store, tmp_path_factory):
         os.environ[k] = v
     if ray.is_initialized():
         ray.shutdown()
-    ctx = ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False,
-                   runtime_env={"env_vars": chaos_store.env()})
+    ctx = ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
         yield ctx.address_info["gcs_address"]
     finally:

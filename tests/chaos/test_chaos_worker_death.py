@@ -36,9 +36,10 @@ def test_sigkill_worker_at_random_steps_resumes_bitwise_identical(reference_run,
     loc = run_location(name)
     cfg = R.tiny_config(name=name, storage=f"s3://{run_bucket}/runs", data=demo_data, local_dir=tmp_path,
                         steps=STEPS, max_failures=KILLS + 1)
-    # Strike points: the first kill early, the second after the first resume; ranks chosen at random.
-    first = rng.randint(3, STEPS // 2 - 1)
-    plan = [first, rng.randint(first + 2, STEPS - 2)]
+    # Strike points: the first kill early, the second after the first resume, both well before the
+    # end (the driver sees a step up to ~1 s after the workers did it); ranks chosen at random.
+    first = rng.randint(2, STEPS // 2 - 3)
+    plan = [first, rng.randint(first + 3, STEPS - 5)]
     stream = H.StepStream()
     kills: list[dict] = []
 
@@ -69,7 +70,8 @@ def test_sigkill_worker_at_random_steps_resumes_bitwise_identical(reference_run,
         assert set(kill["committed"]) <= set(final_committed), "a committed checkpoint disappeared"
         reached = max([s for ts, s in stream.steps if ts < t_resume], default=kill["step"])
         nxt = stream.first_step_after(t_resume, above=resumed)
-        assert nxt is not None, "no progress after the resume"
+        assert nxt is not None or resumed == STEPS, "no progress after the resume"
+        nxt = nxt or stream.steps[-1]
         rec.trial(True, steps_lost=reached - resumed, recover_s=nxt[0] - kill["t"],
                   note=f"rank {kill['rank']} at step {kill['step']}")
     assert summary["step"] == STEPS
