@@ -60,10 +60,11 @@ def main() -> int:
     p.add_argument("--train-minutes", type=float, default=8.0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
     p.add_argument("--timing-batches", type=int, default=6)
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
 
     from ctm_dist.eval.cli import format_summary
     from ctm_dist.eval.evaluate import EvalRequest, evaluate

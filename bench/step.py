@@ -5,9 +5,11 @@
 
 For every combination of --checkpointing and --dtype it prints the median step time over
 --steps (after one warm-up step), FLOPs per step (torch.utils.flop_counter), achieved GFLOP/s,
-the memory held for backward at the end of forward (bytes of the tensors autograd saved, counted
-with saved_tensors_hooks, plus the inputs that tick checkpointing keeps), and the process's peak
-RSS during the step. ``--reference DIR`` also times the reference implementation (imported from
+the memory held for backward at the end of forward ("held": bytes of the distinct storages
+autograd saved, counted with saved_tensors_hooks, plus the segment inputs that tick checkpointing
+keeps; "ticks": the part saved after the input side, i.e. across ticks; "RSS+": growth of the
+process's resident memory over the forward, which also sees what checkpointing caches), and the
+peak RSS of a step. ``--reference DIR`` also times the reference implementation (imported from
 that checkout) on the same configuration and batch and prints the speed ratio.
 """
 
@@ -66,6 +68,11 @@ def certainty_loss(predictions: torch.Tensor, certainties: torch.Tensor, targets
 def _rss_peak_reset() -> None:
     with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _rss_peak_mb() -> float:
@@ -127,15 +134,17 @@ class Runner:
         self.label, self.model, self.dtype = label, model, dtype
         self.x, self.targets, self.reshaper = x, targets, reshaper
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        self.times: list[float] = []
+        self.times: list[float] = []       # wall seconds
+        self.cpu_times: list[float] = []   # process CPU seconds (all threads): robust to load from others
         model.train()
 
     def step(self, record: bool = True) -> float:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step_fn(self.model, self.optimizer, self.x, self.targets, self.reshaper, self.dtype)
         seconds = time.perf_counter() - start
         if record:
             self.times.append(seconds)
+            self.cpu_times.append(time.process_time() - cpu_start)
         return seconds
 
     def flops_and_memory(self) -> dict:
@@ -151,16 +160,19 @@ class Runner:
             self.model.start = marked_start
         _rss_peak_reset()
         with FlopCounterMode(display=False) as counter:
+            rss_before = _rss_mb()
             with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), autocast:
                 predictions, certainties, _ = self.model(self.x)[:3]
                 loss = certainty_loss(predictions.float(), certainties.float(), self.targets, self.reshaper)
+            held_rss = _rss_mb() - rss_before
             held = saved.mb + _checkpoint_inputs_mb(self.model, self.x)
             loss.backward()
         if start is not None:
             del self.model.start
         self.optimizer.zero_grad(set_to_none=True)
         ticks = held - saved.before_ticks if start is not None else float("nan")
-        return dict(gflop=counter.get_total_flops() / 1e9, held_mb=held, ticks_mb=ticks, peak_rss_mb=_rss_peak_mb())
+        return dict(gflop=counter.get_total_flops() / 1e9, held_mb=held, ticks_mb=ticks, held_rss_mb=held_rss,
+                    peak_rss_mb=_rss_peak_mb())
 
 
 def interleaved(runners: list[Runner], steps: int) -> None:
@@ -172,8 +184,10 @@ def interleaved(runners: list[Runner], steps: int) -> None:
             runner.step()
 
 
-def median_ratio(slow: Runner, fast: Runner) -> float:
+def median_ratio(slow: Runner, fast: Runner, cpu: bool = False) -> float:
     """Median over rounds of slow/fast step time (both timed in the same round)."""
+    if cpu:
+        return statistics.median(a / b for a, b in zip(slow.cpu_times, fast.cpu_times))
     return statistics.median(a / b for a, b in zip(slow.times, fast.times))
 
 
@@ -191,8 +205,9 @@ def build_reference(reference: Path, cfg: CTMConfig, x: torch.Tensor):
 
 def report(runner: Runner, k: int, stats: dict) -> None:
     seconds = statistics.median(runner.times)
-    print(f"{runner.label:<10} {runner.dtype:>5} {k:>4} {seconds:8.2f} {stats['gflop']:8.1f} "
-          f"{stats['gflop'] / seconds:8.1f} {stats['held_mb']:9.1f} {stats['ticks_mb']:9.1f} "
+    cpu = statistics.median(runner.cpu_times)
+    print(f"{runner.label:<10} {runner.dtype:>5} {k:>4} {seconds:8.2f} {cpu:8.2f} {stats['gflop']:8.1f} "
+          f"{stats['gflop'] / cpu:8.1f} {stats['held_mb']:9.1f} {stats['ticks_mb']:9.1f} {stats['held_rss_mb']:9.1f} "
           f"{stats['peak_rss_mb']:10.0f}", flush=True)
 
 
@@ -217,8 +232,8 @@ def main() -> None:
         cfg = preset(name, **overrides)
         x, targets = make_batch(cfg, name, args.batch, args.image_size)
         print(f"\n== {name}: batch {args.batch}, input {tuple(x.shape)}, T={cfg.iterations}")
-        print(f"{'model':<10} {'dtype':>5} {'ckpt':>4} {'step s':>8} {'GFLOP':>8} {'GFLOP/s':>8} {'held MB':>9} "
-              f"{'ticks MB':>9} {'peakRSS MB':>10}")
+        print(f"{'model':<10} {'dtype':>5} {'ckpt':>4} {'step s':>8} {'cpu s':>8} {'GFLOP':>8} {'GF/cpu-s':>8} {'held MB':>9} "
+              f"{'ticks MB':>9} {'RSS+ MB':>9} {'peakRSS MB':>10}")
 
         def ours(k: int, dtype: str) -> Runner:
             torch.manual_seed(0)
@@ -234,7 +249,8 @@ def main() -> None:
             interleaved([base, ref], args.steps)
             report(base, 0, base.flops_and_memory())
             report(ref, 0, ref.flops_and_memory())
-            print(f"speed-up ours vs reference (fp32, median of per-round ratios): {median_ratio(ref, base):.2f}x")
+            print(f"speed-up ours vs reference (fp32, median of per-round ratios): wall {median_ratio(ref, base):.2f}x, "
+                  f"CPU time {median_ratio(ref, base, cpu=True):.2f}x")
             del ref
         variants = [(k, d) for d in args.dtype.split(",") for k in map(int, args.checkpointing.split(","))
                     if (k, d) != (0, "fp32")]
@@ -248,9 +264,11 @@ def main() -> None:
             interleaved([base, variant], args.steps)
             stats = variant.flops_and_memory()
             report(variant, k, stats)
-            print(f"   vs plain fp32 in the same rounds: step time {median_ratio(variant, base) - 1:+.0%}, "
+            print(f"   vs plain fp32 in the same rounds: step time {median_ratio(variant, base) - 1:+.0%} wall, "
+                  f"{median_ratio(variant, base, cpu=True) - 1:+.0%} CPU, "
                   f"held for backward {stats['held_mb'] / base_stats['held_mb']:.0%} "
-                  f"(across ticks {stats['ticks_mb'] / base_stats['ticks_mb']:.0%})")
+                  f"(across ticks {stats['ticks_mb'] / base_stats['ticks_mb']:.0%}; "
+                  f"RSS growth over forward {stats['held_rss_mb'] / base_stats['held_rss_mb']:.0%})")
             del variant
 
 

@@ -114,7 +114,8 @@ def child_preempt(run_url: str) -> int:
     return 0
 
 
-def elastic_worker(rank: int, world_size: int, port: int, run_url: str, env: dict, params_out: str) -> None:
+def elastic_worker(rank: int, world_size: int, port: int, run_url: str, env: dict, params_out: str,
+                   local_dir: str) -> None:
     """One rank of a ZeRO-2 group: agrees on a stop request only rank 1 got, commits step 2,
     then uploads step 3 with a long pause after each file (the test SIGKILLs the group there)."""
     os.environ.update(env)
@@ -122,7 +123,7 @@ def elastic_worker(rank: int, world_size: int, port: int, run_url: str, env: dic
     from ctm_dist.storage import Location
 
     engine = make_engine(stage=2)
-    ckpt = _checkpointer(run_url, rank=rank, world_size=world_size)
+    ckpt = _checkpointer(run_url, rank=rank, world_size=world_size, local_dir=local_dir)
     for step in (1, 2):
         train_step(engine, step, rank)
     from ctm_dist.train.preemption import PreemptionHandler

@@ -45,15 +45,20 @@ def ray_client_env() -> dict[str, str]:
     return env
 
 
-def load_generator():
-    """clusters/kubernetes/generate.py as a module (it is a script, not in the package)."""
-    name = "ctm_k8s_generate"
+def load_script(relpath: str):
+    """A script of this repository (not part of the package) as a module."""
+    name = "ctm_script_" + relpath.replace("/", "_").removesuffix(".py")
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "clusters" / "kubernetes" / "generate.py")
+        spec = importlib.util.spec_from_file_location(name, REPO / relpath)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # dataclasses look their module up while the class is built
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def load_generator():
+    """clusters/kubernetes/generate.py as a module."""
+    return load_script("clusters/kubernetes/generate.py")
 
 
 class LocalRayHead:

@@ -11,10 +11,12 @@ from PIL import Image
 from ctm_dist.model import CTM, preset
 
 
+TINY = dict(iterations=5, d_model=32, d_input=16, heads=2, n_synch_out=16, n_synch_action=16,
+            memory_length=3, memory_hidden_dims=4)
+
+
 def tiny_config(**overrides):
-    values = dict(iterations=5, d_model=32, d_input=16, heads=2, n_synch_out=16, n_synch_action=16,
-                  memory_length=3, memory_hidden_dims=4)
-    values.update(overrides)
+    values = {**TINY, **overrides}
     return preset("demo", **values)
 
 

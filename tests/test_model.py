@@ -9,6 +9,15 @@ import torch
 from ctm_dist.model import CTM, PRESET_NAMES, CTMConfig, preset
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and threads spin badly on a shared 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny(**overrides) -> CTMConfig:
     values = dict(iterations=6, d_model=32, d_input=16, heads=2, n_synch_out=8, n_synch_action=6, synapse_depth=2,
                   memory_length=4, deep_nlms=True, memory_hidden_dims=3, backbone_type="none",

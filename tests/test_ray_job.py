@@ -6,28 +6,23 @@ committed checkpoints and TensorBoard events must be there afterwards.
 """
 
 import json
-import os
 import subprocess
 import sys
 import time
 import uuid
 import zipfile
-from pathlib import Path
 
-import pytest
+from cluster_fixtures import REPO, LocalRayHead, load_script
 
-from cluster_fixtures import REPO, LocalRayHead
+from ctm_dist.storage import Location
 
-sys.path.insert(0, str(REPO / "clusters" / "ray"))
-import runtime_env as job_runtime_env  # noqa: E402
-
-from ctm_dist.storage import Location  # noqa: E402
+job_runtime_env = load_script("clusters/ray/runtime_env.py")
 
 UPLOAD_CAP = 100 * 2**20  # ray job submit's working_dir limit
-TINY_PARITY = ["--workers", "1", "--max-steps", "4", "--checkpoint-every", "2", "--batch-size", "8", "--quiet",
-               "run.log_every=1", "eval.every=0", "eval.batches=1", "data.eval_batch_size=8",
-               "model.iterations=3", "model.d_model=32", "model.d_input=16", "model.heads=2",
-               "model.n_synch_out=16", "model.n_synch_action=16", "model.memory_length=2",
+TINY_PARITY = ["--workers", "1", "--max-steps", "4", "--checkpoint-every", "2", "--batch-size", "8",
+               "--precision", "fp32", "--quiet", "run.log_every=1", "eval.every=0", "eval.batches=1",
+               "data.eval_batch_size=8", "model.iterations=3", "model.d_model=32", "model.d_input=16",
+               "model.heads=2", "model.n_synch_out=16", "model.n_synch_action=16", "model.memory_length=2",
                "model.memory_hidden_dims=2"]
 
 

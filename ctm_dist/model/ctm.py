@@ -200,7 +200,8 @@ class CTM(nn.Module):
                 return self.tick(s, c, need_weights=True)
             state, outputs = run_ticks(tick, state, ctx, self.cfg.iterations, segment=0)
         else:
-            banks = new_banks(self) if self.batch_weight_grads and torch.is_grad_enabled() else None
+            use_banks = self.batch_weight_grads and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            banks = new_banks(self) if use_banks else None
             state, outputs = run_ticks(self.tick, state, ctx, self.cfg.iterations, self.cfg.tick_checkpointing,
                                        around_segment=lambda: using_banks(banks))
 

@@ -85,8 +85,13 @@ class TickLinear(nn.Linear):
 
 
 def new_banks(module: nn.Module) -> dict[TickLinear, _Bank]:
-    """Fresh banks for every ``TickLinear`` in ``module`` (one set per forward)."""
-    return {layer: _Bank(layer.weight) for layer in module.modules() if isinstance(layer, TickLinear)}
+    """Fresh banks for every ``TickLinear`` in ``module`` (one set per forward).
+
+    Layers whose weights DeepSpeed ZeRO-3 partitions (``ds_id``) are left to plain autograd: their
+    full weight exists only inside their own forward.
+    """
+    return {layer: _Bank(layer.weight) for layer in module.modules()
+            if isinstance(layer, TickLinear) and not hasattr(layer.weight, "ds_id")}
 
 
 @contextlib.contextmanager

@@ -156,6 +156,7 @@ class Checkpointer:
         self.run_location = run_location
         self.location = run_location.child("checkpoints")
         self.keep_last, self.rank, self.world_size = keep_last, rank, world_size
+        self._own_local_dir = not local_dir
         self.local_dir = Path(local_dir) if local_dir else Path(tempfile.gettempdir()) / f"ctm-dist-ckpt-{os.getpid()}"
         self._barrier = barrier
         self.loaded_step: int | None = None
@@ -270,7 +271,7 @@ class Checkpointer:
             commits = self._sync_or_raise(error, f"committing checkpoint {name}", commit)
             commit = commit or next((c for c in commits if c), None)
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            self._clean(work)
         if self.rank == 0:
             try:
                 self.prune()
@@ -362,7 +363,7 @@ class Checkpointer:
                 tag = self._to_universal(ds_dir)
             self._engine_load(engine, ds_dir.parent, tag, universal, load_optimizer_states)
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            self._clean(work)
         self.loaded_step = step
         return states if all_ranks else states[0]
 
@@ -420,6 +421,12 @@ class Checkpointer:
         except FileNotFoundError:
             return []
         return sorted(int(m.group(1)) for n in names if (m := _STEP_DIR.fullmatch(n)))
+
+    def _clean(self, work: Path) -> None:
+        shutil.rmtree(work, ignore_errors=True)
+        if self._own_local_dir:
+            with contextlib.suppress(OSError):  # still in use by another call: leave it
+                self.local_dir.rmdir()
 
     def _secrets(self) -> tuple[str, ...]:
         loc = self.run_location

@@ -9,6 +9,7 @@ the workers only as ``runtime_env`` environment variables.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -23,6 +24,7 @@ from ctm_dist.train.metrics import format_line
 log = logging.getLogger("ctm_dist.train")
 
 EMBEDDED_BUCKET = "ctm-dist"
+DEMO_DATA = "demo-data"
 CREDENTIAL_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                    "AWS_REGION", "AWS_DEFAULT_REGION", "GOOGLE_APPLICATION_CREDENTIALS")
 
@@ -68,8 +70,10 @@ def prepared_storage(cfg: TrainConfig):
             cfg.run.storage = f"s3://{EMBEDDED_BUCKET}/runs"
             log.info("embedded object store at %s (data in %s)", store.endpoint_url, data_dir)
         if cfg.data.task == "demo" and not cfg.data.url:
-            cfg.data.url = Location.parse(cfg.run.storage).child("demo-data").url if not cfg.run.storage.startswith(
-                "s3://" + EMBEDDED_BUCKET + "/") else f"s3://{EMBEDDED_BUCKET}/demo-data"
+            # beside the runs: {storage}/demo-data/ (no run may take that name then)
+            cfg.data.url = Location.parse(cfg.run.storage).child(DEMO_DATA).url
+            if cfg.run.name == DEMO_DATA:
+                raise ValueError(f"run.name {DEMO_DATA!r} is where the demo shards go; choose another name")
             ensure_demo_shards(cfg.data.url)
         yield cfg, env
 
@@ -95,6 +99,10 @@ def connect_ray(address: str | None, env: dict[str, str]) -> bool:
     Returns True when this call started Ray (so the caller shuts it down)."""
     if ray.is_initialized():
         return False
+    job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set when running under `ray job submit`
+    if job:  # the job's runtime_env already carries its variables; repeating one is a merge conflict
+        job_env = (json.loads(job).get("runtime_env") or {}).get("env_vars") or {}
+        env = {k: v for k, v in env.items() if k not in job_env}
     runtime_env = {"env_vars": env} if env else None
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":

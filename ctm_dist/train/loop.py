@@ -11,6 +11,7 @@ from the newest committed checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import socket
@@ -207,20 +208,27 @@ class Trainer:
             if preemption.should_stop():
                 preempted = {"preempted": True, "signal": preemption.handler.signum}
                 t_save = time.perf_counter()
-                self.save()
-                pending["checkpoint/save_s"] = time.perf_counter() - t_save
                 self.report(self.log(pending))
+                self.save()
+                pending = {"checkpoint/save_s": time.perf_counter() - t_save}
                 break
             last = self.step == max_steps
-            if (cfg.eval.every and self.step % cfg.eval.every == 0) or last:
+            evaluate = (cfg.eval.every and self.step % cfg.eval.every == 0) or last
+            if evaluate:
                 pending.update(self.evaluate())
-            if self.step % cfg.checkpoint.every == 0 or last:
-                pending["checkpoint/save_s"] = self.save()
-            if self.step % cfg.run.log_every == 0 or last or pending:
+            checkpoint = self.step % cfg.checkpoint.every == 0 or last
+            # Log before saving: a crash after the commit then loses no step's log line.
+            if self.step % cfg.run.log_every == 0 or last or checkpoint or evaluate:
                 self.report(self.log(pending))
                 pending = {}
+            if checkpoint:
+                pending["checkpoint/save_s"] = self.save()  # shows up in the next log line
         if self.tb is not None:
+            if pending:  # the last save's time
+                self.tb.scalars(pending, self.step)
+            self.tb.sync(self.run_location.child("tensorboard"))
             self.tb.close()
+        self.last.update(pending)
         trained = self.step - start_step
         summary = dict(self.last)
         summary.update({"step": self.step, "resumed_from": self.resumed_from,
@@ -284,6 +292,7 @@ def train_worker(loop_config: dict) -> None:
     import ray.train.torch
 
     cfg = TrainConfig.from_dict(loop_config["config"])
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its per-step INFO lines drown the progress
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
     threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)

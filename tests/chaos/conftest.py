@@ -48,17 +48,24 @@ def scenario(request):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
+    """A test's outcome goes to its scenarios; when it failed, only to the scenario it was in the middle
+    of (those without a finished trial), or to all of them if it failed after their trials."""
     outcome = yield
     report = outcome.get_result()
     records = getattr(item, "_chaos_records", None)
     if not records:
         return
-    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
-        for rec in records:
-            rec.outcome = report.outcome
-    elif report.when == "teardown" and report.outcome == "failed":
-        for rec in records:
-            rec.outcome = "failed"
+    if report.failed or (report.when == "setup" and report.outcome != "passed"):
+        unfinished = [r for r in records if not r.trials]
+        for r in unfinished or records:
+            r.outcome = report.outcome if report.outcome != "passed" else "failed"
+        for r in records:
+            if r.outcome == "not run":
+                r.outcome = "passed"
+    elif report.when == "call":
+        for r in records:
+            if r.outcome == "not run":
+                r.outcome = "passed"
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
@@ -141,7 +148,7 @@ def ray_session(chaos_store, tmp_path_factory):
         os.environ[k] = v
     if ray.is_initialized():
         ray.shutdown()
-    ctx = ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ctx = ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=True)
     try:
         yield ctx.address_info["gcs_address"]
     finally:

@@ -28,75 +28,87 @@ def _launch(overrides, ray_session, env, log, stream):
     return proc, stop, follower
 
 
+def _preempt_once(*, label, target, sig, name, overrides, ray_session, env, tmp_path, loc, rng, stream, low,
+                  index, resumed_expect, high):
+    """Launch, send ``sig`` to the driver or a worker at a random step in [low, high], expect exit 75
+    and a new commit at or after the signalled step. Returns (trial facts, newest committed step)."""
+    log = tmp_path / f"launch-{name}-{index}.log"
+    log.touch()
+    strike = rng.randint(low, high)
+    fired: dict = {}
+    holder: dict = {}
+    launched_at = time.time()
+
+    def on_step(step):
+        if fired or step < strike or "proc" not in holder:
+            return
+        if target == "worker":
+            pids = H.worker_pids(tmp_path, name, written_after=launched_at)
+            if not pids:
+                return
+            pid = pids[rng.choice(sorted(pids))]
+        else:
+            pid = holder["proc"].pid
+        fired.update(t=time.monotonic(), step=step, pid=pid, committed=H.committed_steps(loc))
+        if target == "worker":
+            H.kill_worker(pid, sig)
+        else:
+            holder["proc"].send_signal(sig)
+
+    stream.callbacks[:] = [on_step]
+    proc, stop, follower = _launch(overrides, ray_session, env, log, stream)
+    holder["proc"] = proc
+    try:
+        rc = proc.wait(timeout=300)
+    finally:
+        stop.set()
+        follower.join(5)
+        if proc.poll() is None:
+            proc.kill()
+    exited = time.monotonic()
+    text = log.read_text(errors="replace")
+    assert fired, f"{label}: the run ended before step {strike}:\n{text[-3000:]}"
+    assert rc == EXIT_PREEMPTED, f"{label}: exit {rc}, expected {EXIT_PREEMPTED}:\n{text[-3000:]}"
+    assert f"relaunch with --name {name}" in text, text[-2000:]
+    if resumed_expect:
+        assert f"resuming from checkpoint at step {resumed_expect}" in text, text[-2000:]
+    committed = H.committed_steps(loc)
+    newest = max(committed)
+    assert newest >= fired["step"], f"{label}: signalled at step {fired['step']}, newest commit is {newest}"
+    assert newest not in fired["committed"], f"{label}: no new checkpoint was committed after the signal"
+    assert set(fired["committed"]) <= set(committed), f"{label}: a committed checkpoint disappeared"
+    assert exited - fired["t"] < GRACE_S, f"{label}: took {exited - fired['t']:.0f}s to exit"
+    return {"exit_s": exited - fired["t"], "step": fired["step"]}, newest
+
+
 @pytest.mark.timeout(420)
-def test_preemption_signals_checkpoint_exit_75_and_resume(reference_run, ray_session, chaos_store, run_bucket,
-                                                          demo_data, run_location, tmp_path, rng, s3_env_for,
-                                                          scenario):
+def test_preemption_of_the_driver_checkpoints_exits_75_and_resumes(reference_run, ray_session, run_bucket,
+                                                                  demo_data, run_location, tmp_path, rng,
+                                                                  s3_env_for, scenario):
+    """SIGTERM, then Slurm's SIGUSR1, to the launcher; a third launch finishes. The final weights are
+    the uninterrupted run's, bit for bit."""
     env = s3_env_for()
     name = "preempt"
     loc = run_location(name)
     overrides = R.tiny_overrides(name=name, storage=f"s3://{run_bucket}/runs", data=demo_data,
                                  local_dir=tmp_path, steps=STEPS)
-    cases = [("SIGTERM to the driver", "driver", signal.SIGTERM),
-             ("SIGUSR1 to the driver (Slurm warning)", "driver", signal.SIGUSR1),
-             ("SIGTERM to one worker", "worker", signal.SIGTERM)]
-    records = {label: scenario(f"preemption: {label}") for label, _, _ in cases}
     stream = H.StepStream()
-    resumed_expect = 0
-    for i, (label, target, sig) in enumerate(cases):
-        log = tmp_path / f"launch-{i}.log"
-        log.touch()
-        low = max(resumed_expect + 1, 1)
-        strike = rng.randint(low, min(low + 2, STEPS - (len(cases) - i)))
-        fired: dict = {}
+    resumed = 0
+    for i, (label, sig) in enumerate([("SIGTERM to the driver", signal.SIGTERM),
+                                      ("SIGUSR1 to the driver (Slurm warning)", signal.SIGUSR1)]):
+        rec = scenario(f"preemption: {label}")
+        facts, resumed = _preempt_once(label=label, target="driver", sig=sig, name=name, overrides=overrides,
+                                       ray_session=ray_session, env=env, tmp_path=tmp_path, loc=loc, rng=rng,
+                                       stream=stream, low=resumed + 1, high=resumed + 3, index=i,
+                                       resumed_expect=resumed)
+        rec.trial(True, steps_lost=0, recover_s=facts["exit_s"],
+                  note=f"signal at step {facts['step']}, committed {resumed}")
 
-        def on_step(step, proc=None, strike=strike, target=target, sig=sig, fired=fired):
-            if fired or step < strike:
-                return
-            pid = proc_holder["proc"].pid
-            if target == "worker":
-                pids = H.worker_pids(tmp_path, name, written_after=launched_at)
-                if not pids:
-                    return
-                pid = pids[rng.choice(sorted(pids))]
-            fired.update(t=time.monotonic(), step=step, pid=pid, committed=H.committed_steps(loc))
-            if target == "worker":
-                H.kill_worker(pid, sig)
-            else:
-                proc_holder["proc"].send_signal(sig)
-
-        proc_holder: dict = {}
-        stream.callbacks[:] = [on_step]
-        launched_at = time.time()
-        proc, stop, follower = _launch(overrides, ray_session, env, log, stream)
-        proc_holder["proc"] = proc
-        try:
-            rc = proc.wait(timeout=300)
-        finally:
-            stop.set()
-            follower.join(5)
-            if proc.poll() is None:
-                proc.kill()
-        text = log.read_text(errors="replace")
-        assert fired, f"{label}: the run ended before step {strike}:\n{text[-3000:]}"
-        exited = time.monotonic()
-        assert rc == EXIT_PREEMPTED, f"{label}: exit {rc}, expected {EXIT_PREEMPTED}:\n{text[-3000:]}"
-        assert f"relaunch with --name {name}" in text, text[-2000:]
-        committed = H.committed_steps(loc)
-        newest = max(committed)
-        assert newest >= fired["step"], f"{label}: signalled at step {fired['step']}, newest commit is {newest}"
-        assert newest not in fired["committed"], f"{label}: no new checkpoint was committed after the signal"
-        assert exited - fired["t"] < GRACE_S, f"{label}: took {exited - fired['t']:.0f}s to exit"
-        if i:
-            assert f"resuming from checkpoint at step {resumed_expect}" in text, text[-2000:]
-        records[label].trial(True, steps_lost=0, recover_s=exited - fired["t"],
-                             note=f"signal at step {fired['step']}, committed {newest}")
-        resumed_expect = newest
-
-    # The last launch resumes and finishes; the result is the uninterrupted run's, bit for bit.
+    rec = scenario("resume after preemption: bitwise = uninterrupted")
     log = tmp_path / "launch-final.log"
     log.touch()
     stream.callbacks[:] = []
+    t0 = time.monotonic()
     proc, stop, follower = _launch(overrides, ray_session, env, log, stream)
     try:
         rc = proc.wait(timeout=300)
@@ -105,6 +117,25 @@ def test_preemption_signals_checkpoint_exit_75_and_resume(reference_run, ray_ses
         follower.join(5)
     text = log.read_text(errors="replace")
     assert rc == 0, text[-3000:]
-    assert f"resuming from checkpoint at step {resumed_expect}" in text, text[-2000:]
+    assert f"resuming from checkpoint at step {resumed}" in text, text[-2000:]
     diffs = R.bitwise_differences(R.checkpoint_tensors(loc, STEPS), reference_run["final"])
     assert not diffs, f"{len(diffs)} tensors differ from the uninterrupted run, e.g. {diffs[:5]}"
+    first = stream.first_step_after(t0, above=resumed)
+    rec.trial(True, steps_lost=0, recover_s=(first[0] - t0) if first else None, note=f"from step {resumed}")
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_to_a_worker_checkpoints_and_exits_75(ray_session, run_bucket, demo_data, run_location, tmp_path,
+                                                      rng, s3_env_for, scenario):
+    """A node drain or a scheduler signalling every task sends SIGTERM to Ray worker processes too."""
+    env = s3_env_for()
+    name = "preempt-worker"
+    loc = run_location(name)
+    overrides = R.tiny_overrides(name=name, storage=f"s3://{run_bucket}/runs", data=demo_data,
+                                 local_dir=tmp_path, steps=STEPS)
+    rec = scenario("preemption: SIGTERM to one worker")
+    facts, newest = _preempt_once(label="SIGTERM to one worker", target="worker", sig=signal.SIGTERM, name=name,
+                                  overrides=overrides, ray_session=ray_session, env=env, tmp_path=tmp_path,
+                                  loc=loc, rng=rng, stream=H.StepStream(), low=2, high=5, index=0,
+                                  resumed_expect=0)
+    rec.trial(True, steps_lost=0, recover_s=facts["exit_s"], note=f"signal at step {facts['step']}, committed {newest}")
