@@ -63,6 +63,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
     p.add_argument("--timing-batches", type=int, default=6)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--thresholds", type=float, nargs="+", default=None, help="default: the evaluation's")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
 
@@ -91,6 +92,8 @@ def main() -> int:
         model, steps = train_demo(data, a.train_minutes, a.batch_size, lr=a.lr, on_save=save)
         save(model.eval(), steps)
     req = EvalRequest(checkpoint=checkpoint, data=data, split="val", batch_size=a.batch_size)
+    if a.thresholds:
+        req.thresholds = tuple(a.thresholds)
     report = evaluate(req)
     model = load_model(checkpoint).model.eval()
     x, _, _ = shard_samples(data, "val", a.timing_batches * a.batch_size)

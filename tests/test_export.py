@@ -70,10 +70,11 @@ def train_and_checkpoint(run_url: str, zero_stage: int, bf16: bool, steps: int =
         loss, _ = image_classification_loss(p, c, y)
         engine.backward(loss)
         engine.step()
-    # as the trainer records it; without model_config the CTMConfig is rebuilt from preset + overrides
+    # as the trainer records it (the CTMConfig's shape-giving fields), or as preset + overrides
     train_config = {"model": {"preset": "demo", "overrides": {**TINY, "iterations": 3}}, "data": {"task": "demo"}}
     if record_model_config:
-        train_config["model_config"] = cfg.to_dict()
+        train_config["model"] = {k: v for k, v in cfg.to_dict().items()
+                                 if k not in ("tick_checkpointing", "attention_impl")}
     Checkpointer(run_url, keep_last=2).save(steps, engine, {"note": "test"}, config=train_config)
     engine.eval()
     with torch.no_grad():
@@ -156,4 +157,7 @@ def test_model_config_rebuilt_from_the_training_config(tmp_path):
     assert fields["out_dims"] == 14 * 5 and fields["prediction_reshaper"] == [14, 5] and fields["d_model"] == 128
     recorded = {"config": {"model_config": tiny_config().to_dict(), "model": {"preset": "imagenet"}}}
     assert runs.model_config_from_commit(recorded) == tiny_config().to_dict()  # the recorded one wins
+    fields = {k: v for k, v in tiny_config().to_dict().items() if k != "attention_impl"}
+    from ctm_dist.model import CTMConfig
+    assert CTMConfig.from_dict(runs.model_config_from_commit({"config": {"model": fields}})) == tiny_config()
     assert runs.model_config_from_commit({"config": {}}) is None

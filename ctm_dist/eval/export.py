@@ -172,4 +172,4 @@ def export_run(run: str | Location, out: str | os.PathLike | Location, step: int
 
         export_reference_checkpoint(model, out, reference_dataset)
         return os.fspath(out)
-    return save_consolidated(model, out, task=task, meta=commit.get("meta"), source=source)
+    return save_consolidated(model, out, task=task, meta=runs.data_meta(commit), source=source)

@@ -74,7 +74,7 @@ def load_model(path: str | os.PathLike | Location, step: int | None = None, map_
         cfg = cfg.replace(**overrides) if overrides else cfg
         model = export.load_weights(CTM(cfg), state).eval()
         task = commit.get("task") or (commit.get("config") or {}).get("data", {}).get("task")
-        loaded = Loaded(model, "run", task, commit.get("meta") or {}, {"run": location.url, "step": step})
+        loaded = Loaded(model, "run", task, runs.data_meta(commit), {"run": location.url, "step": step})
     elif location.path.endswith(".safetensors"):
         parent, name = _parent_and_name(location)
         loaded = _load_safetensors(parent, name, overrides)

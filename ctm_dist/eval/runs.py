@@ -70,33 +70,39 @@ def find_deepspeed_checkpoint(root: str | os.PathLike) -> tuple[Path, str]:
     return tag_dir.parent, tag_dir.name
 
 
+def data_meta(commit: dict) -> dict:
+    """The training shard set's metadata (class names, image size...), when its index is reachable."""
+    data = (commit.get("config") or {}).get("data") or {}
+    if not data.get("url") or data.get("task") == "parity":
+        return {}
+    from ctm_dist.data.index import read_index
+
+    try:
+        return dict(read_index(Location.parse(data["url"]), "train").meta)
+    except Exception:  # data gone or unreachable: the weights and config still load
+        return {}
+
+
 def model_config_from_commit(commit: dict) -> dict | None:
-    """The CTMConfig fields of a COMMIT marker: as recorded (``config.model_config``), else rebuilt from
-    the training config's ``model.preset`` + ``model.overrides`` and what the data decides, as the
-    trainer's task plug-ins do (classes -> ``out_dims``, maze ``route_length``, parity ``sequence_length``)."""
-    for path in (("model_config",), ("config", "model_config")):
-        node = commit
-        for key in path:
-            node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            return node
+    """The CTMConfig fields of a COMMIT marker.
+
+    The trainer records them as ``config.model`` (every shape-giving CTMConfig field); a
+    ``config.model_config`` wins if present. A ``config.model`` of ``preset`` + ``overrides`` is
+    resolved as the trainer's task plug-ins do (classes -> ``out_dims``, maze ``route_length``,
+    parity ``sequence_length``)."""
+    from ctm_dist.model import CTMConfig, preset
+
     config = commit.get("config") or {}
+    for node in (commit.get("model_config"), config.get("model_config"), config.get("model")):
+        if isinstance(node, dict) and "d_model" in node:
+            known = {f for f in CTMConfig.__dataclass_fields__}
+            return {k: v for k, v in node.items() if k in known}
     model = config.get("model") or {}
     if not model.get("preset"):
         return None
-    from ctm_dist.model import preset
-
     values = dict(model.get("overrides") or {})
-    data = config.get("data") or {}
-    task = data.get("task")
-    meta = {}
-    if data.get("url") and task != "parity":
-        from ctm_dist.data.index import read_index
-
-        try:
-            meta = read_index(Location.parse(data["url"]), "train").meta
-        except Exception:  # data gone or unreachable: the preset and overrides still say most
-            meta = {}
+    task = (config.get("data") or {}).get("task")
+    meta = data_meta(commit)
     if task == "mazes" and meta.get("route_length"):
         values.setdefault("route_length", int(meta["route_length"]))
     elif task == "parity":

@@ -30,7 +30,7 @@ class RunSection:
     name: str = "demo"
     storage: str = ""  # URL of the run store; "" = the embedded local object store
     seed: int = 0
-    max_steps: int = 600
+    max_steps: int = 450
     log_every: int = 25
     local_dir: str = ".ctm-dist"  # scratch: Ray results, embedded store, local TensorBoard copy
 
@@ -76,13 +76,13 @@ class DeepSpeedSection:
 
 @dataclass
 class CheckpointSection:
-    every: int = 200  # steps; a final checkpoint is always written
+    every: int = 150  # steps; a final checkpoint is always written
     keep: int = 3
 
 
 @dataclass
 class EvalSection:
-    every: int = 200  # steps; 0 = only at the end
+    every: int = 150  # steps; 0 = only at the end
     batches: int = 0  # batches per worker per eval; 0 = the whole validation split
 
 

@@ -198,6 +198,7 @@ def train(cfg: TrainConfig, *, ray_address: str | None = None, interactive: bool
           stream=None) -> dict:
     """Run a validated config to the end; returns the summary of rank 0 (plus wall time)."""
     started = time.perf_counter()
+    cfg.run.local_dir = os.path.abspath(cfg.run.local_dir)  # workers run in Ray's own working directory
     with prepared_storage(cfg) as (cfg, env):
         owns_ray = connect_ray(ray_address, env)
         try:

@@ -37,7 +37,7 @@ CONFIG_CASES = [
 ]
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 def test_config_mistakes_fail_before_anything_starts(tmp_path, capsys, scenario):
     rec = scenario("bad input: config (11 cases)")
     for case, argv, expected in CONFIG_CASES:

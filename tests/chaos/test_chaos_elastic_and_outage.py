@@ -19,7 +19,7 @@ from chaos_runs import STEPS
 OUTAGE_S = 10.0
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)  # the first test to use reference_run also pays for it
 def test_store_outage_during_training_is_ridden_out(reference_run, chaos_store, run_bucket, demo_data,
                                                     run_location, tmp_path, rng, scenario):
     rec = scenario("store outage 10s during training")
@@ -57,7 +57,7 @@ def _positions(run_loc, step: int) -> dict[str, int]:
     return {k: int(v) for k, v in extra["state"]["data"]["positions"].items()}
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)  # the first test to use reference_run also pays for it
 def test_elastic_resume_with_another_worker_count_reads_each_sample_once(reference_run, run_bucket, demo_data,
                                                                         run_location, tmp_path, rng, scenario):
     rec = scenario("elastic restart 2 -> 1 workers")

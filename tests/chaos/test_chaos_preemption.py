@@ -81,7 +81,7 @@ def _preempt_once(*, label, target, sig, name, overrides, ray_session, env, tmp_
     return {"exit_s": exited - fired["t"], "step": fired["step"]}, newest
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(600)  # the first test to use reference_run also pays for it
 def test_preemption_of_the_driver_checkpoints_exits_75_and_resumes(reference_run, ray_session, run_bucket,
                                                                   demo_data, run_location, tmp_path, rng,
                                                                   s3_env_for, scenario):

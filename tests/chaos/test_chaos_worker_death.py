@@ -18,7 +18,7 @@ from chaos_runs import STEPS
 KILLS = 2
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(600)  # the first test to use reference_run also pays for it
 def test_reference_run_is_complete(reference_run, scenario):
     rec = scenario("reference run (uninterrupted)")
     s = reference_run["summary"]
@@ -28,7 +28,7 @@ def test_reference_run_is_complete(reference_run, scenario):
     rec.trial(True, steps_lost=0, recover_s=None, note=f"{reference_run['wall_s']:.0f}s")
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)  # the first test to use reference_run also pays for it
 def test_sigkill_worker_at_random_steps_resumes_bitwise_identical(reference_run, run_bucket, demo_data,
                                                                  run_location, tmp_path, rng, scenario):
     rec = scenario(f"worker SIGKILL at random step (x{KILLS})")
