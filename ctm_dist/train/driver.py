@@ -65,8 +65,7 @@ def prepared_storage(cfg: TrainConfig):
             store = stack.enter_context(LocalObjectStore(data_dir))
             store.create_bucket(EMBEDDED_BUCKET)
             env.update(store.env())
-            for k, v in store.env().items():
-                os.environ[k] = v  # this process reads and writes the store too
+            stack.enter_context(_environ(store.env()))  # this process reads and writes the store too
             cfg.run.storage = f"s3://{EMBEDDED_BUCKET}/runs"
             log.info("embedded object store at %s (data in %s)", store.endpoint_url, data_dir)
         if cfg.data.task == "demo" and not cfg.data.url:
@@ -76,6 +75,20 @@ def prepared_storage(cfg: TrainConfig):
                 raise ValueError(f"run.name {DEMO_DATA!r} is where the demo shards go; choose another name")
             ensure_demo_shards(cfg.data.url)
         yield cfg, env
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def ensure_demo_shards(url: str) -> None:

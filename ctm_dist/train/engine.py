@@ -63,7 +63,7 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig):
     def scheduler(opt):
         return torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
-    engine, optimizer, _, lr_scheduler = deepspeed.initialize(
+    engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=params if optimizer is None else None,
         lr_scheduler=scheduler, config=ds_cfg, dist_init_required=False)
     return engine

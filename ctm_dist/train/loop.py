@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from ctm_dist.train.config import TrainConfig
 from ctm_dist.train.engine import build_engine, model_dtype
-from ctm_dist.train.metrics import RunningSums, StepTimer, TensorBoardLog, format_line
+from ctm_dist.train.metrics import RunningSums, StepTimer, TensorBoardLog
 from ctm_dist.train.tasks import make_task
 
 

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -208,25 +207,11 @@ def stop_store(store) -> None:
     store.ports = ports
 
 
-def restart_store(store, timeout: float = 60.0) -> None:
-    """Start ``weed mini`` again on the SAME ports and data dir, so clients' endpoint stays valid."""
+def restart_store(store) -> None:
+    """Start ``weed mini`` again on the SAME ports and data dir (``LocalObjectStore.restart``), so the
+    endpoint clients hold stays valid; returns once it answers S3 requests."""
     assert store.ports, "restart_store needs a store that was started before"
-    store._log = open(store.data_dir / "weed.log", "ab")
-    store._proc = subprocess.Popen(store._command(), stdout=store._log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, cwd=store.data_dir, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    client = store.client()
-    while True:
-        if store._proc.poll() is not None:
-            raise RuntimeError(f"weed mini did not restart (exit {store._proc.returncode}); "
-                               f"see {store.data_dir / 'weed.log'}")
-        try:
-            client.list_buckets()
-            return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+    store.restart()
 
 
 class Outage:
@@ -288,6 +273,20 @@ def all_checkpoint_dirs(run_location) -> list[str]:
         return [n for n in run_location.child("checkpoints").list() if n.startswith("step-")]
     except FileNotFoundError:
         return []
+
+
+def steps_reached_per_attempt(local_dir, run_name: str) -> list[int]:
+    """The highest step rank 0 logged in each attempt of a run (one TensorBoard event file per
+    worker-group start, in start order): how far training got before each fault."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    folder = Path(local_dir).resolve() / "runs" / run_name / "tensorboard"
+    files = sorted(folder.glob("events.out.tfevents.*"), key=lambda f: (int(f.name.split(".")[3]), f.name))
+    reached = []
+    for f in files:
+        steps = [e.step for e in EventFileLoader(str(f)).Load() if e.HasField("summary")]
+        reached.append(max(steps, default=0))
+    return reached
 
 
 def wait_until(pred, timeout: float, interval: float = 0.1, what: str = "condition"):

@@ -5,7 +5,6 @@ bitwise comparison of the tensors two runs committed.
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys

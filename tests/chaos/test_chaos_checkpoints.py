@@ -22,6 +22,7 @@ import torch
 import chaos_harness as H
 
 CHILD = Path(__file__).with_name("ckpt_child.py")
+CLEAR = ("CheckpointError", "NotACheckpoint", "ConfigMismatch", "UnsafeCheckpoint")  # the checkpointer's errors
 
 
 class _CodeInPickle:
@@ -49,7 +50,12 @@ class _Child:
         self.stdout, self.stdin = self.proc.stdout, self.proc.stdin
 
     def communicate(self, timeout: float):
-        out, _ = self.proc.communicate(timeout=timeout)
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+            raise
         return out, self.stderr()
 
     def stderr(self) -> str:
@@ -116,11 +122,13 @@ def test_crash_mid_upload_then_store_outage_during_checkpoint_writes(chaos_store
         seen.append(line)
     assert line.strip() == "READY", "".join(seen)[-2000:] + child.stderr()[-3000:]
     outage = H.Outage(chaos_store, 10.0).start()
-    H.wait_until(lambda: outage.stopped_at, 30, what="the store to stop")
-    child.stdin.write("go\n")
-    child.stdin.flush()
-    out, err = child.communicate(timeout=180)
-    outage.join()
+    try:
+        H.wait_until(lambda: outage.stopped_at, 30, what="the store to stop")
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        out, err = child.communicate(timeout=180)
+    finally:
+        outage.join()  # the store is back for the next scenarios whatever happened
     assert child.returncode == 0, err[-3000:]
     result = _json_lines(out)[-1]
     assert result["resumed"] == 2 and result["extra_ok"], result
@@ -184,15 +192,16 @@ def test_checkpoints_that_must_be_refused(chaos_store, crashed_run, run_bucket, 
     out, err = child.communicate(timeout=180)
     assert child.returncode == 0, err[-3000:]
     res = _json_lines(out)[-1]
+    print("refusals:", json.dumps(res, indent=1))
 
     rec = scenario("bad input: checkpoint of another model config")
     assert res["other_config_checked"].startswith("ConfigMismatch") and "d_model" in res["other_config_checked"], res
-    assert res["other_config_unchecked"] != "LOADED" and "Error" in res["other_config_unchecked"].split(":")[0], res
+    assert res["other_config_unchecked"].startswith(CLEAR), res  # DeepSpeed's strict load, translated
     rec.trial(True)
 
     rec = scenario("bad input: non-checkpoint file to resume")
     assert res["forged_2"].startswith("NotACheckpoint") and model_file in res["forged_2"], res
-    assert res["forged_6"] != "LOADED" and res["forged_6"].split(":")[0].endswith(("Checkpoint", "CheckpointError")), res
+    assert res["forged_6"].startswith(CLEAR), res
     assert res["forged_8"].startswith("NotACheckpoint"), res
     rec.trial(True)
 

@@ -37,10 +37,13 @@ def test_store_outage_during_training_is_ridden_out(reference_run, chaos_store, 
             state["outage"] = H.Outage(chaos_store, OUTAGE_S).start()
 
     stream.callbacks.append(on_step)
-    summary = R.run_in_process(cfg, stream)
+    try:
+        summary = R.run_in_process(cfg, stream)
+    finally:
+        if "outage" in state:
+            state["outage"].join()  # the store is back for the next scenarios whatever happened
     outage = state.get("outage")
     assert outage is not None, f"the run ended before step {strike}"
-    outage.join()
     assert summary["step"] == STEPS and not summary.get("resumed_from"), "the run should not have restarted"
     after = stream.first_step_after(outage.up_at)
     assert H.committed_steps(loc) == list(range(2, STEPS + 1, 2)), "every periodic checkpoint is committed"

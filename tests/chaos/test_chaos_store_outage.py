@@ -56,15 +56,17 @@ def test_reads_ride_out_a_short_outage_and_fail_clearly_after_the_deadline(chaos
             failure.update(error=e, took=time.monotonic() - t0)
 
     outage = H.Outage(chaos_store, OUTAGE_S).start()
-    H.wait_until(lambda: outage.stopped_at, 30, what="the store to stop")
-    t_down = time.monotonic()
-    thread = threading.Thread(target=drain_hasty, daemon=True)
-    thread.start()
-    times = []
-    for batch in patient:                            # blocks (retrying) while the store is down
-        got.append(batch)
-        times.append(time.monotonic())
-    outage.join()
+    try:
+        H.wait_until(lambda: outage.stopped_at, 30, what="the store to stop")
+        t_down = time.monotonic()
+        thread = threading.Thread(target=drain_hasty, daemon=True)
+        thread.start()
+        times = []
+        for batch in patient:                        # blocks (retrying) while the store is down
+            got.append(batch)
+            times.append(time.monotonic())
+    finally:
+        outage.join()  # the store is back for the next scenarios whatever happened
     thread.join(30)
 
     rec = scenario("store outage 10s: shard reads")

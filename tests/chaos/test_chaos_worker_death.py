@@ -63,16 +63,18 @@ def test_sigkill_worker_at_random_steps_resumes_bitwise_identical(reference_run,
     assert len(kills) == KILLS, f"planned kills at steps {plan}, did {len(kills)}: {stream.text()[-2000:]}"
     assert len(stream.resumes) == KILLS, stream.text()[-2000:]
     final_committed = H.committed_steps(loc)
-    for kill, (t_resume, resumed) in zip(kills, stream.resumes):
+    reached = H.steps_reached_per_attempt(tmp_path, name)  # rank 0's last logged step per attempt
+    assert len(reached) == KILLS + 1, f"expected {KILLS + 1} attempts in TensorBoard, found {reached}"
+    for kill, (t_resume, resumed), got_to in zip(kills, stream.resumes, reached):
         newest = max(kill["committed"], default=0)
         assert resumed >= newest, f"resumed from {resumed} but step {newest} was committed before the kill"
         assert resumed in final_committed or resumed == 0
         assert set(kill["committed"]) <= set(final_committed), "a committed checkpoint disappeared"
-        reached = max([s for ts, s in stream.steps if ts < t_resume], default=kill["step"])
         nxt = stream.first_step_after(t_resume, above=resumed)
         assert nxt is not None or resumed == STEPS, "no progress after the resume"
         nxt = nxt or stream.steps[-1]
-        rec.trial(True, steps_lost=reached - resumed, recover_s=nxt[0] - kill["t"],
+        assert got_to >= newest, f"rank 0 logged up to step {got_to}, but {newest} was committed"
+        rec.trial(True, steps_lost=max(0, got_to - resumed), recover_s=nxt[0] - kill["t"],
                   note=f"rank {kill['rank']} at step {kill['step']}")
     assert summary["step"] == STEPS
     diffs = R.bitwise_differences(R.checkpoint_tensors(loc, STEPS), reference_run["final"])
