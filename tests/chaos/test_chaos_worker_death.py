@@ -22,10 +22,14 @@ KILLS = 2
 def test_reference_run_is_complete(reference_run, scenario):
     rec = scenario("reference run (uninterrupted)")
     s = reference_run["summary"]
-    assert s["step"] == STEPS and not s.get("resumed_from")
+    # Under heavy machine load Ray Train has been seen to tear a finished worker group down and
+    # start it again (placement group removed); it then resumes from the final commit and stops.
+    # Any earlier restart would make this run an interrupted one.
+    assert s["step"] == STEPS and s.get("resumed_from") in (None, 0, STEPS), s
     assert reference_run["committed"] == list(range(2, STEPS + 1, 2))
     assert R.model_tensors(reference_run["final"]), "no model weights found in the final checkpoint"
-    rec.trial(True, steps_lost=0, recover_s=None, note=f"{reference_run['wall_s']:.0f}s")
+    rec.trial(True, steps_lost=0, recover_s=None,
+              note=f"{reference_run['wall_s']:.0f}s" + (" (restarted after the end)" if s.get("resumed_from") else ""))
 
 
 @pytest.mark.timeout(600)  # the first test to use reference_run also pays for it
