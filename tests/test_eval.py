@@ -209,7 +209,6 @@ def test_evaluate_on_s3_matches_direct_computation_and_cli(tmp_path, s3_location
     """A consolidated export on S3 evaluated on an S3 shard set: the report's numbers equal a direct
     computation, and the CLI writes JSON, PNGs and TensorBoard without the credentials."""
     from ctm_dist.eval.cli import evaluate_main
-    from ctm_dist.eval.evaluate import EvalRequest, evaluate
     from ctm_dist.eval.export import save_consolidated
     from ctm_dist.eval.inputs import shard_samples
 
@@ -217,7 +216,10 @@ def test_evaluate_on_s3_matches_direct_computation_and_cli(tmp_path, s3_location
     write_digit_shards(data, n=40)
     model = tiny_ctm(seed=1)
     export_url = save_consolidated(model, s3_location.child("export"), task="demo")
-    report = evaluate(EvalRequest(checkpoint=export_url, data=data.url, batch_size=16))
+    out = tmp_path / "report"
+    assert evaluate_main([export_url, "--data", data.url, "--out", str(out), "--batch-size", "16",
+                          "--timing-batches", "1", "--thresholds", "0.5", "2.0"]) == 0
+    report = json.loads((out / "report.json").read_text())
 
     x, y, _ = shard_samples(data.url, "val", 40)
     with torch.no_grad():
@@ -227,13 +229,8 @@ def test_evaluate_on_s3_matches_direct_computation_and_cli(tmp_path, s3_location
     assert report["classification"]["samples"] == 40
     assert report["classification"]["most_certain_top1"] == pytest.approx(direct.summary()["most_certain_top1"])
     assert report["classification"]["instant_top5_per_tick"] == pytest.approx(direct.summary()["instant_top5_per_tick"])
-
-    out = tmp_path / "report"
-    assert evaluate_main([export_url, "--data", data.url, "--out", str(out), "--batch-size", "16",
-                          "--timing-batches", "1", "--thresholds", "0.5", "2.0"]) == 0
-    saved = json.loads((out / "report.json").read_text())
-    assert saved["halting"]["sweep"][1]["mean_ticks"] == model.cfg.iterations
-    assert [r["threshold"] for r in saved["halting_timing"]["per_threshold"]] == [0.5, 2.0]
+    assert report["halting"]["sweep"][1]["mean_ticks"] == model.cfg.iterations
+    assert [r["threshold"] for r in report["halting_timing"]["per_threshold"]] == [0.5, 2.0]
     for name in ("accuracy_per_tick", "calibration", "halting_sweep", "most_certain_tick"):
         assert (out / f"{name}.png").stat().st_size > 1000
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))

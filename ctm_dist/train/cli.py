@@ -91,8 +91,8 @@ def make_parser(prog: str, task: str) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", metavar="N")
     p.add_argument("--config", metavar="FILE.yaml")
     p.add_argument("--ray-address", metavar="ADDR",
-                   help="Ray cluster to join (default: $RAY_ADDRESS, a cluster running here, else a new local one); "
-                        "'local' always starts a new one")
+                   help="Ray cluster to join, e.g. 'auto' or HOST:PORT (default: $RAY_ADDRESS, else a new "
+                        "local one); 'local' always starts a new one")
     p.add_argument("--quiet", action="store_true", help="no progress bar; log lines only")
     p.add_argument("overrides", nargs="*", metavar="section.field=value")
     return p

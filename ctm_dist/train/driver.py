@@ -107,7 +107,9 @@ def ensure_demo_shards(url: str) -> None:
 
 
 def connect_ray(address: str | None, env: dict[str, str]) -> bool:
-    """Connect to a running cluster (``address``, $RAY_ADDRESS, or one running here) or start a local one.
+    """Connect to the cluster at ``address`` or $RAY_ADDRESS (set by `ray job submit`), else start a private local one.
+
+    A cluster that merely happens to run on this machine is never joined implicitly.
 
     Returns True when this call started Ray (so the caller shuts it down)."""
     if ray.is_initialized():
@@ -121,12 +123,6 @@ def connect_ray(address: str | None, env: dict[str, str]) -> bool:
     if address and address != "local":
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return True
-    if address is None:
-        try:
-            ray.init(address="auto", runtime_env=runtime_env)
-            return True
-        except ConnectionError:
-            pass
     ray.init(runtime_env=runtime_env, configure_logging=False)
     return True
 

@@ -1,2 +1,0 @@
-# SCRATCH ONLY
-def exit_code_for(e): return None
