@@ -7,11 +7,9 @@
 S3 endpoint and keys come from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY.
 """
 import argparse
-import sys
 
 from ctm_dist.data.demo_writer import write_demo_shards
-from ctm_dist.data.writer import as_location, print_summary
-from ctm_dist.storage import StorageError
+from ctm_dist.data.writer import as_location, print_summary, run_script
 
 
 def main(argv=None) -> int:
@@ -32,7 +30,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, OSError, StorageError) as e:  # bad input or storage errors: one clear line, no traceback
-        sys.exit(f"error: {e}")
+    run_script(main)

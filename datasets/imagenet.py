@@ -12,11 +12,9 @@ Class index = sorted wnid order of root/train (as torchvision ImageFolder). S3 e
 from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY.
 """
 import argparse
-import sys
 
 from ctm_dist.data.imagenet_writer import write_imagenet_shards
-from ctm_dist.data.writer import add_common_args, as_location, print_summary
-from ctm_dist.storage import StorageError
+from ctm_dist.data.writer import add_common_args, as_location, print_summary, run_script
 
 
 def main(argv=None) -> int:
@@ -42,7 +40,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, OSError, StorageError) as e:  # bad input or storage errors: one clear line, no traceback
-        sys.exit(f"error: {e}")
+    run_script(main)

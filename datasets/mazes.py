@@ -8,12 +8,10 @@
 S3 endpoint and keys come from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY.
 """
 import argparse
-import sys
 
 from ctm_dist.data.mazes_gen import SIZES
 from ctm_dist.data.mazes_writer import DEFAULT_ROUTE_LENGTH, write_maze_folder_shards, write_maze_shards
-from ctm_dist.data.writer import add_common_args, as_location, print_summary
-from ctm_dist.storage import StorageError
+from ctm_dist.data.writer import add_common_args, as_location, print_summary, run_script
 
 
 def main(argv=None) -> int:
@@ -43,7 +41,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, OSError, StorageError) as e:  # bad input or storage errors: one clear line, no traceback
-        sys.exit(f"error: {e}")
+    run_script(main)

@@ -6,6 +6,7 @@ import itertools
 import uuid
 
 import pytest
+import torch
 
 from ctm_dist.storage import LocalObjectStore, Location
 
@@ -42,3 +43,12 @@ def s3_env(object_store, monkeypatch) -> dict[str, str]:
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     return env
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and threads spin badly on a shared 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

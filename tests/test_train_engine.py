@@ -84,3 +84,34 @@ def test_zero_stage_with_tick_checkpointing_matches_plain_torch(process_group, s
     assert losses[1] == pytest.approx(reference[1], rel=1e-4)
     assert losses[1] != pytest.approx(losses[0], rel=1e-4)  # the optimizer step did something
     assert engine.global_steps == 2
+
+
+PARITY_TINY = ["model.iterations=4", "model.d_model=32", "model.d_input=16", "model.heads=2",
+               "model.n_synch_out=16", "model.n_synch_action=16", "model.memory_length=3",
+               "model.memory_hidden_dims=2"]
+
+
+def test_parity_trains_a_step_in_bf16(process_group):
+    """The default precision on the parity task: float +-1 inputs, a 1-d rotational positional embedding."""
+    from ctm_dist.train.tasks import make_task
+
+    cfg = build_config(None, ["scale.workers=1", "data.batch_size=8", "data.task=parity", "model.preset=parity",
+                              "deepspeed.precision=bf16", "optim.lr=1e-2", "optim.warmup_steps=0",
+                              "optim.schedule=constant", *PARITY_TINY])
+    task = make_task(cfg, rank=0, world_size=1)
+    model_cfg = task.model_config()
+    assert model_cfg.positional_embedding_type == "custom-rotational-1d"
+    _seed()
+    engine = build_engine(CTM(model_cfg), cfg)
+    batch = next(iter(task.train_loader(8, seed=0)))
+    x, target, valid = task.to_device(batch, torch.device("cpu"), torch.bfloat16)
+    assert x.dtype == torch.bfloat16 and target.dtype == torch.int64
+    before = engine.module.output_projector[0].weight.detach().clone()
+    p, c, _ = engine(x)
+    loss, tick = task.loss(p.float(), c.float(), target, valid)
+    engine.backward(loss)
+    engine.step()
+    assert torch.isfinite(loss) and tick.shape == (8,)
+    assert engine.global_steps == 1
+    after = engine.module.output_projector[0].weight
+    assert after.dtype == torch.bfloat16 and not torch.equal(after, before)  # the optimizer step reached the weights

@@ -13,6 +13,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import sys
 import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -20,7 +21,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ctm_dist.storage import Location
+from ctm_dist.storage import Location, StorageError
 
 from .index import ShardIndex, ShardInfo, index_name, shard_name
 
@@ -207,3 +208,11 @@ def print_summary(index: ShardIndex, location: Location, skipped: int = 0) -> No
     extra = f", {skipped} skipped (see warnings above)" if skipped else ""
     print(f"wrote {index.num_samples} samples in {len(index.shards)} shards to {location.url}/"
           f"{index_name(index.split)}{extra}")
+
+
+def run_script(main: Callable[[], int]) -> None:
+    """Run a dataset script's ``main``; bad input and storage errors end it with one clear line, no traceback."""
+    try:
+        sys.exit(main())
+    except (ValueError, OSError, StorageError) as e:
+        sys.exit(f"error: {e}")
