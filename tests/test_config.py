@@ -94,3 +94,12 @@ def test_override_of_unknown_section_in_model_is_rejected():
     cfg = TrainConfig()
     with pytest.raises(ConfigError):
         apply_override(cfg, "model=3")
+
+
+def test_preset_arguments_set_task_sizes():
+    cfg = build_config(overrides=["model.preset=parity", "model.sequence_length=16"])
+    assert cfg.model.overrides["sequence_length"] == 16
+    cfg = build_config(overrides=["model.preset=mazes", "model.route_length=20"])
+    assert cfg.model.overrides["route_length"] == 20
+    with pytest.raises(ConfigError, match="sequence_length"):
+        build_config(overrides=["model.preset=parity", "model.sequence_length=many"])

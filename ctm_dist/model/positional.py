@@ -79,6 +79,7 @@ class RotationalEmbedding2D(nn.Module):
             raise ValueError(f"custom-rotational positional embedding needs square feature maps, got {h}x{w}")
         rotated = _rotations(w, self.start_vector)                              # [W, 2]
         grid = torch.cat((rotated.unsqueeze(1).expand(w, w, 2), rotated.unsqueeze(0).expand(w, w, 2)), dim=-1)
+        grid = grid.to(self.projection[0].weight.dtype)                         # the table is built in fp32
         return self.projection(grid).permute(2, 0, 1).unsqueeze(0)              # [1, d, W, W]
 
 
@@ -91,7 +92,8 @@ class RotationalEmbedding1D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         start = torch.tensor([0.0, 1.0], device=x.device)
-        embedding = self.projection(_rotations(x.size(2), start))             # [L, d]
+        table = _rotations(x.size(2), start).to(self.projection.weight.dtype)  # built in fp32
+        embedding = self.projection(table)                                     # [L, d]
         return embedding.t().unsqueeze(0).expand(x.size(0), -1, -1)
 
 

@@ -315,8 +315,9 @@ def _validate_model(m: ModelSection) -> None:
         return
     fields = {f.name: f for f in dataclasses.fields(CTMConfig)}
     hints = typing.get_type_hints(CTMConfig)
+    hints.update(route_length=int, sequence_length=int)  # preset arguments that size the output
     for key, value in list(m.overrides.items()):
-        if key not in fields:
+        if key not in fields and key not in ("route_length", "sequence_length"):
             raise ConfigError(f"unknown config field 'model.{key}' (not a CTMConfig field)")
         m.overrides[key] = _coerce(value, hints[key], f"model.{key}")
     try:

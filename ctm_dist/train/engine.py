@@ -33,28 +33,6 @@ def model_dtype(cfg: TrainConfig) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.deepspeed.precision]
 
 
-def _cast_to_weight_dtype(module: torch.nn.Module, args: tuple) -> tuple:
-    dtype = module.weight.dtype
-    return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() and a.dtype != dtype else a
-                 for a in args)
-
-
-def match_positional_dtype(model: torch.nn.Module) -> None:
-    """Feed the positional embedding's layers in their own dtype once the model is cast to bf16/fp16.
-
-    The rotational embeddings build their angle tables in float32 inside ``forward`` (independent of
-    the input), which a half-precision ``nn.Linear`` refuses. A forward pre-hook on the few layers
-    of that one submodule casts their floating inputs to the weights' dtype; the rest of the model
-    already receives inputs in the engine's dtype (``Task.to_device``).
-    """
-    positional = getattr(model, "positional_embedding", None)
-    if positional is None:
-        return
-    for layer in positional.modules():
-        if isinstance(layer, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)):
-            layer.register_forward_pre_hook(_cast_to_weight_dtype)
-
-
 def lr_schedule(cfg: TrainConfig) -> WarmupCosine:
     o = cfg.optim
     return WarmupCosine(o.lr, o.warmup_steps, o.decay_steps or cfg.run.max_steps, o.warmup_start_lr,
@@ -73,8 +51,6 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig):
     o = cfg.optim
     ds_cfg = deepspeed_config(cfg)
     model = model.to(model_dtype(cfg))  # buffers too (BatchNorm statistics), not only what DeepSpeed casts
-    if model_dtype(cfg) != torch.float32:
-        match_positional_dtype(model)
     params = [p for p in model.parameters() if p.requires_grad]
     adam = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
     if cfg.deepspeed.offload_optimizer:
