@@ -44,8 +44,7 @@ def test_runtime_env_carries_s3_settings_only_when_asked():
                "AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "HOME": "/root", "AWS_REGION": ""}
     env = job_runtime_env.runtime_env(True, environ)
     assert env["env_vars"] == {**{k: environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                                          "AWS_ENDPOINT_URL")},
-                               "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
+                                                          "AWS_ENDPOINT_URL")}}
     assert "env_vars" not in job_runtime_env.runtime_env(False, environ)
 
 

@@ -27,9 +27,6 @@ def runtime_env(with_credentials: bool = True, environ=os.environ) -> dict:
     if with_credentials:
         env_vars = {k: environ[k] for k in CREDENTIAL_VARS if environ.get(k)}
         if env_vars:
-            # The driver hands the same variables to its workers through ray.init's runtime_env;
-            # without this Ray rejects the equal keys of job and driver as a conflict.
-            env_vars["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
             env["env_vars"] = env_vars
     return env
 

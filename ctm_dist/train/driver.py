@@ -3,13 +3,13 @@
 ``train(cfg)`` runs one training job and returns its summary. With ``run.storage`` empty it starts
 the embedded :class:`~ctm_dist.storage.LocalObjectStore` under ``run.local_dir``; with the demo
 task and no ``data.url`` it writes the demo shards into the run store first. Credentials travel to
-the workers only as ``runtime_env`` environment variables.
+the workers only through Ray's in-memory object store (``ray.put``): never as ``runtime_env``
+variables, which Ray writes to its logs and to the workers' command lines.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -106,7 +106,7 @@ def ensure_demo_shards(url: str) -> None:
 # ---------------------------------------------------------------- Ray
 
 
-def connect_ray(address: str | None, env: dict[str, str]) -> bool:
+def connect_ray(address: str | None) -> bool:
     """Connect to the cluster at ``address`` or $RAY_ADDRESS (set by `ray job submit`), else start a private local one.
 
     A cluster that merely happens to run on this machine is never joined implicitly.
@@ -114,20 +114,15 @@ def connect_ray(address: str | None, env: dict[str, str]) -> bool:
     Returns True when this call started Ray (so the caller shuts it down)."""
     if ray.is_initialized():
         return False
-    job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set when running under `ray job submit`
-    if job:  # the job's runtime_env already carries its variables; repeating one is a merge conflict
-        job_env = (json.loads(job).get("runtime_env") or {}).get("env_vars") or {}
-        env = {k: v for k, v in env.items() if k not in job_env}
-    runtime_env = {"env_vars": env} if env else None
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True)
         return True
-    ray.init(runtime_env=runtime_env, configure_logging=False)
+    ray.init(configure_logging=False)
     return True
 
 
-def _trainer(cfg: TrainConfig, progress):
+def _trainer(cfg: TrainConfig, progress, env: dict[str, str]):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -139,7 +134,8 @@ def _trainer(cfg: TrainConfig, progress):
         resources["GPU"] = sc.gpus_per_worker
     return TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.to_dict(), "progress": progress},
+        train_loop_config={"config": cfg.to_dict(), "progress": progress,
+                           "credentials": ray.put(env)},  # a reference: the values stay in memory
         scaling_config=ScalingConfig(num_workers=sc.workers, use_gpu=sc.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=cfg.run.name,
@@ -209,7 +205,7 @@ def train(cfg: TrainConfig, *, ray_address: str | None = None, interactive: bool
     started = time.perf_counter()
     cfg.run.local_dir = os.path.abspath(cfg.run.local_dir)  # workers run in Ray's own working directory
     with prepared_storage(cfg) as (cfg, env):
-        owns_ray = connect_ray(ray_address, env)
+        owns_ray = connect_ray(ray_address)
         try:
             progress = Progress.remote()
             display = Display(cfg.run.max_steps, interactive, stream)
@@ -217,7 +213,7 @@ def train(cfg: TrainConfig, *, ray_address: str | None = None, interactive: bool
 
             def fit():
                 try:
-                    outcome["result"] = _trainer(cfg, progress).fit()
+                    outcome["result"] = _trainer(cfg, progress, env).fit()
                 except BaseException as e:  # surfaced on the main thread
                     outcome["error"] = e
 

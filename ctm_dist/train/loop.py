@@ -288,10 +288,13 @@ def forever(loader):
 
 def train_worker(loop_config: dict) -> None:
     """Ray Train entry point (``train_loop_per_worker``)."""
+    import ray
     import ray.train
     import ray.train.torch
 
     cfg = TrainConfig.from_dict(loop_config["config"])
+    if loop_config.get("credentials") is not None:
+        os.environ.update(ray.get(loop_config["credentials"]))  # storage endpoint and keys, never logged
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its per-step INFO lines drown the progress
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
