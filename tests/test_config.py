@@ -103,3 +103,22 @@ def test_preset_arguments_set_task_sizes():
     assert cfg.model.overrides["route_length"] == 20
     with pytest.raises(ConfigError, match="sequence_length"):
         build_config(overrides=["model.preset=parity", "model.sequence_length=many"])
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("run.preemption_signals=SIGTERM,SIGNOPE", "run.preemption_signals"),
+    ("run.preemption_grace_s=0", "run.preemption_grace_s"),
+    ("run.storage_retry_deadline=-1", "run.storage_retry_deadline"),
+])
+def test_fault_tolerance_knobs_are_validated(override, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        build_config(overrides=[override])
+
+
+def test_preemption_signals_parse_to_numbers():
+    import signal
+
+    from ctm_dist.train.preemption import parse_signals
+
+    cfg = build_config(overrides=["run.preemption_signals=SIGUSR2, SIGTERM"])
+    assert parse_signals(cfg.run.preemption_signals) == (signal.SIGUSR2, signal.SIGTERM)

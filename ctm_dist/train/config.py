@@ -9,6 +9,7 @@ readable line, before any Ray worker starts.
 from __future__ import annotations
 
 import dataclasses
+import signal
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,6 +34,9 @@ class RunSection:
     max_steps: int = 450
     log_every: int = 25
     local_dir: str = ".ctm-dist"  # scratch: Ray results, embedded store, local TensorBoard copy
+    storage_retry_deadline: float = 60.0  # seconds a storage call retries transient errors before failing
+    preemption_signals: str = "SIGTERM,SIGUSR1"  # signals that mean "checkpoint and exit 75"
+    preemption_grace_s: float = 60.0  # time the preemption checkpoint is expected to fit in
 
 
 @dataclass
@@ -270,6 +274,10 @@ def _validate(cfg: TrainConfig) -> None:
            f"run.name must be a non-empty name without '/', got {r.name!r}")
     _check(r.max_steps > 0, f"run.max_steps must be > 0, got {r.max_steps}")
     _check(r.log_every > 0, f"run.log_every must be > 0, got {r.log_every}")
+    _check(r.storage_retry_deadline > 0, f"run.storage_retry_deadline must be > 0, got {r.storage_retry_deadline}")
+    _check(r.preemption_grace_s > 0, f"run.preemption_grace_s must be > 0, got {r.preemption_grace_s}")
+    _check(all(name.strip() in signal.Signals.__members__ for name in r.preemption_signals.split(",")),
+           f"run.preemption_signals must be signal names such as SIGTERM,SIGUSR1, got {r.preemption_signals!r}")
     _check(d.task in TASKS, f"data.task must be one of {', '.join(TASKS)}, got {d.task!r}")
     _check(d.url != "" or d.task in ("demo", "parity"),
            f"data.url is required for task {d.task!r} (only demo and parity have built-in data)")

@@ -217,7 +217,7 @@ def train(cfg: TrainConfig, *, ray_address: str | None = None, interactive: bool
                 except BaseException as e:  # surfaced on the main thread
                     outcome["error"] = e
 
-            restore_signals = _relay_signals(progress)
+            restore_signals = _relay_signals(progress, cfg.run.preemption_signals)
             thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
             thread.start()
             seen, summary = 0, {}
@@ -249,11 +249,11 @@ def train(cfg: TrainConfig, *, ray_address: str | None = None, interactive: bool
     return summary
 
 
-def _relay_signals(progress):
-    """Forward SIGTERM/SIGUSR1 sent to the driver to the workers (via the progress actor)."""
+def _relay_signals(progress, signals: str):
+    """Forward the preemption signals sent to the driver to the workers (via the progress actor)."""
     import signal
 
-    from ctm_dist.train.preemption import DEFAULT_SIGNALS
+    from ctm_dist.train.preemption import parse_signals
 
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
@@ -263,7 +263,7 @@ def _relay_signals(progress):
         log.warning("got %s: asking the workers to checkpoint and stop", signal.Signals(signum).name)
         progress.request_stop.remote(signum)
 
-    for s in DEFAULT_SIGNALS:
+    for s in parse_signals(signals):
         previous[s] = signal.signal(s, on_signal)
 
     def restore():

@@ -57,7 +57,7 @@ class Trainer:
         self.model_cfg = self.task.model_config()
         self.engine = build_engine(CTM(self.model_cfg).to(device), cfg)
         self.dtype = model_dtype(cfg)
-        self.run_location = Location.parse(cfg.run.storage).child(cfg.run.name)
+        self.run_location = Location.parse(cfg.run.storage, retry_deadline=cfg.run.storage_retry_deadline).child(cfg.run.name)
         self.checkpointer = Checkpointer(self.run_location, keep_last=cfg.checkpoint.keep, rank=rank,
                                          world_size=world_size, local_dir=os.path.join(self.paths["local"], "scratch"))
         # what must match on resume: the model's shape-giving fields (not how ticks are recomputed)
@@ -198,7 +198,7 @@ class Trainer:
             self.progress.update.remote({"step": self.step, "resumed_from": self.resumed_from, "max_steps": max_steps})
         batches = forever(self.train_data)
         pending: dict = {}
-        preemption = StopRequests(self.progress if self.rank == 0 else None)
+        preemption = StopRequests(self.cfg, self.progress if self.rank == 0 else None)
         preempted = None
         while self.step < max_steps:
             t0 = time.perf_counter()
@@ -250,10 +250,11 @@ class StopRequests:
     rank 0 polls that without blocking, and ``should_stop`` agrees on every rank (an all-reduce).
     """
 
-    def __init__(self, progress=None):
-        from ctm_dist.train.preemption import PreemptionHandler
+    def __init__(self, cfg: TrainConfig, progress=None):
+        from ctm_dist.train.preemption import PreemptionHandler, parse_signals
 
-        self.handler = PreemptionHandler()
+        self.handler = PreemptionHandler(parse_signals(cfg.run.preemption_signals),
+                                         grace_seconds=cfg.run.preemption_grace_s)
         try:
             self.handler.install()
         except (RuntimeError, ValueError):  # not the main thread: rely on the driver's relay

@@ -56,6 +56,11 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL from sysexits.h
 DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
+def parse_signals(names: str) -> tuple[int, ...]:
+    """``"SIGTERM,SIGUSR1"`` -> the signal numbers."""
+    return tuple(signal.Signals[name.strip()] for name in names.split(",") if name.strip())
+
+
 class Preempted(Exception):
     """Raised after the preemption checkpoint was committed; exit with ``EXIT_PREEMPTED``."""
 

@@ -73,7 +73,7 @@ class ShardTask(Task):
         from ctm_dist.data.index import read_index
         from ctm_dist.storage import Location
 
-        self.location = Location.parse(cfg.data.url)
+        self.location = Location.parse(cfg.data.url, retry_deadline=cfg.run.storage_retry_deadline)
         self.meta = read_index(self.location, self.train_split).meta
 
     def _loader(self, split: str, batch_size: int, train: bool, seed: int):
