@@ -149,6 +149,9 @@ class Trainer:
             "perf/step_time_s": elapsed / steps,
             "perf/data_wait_s": phases.get("data_wait", 0.0) / steps,
         }
+        skipped = getattr(self.train_data, "stats", {}).get("skipped", 0)
+        if skipped:
+            values["data/skipped_samples"] = float(skipped)  # this rank's corrupt or unreadable samples
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             values["train/grad_norm"] = float(grad_norm)
