@@ -95,7 +95,6 @@ def test_zero2_bf16_run_exports_to_safetensors_and_reference(tmp_path, process_g
     assert doc["format"] == export.FORMAT and doc["task"] == "demo" and doc["source"]["step"] == 2
     model = ctm_dist.load(str(out))  # no DeepSpeed, no Ray needed for this
     # the export holds DeepSpeed's fp32 master weights; the engine computes with their bf16 copies.
-    # (The CTM clamps its decay parameters in place at each forward, on the bf16 copy only.)
     with torch.no_grad():
         model(probe)
     trained = dict(engine.module.named_parameters())

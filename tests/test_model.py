@@ -103,15 +103,21 @@ def test_random_pairing_self_pairs():
     assert torch.equal(model.out_neuron_indices_left[:3], model.out_neuron_indices_right[:3])
 
 
-def test_decays_are_clamped_in_place():
-    model = CTM(tiny())
+def test_decays_are_clamped_with_the_gradient_passed_through():
+    x = torch.randn(2, 5, 3)
+    outside, inside = CTM(tiny()).eval(), CTM(tiny()).eval()
+    inside.load_state_dict(outside.state_dict())
     with torch.no_grad():
-        model.decay_params_out.fill_(20.0)
-        model.decay_params_action.fill_(-3.0)
-    model.eval()
-    with torch.no_grad():
-        model(torch.randn(2, 5, 3))
-    assert (model.decay_params_out == 15).all() and (model.decay_params_action == 0).all()
+        outside.decay_params_out.fill_(20.0)
+        outside.decay_params_action.fill_(-3.0)
+        inside.decay_params_out.fill_(15.0)
+        inside.decay_params_action.fill_(0.0)
+    p_outside, c_outside, _ = outside(x)
+    p_inside, c_inside, _ = inside(x)
+    assert torch.equal(p_outside, p_inside) and torch.equal(c_outside, c_inside)
+    assert (outside.decay_params_out == 20).all(), "the stored parameters must not be mutated"
+    p_outside.sum().backward()
+    assert outside.decay_params_out.grad is not None and outside.decay_params_out.grad.abs().sum() > 0
 
 
 def test_tracking_shapes():

@@ -33,6 +33,8 @@ TINY_MODEL = ["model.iterations=3", "model.d_model=32", "model.d_input=16", "mod
 @pytest.fixture(scope="module")
 def ray_session(object_store):
     """One local Ray for the module; workers get the S3 keys as runtime_env variables."""
+    if ray.is_initialized():  # another module's session (the chaos suite's) is still up
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=True, runtime_env={"env_vars": object_store.env()},
              configure_logging=False, log_to_driver=False)
     yield

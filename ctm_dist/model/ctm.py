@@ -37,6 +37,16 @@ from .weight_grads import TickLinear, new_banks, using_banks
 DECAY_CLAMP = (0.0, 15.0)
 
 
+
+def _clamped(decay: torch.Tensor) -> torch.Tensor:
+    """Decays clamped to [0, 15] with the gradient passed straight through.
+
+    The reference clamps the stored parameters in place before every forward; the values used
+    here are the same, but the parameters are never mutated, so a bf16 working copy can never
+    disagree with DeepSpeed's fp32 master and a checkpoint does not depend on when it was taken.
+    """
+    return decay + (decay.clamp(*DECAY_CLAMP) - decay).detach()
+
 class TickState(NamedTuple):
     """What one tick hands to the next."""
     trace: torch.Tensor          # [D, B, M] pre-activation history (neuron-major, see nlm.py)
@@ -174,12 +184,10 @@ class CTM(nn.Module):
         """Featurise the input and build the state before the first tick."""
         keys, values = self.attention.project_kv(self.compute_features(x))
         b = keys.size(0)
-        with torch.no_grad():  # the reference clamps the stored decays in place
-            self.decay_params_action.clamp_(*DECAY_CLAMP)
-            self.decay_params_out.clamp_(*DECAY_CLAMP)
         action_left, action_right = self._pairs("action")
         out_left, out_right = self._pairs("out")
-        ctx = TickContext(keys, values, torch.exp(-self.decay_params_action), torch.exp(-self.decay_params_out),
+        ctx = TickContext(keys, values, torch.exp(-_clamped(self.decay_params_action)),
+                          torch.exp(-_clamped(self.decay_params_out)),
                           action_left, action_right, out_left, out_right,
                           self.trace_processor.neuron_major_weights())
 
