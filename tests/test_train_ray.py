@@ -35,10 +35,17 @@ def ray_session(object_store):
     """One local Ray for the module; workers get the S3 keys as runtime_env variables."""
     if ray.is_initialized():  # another module's session (the chaos suite's) is still up
         ray.shutdown()
+    saved = {k: os.environ.get(k) for k in object_store.env()}
+    os.environ.update(object_store.env())  # the driver hands this process's AWS_* settings to its workers
     ray.init(num_cpus=2, include_dashboard=True, runtime_env={"env_vars": object_store.env()},
              configure_logging=False, log_to_driver=False)
     yield
     ray.shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
