@@ -81,6 +81,12 @@ def per_tick_accuracy(
         correct = (predictions.argmax(dim=2) == targets.unsqueeze(-1)).float().mean(dim=1)  # [B, T]
     else:
         correct = (predictions.argmax(dim=1) == targets.unsqueeze(-1)).float()  # [B, T]
+    return _reduce_rows(correct, weight, reduction)
+
+
+
+def _reduce_rows(correct: torch.Tensor, weight: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    """Reduce per-sample rows ``[B, X]`` over the batch, each sample weighted by ``weight`` [B]."""
     if weight is not None:
         if weight.shape != correct.shape[:1]:
             raise ValueError(f"weight must have shape {(correct.size(0),)}, got {tuple(weight.shape)}")
@@ -93,7 +99,6 @@ def per_tick_accuracy(
         total = weight.to(correct.dtype).sum().clamp_min(1e-12) if weight is not None else correct.size(0)
         return correct.sum(dim=0) / total
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-
 
 def _steps_correct(predictions: torch.Tensor, targets: torch.Tensor, tick: torch.Tensor) -> torch.Tensor:
     if predictions.dim() != 4:
@@ -135,18 +140,7 @@ def per_position_accuracy(
 ) -> torch.Tensor:
     """Accuracy of each sequence position at ``tick``: [S] (``"sum"``: correct counts; ``"none"``: [B, S])."""
     correct = _steps_correct(predictions, targets, tick).float()
-    if weight is not None:
-        if weight.shape != correct.shape[:1]:
-            raise ValueError(f"weight must have shape {(correct.size(0),)}, got {tuple(weight.shape)}")
-        correct = correct * weight.to(correct.dtype).unsqueeze(1)
-    if reduction == "none":
-        return correct
-    if reduction == "sum":
-        return correct.sum(dim=0)
-    if reduction == "mean":
-        total = weight.to(correct.dtype).sum().clamp_min(1e-12) if weight is not None else correct.size(0)
-        return correct.sum(dim=0) / total
-    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    return _reduce_rows(correct, weight, reduction)
 
 
 # Task names for the same measures.
