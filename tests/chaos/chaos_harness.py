@@ -217,12 +217,14 @@ def restart_store(store) -> None:
 class Outage:
     """Take the store down for ``seconds`` (in a background thread) and bring it back on the same ports.
 
-    ``down_at``/``up_at`` are monotonic times; ``join()`` waits for the restart and re-raises its error.
+    ``down_at``/``restart_at``/``up_at`` are monotonic times (``restart_at``: the server process starts
+    again; clients may reach it before ``up_at``, which is when our readiness poll noticed).
+    ``join()`` waits for the restart and re-raises its error.
     """
 
     def __init__(self, store, seconds: float):
         self.store, self.seconds = store, seconds
-        self.down_at = self.stopped_at = self.up_at = None
+        self.down_at = self.stopped_at = self.restart_at = self.up_at = None
         self.error: BaseException | None = None
         self._thread: threading.Thread | None = None
 
@@ -237,6 +239,7 @@ class Outage:
             stop_store(self.store)
             self.stopped_at = time.monotonic()
             time.sleep(max(0.0, self.seconds - (self.stopped_at - self.down_at)))
+            self.restart_at = time.monotonic()
             restart_store(self.store)
             self.up_at = time.monotonic()
         except BaseException as e:  # surfaced by join()

@@ -71,9 +71,9 @@ def test_reads_ride_out_a_short_outage_and_fail_clearly_after_the_deadline(chaos
 
     rec = scenario("store outage 10s: shard reads")
     assert _keys(got) == expected, "a short outage must not skip or repeat samples"
-    after = [t for t in times if t > outage.up_at]
+    after = [t for t in times if t > outage.restart_at]
     assert after, "the reader should have needed the store again after it came back"
-    rec.trial(True, recover_s=after[0] - outage.up_at, note=f"blocked {after[0] - t_down:.1f}s")
+    rec.trial(True, recover_s=max(0.0, after[0] - outage.up_at), note=f"blocked {after[0] - t_down:.1f}s")
 
     rec = scenario("store outage > deadline: shard reads")
     assert "error" in failure, "the 3 s-deadline reader should have failed with a StorageError"
