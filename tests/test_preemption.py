@@ -111,3 +111,45 @@ def test_driver_signal_writes_marker_that_stops_workers(tmp_path):
         signal.signal(signal.SIGUSR1, before)
     clear_stop_request(run)  # what the driver does before relaunching workers
     assert not PreemptionHandler(signals=[], checks=[marker_check(run)]).should_stop()
+
+
+def test_worker_signals_flag_while_training_and_leave_rays_handler_otherwise():
+    """In a real Ray actor: unpickling WorkerSignals installs the handler on the main thread; a SIGTERM
+    while training only sets the flag; one when no training runs still ends the process (Ray's handler)."""
+    import ray
+
+    from ctm_dist.train.preemption import WorkerSignals
+
+    @ray.remote(num_cpus=0, max_restarts=0)
+    class Worker:
+        def install(self, hook):
+            return hook.installed
+
+        def signal_while_training(self):
+            from ctm_dist.train import preemption
+
+            with preemption.training_in_progress():
+                os.kill(os.getpid(), signal.SIGTERM)
+                deadline = time.monotonic() + 10
+                while preemption.worker_signal() is None and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                return preemption.worker_signal()
+
+        def signal_idle(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+            return "survived"
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=1, include_dashboard=False, configure_logging=False)
+    try:
+        worker = Worker.remote()
+        assert ray.get(worker.install.remote(WorkerSignals("SIGTERM,SIGUSR1", 30.0)), timeout=60)
+        assert ray.get(worker.signal_while_training.remote(), timeout=60) == signal.SIGTERM
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(worker.signal_idle.remote(), timeout=60)
+        assert not WorkerSignals("SIGTERM", 1.0).installed  # only unpickling in an actor installs it
+    finally:
+        if started:
+            ray.shutdown()

@@ -127,6 +127,7 @@ def _trainer(cfg: TrainConfig, progress, env: dict[str, str]):
     from ray.train.torch import TorchTrainer
 
     from ctm_dist.train.loop import train_worker
+    from ctm_dist.train.preemption import WorkerSignals
 
     sc = cfg.scale
     resources = {"CPU": sc.cpus_per_worker}
@@ -135,7 +136,8 @@ def _trainer(cfg: TrainConfig, progress, env: dict[str, str]):
     return TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "progress": progress,
-                           "credentials": ray.put(env)},  # a reference: the values stay in memory
+                           "credentials": ray.put(env),  # a reference: the values stay in memory
+                           "signals": WorkerSignals(cfg.run.preemption_signals, cfg.run.preemption_grace_s)},
         scaling_config=ScalingConfig(num_workers=sc.workers, use_gpu=sc.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=cfg.run.name,

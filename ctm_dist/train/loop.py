@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import random
+import signal
 import socket
 import time
 
@@ -24,6 +25,9 @@ import torch.distributed as dist
 from ctm_dist.train.config import TrainConfig
 from ctm_dist.train.engine import build_engine, model_dtype
 from ctm_dist.train.metrics import RunningSums, StepTimer, TensorBoardLog
+from ctm_dist.train.preemption import training_in_progress
+
+log = logging.getLogger(__name__)
 from ctm_dist.train.tasks import make_task
 
 
@@ -248,9 +252,10 @@ class Trainer:
 class StopRequests:
     """Preemption in a Ray worker: a signal to this process, or a stop the driver relays via ``progress``.
 
-    Ray runs the training function off the main thread, where signal handlers cannot be installed,
-    so the driver (which does get the scheduler's signal) forwards it through its progress actor;
-    rank 0 polls that without blocking, and ``should_stop`` agrees on every rank (an all-reduce).
+    Ray runs the training function off the main thread, where signal handlers cannot be installed;
+    :class:`~ctm_dist.train.preemption.WorkerSignals` installed a flag on the main thread instead,
+    and the driver (which gets the scheduler's signal) forwards its own through its progress actor.
+    Rank 0 polls that without blocking, and ``should_stop`` agrees on every rank (an all-reduce).
     """
 
     def __init__(self, cfg: TrainConfig, progress=None):
@@ -266,6 +271,12 @@ class StopRequests:
         self._pending = progress.stop_requested.remote() if progress is not None else None
 
     def should_stop(self) -> bool:
+        from ctm_dist.train.preemption import worker_signal
+
+        if not self.handler.requested and worker_signal():
+            log.warning("this worker got %s: checkpointing and stopping every rank",
+                        signal.Signals(worker_signal()).name)
+            self.handler.request(worker_signal())
         if self._pending is not None and not self.handler.requested:
             import ray
 
@@ -305,8 +316,9 @@ def train_worker(loop_config: dict) -> None:
     threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
     if threads > 0:
         torch.set_num_threads(threads)
-    trainer = Trainer(cfg, ctx.get_world_rank(), ctx.get_world_size(), device, loop_config.get("progress"))
-    summary = trainer.fit()
+    with training_in_progress():
+        trainer = Trainer(cfg, ctx.get_world_rank(), ctx.get_world_size(), device, loop_config.get("progress"))
+        summary = trainer.fit()
     ray.train.report({k: v for k, v in summary.items() if isinstance(v, (int, float, str)) and v is not None})
     if dist.is_initialized():
         dist.barrier()

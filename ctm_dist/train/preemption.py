@@ -22,20 +22,23 @@ Contract
 Ray
 ---
 Ray Train (V2, Ray 2.60) runs the training function in a "TrainingThread" inside each
-worker actor, not in the main thread: ``signal.signal`` cannot be called there, and the
-actor's main thread carries Ray's own SIGTERM handler, which exits the process at once
-(no checkpoint). A signal must therefore not be forwarded to Ray workers as a signal.
-Two ways reach them instead, both plugged in as ``checks`` of the handler:
+worker actor, not in the main thread, where ``signal.signal`` cannot be called; the actor's
+main thread carries Ray's own SIGTERM handler, which ends the process at once. Three ways
+reach the workers instead:
 
+* :class:`WorkerSignals` rides in the loop config. Ray unpickles the training function (and
+  with it the config) on the actor's MAIN thread before it starts the training thread, so its
+  ``__setstate__`` can install a flag-only handler there (:func:`install_worker_signals`).
+  A SIGTERM to any one worker process (a node drain, a scheduler signalling every task) then
+  sets :func:`worker_signal`, which the loop folds into its all-reduced stop flag. A signal
+  that arrives when no training function runs, or again after the grace time, goes to Ray's
+  own handler, so a stuck or finished worker still exits.
+* The driver (the process Slurm's ``--signal=B:USR1`` or the pod's SIGTERM reaches) relays
+  its signals through its progress actor, which rank 0 polls.
 * :func:`ray_train_check` polls ``ray.train.get_preemption_info()`` (alpha API), which Ray
   fills when a node of the group is drained for preemption (``ray drain-node``, KubeRay,
-  the autoscaler; ``FailureConfig(max_preemption_failures=...)`` then restarts the run).
-* :func:`marker_check` polls a ``PREEMPT`` marker under the run's storage (throttled, one
-  HEAD request per ``interval_s``). The driver (the process Slurm's ``--signal=B:USR1`` or
-  the pod's SIGTERM reaches) calls :func:`request_stop_on_signals`, which writes the marker
-  when signalled, and :func:`clear_stop_request` before it launches workers, so a resumed
-  run does not stop at once. When the workers end with :class:`Preempted` (Ray wraps it in
-  its own errors), the driver exits ``EXIT_PREEMPTED`` because it knows it asked for the stop.
+  the autoscaler); :func:`marker_check` polls a ``PREEMPT`` marker under the run's storage
+  (throttled, one HEAD request per ``interval_s``) for drivers that cannot reach the actor.
 
 :func:`forward_signals` re-sends signals to processes that DO install the handler in their
 main thread (``torchrun``/``srun`` tasks, the test children), e.g. from a wrapper script.
@@ -243,3 +246,82 @@ def ray_train_check() -> Callable[[], bool]:
     import ray.train
 
     return lambda: ray.train.get_preemption_info() is not None
+
+
+# ---------------------------------------------------------------- signals in Ray Train workers
+
+_worker_stop: dict = {}       # {"signum", "at"} once a preemption signal reached this process
+_ray_handlers: dict = {}      # what the worker's main thread had before us (Ray's own handlers)
+_training = threading.Event()  # set while a training function runs in this process
+_worker_grace_s = [60.0]
+
+
+def install_worker_signals(signals: str, grace_seconds: float) -> bool:
+    """In a Ray actor's main thread: turn ``signals`` into the :func:`worker_signal` flag.
+
+    Returns False (and changes nothing) off the main thread or outside a Ray actor.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    try:
+        import ray
+
+        if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+            return False
+    except Exception:
+        return False
+    _worker_grace_s[0] = float(grace_seconds)
+    for s in parse_signals(signals):
+        previous = signal.signal(s, _on_worker_signal)
+        if previous is not _on_worker_signal:
+            _ray_handlers[s] = previous
+    return True
+
+
+def _on_worker_signal(signum, frame) -> None:
+    first = _worker_stop.get("at")
+    overdue = first is not None and time.monotonic() - first > _worker_grace_s[0]
+    if _training.is_set() and not overdue:
+        _worker_stop.setdefault("signum", signum)
+        _worker_stop.setdefault("at", time.monotonic())
+        return
+    previous = _ray_handlers.get(signum)
+    if callable(previous):
+        previous(signum, frame)
+    elif previous == signal.SIG_DFL:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+def worker_signal() -> int | None:
+    """The preemption signal this worker process received while training, if any."""
+    return _worker_stop.get("signum")
+
+
+class training_in_progress:
+    """Context manager around a worker's training function: signals are flags only inside it."""
+
+    def __enter__(self):
+        _worker_stop.clear()
+        _training.set()
+        return self
+
+    def __exit__(self, *exc):
+        _training.clear()
+
+
+class WorkerSignals:
+    """Put one in Ray Train's ``train_loop_config``: unpickling it in a worker installs the handler.
+
+    ``installed`` tells (in the worker) whether that happened on the actor's main thread.
+    """
+
+    def __init__(self, signals: str, grace_seconds: float):
+        self.signals, self.grace_seconds, self.installed = signals, float(grace_seconds), False
+
+    def __getstate__(self) -> dict:
+        return {"signals": self.signals, "grace_seconds": self.grace_seconds}
+
+    def __setstate__(self, state: dict) -> None:
+        self.signals, self.grace_seconds = state["signals"], state["grace_seconds"]
+        self.installed = install_worker_signals(self.signals, self.grace_seconds)

@@ -124,8 +124,6 @@ def test_preemption_of_the_driver_checkpoints_exits_75_and_resumes(reference_run
     rec.trial(True, steps_lost=0, recover_s=(first[0] - t0) if first else None, note=f"from step {resumed}")
 
 
-@pytest.mark.xfail(run=False, reason="known gap (docs/fault-tolerance.md): Ray Train V2 runs the training function "
-                   "off the main thread, so a SIGTERM to one worker process ends it like a crash instead of a preemption")
 @pytest.mark.timeout(300)
 def test_sigterm_to_a_worker_checkpoints_and_exits_75(ray_session, run_bucket, demo_data, run_location, tmp_path,
                                                       rng, s3_env_for, scenario):
