@@ -72,3 +72,23 @@ def test_bad_yaml_file_is_one_line(tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: bad YAML in") and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("problem", ["missing shard index", "wrong credentials"])
+def test_unusable_data_or_storage_fails_once_before_any_worker_starts(problem, object_store, s3_bucket, tmp_path):
+    """Checked in the driver, so Ray never starts (and never retries workers) for input that cannot work."""
+    env = dict(os.environ, **object_store.env(), RAY_ADDRESS="127.0.0.1:1")  # reaching Ray would fail
+    wrong = "wrong-secret-0123456789abcdef"
+    if problem == "wrong credentials":
+        env["AWS_SECRET_ACCESS_KEY"] = wrong
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "imagenet.py"), f"run.local_dir={tmp_path}",
+                           f"run.storage=s3://{s3_bucket}/runs", f"data.url=s3://{s3_bucket}/nothing-here"],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    fragment = "no shard index 'train.json'" if problem == "missing shard index" else "access denied"
+    assert last.startswith("error: training failed") and fragment in last, proc.stderr[-2000:]
+    assert wrong not in proc.stderr + proc.stdout and object_store.secret_key not in proc.stderr + proc.stdout
+    assert "127.0.0.1:1" not in proc.stderr, "the driver tried to reach Ray before checking its input"
+    assert time.monotonic() - started < 60

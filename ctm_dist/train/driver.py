@@ -20,6 +20,7 @@ import ray
 
 from ctm_dist.train.config import TrainConfig
 from ctm_dist.train.metrics import format_line
+from ctm_dist.train.tasks import preflight
 
 log = logging.getLogger("ctm_dist.train")
 
@@ -207,6 +208,7 @@ def train(cfg: TrainConfig, *, ray_address: str | None = None, interactive: bool
     started = time.perf_counter()
     cfg.run.local_dir = os.path.abspath(cfg.run.local_dir)  # workers run in Ray's own working directory
     with prepared_storage(cfg) as (cfg, env):
+        preflight(cfg)
         owns_ray = connect_ray(ray_address)
         try:
             progress = Progress.remote()

@@ -20,6 +20,10 @@ class Task:
     def __init__(self, cfg: TrainConfig, rank: int, world_size: int):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
 
+    @classmethod
+    def preflight(cls, cfg: TrainConfig) -> None:
+        """Run by the driver before any worker starts: raise a clear error for data that cannot work."""
+
     # --- model
     def data_overrides(self) -> dict:
         """CTMConfig fields the data decides (classes, route length...)."""
@@ -75,6 +79,16 @@ class ShardTask(Task):
 
         self.location = Location.parse(cfg.data.url, retry_deadline=cfg.run.storage_retry_deadline)
         self.meta = read_index(self.location, self.train_split).meta
+
+    @classmethod
+    def preflight(cls, cfg):
+        """Both splits' indexes must be readable (reachable store, right keys, shards written)."""
+        from ctm_dist.data.index import read_index
+        from ctm_dist.storage import Location
+
+        location = Location.parse(cfg.data.url, retry_deadline=cfg.run.storage_retry_deadline)
+        for split in (cls.train_split, cls.eval_split):
+            read_index(location, split)
 
     def _loader(self, split: str, batch_size: int, train: bool, seed: int):
         from ctm_dist.data.reader import ShardLoader
@@ -221,6 +235,14 @@ class Parity(Task):
 
 TASKS = {"demo": Classification, "imagenet": Classification, "cifar10": Classification,
          "mazes": Mazes, "parity": Parity}
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """Fail in the driver, before Ray starts (and retries) workers, on storage or data that cannot work."""
+    from ctm_dist.storage import Location
+
+    Location.parse(cfg.run.storage, retry_deadline=cfg.run.storage_retry_deadline).check()
+    TASKS[cfg.data.task].preflight(cfg)
 
 
 def make_task(cfg: TrainConfig, rank: int, world_size: int) -> Task:
