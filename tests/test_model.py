@@ -195,15 +195,30 @@ def test_bf16_autocast_forward_and_backward_are_finite():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-def test_batched_weight_grads_equal_per_tick_autograd():
+@pytest.mark.parametrize("dropout, segment, max_bytes", [(0.0, 0, None), (0.2, 0, None), (0.0, 4, None),
+                                                        (0.0, 0, 1024)])
+def test_tick_summed_gradients_equal_per_tick_autograd(dropout, segment, max_bytes, monkeypatch):
+    """Banked weight and key/value gradients (tick_grads.py) against plain autograd: without and
+    with dropout (keys/values then take the plain path), with tick checkpointing, with partial sums."""
+    from ctm_dist.model.tick_grads import Bank, new_banks
+
+    if max_bytes:
+        monkeypatch.setattr(Bank, "max_bytes", max_bytes)
+    adds = []
+    add = Bank.add
+    monkeypatch.setattr(Bank, "add", lambda self, lhs, rhs: (adds.append(1), add(self, lhs, rhs)))
     torch.manual_seed(0)
-    model = CTM(tiny(dropout=0.2, synapse_depth=3)).train()
+    model = CTM(tiny(dropout=dropout, synapse_depth=3, tick_checkpointing=segment)).train()
     x = torch.randn(3, 5, 7)
     model.batch_weight_grads = False
     loss_plain, plain = _loss_and_grads(model, x, seed=4)
+    assert not adds
     model.batch_weight_grads = True
     loss_batched, batched = _loss_and_grads(model, x, seed=4)
-    assert loss_plain == loss_batched and plain.keys() == batched.keys()
+    assert loss_batched == loss_plain  # the same forward either way
+    assert plain.keys() == batched.keys()
     for name in plain:
         torch.testing.assert_close(batched[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
-    assert model.q_proj._bank is None  # switched off after forward
+    per_tick = len(new_banks(model)) + (2 if dropout == 0 else 0)
+    assert len(adds) == per_tick * model.cfg.iterations  # every banked path was taken, once per tick
+    assert model.q_proj._bank is None and model.attention._bank is None  # switched off after forward

@@ -4,7 +4,9 @@ The parameters are those of ``nn.MultiheadAttention`` (``in_proj_weight``, ``in_
 ``out_proj``) so reference checkpoints load, but the computation is split in two: keys and
 values depend only on the input, so ``project_kv`` runs once per forward, and each tick only
 projects its single query. Without requested weights the fused ``scaled_dot_product_attention``
-kernel does the rest.
+kernel does the rest. While the CTM routes gradients through banks (``tick_grads.py``), the fused
+attention runs in a custom function whose backward records the key and value gradient factors
+instead of adding a full ``[B, heads, L, E / heads]`` gradient per tick.
 """
 
 from __future__ import annotations
@@ -13,12 +15,42 @@ import math
 
 import torch
 from torch import nn
+from torch.autograd import Function
 from torch.nn import functional as F
 
-from .weight_grads import TickLinear
+from .tick_grads import Bank, TickLinear, banked_linear
+
+
+class _BankedSingleQuery(Function):
+    """Fused attention of one query per (sample, head); k and v gradients go to their banks.
+
+    The forward is ``scaled_dot_product_attention`` itself, so outputs do not depend on whether
+    gradients are recorded; the backward recomputes the (small) attention weights."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
+    def forward(ctx, q, k, v, k_bank, v_bank):
+        ctx.save_for_backward(q, k, v)
+        ctx.banks = (k_bank, v_bank)
+        return F.scaled_dot_product_attention(q, k, v)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, grad_out):
+        q, k, v = ctx.saved_tensors
+        k_bank, v_bank = ctx.banks
+        scaled = q * (1.0 / math.sqrt(q.size(-1)))                            # [B, H, 1, hd]
+        weights = torch.softmax(scaled @ k.transpose(-2, -1), dim=-1)         # [B, H, 1, L]
+        grad_w = grad_out @ v.transpose(-2, -1)
+        grad_scores = weights * (grad_w - (grad_w * weights).sum(-1, keepdim=True))
+        v_bank.add(weights, grad_out)                              # dV = sum_t w_t^T g_t
+        k_bank.add(grad_scores, scaled)                            # dK = sum_t ds_t^T (q_t * scale)
+        return (grad_scores @ k) * (1.0 / math.sqrt(q.size(-1))), None, None, None, None
 
 
 class TickAttention(nn.Module):
+    _bank: Bank | None = None  # for the query projection, set by ``using_banks``
+
     def __init__(self, d_input: int, heads: int, dropout: float = 0.0, impl: str = "sdpa"):
         super().__init__()
         self.d_input, self.heads, self.dropout, self.impl = d_input, heads, dropout, impl
@@ -28,24 +60,33 @@ class TickAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
+    def bank_weight(self) -> torch.Tensor:
+        return self.in_proj_weight[:self.d_input]
+
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, E] -> [B, heads, L, E / heads]
         return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
     def project_kv(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the input tokens [B, L, E], each [B, heads, L, E / heads]."""
+        """Keys and values of the input tokens [B, L, E], each [B, heads, L, E / heads] and contiguous
+        (the ticks' matmuls would otherwise copy them every time)."""
         e = self.d_input
         k = F.linear(tokens, self.in_proj_weight[e:2 * e], self.in_proj_bias[e:2 * e])
         v = F.linear(tokens, self.in_proj_weight[2 * e:], self.in_proj_bias[2 * e:])
-        return self._split_heads(k), self._split_heads(v)
+        return self._split_heads(k).contiguous(), self._split_heads(v).contiguous()
 
-    def forward(self, query: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One query per sample [B, E] -> output [B, E] and, if asked, weights [B, heads, 1, L]."""
+    def forward(self, query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_weights: bool = False,
+                kv_banks: tuple[Bank, Bank] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One query per sample [B, E] -> output [B, E] and, if asked, weights [B, heads, 1, L].
+
+        With ``kv_banks``, ``k`` and ``v`` must be those banks' tensors."""
         e = self.d_input
-        q = self._split_heads(F.linear(query, self.in_proj_weight[:e], self.in_proj_bias[:e]).unsqueeze(1))
+        q = banked_linear(query, self._bank, self.in_proj_weight[:e], self.in_proj_bias[:e])
+        q = self._split_heads(q.unsqueeze(1))
         dropout = self.dropout if self.training else 0.0
         weights = None
-        if need_weights or self.impl == "reference":
+        if kv_banks is not None and not need_weights and dropout == 0.0 and not torch.compiler.is_compiling():
+            out = _BankedSingleQuery.apply(q, k, v, *kv_banks)
+        elif need_weights or self.impl == "reference":
             scores = (q * (1.0 / math.sqrt(q.size(-1)))) @ k.transpose(-2, -1)
             weights = torch.softmax(scores, dim=-1)
             out = F.dropout(weights, dropout, self.training) @ v

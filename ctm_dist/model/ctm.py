@@ -32,10 +32,9 @@ from .positional import build_positional_embedding
 from .synapses import build_synapses
 from .synchronisation import pair_indices, select_neurons, update_synchronisation, upper_triangle
 from .tick_checkpoint import run_ticks
-from .weight_grads import TickLinear, new_banks, using_banks
+from .tick_grads import Bank, TickLinear, new_banks, using_banks
 
 DECAY_CLAMP = (0.0, 15.0)
-
 
 
 def _clamped(decay: torch.Tensor) -> torch.Tensor:
@@ -67,7 +66,8 @@ class TickContext(NamedTuple):
     action_right: torch.Tensor
     out_left: torch.Tensor
     out_right: torch.Tensor
-    nlm_weights: tuple[torch.Tensor, ...]  # NLM weights permuted once per forward
+    nlm_weights: tuple           # (weight, bias) per NLM layer, permuted and scaled once per forward
+    kv_banks: tuple[Bank, Bank] | None = None  # gradient banks of keys and values (tick_grads.py)
 
 
 class TickOutput(NamedTuple):
@@ -97,8 +97,14 @@ def normalised_entropy(logits: torch.Tensor) -> torch.Tensor:
     return entropy.flatten(1).mean(-1) if entropy.dim() > 1 else entropy
 
 
+def with_banks(ctx: TickContext) -> TickContext:
+    """The context with keys and values read through gradient banks (tick_grads.py)."""
+    k_bank, v_bank = Bank(ctx.keys), Bank(ctx.values)
+    return ctx._replace(keys=k_bank.tensor, values=v_bank.tensor, kv_banks=(k_bank, v_bank))
+
+
 class CTM(nn.Module):
-    batch_weight_grads = True  # see weight_grads.py; set False on an instance for plain per-tick autograd
+    batch_weight_grads = True  # see tick_grads.py; set False on an instance for plain per-tick autograd
 
     def __init__(self, cfg: CTMConfig):
         super().__init__()
@@ -160,7 +166,8 @@ class CTM(nn.Module):
         sync_action, alpha_action, beta_action = update_synchronisation(
             state.activated, state.alpha_action, state.beta_action, ctx.r_action, ctx.action_left, ctx.action_right)
 
-        attended, weights = self.attention(self.q_proj(sync_action), ctx.keys, ctx.values, need_weights)
+        attended, weights = self.attention(self.q_proj(sync_action), ctx.keys, ctx.values, need_weights,
+                                           ctx.kv_banks)
         pre_activation = self.synapses(torch.cat((attended, state.activated), dim=-1))
         trace = torch.cat((state.trace[:, :, 1:], pre_activation.t().unsqueeze(-1)), dim=-1)
         activated = self.trace_processor(trace, ctx.nlm_weights)
@@ -210,6 +217,8 @@ class CTM(nn.Module):
         else:
             use_banks = self.batch_weight_grads and torch.is_grad_enabled() and not torch.compiler.is_compiling()
             banks = new_banks(self) if use_banks else None
+            if use_banks:
+                ctx = with_banks(ctx)
             state, outputs = run_ticks(self.tick, state, ctx, self.cfg.iterations, self.cfg.tick_checkpointing,
                                        around_segment=lambda: using_banks(banks))
 

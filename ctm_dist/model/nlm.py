@@ -8,7 +8,11 @@ load as they are.
 
 For speed the computation is neuron-major: histories are ``[D, B, M]`` and the weights are
 permuted once per forward to ``[D, in, out]``, so each layer is one contiguous batched matmul
-(the reference's einsum over ``[B, D, M]`` makes CPU bmm loop over neurons).
+(the reference's einsum over ``[B, D, M]`` makes CPU bmm loop over neurons). The temperature is
+folded into those per-forward weights and biases (``(xW + b) / T = x(W/T) + b/T``), which saves
+a division and its backward over ``[D, B, out]`` at every tick. (Summing the per-neuron weight
+gradients over ticks, as ``tick_grads.py`` does for the other layers, measured slower here: the
+factors' concatenation costs more than the per-tick batched matmuls it saves.)
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ import math
 import torch
 from torch import nn
 from torch.nn import functional as F
-
 
 class PerNeuronLinear(nn.Module):
     """``D`` independent linear maps, one per neuron (the reference calls it ``SuperLinear``)."""
@@ -32,15 +35,15 @@ class PerNeuronLinear(nn.Module):
         self.b1 = nn.Parameter(torch.zeros(1, n_neurons, out_dims))
         self.T = nn.Parameter(torch.ones(1))
 
-    def neuron_major_weight(self) -> torch.Tensor:
-        """``w1`` as ``[D, in, out]``, contiguous."""
-        return self.w1.permute(2, 0, 1).contiguous()
+    def neuron_major_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``w1 / T`` as ``[D, in, out]``, contiguous; ``b1 / T`` as ``[D, 1, out]``)."""
+        return (self.w1 / self.T).permute(2, 0, 1).contiguous(), (self.b1 / self.T).transpose(0, 1)
 
-    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """[D, B, in] -> [D, B, out]; ``weight`` is ``neuron_major_weight()`` computed ahead."""
         x = self.layernorm(self.dropout(x))
-        weight = self.neuron_major_weight() if weight is None else weight
-        return torch.baddbmm(self.b1.transpose(0, 1), x, weight) / self.T
+        weight, bias = self.neuron_major_weight() if weight is None else weight
+        return torch.baddbmm(bias, x, weight)
 
 
 class NeuronLevelModels(nn.Module):
@@ -64,10 +67,10 @@ class NeuronLevelModels(nn.Module):
     def linears(self) -> list[PerNeuronLinear]:
         return [m for m in self._modules["0"] if isinstance(m, PerNeuronLinear)]
 
-    def neuron_major_weights(self) -> tuple[torch.Tensor, ...]:
+    def neuron_major_weights(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         return tuple(linear.neuron_major_weight() for linear in self.linears)
 
-    def forward(self, trace: torch.Tensor, weights: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+    def forward(self, trace: torch.Tensor, weights: tuple | None = None) -> torch.Tensor:
         weights = self.neuron_major_weights() if weights is None else weights
         out = trace
         for linear, weight in zip(self.linears, weights):

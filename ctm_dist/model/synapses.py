@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .weight_grads import TickLinear
+from .tick_grads import TickLinear
 
 UNET_MIN_WIDTH = 16
 

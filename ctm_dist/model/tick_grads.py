@@ -1,0 +1,152 @@
+"""Gradients of tensors that every tick reads, summed once per backward instead of once per tick.
+
+The tick loop reads the same weights (synapses, attention and output projections) and the
+same attention keys and values T times per forward. Plain autograd computes a small gradient
+contribution for each of them at every tick and adds it into a buffer: with small batches that
+is T passes over weight-sized memory for the products plus T more for the sums. Here each
+tick's backward only records the two factors of its contribution, ``a_t^T @ b_t``; the sum over
+ticks is then one matmul over the factors concatenated along their rows, ``cat(a)^T @ cat(b)``,
+done when autograd reaches the shared tensor (or earlier, in pieces, when the factors held would
+exceed ``Bank.max_bytes``). Row-wise concatenation copies contiguous blocks, which is what keeps
+it cheap.
+
+* ``TickLinear`` is an ``nn.Linear`` (same parameters and names) whose weight is banked while
+  ``using_banks(banks)`` is active; outside it, or under ``torch.compile``, it is a plain layer.
+  Other modules join by defining ``bank_weight()`` and reading ``self._bank`` (the attention's
+  query projection, a slice of its packed ``in_proj_weight``).
+* Per-forward tensors (the attention keys and values) get a ``Bank(tensor)`` directly and
+  use ``bank.tensor`` in its place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.autograd import Function
+from torch.nn import functional as F
+
+
+class Bank:
+    """The recorded gradient factors of one shared tensor over the ticks of one forward."""
+
+    max_bytes = 64 * 2**20  # factors held before a partial sum is taken
+
+    def __init__(self, tensor: torch.Tensor):
+        self.a: list[torch.Tensor] = []
+        self.b: list[torch.Tensor] = []
+        self.held = 0
+        self.partial: torch.Tensor | None = None
+        self.tensor = _BankedTensor.apply(tensor, self)
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Record one tick's contribution ``a^T @ b`` (both ``[..., rows, *]``, contracted over rows)."""
+        self.a.append(a)
+        self.b.append(b)
+        self.held += a.numel() * a.element_size() + b.numel() * b.element_size()
+        if self.held > self.max_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.a:
+            return
+        a, b = (torch.cat(parts, -2) if len(parts) > 1 else parts[0] for parts in (self.a, self.b))
+        part = a.float().transpose(-2, -1) @ b.float()
+        self.partial = part if self.partial is None else self.partial.add_(part)
+        self.a.clear()
+        self.b.clear()
+        self.held = 0
+
+    def grad(self) -> torch.Tensor | None:
+        self._flush()
+        grad, self.partial = self.partial, None
+        return grad
+
+
+class _BankedTensor(Function):
+    """Identity on the shared tensor; its backward delivers the bank's sum."""
+
+    @staticmethod
+    def forward(ctx, tensor, bank):
+        ctx.bank = bank
+        ctx.set_materialize_grads(False)
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        banked = ctx.bank.grad()
+        if grad is None or banked is None:  # ``grad``: from uses that went around the bank
+            return (banked if grad is None else grad), None
+        return banked.to(grad.dtype) + grad, None
+
+
+class _BankedLinear(Function):
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
+    def forward(ctx, x, weight, bias, bank):
+        ctx.save_for_backward(x, weight)
+        ctx.bank = bank
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_rows = grad_out.reshape(-1, grad_out.size(-1))
+        ctx.bank.add(grad_rows, x.reshape(-1, x.size(-1)))  # dW = g^T x
+        grad_x = (grad_out @ weight.to(grad_out.dtype)) if ctx.needs_input_grad[0] else None
+        grad_bias = grad_rows.sum(0) if ctx.has_bias else None
+        return grad_x, None, grad_bias, None
+
+
+def banked_linear(x: torch.Tensor, bank: Bank | None, weight: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, with the weight gradient through ``bank`` when there is one."""
+    if bank is None or torch.compiler.is_compiling():
+        return F.linear(x, weight, bias)
+    return _BankedLinear.apply(x, bank.tensor, bias, bank)
+
+
+class TickLinear(nn.Linear):
+    """``nn.Linear`` whose weight gradient is summed over ticks inside ``using_banks``."""
+
+    _bank: Bank | None = None
+
+    def bank_weight(self) -> torch.Tensor:
+        return self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return banked_linear(x, self._bank, self.weight, self.bias)
+
+
+def new_banks(module: nn.Module) -> dict[nn.Module, Bank]:
+    """Fresh banks for every submodule with a ``bank_weight()`` (one set per forward).
+
+    Layers whose weights DeepSpeed ZeRO-3 partitions (``ds_id``) are left to plain autograd: their
+    full weight exists only inside their own forward.
+    """
+    banks = {}
+    for layer in module.modules():
+        if hasattr(layer, "bank_weight") and not any(hasattr(p, "ds_id") for p in layer.parameters(recurse=False)):
+            banks[layer] = Bank(layer.bank_weight())
+    return banks
+
+
+@contextlib.contextmanager
+def using_banks(banks: dict[nn.Module, Bank] | None) -> Iterator[None]:
+    """Route the layers' weight gradients through ``banks`` while active (``None``: plain autograd).
+
+    Tick checkpointing re-enters this with the same banks when it recomputes a segment, so the
+    recomputed layers save the same tensors as the original ones.
+    """
+    banks = banks or {}
+    for layer, bank in banks.items():
+        layer._bank = bank
+    try:
+        yield
+    finally:
+        for layer in banks:
+            layer._bank = None
