@@ -6,8 +6,8 @@
 For every combination of --checkpointing and --dtype it prints the median step time over
 --steps (after one warm-up step), FLOPs per step (torch.utils.flop_counter), achieved GFLOP/s,
 the memory held for backward at the end of forward ("held": bytes of the distinct storages
-autograd saved, counted with saved_tensors_hooks, plus the segment inputs that tick checkpointing
-keeps; "ticks": the part saved after the input side, i.e. across ticks; "RSS+": growth of the
+autograd saved, counted with saved_tensors_hooks, plus the segment inputs and replay tapes that
+tick checkpointing keeps; "ticks": the part saved after the input side, i.e. across ticks; "RSS+": growth of the
 process's resident memory over the forward, which also sees what checkpointing caches), and the
 peak RSS of a step. ``--reference DIR`` also times the reference implementation (imported from
 that checkout) on the same configuration and batch and prints the speed ratio.
@@ -104,6 +104,23 @@ class SavedBytes:
         return sum(self.storages.values()) / 2**20
 
 
+@contextlib.contextmanager
+def _collect_tapes():
+    """The replay tapes (ctm_dist.model.tick_checkpoint.Tape) made while active."""
+    from ctm_dist.model import tick_checkpoint
+
+    tapes, init = [], tick_checkpoint.Tape.__init__
+
+    def collecting_init(self):
+        init(self)
+        tapes.append(self)
+    tick_checkpoint.Tape.__init__ = collecting_init
+    try:
+        yield tapes
+    finally:
+        tick_checkpoint.Tape.__init__ = init
+
+
 def _checkpoint_inputs_mb(model: torch.nn.Module, x: torch.Tensor) -> float:
     """Bytes that tick checkpointing keeps alive: the state entering each segment."""
     k = getattr(getattr(model, "cfg", None), "tick_checkpointing", 0)
@@ -159,13 +176,13 @@ class Runner:
                 return result
             self.model.start = marked_start
         _rss_peak_reset()
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False) as counter, _collect_tapes() as tapes:
             rss_before = _rss_mb()
             with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), autocast:
                 predictions, certainties, _ = self.model(self.x)[:3]
                 loss = certainty_loss(predictions.float(), certainties.float(), self.targets, self.reshaper)
             held_rss = _rss_mb() - rss_before
-            held = saved.mb + _checkpoint_inputs_mb(self.model, self.x)
+            held = saved.mb + _checkpoint_inputs_mb(self.model, self.x) + sum(t.nbytes for t in tapes) / 2**20
             loss.backward()
         if start is not None:
             del self.model.start

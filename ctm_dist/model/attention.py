@@ -18,6 +18,7 @@ from torch import nn
 from torch.autograd import Function
 from torch.nn import functional as F
 
+from .tick_checkpoint import replayable
 from .tick_grads import Bank, TickLinear, banked_linear
 
 
@@ -32,7 +33,7 @@ class _BankedSingleQuery(Function):
     def forward(ctx, q, k, v, k_bank, v_bank):
         ctx.save_for_backward(q, k, v)
         ctx.banks = (k_bank, v_bank)
-        return F.scaled_dot_product_attention(q, k, v)
+        return replayable(lambda: F.scaled_dot_product_attention(q, k, v))
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")

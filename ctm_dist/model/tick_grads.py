@@ -28,6 +28,8 @@ from torch import nn
 from torch.autograd import Function
 from torch.nn import functional as F
 
+from .tick_checkpoint import replayable
+
 
 class Bank:
     """The recorded gradient factors of one shared tensor over the ticks of one forward."""
@@ -89,7 +91,7 @@ class _BankedLinear(Function):
         ctx.save_for_backward(x, weight)
         ctx.bank = bank
         ctx.has_bias = bias is not None
-        return F.linear(x, weight, bias)
+        return replayable(lambda: F.linear(x, weight, bias))
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
