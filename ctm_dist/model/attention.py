@@ -40,13 +40,14 @@ class _BankedSingleQuery(Function):
     def backward(ctx, grad_out):
         q, k, v = ctx.saved_tensors
         k_bank, v_bank = ctx.banks
-        scaled = q * (1.0 / math.sqrt(q.size(-1)))                            # [B, H, 1, hd]
+        scale = 1.0 / math.sqrt(q.size(-1))
+        scaled = q * scale                                                    # [B, H, 1, hd]
         weights = torch.softmax(scaled @ k.transpose(-2, -1), dim=-1)         # [B, H, 1, L]
         grad_w = grad_out @ v.transpose(-2, -1)
         grad_scores = weights * (grad_w - (grad_w * weights).sum(-1, keepdim=True))
         v_bank.add(weights, grad_out)                              # dV = sum_t w_t^T g_t
         k_bank.add(grad_scores, scaled)                            # dK = sum_t ds_t^T (q_t * scale)
-        return (grad_scores @ k) * (1.0 / math.sqrt(q.size(-1))), None, None, None, None
+        return (grad_scores @ k) * scale, None, None, None, None
 
 
 class TickAttention(nn.Module):

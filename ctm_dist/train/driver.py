@@ -257,24 +257,16 @@ def _relay_signals(progress, signals: str):
     """Forward the preemption signals sent to the driver to the workers (via the progress actor)."""
     import signal
 
-    from ctm_dist.train.preemption import parse_signals
+    from ctm_dist.train.preemption import handle_signals, parse_signals
 
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
-    previous = {}
 
     def on_signal(signum, frame):
         log.warning("got %s: asking the workers to checkpoint and stop", signal.Signals(signum).name)
         progress.request_stop.remote(signum)
 
-    for s in parse_signals(signals):
-        previous[s] = signal.signal(s, on_signal)
-
-    def restore():
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-    return restore
+    return handle_signals(parse_signals(signals), on_signal)
 
 
 def summary_lines(summary: dict) -> list[str]:

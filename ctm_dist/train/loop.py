@@ -25,10 +25,10 @@ import torch.distributed as dist
 from ctm_dist.train.config import TrainConfig
 from ctm_dist.train.engine import build_engine, model_dtype
 from ctm_dist.train.metrics import RunningSums, StepTimer, TensorBoardLog
-from ctm_dist.train.preemption import training_in_progress
+from ctm_dist.train.preemption import training_in_progress, worker_signal
+from ctm_dist.train.tasks import make_task
 
 log = logging.getLogger(__name__)
-from ctm_dist.train.tasks import make_task
 
 
 def seed_everything(seed: int) -> None:
@@ -271,12 +271,10 @@ class StopRequests:
         self._pending = progress.stop_requested.remote() if progress is not None else None
 
     def should_stop(self) -> bool:
-        from ctm_dist.train.preemption import worker_signal
-
-        if not self.handler.requested and worker_signal():
-            log.warning("this worker got %s: checkpointing and stopping every rank",
-                        signal.Signals(worker_signal()).name)
-            self.handler.request(worker_signal())
+        signum = None if self.handler.requested else worker_signal()
+        if signum:
+            log.warning("this worker got %s: checkpointing and stopping every rank", signal.Signals(signum).name)
+            self.handler.request(signum)
         if self._pending is not None and not self.handler.requested:
             import ray
 

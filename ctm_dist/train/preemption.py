@@ -172,8 +172,6 @@ def forward_signals(pids: Callable[[], Iterable[int]],
     The driver itself keeps running so it can collect the workers' results; returns a
     function that restores the previous handlers.
     """
-    previous = {}
-
     def on_signal(signum, frame):
         for pid in list(pids()):
             if pid == os.getpid():
@@ -183,8 +181,12 @@ def forward_signals(pids: Callable[[], Iterable[int]],
             except ProcessLookupError:
                 pass
 
-    for s in signals:
-        previous[s] = signal.signal(s, on_signal)
+    return handle_signals(signals, on_signal)
+
+
+def handle_signals(signals: Iterable[int], handler: Callable) -> Callable[[], None]:
+    """Install ``handler`` for ``signals`` (main thread only); returns a function restoring the previous ones."""
+    previous = {s: signal.signal(s, handler) for s in signals}
 
     def restore():
         for s, h in previous.items():
@@ -236,8 +238,7 @@ def request_stop_on_signals(run_location, signals: Iterable[int] = DEFAULT_SIGNA
             received.append(signum)
             request_stop(run_location, reason=signal.Signals(signum).name)
 
-    for s in signals:
-        signal.signal(s, on_signal)
+    handle_signals(signals, on_signal)
     return lambda: received[0] if received else None
 
 

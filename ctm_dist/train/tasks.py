@@ -75,18 +75,22 @@ class ShardTask(Task):
     def __init__(self, cfg, rank, world_size):
         super().__init__(cfg, rank, world_size)
         from ctm_dist.data.index import read_index
+
+        self.location = self.data_location(cfg)
+        self.meta = read_index(self.location, self.train_split).meta
+
+    @staticmethod
+    def data_location(cfg):
         from ctm_dist.storage import Location
 
-        self.location = Location.parse(cfg.data.url, retry_deadline=cfg.run.storage_retry_deadline)
-        self.meta = read_index(self.location, self.train_split).meta
+        return Location.parse(cfg.data.url, retry_deadline=cfg.run.storage_retry_deadline)
 
     @classmethod
     def preflight(cls, cfg):
         """Both splits' indexes must be readable (reachable store, right keys, shards written)."""
         from ctm_dist.data.index import read_index
-        from ctm_dist.storage import Location
 
-        location = Location.parse(cfg.data.url, retry_deadline=cfg.run.storage_retry_deadline)
+        location = cls.data_location(cfg)
         for split in (cls.train_split, cls.eval_split):
             read_index(location, split)
 
