@@ -31,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ctm_dist.model import CTM, CTMConfig, preset  # noqa: E402
+from ctm_dist.model.tick_checkpoint import collecting_tapes  # noqa: E402
 
 OUR_ONLY_FIELDS = ("in_channels", "tick_checkpointing", "attention_impl")
 
@@ -104,23 +105,6 @@ class SavedBytes:
         return sum(self.storages.values()) / 2**20
 
 
-@contextlib.contextmanager
-def _collect_tapes():
-    """The replay tapes (ctm_dist.model.tick_checkpoint.Tape) made while active."""
-    from ctm_dist.model import tick_checkpoint
-
-    tapes, init = [], tick_checkpoint.Tape.__init__
-
-    def collecting_init(self):
-        init(self)
-        tapes.append(self)
-    tick_checkpoint.Tape.__init__ = collecting_init
-    try:
-        yield tapes
-    finally:
-        tick_checkpoint.Tape.__init__ = init
-
-
 def _checkpoint_inputs_mb(model: torch.nn.Module, x: torch.Tensor) -> float:
     """Bytes that tick checkpointing keeps alive: the state entering each segment."""
     k = getattr(getattr(model, "cfg", None), "tick_checkpointing", 0)
@@ -176,7 +160,7 @@ class Runner:
                 return result
             self.model.start = marked_start
         _rss_peak_reset()
-        with FlopCounterMode(display=False) as counter, _collect_tapes() as tapes:
+        with FlopCounterMode(display=False) as counter, collecting_tapes() as tapes:
             rss_before = _rss_mb()
             with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), autocast:
                 predictions, certainties, _ = self.model(self.x)[:3]

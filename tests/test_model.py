@@ -158,14 +158,13 @@ def test_tick_checkpointing_gives_the_same_gradients_with_dropout(segment):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_tick_checkpointing_replays_matmuls_and_attention_instead_of_recomputing(dropout, monkeypatch):
-    from ctm_dist.model import tick_checkpoint
+def test_tick_checkpointing_replays_matmuls_and_attention_instead_of_recomputing(dropout):
+    from ctm_dist.model.tick_checkpoint import collecting_tapes
 
-    tapes, init = [], tick_checkpoint.Tape.__init__
-    monkeypatch.setattr(tick_checkpoint.Tape, "__init__", lambda self: (init(self), tapes.append(self))[0])
     model = CTM(tiny(dropout=dropout, tick_checkpointing=2, synapse_depth=1)).train()
     x = torch.randn(3, 5, 7)
-    _loss_and_grads(model, x, seed=3)
+    with collecting_tapes() as tapes:
+        _loss_and_grads(model, x, seed=3)
     assert len(tapes) == 3  # T=6 in segments of 2
     # per tick: q_proj, the attention's query projection, its out_proj, the synapse, the output projector,
     # and (without attention dropout) the fused attention itself

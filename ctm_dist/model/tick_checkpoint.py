@@ -83,21 +83,31 @@ def _run_segment(tick: Callable, state: Any, context: Any, n_ticks: int,
     return state, outputs
 
 
+@contextlib.contextmanager
+def collecting_tapes():
+    """Yield a list that receives every segment's tape made while active (to see what they hold)."""
+    tapes: list[Tape] = []
+    previous = getattr(_active, "collect", None)
+    _active.collect = tapes
+    try:
+        yield tapes
+    finally:
+        _active.collect = previous
+
+
 def run_ticks(tick: Callable, state: Any, context: Any, n_ticks: int, segment: int = 0,
-              around_segment: Callable[[], ContextManager] = contextlib.nullcontext,
-              tapes: list[Tape] | None = None) -> tuple[Any, list]:
+              around_segment: Callable[[], ContextManager] = contextlib.nullcontext) -> tuple[Any, list]:
     """Apply ``tick(state, context) -> (state, output)`` ``n_ticks`` times; return final state, outputs.
 
     ``around_segment()`` is entered around every run of a segment, recomputations included.
-    The segments' tapes are appended to ``tapes`` when given (to measure what they hold).
     """
     if segment <= 0 or not torch.is_grad_enabled():
         return _run_segment(tick, state, context, n_ticks, around_segment)
     outputs: list = []
     for start in range(0, n_ticks, segment):
         tape = Tape()
-        if tapes is not None:
-            tapes.append(tape)
+        if getattr(_active, "collect", None) is not None:
+            _active.collect.append(tape)
         state, segment_outputs = checkpoint(_run_segment, tick, state, context, min(segment, n_ticks - start),
                                             around_segment, tape, use_reentrant=False)
         outputs.extend(segment_outputs)
