@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from ctm_dist.model import CTM, TickContext, TickState
+from ctm_dist.model import CTM, ReadoutState, TickContext, TickState
 
 
 class Prediction(NamedTuple):
@@ -21,11 +21,13 @@ class Prediction(NamedTuple):
     certainty: torch.Tensor    # [B] certainty (1 - normalised entropy) at that tick
 
 
-def _keep(state: TickState, ctx: TickContext, keep: torch.Tensor) -> tuple[TickState, TickContext]:
-    state = state._replace(trace=state.trace[:, keep], **{name: getattr(state, name)[keep]
-                                                          for name in TickState._fields if name != "trace"})
+def _keep(state: TickState, ctx: TickContext, readout: ReadoutState,
+          keep: torch.Tensor) -> tuple[TickState, TickContext, ReadoutState]:
+    """The samples in ``keep``; the beta sums are the same for every sample."""
+    state = state._replace(trace=state.trace[..., keep], activated=state.activated[keep],
+                           alpha_action=state.alpha_action[keep])
     ctx = ctx._replace(keys=ctx.keys[keep], values=ctx.values[keep])
-    return state, ctx
+    return state, ctx, readout._replace(alpha=readout.alpha[keep])
 
 
 @torch.no_grad()
@@ -45,15 +47,19 @@ def predict(model: CTM, x: torch.Tensor, certainty_threshold: float, max_ticks: 
     ticks = torch.full((b,), max_ticks - 1, dtype=torch.long, device=device)
     certainty = torch.empty(b, device=device)
     active = torch.arange(b, device=device)
+    readout_state = None
 
     for t in range(max_ticks):
         state, out = model.tick(state, ctx)
-        done = out.certainty[:, 1] >= certainty_threshold
+        readout = model.read_out(out.post_activation.unsqueeze(0), ctx, readout_state)
+        readout_state = readout.state
+        prediction, tick_certainty = readout.predictions[0], readout.certainties[0, :, 1]
+        done = tick_certainty >= certainty_threshold
         if t == max_ticks - 1:
             done = torch.ones_like(done)
         finished = active[done]
-        predictions[finished] = out.prediction[done].float()
-        certainty[finished] = out.certainty[done, 1].float()
+        predictions[finished] = prediction[done].float()
+        certainty[finished] = tick_certainty[done].float()
         ticks[finished] = t
         if bool(done.all()):
             break
@@ -61,5 +67,5 @@ def predict(model: CTM, x: torch.Tensor, certainty_threshold: float, max_ticks: 
         active = active[keep]
         if not bool(done.any()):
             continue
-        state, ctx = _keep(state, ctx, keep)
+        state, ctx, readout_state = _keep(state, ctx, readout_state, keep)
     return Prediction(predictions, ticks, certainty)

@@ -141,13 +141,16 @@ def _loss_and_grads(model, x, seed):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("segment", [1, 4])  # 4 does not divide T=6
+@pytest.mark.parametrize("segment", [1, 4, "nlm"])  # 4 does not divide T=6; "nlm": nlm_checkpointing
 def test_tick_checkpointing_gives_the_same_gradients_with_dropout(segment):
     torch.manual_seed(0)
     model = CTM(tiny(dropout=0.3, dropout_nlm=0.2, neuron_select_type="random")).train()
     x = torch.randn(3, 5, 7)
     loss_plain, plain = _loss_and_grads(model, x, seed=11)
-    model.cfg.tick_checkpointing = segment
+    if segment == "nlm":
+        model.cfg.nlm_checkpointing = True
+    else:
+        model.cfg.tick_checkpointing = segment
     loss_ckpt, ckpt = _loss_and_grads(model, x, seed=11)
     assert loss_plain == loss_ckpt
     assert plain.keys() == ckpt.keys() and len(plain) == len(list(model.parameters()))
@@ -166,16 +169,16 @@ def test_tick_checkpointing_replays_matmuls_and_attention_instead_of_recomputing
     with collecting_tapes() as tapes:
         _loss_and_grads(model, x, seed=3)
     assert len(tapes) == 3  # T=6 in segments of 2
-    # per tick: q_proj, the attention's query projection, its out_proj, the synapse, the output projector,
-    # and (without attention dropout) the fused attention itself
-    per_tick = 5 + (1 if dropout == 0 else 0)
+    # per tick: q_proj, the attention's query projection, its out_proj, the synapse and (without attention
+    # dropout) the fused attention itself; the output projector runs once, after the ticks
+    per_tick = 4 + (1 if dropout == 0 else 0)
     for tape in tapes:
         assert len(tape.outputs) == 2 * per_tick and tape.replaying and tape.position == len(tape.outputs)
 
 
 def test_tick_checkpointing_keeps_less_for_backward():
-    def saved_bytes(segment):
-        model = CTM(tiny(tick_checkpointing=segment, iterations=12, d_model=64)).train()
+    def saved_bytes(segment=0, nlm=False):
+        model = CTM(tiny(tick_checkpointing=segment, nlm_checkpointing=nlm, iterations=12, d_model=64)).train()
         storages = {}
 
         def pack(t):
@@ -185,20 +188,43 @@ def test_tick_checkpointing_keeps_less_for_backward():
             predictions, _, _ = model(torch.randn(4, 5, 7))
         predictions.sum().backward()
         return sum(storages.values())
-    assert saved_bytes(4) < 0.25 * saved_bytes(0)
+    plain = saved_bytes()
+    assert saved_bytes(4) < 0.25 * plain
+    assert saved_bytes(nlm=True) < 0.5 * plain  # the NLMs' activations are most of a tick's
+
+
+def test_nlm_checkpointing_recomputes_only_the_neuron_level_models(monkeypatch):
+    from ctm_dist.model.nlm import NeuronLevelModels
+
+    calls = []
+    forward = NeuronLevelModels.forward
+    monkeypatch.setattr(NeuronLevelModels, "forward", lambda self, *a: (calls.append(1), forward(self, *a))[1])
+    model = CTM(tiny(nlm_checkpointing=True)).train()
+    _loss_and_grads(model, torch.randn(3, 5, 7), seed=0)
+    assert len(calls) == 2 * model.cfg.iterations  # once in forward, once in backward, per tick
+    calls.clear()
+    with torch.no_grad():
+        model(torch.randn(3, 5, 7))
+    assert len(calls) == model.cfg.iterations
+    with pytest.raises(ValueError, match="choose one"):
+        tiny(nlm_checkpointing=True, tick_checkpointing=2)
 
 
 # --- compile and mixed precision -----------------------------------------------------------------------
 
-def test_tick_compiles_without_graph_breaks():
+def test_tick_and_read_out_compile_without_graph_breaks():
     model = CTM(tiny()).eval()
     with torch.no_grad():
         state, ctx = model.start(torch.randn(2, 5, 7))
         eager_state, eager_out = model.tick(state, ctx)
-        compiled = torch.compile(model.tick, backend="eager", fullgraph=True)
-        new_state, out = compiled(state, ctx)
-    torch.testing.assert_close(out.prediction, eager_out.prediction)
+        new_state, out = torch.compile(model.tick, backend="eager", fullgraph=True)(state, ctx)
+        activations = torch.stack((out.post_activation, out.post_activation))
+        eager_readout = model.read_out(activations, ctx)
+        readout = torch.compile(model.read_out, backend="eager", fullgraph=True)(activations, ctx)
+    torch.testing.assert_close(out.post_activation, eager_out.post_activation)
     torch.testing.assert_close(new_state.trace, eager_state.trace)
+    torch.testing.assert_close(readout.predictions, eager_readout.predictions)
+    torch.testing.assert_close(readout.certainties, eager_readout.certainties)
 
 
 def test_bf16_autocast_forward_and_backward_are_finite():
@@ -231,10 +257,48 @@ def test_tick_summed_gradients_equal_per_tick_autograd(dropout, segment, max_byt
     assert not adds
     model.batch_weight_grads = True
     loss_batched, batched = _loss_and_grads(model, x, seed=4)
-    assert loss_batched == loss_plain  # the same forward either way
+    # the same forward up to rounding: banked layers multiply by a reordered weight copy on CPU
+    torch.testing.assert_close(loss_batched, loss_plain, rtol=1e-6, atol=0)
     assert plain.keys() == batched.keys()
     for name in plain:
         torch.testing.assert_close(batched[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
     per_tick = len(new_banks(model)) + (2 if dropout == 0 else 0)
     assert len(adds) == per_tick * model.cfg.iterations  # every banked path was taken, once per tick
     assert model.q_proj._bank is None and model.attention._bank is None  # switched off after forward
+
+
+def test_banked_linear_with_a_reordered_weight_equals_plain_linear():
+    """The oneDNN-reordered weight copies (tick_grads.py) give F.linear's products, forward and backward,
+    are made once per bank, and are not used where they do not apply (autocast)."""
+    from ctm_dist.model import tick_grads
+    from ctm_dist.model.tick_grads import Bank
+
+    if not tick_grads._ONEDNN:
+        pytest.skip("this torch build has no oneDNN")
+    torch.manual_seed(0)
+    weight, bias = torch.randn(48, 40), torch.randn(48)
+    x, grad_out = torch.randn(6, 40), torch.randn(6, 48)
+    bank = Bank(weight)
+    copies = []
+    for _ in range(3):
+        torch.testing.assert_close(bank.linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias))
+        torch.testing.assert_close(bank.linear(grad_out, weight, None, transposed=True), grad_out @ weight)
+        copies.append(dict(bank._reordered))
+    assert set(copies[0]) == {False, True}  # a reordered weight and a reordered transpose
+    assert all(c[k] is copies[0][k] for c in copies for k in c)  # made once, then reused
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert bank.linear(x, weight, bias).dtype == torch.bfloat16  # autocast's own path
+
+
+def test_banked_forward_without_reordering_is_bit_identical(monkeypatch):
+    from ctm_dist.model.tick_grads import Bank
+
+    monkeypatch.setattr(Bank, "reorder", False)
+    torch.manual_seed(0)
+    model = CTM(tiny(synapse_depth=3)).train()
+    x = torch.randn(3, 5, 7)
+    model.batch_weight_grads = False
+    loss_plain, _ = _loss_and_grads(model, x, seed=4)
+    model.batch_weight_grads = True
+    loss_batched, _ = _loss_and_grads(model, x, seed=4)
+    assert loss_batched == loss_plain

@@ -1,7 +1,7 @@
 """The Continuous Thought Machine model: config, presets, module and its parts."""
 
 from .config import PRESET_NAMES, CTMConfig, preset
-from .ctm import CTM, TickContext, TickOutput, TickState, Tracking, normalised_entropy
+from .ctm import CTM, Readout, ReadoutState, TickContext, TickOutput, TickState, Tracking, normalised_entropy
 
-__all__ = ["CTM", "CTMConfig", "PRESET_NAMES", "TickContext", "TickOutput", "TickState", "Tracking",
-           "normalised_entropy", "preset"]
+__all__ = ["CTM", "CTMConfig", "PRESET_NAMES", "Readout", "ReadoutState", "TickContext", "TickOutput", "TickState",
+           "Tracking", "normalised_entropy", "preset"]

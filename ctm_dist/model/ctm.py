@@ -9,6 +9,11 @@ A CTM thinks for ``iterations`` internal ticks. Each tick:
 3. every neuron's private model (NLM) turns its history into its new post-activation;
 4. the *out* synchronisation is projected to a prediction, whose certainty is 1 - normalised entropy.
 
+Nothing in step 4 feeds back into the next tick, so ``forward`` runs steps 1-3 tick by tick and
+then reads out all ticks at once (``read_out``): one projection over ``T x B`` rows instead of
+``T`` small ones, and tick checkpointing never recomputes it. Adaptive inference reads out tick
+by tick with the same function.
+
 ``forward`` returns predictions ``[B, out_dims, T]``, certainties ``[B, 2, T]`` (normalised entropy,
 1 - it) and the last out synchronisation, like the reference implementation, whose
 ``state_dict`` keys this module shares.
@@ -23,6 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .attention import TickAttention
 from .backbones import backbone_channels, build_backbone
@@ -48,12 +54,17 @@ def _clamped(decay: torch.Tensor) -> torch.Tensor:
 
 class TickState(NamedTuple):
     """What one tick hands to the next."""
-    trace: torch.Tensor          # [D, B, M] pre-activation history (neuron-major, see nlm.py)
+    trace: torch.Tensor | tuple  # [D, M, B] pre-activation history (neuron-major, see nlm.py); with
+                                 # nlm_checkpointing the same as M columns [D, B], oldest first
     activated: torch.Tensor      # [B, D] post-activations
-    alpha_action: torch.Tensor   # running sums of the action synchronisation
-    beta_action: torch.Tensor
-    alpha_out: torch.Tensor      # running sums of the out synchronisation
-    beta_out: torch.Tensor
+    alpha_action: torch.Tensor   # [B, pairs] running sums of the action synchronisation
+    beta_action: torch.Tensor    # [pairs]: the same for every sample
+
+
+class ReadoutState(NamedTuple):
+    """Running sums of the out synchronisation, carried between calls of ``read_out``."""
+    alpha: torch.Tensor          # [B, pairs] (or [pairs] before the first tick)
+    beta: torch.Tensor           # [pairs]
 
 
 class TickContext(NamedTuple):
@@ -71,13 +82,18 @@ class TickContext(NamedTuple):
 
 
 class TickOutput(NamedTuple):
-    prediction: torch.Tensor     # [B, out_dims]
-    certainty: torch.Tensor      # [B, 2]
-    sync_out: torch.Tensor
-    sync_action: torch.Tensor
-    pre_activation: torch.Tensor  # [B, D]
+    sync_action: torch.Tensor      # [B, synch_size_action]
+    pre_activation: torch.Tensor   # [B, D]
     post_activation: torch.Tensor  # [B, D]
     attention: torch.Tensor | None
+
+
+class Readout(NamedTuple):
+    """The out side of ``ticks`` ticks, ticks first."""
+    predictions: torch.Tensor    # [ticks, B, out_dims]
+    certainties: torch.Tensor    # [ticks, B, 2]
+    sync_out: torch.Tensor       # [ticks, B, synch_size_out]
+    state: ReadoutState
 
 
 @dataclass
@@ -144,7 +160,7 @@ class CTM(nn.Module):
             self.register_buffer(f"_{kind}_triangle", torch.stack((rows, cols)), persistent=False)
 
         # --- output
-        self.output_projector = nn.Sequential(TickLinear(cfg.synch_size_out, cfg.out_dims))
+        self.output_projector = nn.Sequential(nn.Linear(cfg.synch_size_out, cfg.out_dims))
 
     # --- input ------------------------------------------------------------------------------
 
@@ -163,22 +179,45 @@ class CTM(nn.Module):
     # --- the tick ------------------------------------------------------------------------------
 
     def tick(self, state: TickState, ctx: TickContext, need_weights: bool = False) -> tuple[TickState, TickOutput]:
+        """Steps 1-3 of one tick (the read-out is ``read_out``)."""
         sync_action, alpha_action, beta_action = update_synchronisation(
             state.activated, state.alpha_action, state.beta_action, ctx.r_action, ctx.action_left, ctx.action_right)
 
         attended, weights = self.attention(self.q_proj(sync_action), ctx.keys, ctx.values, need_weights,
                                            ctx.kv_banks)
         pre_activation = self.synapses(torch.cat((attended, state.activated), dim=-1))
-        trace = torch.cat((state.trace[:, :, 1:], pre_activation.t().unsqueeze(-1)), dim=-1)
-        activated = self.trace_processor(trace, ctx.nlm_weights)
+        if isinstance(state.trace, tuple):  # nlm_checkpointing: backward recomputes the NLMs from the columns
+            trace = state.trace[1:] + (pre_activation.t(),)
+            activated = checkpoint(self._neuron_level_models, ctx.nlm_weights, *trace, use_reentrant=False)
+        else:
+            trace = torch.cat((state.trace[:, 1:], pre_activation.t().unsqueeze(1)), dim=1)
+            activated = self.trace_processor(trace, ctx.nlm_weights)
+        return (TickState(trace, activated, alpha_action, beta_action),
+                TickOutput(sync_action, pre_activation, activated, weights))
 
-        sync_out, alpha_out, beta_out = update_synchronisation(
-            activated, state.alpha_out, state.beta_out, ctx.r_out, ctx.out_left, ctx.out_right)
-        prediction = self.output_projector(sync_out)
+    def _neuron_level_models(self, weights: tuple, *columns: torch.Tensor) -> torch.Tensor:
+        return self.trace_processor(torch.stack(columns, dim=1), weights)
 
-        new_state = TickState(trace, activated, alpha_action, beta_action, alpha_out, beta_out)
-        return new_state, TickOutput(prediction, self.compute_certainty(prediction), sync_out, sync_action,
-                                     pre_activation, activated, weights)
+    def read_out(self, activations: torch.Tensor, ctx: TickContext, state: ReadoutState | None = None) -> Readout:
+        """Out synchronisation, predictions and certainties of post-activations ``[ticks, B, D]``.
+
+        ``state`` is what the previous call returned (``None``: start after the learned start state).
+        """
+        if state is None:
+            start = self.start_activated_state
+            state = ReadoutState(start[ctx.out_left] * start[ctx.out_right], torch.ones_like(ctx.r_out))
+        products = activations[..., ctx.out_left] * activations[..., ctx.out_right]   # [ticks, B, pairs]
+        alpha, beta = state
+        alphas, betas = [], []
+        for product in products.unbind(0):
+            alpha = ctx.r_out * alpha + product
+            beta = ctx.r_out * beta + 1
+            alphas.append(alpha)
+            betas.append(beta)
+        sync_out = torch.stack(alphas) / torch.sqrt(torch.stack(betas)).unsqueeze(1)
+        predictions = self.output_projector(sync_out)
+        certainties = self.compute_certainty(predictions.flatten(0, 1)).unflatten(0, predictions.shape[:2])
+        return Readout(predictions, certainties, sync_out, ReadoutState(alpha, beta))
 
     # --- set-up shared by forward and adaptive inference ----------------------------------------------
 
@@ -199,12 +238,12 @@ class CTM(nn.Module):
                           self.trace_processor.neuron_major_weights())
 
         activated = self.start_activated_state.unsqueeze(0).expand(b, -1)
-        trace = self.start_trace.unsqueeze(1).expand(-1, b, -1)
-        alpha_out = activated[:, out_left] * activated[:, out_right]
+        trace = self.start_trace.unsqueeze(-1).expand(-1, -1, b)
+        if self.cfg.nlm_checkpointing and torch.is_grad_enabled():
+            trace = trace.unbind(1)
         # zero running sums make the first action update exactly the reference's fresh start
-        zeros_action = alpha_out.new_zeros(b, action_left.numel())
-        state = TickState(trace, activated, zeros_action, zeros_action, alpha_out, torch.ones_like(alpha_out))
-        return state, ctx
+        alpha_action = activated.new_zeros(b, action_left.numel())
+        return TickState(trace, activated, alpha_action, alpha_action.new_zeros(action_left.numel())), ctx
 
     # --- forward ---------------------------------------------------------------------------------
 
@@ -222,15 +261,16 @@ class CTM(nn.Module):
             state, outputs = run_ticks(self.tick, state, ctx, self.cfg.iterations, self.cfg.tick_checkpointing,
                                        around_segment=lambda: using_banks(banks))
 
-        predictions = torch.stack([o.prediction for o in outputs], dim=-1).float()
-        certainties = torch.stack([o.certainty for o in outputs], dim=-1).float()
-        sync_out = outputs[-1].sync_out
+        readout = self.read_out(torch.stack([o.post_activation for o in outputs]), ctx)
+        predictions = readout.predictions.permute(1, 2, 0).float().contiguous()
+        certainties = readout.certainties.permute(1, 2, 0).float().contiguous()
+        sync_out = readout.sync_out[-1]
         if not track:
             return predictions, certainties, sync_out
 
         def stacked(name: str) -> torch.Tensor:
             return torch.stack([getattr(o, name).detach() for o in outputs])
-        tracking = Tracking(sync_out=stacked("sync_out"), sync_action=stacked("sync_action"),
+        tracking = Tracking(sync_out=readout.sync_out.detach(), sync_action=stacked("sync_action"),
                             pre_activations=stacked("pre_activation"),
                             post_activations=stacked("post_activation"),
                             attention=stacked("attention"))

@@ -16,6 +16,13 @@ it cheap.
   query projection, a slice of its packed ``in_proj_weight``).
 * Per-forward tensors (the attention keys and values) get a ``Bank(tensor)`` directly and
   use ``bank.tensor`` in its place.
+
+A bank also knows that its weight is fixed for the whole forward, so on CPU (fp32, no autocast)
+the banked layers multiply by a copy of the weight, and one of its transpose for backward,
+reordered once per forward into oneDNN's blocked layout (the same ops ``torch.compile`` uses for
+frozen CPU linears). MKL's plain GEMM re-packs the weight at every call, which at a few rows per
+tick is most of its cost: the reordered products measured 1.15-1.25x faster on the synapse
+layer with one thread and about 2x with two.
 """
 
 from __future__ import annotations
@@ -31,10 +38,20 @@ from torch.nn import functional as F
 from .tick_checkpoint import replayable
 
 
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _reordered(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``x @ weight.T`` can use a weight reordered for oneDNN."""
+    return (_ONEDNN and x.device.type == "cpu" and x.dim() == 2 and x.dtype == weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu"))
+
+
 class Bank:
     """The recorded gradient factors of one shared tensor over the ticks of one forward."""
 
     max_bytes = 64 * 2**20  # factors held before a partial sum is taken
+    reorder = True          # reorder linear weights for oneDNN where possible (see the module docstring)
 
     def __init__(self, tensor: torch.Tensor):
         self.a: list[torch.Tensor] = []
@@ -42,6 +59,18 @@ class Bank:
         self.held = 0
         self.partial: torch.Tensor | None = None
         self.tensor = _BankedTensor.apply(tensor, self)
+        self._reordered: dict[bool, torch.Tensor] = {}
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               transposed: bool = False) -> torch.Tensor:
+        """``F.linear(x, weight, bias)`` (``x @ weight`` with ``transposed``), ``weight`` being this bank's."""
+        if not (self.reorder and _reordered(x, weight)):
+            return x @ weight if transposed else F.linear(x, weight, bias)
+        if transposed not in self._reordered:
+            w = weight.detach()
+            self._reordered[transposed] = torch.ops.mkldnn._reorder_linear_weight(
+                w.t().contiguous() if transposed else w, x.size(0))
+        return torch.ops.mkldnn._linear_pointwise(x, self._reordered[transposed], bias, "none", [], "")
 
     def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Record one tick's contribution ``a^T @ b`` (both ``[..., rows, *]``, contracted over rows)."""
@@ -91,7 +120,7 @@ class _BankedLinear(Function):
         ctx.save_for_backward(x, weight)
         ctx.bank = bank
         ctx.has_bias = bias is not None
-        return replayable(lambda: F.linear(x, weight, bias))
+        return replayable(lambda: bank.linear(x, weight, bias))
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
@@ -99,7 +128,8 @@ class _BankedLinear(Function):
         x, weight = ctx.saved_tensors
         grad_rows = grad_out.reshape(-1, grad_out.size(-1))
         ctx.bank.add(grad_rows, x.reshape(-1, x.size(-1)))  # dW = g^T x
-        grad_x = (grad_out @ weight.to(grad_out.dtype)) if ctx.needs_input_grad[0] else None
+        grad_x = ctx.bank.linear(grad_out, weight.to(grad_out.dtype), None, transposed=True) \
+            if ctx.needs_input_grad[0] else None
         grad_bias = grad_rows.sum(0) if ctx.has_bias else None
         return grad_x, None, grad_bias, None
 
