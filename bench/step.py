@@ -1,7 +1,7 @@
 """Time one CTM training step (forward, certainty loss, backward, AdamW) per preset.
 
     python bench/step.py --preset parity --batch 16 --steps 3 --reference /work/ref
-    python bench/step.py --preset imagenet --iterations 50 --image-size 96 --batch 2 --checkpointing 0,5,nlm
+    python bench/step.py --preset imagenet --iterations 50 --image-size 96 --batch 2 --checkpointing 0,5
 
 For every combination of --checkpointing and --dtype it prints the median step time over
 --steps (after one warm-up step), FLOPs per step (torch.utils.flop_counter), achieved GFLOP/s,
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ctm_dist.model import CTM, CTMConfig, preset  # noqa: E402
 from ctm_dist.model.tick_checkpoint import collecting_tapes  # noqa: E402
 
-OUR_ONLY_FIELDS = ("in_channels", "tick_checkpointing", "nlm_checkpointing", "attention_impl")
+OUR_ONLY_FIELDS = ("in_channels", "tick_checkpointing", "attention_impl")
 
 if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
     @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
@@ -113,13 +113,10 @@ class SavedBytes:
 
 
 def _checkpoint_inputs_mb(model: torch.nn.Module, x: torch.Tensor) -> float:
-    """Bytes that checkpointing keeps alive outside saved tensors: the state entering each segment
-    (tick checkpointing) or every tick's new pre-activations (NLM checkpointing)."""
+    """Bytes that tick checkpointing keeps alive: the state entering each segment."""
     cfg = getattr(model, "cfg", None)
     k = getattr(cfg, "tick_checkpointing", 0)
     b = x.size(0)
-    if getattr(cfg, "nlm_checkpointing", False):
-        return cfg.iterations * b * cfg.d_model * 4 / 2**20
     if not k:
         return 0.0
     per_state = b * cfg.d_model * (cfg.memory_length + 1) + 2 * b * (cfg.synch_size_action + cfg.synch_size_out)
@@ -229,8 +226,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--iterations", type=int, default=None, help="override T")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up)")
-    parser.add_argument("--checkpointing", default="0",
-                        help="comma list of tick_checkpointing values, and 'nlm' for nlm_checkpointing")
+    parser.add_argument("--checkpointing", default="0", help="comma list of tick_checkpointing values")
     parser.add_argument("--dtype", default="fp32", help="comma list of fp32,bf16")
     parser.add_argument("--reference", type=Path, default=None, help="reference checkout to time alongside")
     parser.add_argument("--threads", type=int, default=None)
@@ -249,11 +245,10 @@ def main() -> None:
         print(f"{'model':<10} {'dtype':>5} {'ckpt':>4} {'step s':>8} {'cpu s':>8} {'GFLOP':>8} {'GF/cpu-s':>8} {'held MB':>9} "
               f"{'ticks MB':>9} {'RSS+ MB':>9} {'peakRSS MB':>10}")
 
-        def ours(k: int | str, dtype: str) -> Runner:
+        def ours(k: int, dtype: str) -> Runner:
             torch.manual_seed(0)
             np.random.seed(0)
-            model_cfg = cfg.replace(nlm_checkpointing=True) if k == "nlm" else cfg.replace(tick_checkpointing=k)
-            return Runner("ours", CTM(model_cfg), dtype, x, targets, cfg.prediction_reshaper)
+            return Runner("ours", CTM(cfg.replace(tick_checkpointing=k)), dtype, x, targets, cfg.prediction_reshaper)
 
         base = ours(0, "fp32")
         if args.reference is not None:   # side by side: ours and the reference in alternating steps
@@ -267,8 +262,8 @@ def main() -> None:
             print(f"speed-up ours vs reference (fp32, median of per-round ratios): wall {median_ratio(ref, base):.2f}x, "
                   f"CPU time {median_ratio(ref, base, cpu=True):.2f}x")
             del ref
-        kinds = [k if k == "nlm" else int(k) for k in args.checkpointing.split(",")]
-        variants = [(k, d) for d in args.dtype.split(",") for k in kinds if (k, d) != (0, "fp32")]
+        variants = [(k, d) for d in args.dtype.split(",") for k in map(int, args.checkpointing.split(","))
+                    if (k, d) != (0, "fp32")]
         if args.reference is None:
             interleaved([base], args.steps)
             report(base, 0, base.flops_and_memory())

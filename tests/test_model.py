@@ -141,16 +141,13 @@ def _loss_and_grads(model, x, seed):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("segment", [1, 4, "nlm"])  # 4 does not divide T=6; "nlm": nlm_checkpointing
+@pytest.mark.parametrize("segment", [1, 4])  # 4 does not divide T=6
 def test_tick_checkpointing_gives_the_same_gradients_with_dropout(segment):
     torch.manual_seed(0)
     model = CTM(tiny(dropout=0.3, dropout_nlm=0.2, neuron_select_type="random")).train()
     x = torch.randn(3, 5, 7)
     loss_plain, plain = _loss_and_grads(model, x, seed=11)
-    if segment == "nlm":
-        model.cfg.nlm_checkpointing = True
-    else:
-        model.cfg.tick_checkpointing = segment
+    model.cfg.tick_checkpointing = segment
     loss_ckpt, ckpt = _loss_and_grads(model, x, seed=11)
     assert loss_plain == loss_ckpt
     assert plain.keys() == ckpt.keys() and len(plain) == len(list(model.parameters()))
@@ -177,8 +174,8 @@ def test_tick_checkpointing_replays_matmuls_and_attention_instead_of_recomputing
 
 
 def test_tick_checkpointing_keeps_less_for_backward():
-    def saved_bytes(segment=0, nlm=False):
-        model = CTM(tiny(tick_checkpointing=segment, nlm_checkpointing=nlm, iterations=12, d_model=64)).train()
+    def saved_bytes(segment):
+        model = CTM(tiny(tick_checkpointing=segment, iterations=12, d_model=64)).train()
         storages = {}
 
         def pack(t):
@@ -188,26 +185,7 @@ def test_tick_checkpointing_keeps_less_for_backward():
             predictions, _, _ = model(torch.randn(4, 5, 7))
         predictions.sum().backward()
         return sum(storages.values())
-    plain = saved_bytes()
-    assert saved_bytes(4) < 0.25 * plain
-    assert saved_bytes(nlm=True) < 0.5 * plain  # the NLMs' activations are most of a tick's
-
-
-def test_nlm_checkpointing_recomputes_only_the_neuron_level_models(monkeypatch):
-    from ctm_dist.model.nlm import NeuronLevelModels
-
-    calls = []
-    forward = NeuronLevelModels.forward
-    monkeypatch.setattr(NeuronLevelModels, "forward", lambda self, *a: (calls.append(1), forward(self, *a))[1])
-    model = CTM(tiny(nlm_checkpointing=True)).train()
-    _loss_and_grads(model, torch.randn(3, 5, 7), seed=0)
-    assert len(calls) == 2 * model.cfg.iterations  # once in forward, once in backward, per tick
-    calls.clear()
-    with torch.no_grad():
-        model(torch.randn(3, 5, 7))
-    assert len(calls) == model.cfg.iterations
-    with pytest.raises(ValueError, match="choose one"):
-        tiny(nlm_checkpointing=True, tick_checkpointing=2)
+    assert saved_bytes(4) < 0.25 * saved_bytes(0)
 
 
 # --- compile and mixed precision -----------------------------------------------------------------------

@@ -1,14 +1,11 @@
 """Typed configuration of the CTM and named presets.
 
 Field names follow the reference constructor's keyword arguments so that a reference run's
-arguments map one to one. Four fields are ours:
+arguments map one to one. Three fields are ours:
 
 * ``in_channels``: channels of the input (the reference infers them lazily on the first call;
   we build every layer eagerly so that optimisers and DeepSpeed see all parameters at once).
 * ``tick_checkpointing``: recompute ticks in segments of this many during backward (0 = off).
-* ``nlm_checkpointing``: keep everything of a tick for backward except its neuron-level models,
-  which backward recomputes from the pre-activation history (the other way to save memory; the
-  two cannot be combined).
 * ``attention_impl``: ``"sdpa"`` (fused kernel) or ``"reference"`` (explicit softmax math).
 """
 
@@ -55,7 +52,6 @@ class CTMConfig:
     # ours
     in_channels: int = 3
     tick_checkpointing: int = 0
-    nlm_checkpointing: bool = False
     attention_impl: str = "sdpa"
 
     def __post_init__(self) -> None:
@@ -124,10 +120,6 @@ class CTMConfig:
                  f"{name} must be in [0, 1), got {value!r}")
         need(isinstance(self.tick_checkpointing, int) and self.tick_checkpointing >= 0,
              f"tick_checkpointing must be an integer >= 0, got {self.tick_checkpointing!r}")
-        need(isinstance(self.nlm_checkpointing, bool), f"nlm_checkpointing must be true or false, "
-             f"got {self.nlm_checkpointing!r}")
-        need(not (self.nlm_checkpointing and self.tick_checkpointing),
-             "choose one of tick_checkpointing and nlm_checkpointing")
         need(self.attention_impl in ATTENTION_IMPLS,
              f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         need(self.in_channels >= 1, f"in_channels must be >= 1, got {self.in_channels}")

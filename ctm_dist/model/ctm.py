@@ -28,7 +28,6 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.checkpoint import checkpoint
 
 from .attention import TickAttention
 from .backbones import backbone_channels, build_backbone
@@ -54,8 +53,7 @@ def _clamped(decay: torch.Tensor) -> torch.Tensor:
 
 class TickState(NamedTuple):
     """What one tick hands to the next."""
-    trace: torch.Tensor | tuple  # [D, M, B] pre-activation history (neuron-major, see nlm.py); with
-                                 # nlm_checkpointing the same as M columns [D, B], oldest first
+    trace: torch.Tensor          # [D, M, B] pre-activation history (neuron-major, see nlm.py)
     activated: torch.Tensor      # [B, D] post-activations
     alpha_action: torch.Tensor   # [B, pairs] running sums of the action synchronisation
     beta_action: torch.Tensor    # [pairs]: the same for every sample
@@ -186,17 +184,10 @@ class CTM(nn.Module):
         attended, weights = self.attention(self.q_proj(sync_action), ctx.keys, ctx.values, need_weights,
                                            ctx.kv_banks)
         pre_activation = self.synapses(torch.cat((attended, state.activated), dim=-1))
-        if isinstance(state.trace, tuple):  # nlm_checkpointing: backward recomputes the NLMs from the columns
-            trace = state.trace[1:] + (pre_activation.t(),)
-            activated = checkpoint(self._neuron_level_models, ctx.nlm_weights, *trace, use_reentrant=False)
-        else:
-            trace = torch.cat((state.trace[:, 1:], pre_activation.t().unsqueeze(1)), dim=1)
-            activated = self.trace_processor(trace, ctx.nlm_weights)
+        trace = torch.cat((state.trace[:, 1:], pre_activation.t().unsqueeze(1)), dim=1)
+        activated = self.trace_processor(trace, ctx.nlm_weights)
         return (TickState(trace, activated, alpha_action, beta_action),
                 TickOutput(sync_action, pre_activation, activated, weights))
-
-    def _neuron_level_models(self, weights: tuple, *columns: torch.Tensor) -> torch.Tensor:
-        return self.trace_processor(torch.stack(columns, dim=1), weights)
 
     def read_out(self, activations: torch.Tensor, ctx: TickContext, state: ReadoutState | None = None) -> Readout:
         """Out synchronisation, predictions and certainties of post-activations ``[ticks, B, D]``.
@@ -239,8 +230,6 @@ class CTM(nn.Module):
 
         activated = self.start_activated_state.unsqueeze(0).expand(b, -1)
         trace = self.start_trace.unsqueeze(-1).expand(-1, -1, b)
-        if self.cfg.nlm_checkpointing and torch.is_grad_enabled():
-            trace = trace.unbind(1)
         # zero running sums make the first action update exactly the reference's fresh start
         alpha_action = activated.new_zeros(b, action_left.numel())
         return TickState(trace, activated, alpha_action, alpha_action.new_zeros(action_left.numel())), ctx

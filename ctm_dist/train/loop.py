@@ -65,7 +65,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_location, keep_last=cfg.checkpoint.keep, rank=rank,
                                          world_size=world_size, local_dir=os.path.join(self.paths["local"], "scratch"))
         # what must match on resume: the model's shape-giving fields (not how ticks are recomputed)
-        model_fields = {k: v for k, v in self.model_cfg.to_dict().items() if k not in ("tick_checkpointing", "nlm_checkpointing", "attention_impl")}
+        model_fields = {k: v for k, v in self.model_cfg.to_dict().items() if k not in ("tick_checkpointing", "attention_impl")}
         self.checkpoint_config = dict(cfg.to_dict(), model=model_fields)
         self.train_data = self.task.train_loader(cfg.micro_batch_size, seed=cfg.run.seed)
         self.step = 0
