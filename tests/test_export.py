@@ -124,7 +124,8 @@ def test_zero3_run_on_s3_exports_with_identical_outputs(tmp_path, process_group,
     assert torch.allclose(p, p_trained, atol=1e-5) and torch.allclose(c, c_trained, atol=1e-5)
     # a run loads directly too (newest committed step), and a missing step is a clear error
     direct = ctm_dist.load(run.url)
-    assert torch.equal(direct(probe)[0], p)
+    with torch.no_grad():  # as above (with gradients on, CPU fp32 linears use reordered weights: equal to ~1e-7)
+        assert torch.equal(direct(probe)[0], p)
     with pytest.raises(FileNotFoundError, match="step 7"):
         ctm_dist.load(run.url, step=7)
     text = out.read_bytes(export.CONFIG_FILE).decode()

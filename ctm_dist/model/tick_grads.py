@@ -21,8 +21,9 @@ A bank also knows that its weight is fixed for the whole forward, so on CPU (fp3
 the banked layers multiply by a copy of the weight, and one of its transpose for backward,
 reordered once per forward into oneDNN's blocked layout (the same ops ``torch.compile`` uses for
 frozen CPU linears). MKL's plain GEMM re-packs the weight at every call, which at a few rows per
-tick is most of its cost: the reordered products measured 1.15-1.25x faster on the synapse
-layer with one thread and about 2x with two.
+tick is much of its cost. In isolation the reordered synapse products (parity preset) were
+1.15-1.25x faster with one thread and about 2x with two; in whole training steps, 1.14-1.17x
+faster with two threads and no measurable change with one.
 """
 
 from __future__ import annotations
