@@ -247,7 +247,7 @@ def test_tick_summed_gradients_equal_per_tick_autograd(dropout, segment, max_byt
 
 def test_banked_linear_with_a_reordered_weight_equals_plain_linear():
     """The oneDNN-reordered weight copies (tick_grads.py) give F.linear's products, forward and backward,
-    are made once per bank, and are not used where they do not apply (autocast)."""
+    are made once per bank, and are not used where they do not apply (few rows, autocast)."""
     from ctm_dist.model import tick_grads
     from ctm_dist.model.tick_grads import Bank
 
@@ -255,8 +255,10 @@ def test_banked_linear_with_a_reordered_weight_equals_plain_linear():
         pytest.skip("this torch build has no oneDNN")
     torch.manual_seed(0)
     weight, bias = torch.randn(48, 40), torch.randn(48)
-    x, grad_out = torch.randn(6, 40), torch.randn(6, 48)
+    x, grad_out = torch.randn(tick_grads.REORDER_MIN_ROWS, 40), torch.randn(tick_grads.REORDER_MIN_ROWS, 48)
     bank = Bank(weight)
+    few_rows = bank.linear(x[:2], weight, bias)
+    assert not bank._reordered and torch.equal(few_rows, torch.nn.functional.linear(x[:2], weight, bias))
     copies = []
     for _ in range(3):
         torch.testing.assert_close(bank.linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias))

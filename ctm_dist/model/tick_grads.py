@@ -23,7 +23,9 @@ reordered once per forward into oneDNN's blocked layout (the same ops ``torch.co
 frozen CPU linears). MKL's plain GEMM re-packs the weight at every call, which at a few rows per
 tick is much of its cost. In isolation the reordered synapse products (parity preset) were
 1.15-1.25x faster with one thread and about 2x with two; in whole training steps, 1.14-1.17x
-faster with two threads and no measurable change with one.
+faster with two threads and no measurable change with one. With very few rows MKL does not
+pack, and reordering two copies of every weight per forward then costs more than it saves
+(ImageNet preset at batch 2: 0.87x with one thread), so it needs ``REORDER_MIN_ROWS``.
 """
 
 from __future__ import annotations
@@ -42,10 +44,13 @@ from .tick_checkpoint import replayable
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+REORDER_MIN_ROWS = 8
+
+
 def _reordered(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``x @ weight.T`` can use a weight reordered for oneDNN."""
-    return (_ONEDNN and x.device.type == "cpu" and x.dim() == 2 and x.dtype == weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu"))
+    """Whether ``x @ weight.T`` should use a weight reordered for oneDNN."""
+    return (_ONEDNN and x.device.type == "cpu" and x.dim() == 2 and x.size(0) >= REORDER_MIN_ROWS
+            and x.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"))
 
 
 class Bank:
