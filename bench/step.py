@@ -16,9 +16,9 @@ that checkout) on the same configuration and batch and prints the speed ratio.
 from __future__ import annotations
 
 import argparse
-import math
 import contextlib
 import io
+import math
 import os
 import statistics
 import sys
@@ -114,12 +114,13 @@ class SavedBytes:
 
 def _checkpoint_inputs_mb(model: torch.nn.Module, x: torch.Tensor) -> float:
     """Bytes that tick checkpointing keeps alive: the state entering each segment."""
-    cfg = getattr(model, "cfg", None)
-    k = getattr(cfg, "tick_checkpointing", 0)
-    b = x.size(0)
+    k = getattr(getattr(model, "cfg", None), "tick_checkpointing", 0)
     if not k:
         return 0.0
-    per_state = b * cfg.d_model * (cfg.memory_length + 1) + 2 * b * (cfg.synch_size_action + cfg.synch_size_out)
+    cfg = model.cfg
+    b = x.size(0)
+    # TickState: trace [D, M, B], activated [B, D], alpha_action [B, pairs], beta_action [pairs]
+    per_state = b * cfg.d_model * (cfg.memory_length + 1) + (b + 1) * cfg.synch_size_action
     segments = -(-cfg.iterations // k)
     return segments * per_state * 4 / 2**20
 
