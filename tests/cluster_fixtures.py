@@ -4,25 +4,12 @@ import importlib.util
 import os
 import shutil
 import sys
-import socket
 import tempfile
 from pathlib import Path
 
+from ctm_dist.storage.local import free_ports  # noqa: F401  (re-exported for the cluster tests)
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct TCP ports that are free on 127.0.0.1 right now."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class ShortTempDir:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import socket
 import stat
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 
 from ctm_dist.storage import (Location, StorageAccessDenied, StorageError,
                               StorageNotFound)
+from ctm_dist.storage.local import free_ports
 
 
 def test_s3_round_trip_put_get_list(s3_location, tmp_path):
@@ -184,3 +186,29 @@ def test_restart_keeps_endpoint_and_data(object_store, s3_location):
     object_store.restart()
     assert object_store.endpoint_url == endpoint
     assert s3_location.read_bytes("kept") == b"before restart"  # same client, reconnected
+
+
+def test_restart_draws_new_internal_ports_when_one_was_taken_meanwhile(object_store, s3_location):
+    """Another process binding an internal port during an outage must not keep the store down."""
+    s3_location.write_bytes("kept", b"before restart")
+    endpoint, taken = object_store.endpoint_url, object_store.ports["volume.port"]
+    object_store.stop()
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        object_store.restart()
+    finally:
+        squatter.close()
+    assert object_store.endpoint_url == endpoint
+    assert object_store.ports["volume.port"] != taken
+    assert s3_location.read_bytes("kept") == b"before restart"
+
+
+def test_ports_are_drawn_below_the_ephemeral_range():
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    ports = free_ports(40)
+    assert len(set(ports)) == 40
+    if low >= 21000:
+        assert all(20000 <= p < low for p in ports)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -35,18 +36,51 @@ _PORT_FLAGS = (
 )
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct ports that were free on 127.0.0.1 a moment ago."""
-    socks = []
+# Ports are drawn below the kernel's ephemeral range (where outgoing connections and bind(0) take
+# theirs, so a server restarted on its old ports finds them still free) and above Ray's worker ports.
+_PORT_FLOOR = 20000
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def _port_range() -> tuple[int, int] | None:
     try:
-        for _ in range(n):
+        ephemeral_low = int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    return (_PORT_FLOOR, ephemeral_low) if ephemeral_low - _PORT_FLOOR >= 1000 else None
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports that were free on 127.0.0.1 a moment ago, outside the ephemeral range
+    when the kernel leaves room for that."""
+    span = _port_range()
+    pick = random.Random(secrets.randbits(64))
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(50 * n):
+            if len(socks) == n:
+                break
             s = socket.socket()
-            s.bind((HOST, 0))
+            try:
+                s.bind((HOST, pick.randrange(*span) if span else 0))
+            except OSError:
+                s.close()
+                continue
             socks.append(s)
+        if len(socks) < n:
+            raise StorageError(f"could not find {n} free ports on {HOST}")
         return [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:
             s.close()
+
+
+def _log_tail(path: Path, lines: int = 5) -> str:
+    try:
+        tail = path.read_text(errors="replace").strip().splitlines()[-lines:]
+    except OSError:
+        return ""
+    return "\n  " + "\n  ".join(tail) if tail else ""
 
 
 def _weed_binary() -> str:
@@ -129,10 +163,7 @@ class LocalObjectStore:
         for _attempt in range(3):  # a picked port can be taken before weed binds it
             self.ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS))))
             self.endpoint_url = f"http://{HOST}:{self.ports['s3.port']}"
-            self._log = open(self.data_dir / "weed.log", "ab")
-            self._proc = subprocess.Popen(
-                self._command(), stdout=self._log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, cwd=self.data_dir, start_new_session=True)
+            self._launch()
             try:
                 self._wait_ready()
                 return self
@@ -141,20 +172,34 @@ class LocalObjectStore:
                 self.stop()
         raise StorageError(f"weed mini did not start: {last_error}")
 
-    def restart(self) -> None:
-        """Stop and start again on the same ports and data (clients' endpoint stays valid)."""
-        if not self.ports:
-            raise StorageError("restart() needs a store that was started before")
-        self.stop()
+    def _launch(self) -> None:
         self._log = open(self.data_dir / "weed.log", "ab")
         self._proc = subprocess.Popen(
             self._command(), stdout=self._log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, cwd=self.data_dir, start_new_session=True)
-        try:
-            self._wait_ready()
-        except StorageError:
-            self.stop()
-            raise
+
+    def restart(self) -> None:
+        """Stop and start again on the same S3 port and data (clients' endpoint stays valid).
+
+        Should another process have taken one of the internal ports meanwhile, those are drawn anew.
+        """
+        if not self.ports:
+            raise StorageError("restart() needs a store that was started before")
+        self.stop()
+        last_error: Exception | None = None
+        for attempt in range(3):
+            if attempt:  # another process may hold an internal port by now; only the S3 port must stay
+                s3_port = self.ports["s3.port"]
+                fresh = iter(p for p in free_ports(len(_PORT_FLAGS)) if p != s3_port)
+                self.ports = {flag: s3_port if flag == "s3.port" else next(fresh) for flag in _PORT_FLAGS}
+            self._launch()
+            try:
+                self._wait_ready()
+                return
+            except StorageError as e:
+                last_error = e
+                self.stop()
+        raise StorageError(f"weed mini did not restart: {last_error}")
 
     def client(self):
         """A botocore S3 client signed with this server's keys."""
@@ -171,8 +216,8 @@ class LocalObjectStore:
         client = self.client()
         while True:
             if self._proc.poll() is not None:
-                raise StorageError(f"exited with code {self._proc.returncode}; "
-                                   f"see {self.data_dir / 'weed.log'}")
+                raise StorageError(f"exited with code {self._proc.returncode}; see "
+                                   f"{self.data_dir / 'weed.log'}:{_log_tail(self.data_dir / 'weed.log')}")
             try:
                 client.list_buckets()
                 return
