@@ -1,8 +1,9 @@
 """Time one CTM training step (forward, certainty loss, backward, AdamW) per preset.
 
     python bench/step.py --preset parity --batch 16 --steps 3 --reference /work/ref
-    python bench/step.py --preset imagenet --iterations 50 --image-size 96 --batch 2 --checkpointing 0,5
+    python bench/step.py --preset imagenet --iterations 50 --image-size 96 --batch 2 --checkpointing 0,5,nlms
 
+``--checkpointing`` takes tick_checkpointing segment lengths and ``nlms`` (recompute_nlms).
 For every combination of --checkpointing and --dtype it prints the median step time over
 --steps (after one warm-up step), FLOPs per step (torch.utils.flop_counter), achieved GFLOP/s,
 the memory held for backward at the end of forward ("held": bytes of the distinct storages
@@ -31,10 +32,9 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ctm_dist.model import CTM, CTMConfig, preset  # noqa: E402
+from ctm_dist.model import CTM, OUR_FIELDS, CTMConfig, preset  # noqa: E402
 from ctm_dist.model.tick_checkpoint import collecting_tapes  # noqa: E402
 
-OUR_ONLY_FIELDS = ("in_channels", "tick_checkpointing", "attention_impl")
 
 if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
     @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
@@ -203,7 +203,7 @@ def median_ratio(slow: Runner, fast: Runner, cpu: bool = False) -> float:
 def build_reference(reference: Path, cfg: CTMConfig, x: torch.Tensor):
     sys.path.insert(0, str(reference))
     from models.ctm import ContinuousThoughtMachine
-    kwargs = {k: v for k, v in cfg.to_dict().items() if k not in OUR_ONLY_FIELDS}
+    kwargs = {k: v for k, v in cfg.to_dict().items() if k not in OUR_FIELDS}
     with contextlib.redirect_stdout(io.StringIO()):
         model = ContinuousThoughtMachine(**kwargs)
         with torch.no_grad():
@@ -212,7 +212,14 @@ def build_reference(reference: Path, cfg: CTMConfig, x: torch.Tensor):
     return model
 
 
-def report(runner: Runner, k: int, stats: dict) -> None:
+NLMS = "nlms"  # --checkpointing value for recompute_nlms
+
+
+def _checkpointing(value: str) -> int | str:
+    return value if value == NLMS else int(value)
+
+
+def report(runner: Runner, k: int | str, stats: dict) -> None:
     seconds = statistics.median(runner.times)
     cpu = statistics.median(runner.cpu_times)
     print(f"{runner.label:<10} {runner.dtype:>5} {k:>4} {seconds:8.2f} {cpu:8.2f} {stats['gflop']:8.1f} "
@@ -227,7 +234,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--iterations", type=int, default=None, help="override T")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up)")
-    parser.add_argument("--checkpointing", default="0", help="comma list of tick_checkpointing values")
+    parser.add_argument("--checkpointing", default="0",
+                        help="comma list of tick_checkpointing values; 'nlms' for recompute_nlms")
     parser.add_argument("--dtype", default="fp32", help="comma list of fp32,bf16")
     parser.add_argument("--reference", type=Path, default=None, help="reference checkout to time alongside")
     parser.add_argument("--threads", type=int, default=None)
@@ -246,10 +254,12 @@ def main() -> None:
         print(f"{'model':<10} {'dtype':>5} {'ckpt':>4} {'step s':>8} {'cpu s':>8} {'GFLOP':>8} {'GF/cpu-s':>8} {'held MB':>9} "
               f"{'ticks MB':>9} {'RSS+ MB':>9} {'peakRSS MB':>10}")
 
-        def ours(k: int, dtype: str) -> Runner:
+        def ours(k: int | str, dtype: str) -> Runner:
             torch.manual_seed(0)
             np.random.seed(0)
-            return Runner("ours", CTM(cfg.replace(tick_checkpointing=k)), dtype, x, targets, cfg.prediction_reshaper)
+            model = CTM(cfg.replace(tick_checkpointing=0, recompute_nlms=True) if k == NLMS
+                        else cfg.replace(tick_checkpointing=k))
+            return Runner("ours", model, dtype, x, targets, cfg.prediction_reshaper)
 
         base = ours(0, "fp32")
         if args.reference is not None:   # side by side: ours and the reference in alternating steps
@@ -263,7 +273,7 @@ def main() -> None:
             print(f"speed-up ours vs reference (fp32, median of per-round ratios): wall {median_ratio(ref, base):.2f}x, "
                   f"CPU time {median_ratio(ref, base, cpu=True):.2f}x")
             del ref
-        variants = [(k, d) for d in args.dtype.split(",") for k in map(int, args.checkpointing.split(","))
+        variants = [(k, d) for d in args.dtype.split(",") for k in map(_checkpointing, args.checkpointing.split(","))
                     if (k, d) != (0, "fp32")]
         if args.reference is None:
             interleaved([base], args.steps)

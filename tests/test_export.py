@@ -12,7 +12,7 @@ import torch
 
 import ctm_dist
 from ctm_dist.eval import export, loading, runs
-from ctm_dist.model import CTM
+from ctm_dist.model import CTM, EXECUTION_FIELDS
 from ctm_dist.storage import Location
 from eval_fixtures import TINY, tiny_config, tiny_ctm
 
@@ -74,7 +74,7 @@ def train_and_checkpoint(run_url: str, zero_stage: int, bf16: bool, steps: int =
     train_config = {"model": {"preset": "demo", "overrides": {**TINY, "iterations": 3}}, "data": {"task": "demo"}}
     if record_model_config:
         train_config["model"] = {k: v for k, v in cfg.to_dict().items()
-                                 if k not in ("tick_checkpointing", "attention_impl")}
+                                 if k not in EXECUTION_FIELDS}
     Checkpointer(run_url, keep_last=2).save(steps, engine, {"note": "test"}, config=train_config)
     engine.eval()
     with torch.no_grad():

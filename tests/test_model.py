@@ -32,6 +32,8 @@ def tiny(**overrides) -> CTMConfig:
     (dict(iterations=0), "iterations"),
     (dict(dropout=1.5), "dropout"),
     (dict(tick_checkpointing=-1), "tick_checkpointing"),
+    (dict(recompute_nlms=1), "recompute_nlms"),
+    (dict(recompute_nlms=True, tick_checkpointing=2), "choose one"),
     (dict(attention_impl="flash"), "attention_impl"),
     (dict(prediction_reshaper=[3, 2]), "prediction_reshaper"),
 ])
@@ -173,19 +175,53 @@ def test_tick_checkpointing_replays_matmuls_and_attention_instead_of_recomputing
         assert len(tape.outputs) == 2 * per_tick and tape.replaying and tape.position == len(tape.outputs)
 
 
-def test_tick_checkpointing_keeps_less_for_backward():
-    def saved_bytes(segment):
-        model = CTM(tiny(tick_checkpointing=segment, iterations=12, d_model=64)).train()
-        storages = {}
+def _saved_bytes(**overrides) -> int:
+    """Bytes of the distinct storages autograd keeps for backward (d_model 64, M 8, hidden 8, T 12)."""
+    model = CTM(tiny(iterations=12, d_model=64, memory_length=8, memory_hidden_dims=8, **overrides)).train()
+    storages = {}
 
-        def pack(t):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            predictions, _, _ = model(torch.randn(4, 5, 7))
-        predictions.sum().backward()
-        return sum(storages.values())
-    assert saved_bytes(4) < 0.25 * saved_bytes(0)
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        predictions, _, _ = model(torch.randn(4, 5, 7))
+    predictions.sum().backward()
+    return sum(storages.values())
+
+
+def test_tick_checkpointing_keeps_less_for_backward():
+    plain = _saved_bytes()
+    assert _saved_bytes(tick_checkpointing=4) < 0.25 * plain
+    assert _saved_bytes(recompute_nlms=True) < 0.6 * plain  # the NLM histories and hidden activations go
+
+
+@pytest.mark.parametrize("overrides, by_hand", [
+    (dict(dropout=0.0), True),
+    (dict(dropout=0.0, deep_nlms=False, synapse_depth=1), True),
+    (dict(dropout=0.3, dropout_nlm=0.2, neuron_select_type="random"), False),
+    (dict(dropout=0.0, do_layernorm_nlm=True), False),
+])
+def test_recomputed_nlms_give_the_same_gradients(overrides, by_hand, monkeypatch):
+    """Written-out backward (no dropout, no layernorm) and autograd run again (the others)."""
+    from ctm_dist.model import nlm
+
+    calls = []
+    written_out = nlm._nlm_backward
+    monkeypatch.setattr(nlm, "_nlm_backward", lambda *a: (calls.append(1), written_out(*a))[1])
+    torch.manual_seed(0)
+    model = CTM(tiny(**overrides)).train()
+    x = torch.randn(3, 5, 7)
+    loss_plain, plain = _loss_and_grads(model, x, seed=11)
+    model.cfg.recompute_nlms = True
+    loss_recomputed, recomputed = _loss_and_grads(model, x, seed=11)
+    assert len(calls) == (model.cfg.iterations if by_hand else 0)
+    assert loss_recomputed == loss_plain
+    assert plain.keys() == recomputed.keys() and len(plain) == len(list(model.parameters()))
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], atol=1e-6, rtol=0, msg=name)
+    if model.cfg.nlm_dropout:
+        _, other_dropout = _loss_and_grads(model, x, seed=12)  # the test would notice different masks
+        assert any(not torch.allclose(other_dropout[n], plain[n]) for n in plain)
 
 
 # --- compile and mixed precision -----------------------------------------------------------------------
@@ -203,6 +239,19 @@ def test_tick_and_read_out_compile_without_graph_breaks():
     torch.testing.assert_close(new_state.trace, eager_state.trace)
     torch.testing.assert_close(readout.predictions, eager_readout.predictions)
     torch.testing.assert_close(readout.certainties, eager_readout.certainties)
+
+
+def test_recomputed_nlms_under_bf16_autocast_give_the_plain_gradients():
+    torch.manual_seed(0)
+    model = CTM(tiny(dropout=0.0)).train()
+    x = torch.randn(3, 5, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_plain, plain = _loss_and_grads(model, x, seed=1)
+        model.cfg.recompute_nlms = True
+        loss_recomputed, recomputed = _loss_and_grads(model, x, seed=1)
+    assert loss_recomputed == loss_plain
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], atol=1e-6, rtol=0, msg=name)
 
 
 def test_bf16_autocast_forward_and_backward_are_finite():

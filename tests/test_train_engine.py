@@ -64,13 +64,15 @@ def _plain_losses(tick_checkpointing: int):
     return losses
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_zero_stage_with_tick_checkpointing_matches_plain_torch(process_group, stage):
+@pytest.mark.parametrize("stage, recompute", [(0, dict(tick_checkpointing=2)), (1, dict(tick_checkpointing=2)),
+                                               (2, dict(tick_checkpointing=2)), (3, dict(tick_checkpointing=2)),
+                                               (3, dict(recompute_nlms=True))])
+def test_zero_stage_with_tick_checkpointing_matches_plain_torch(process_group, stage, recompute):
     cfg = build_config(None, ["scale.workers=1", "data.batch_size=8", f"deepspeed.zero_stage={stage}",
                               "deepspeed.precision=fp32", "optim.lr=1e-2", "optim.warmup_steps=0",
                               "optim.schedule=constant"])
     _seed()
-    engine = build_engine(CTM(preset("demo", **TINY, tick_checkpointing=2)), cfg)
+    engine = build_engine(CTM(preset("demo", **TINY, **recompute)), cfg)
     x, y = _batch()
     losses = []
     for _ in range(2):

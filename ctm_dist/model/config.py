@@ -1,12 +1,16 @@
 """Typed configuration of the CTM and named presets.
 
 Field names follow the reference constructor's keyword arguments so that a reference run's
-arguments map one to one. Three fields are ours:
+arguments map one to one. Four fields are ours:
 
 * ``in_channels``: channels of the input (the reference infers them lazily on the first call;
   we build every layer eagerly so that optimisers and DeepSpeed see all parameters at once).
 * ``tick_checkpointing``: recompute ticks in segments of this many during backward (0 = off).
+* ``recompute_nlms``: recompute only each tick's neuron-level models during backward, from the
+  pre-activations, and keep everything else (less time, a little more memory than segments).
 * ``attention_impl``: ``"sdpa"`` (fused kernel) or ``"reference"`` (explicit softmax math).
+
+The last three change how the model runs, not what it computes (``EXECUTION_FIELDS``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ POSITIONAL_EMBEDDING_TYPES = (
     "custom-rotational-1d",
 )
 ATTENTION_IMPLS = ("sdpa", "reference")
+EXECUTION_FIELDS = ("tick_checkpointing", "recompute_nlms", "attention_impl")
+OUR_FIELDS = ("in_channels",) + EXECUTION_FIELDS  # not among the reference constructor's arguments
 
 
 @dataclass
@@ -52,6 +58,7 @@ class CTMConfig:
     # ours
     in_channels: int = 3
     tick_checkpointing: int = 0
+    recompute_nlms: bool = False
     attention_impl: str = "sdpa"
 
     def __post_init__(self) -> None:
@@ -120,6 +127,9 @@ class CTMConfig:
                  f"{name} must be in [0, 1), got {value!r}")
         need(isinstance(self.tick_checkpointing, int) and self.tick_checkpointing >= 0,
              f"tick_checkpointing must be an integer >= 0, got {self.tick_checkpointing!r}")
+        need(isinstance(self.recompute_nlms, bool), f"recompute_nlms must be true or false, got {self.recompute_nlms!r}")
+        need(not (self.recompute_nlms and self.tick_checkpointing),
+             "recompute_nlms and tick_checkpointing are two ways to recompute in backward: choose one")
         need(self.attention_impl in ATTENTION_IMPLS,
              f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         need(self.in_channels >= 1, f"in_channels must be >= 1, got {self.in_channels}")

@@ -32,7 +32,7 @@ from torch.nn import functional as F
 from .attention import TickAttention
 from .backbones import backbone_channels, build_backbone
 from .config import CTMConfig
-from .nlm import NeuronLevelModels
+from .nlm import NeuronLevelModels, recomputed_nlms
 from .positional import build_positional_embedding
 from .synapses import build_synapses
 from .synchronisation import pair_indices, select_neurons, update_synchronisation, upper_triangle
@@ -57,6 +57,7 @@ class TickState(NamedTuple):
     activated: torch.Tensor      # [B, D] post-activations
     alpha_action: torch.Tensor   # [B, pairs] running sums of the action synchronisation
     beta_action: torch.Tensor    # [pairs]: the same for every sample
+    columns: tuple | None = None  # trace's M columns [D, B] while the NLMs are recomputed in backward
 
 
 class ReadoutState(NamedTuple):
@@ -184,9 +185,14 @@ class CTM(nn.Module):
         attended, weights = self.attention(self.q_proj(sync_action), ctx.keys, ctx.values, need_weights,
                                            ctx.kv_banks)
         pre_activation = self.synapses(torch.cat((attended, state.activated), dim=-1))
-        trace = torch.cat((state.trace[:, 1:], pre_activation.t().unsqueeze(1)), dim=1)
-        activated = self.trace_processor(trace, ctx.nlm_weights)
-        return (TickState(trace, activated, alpha_action, beta_action),
+        if state.columns is None:
+            trace, columns = torch.cat((state.trace[:, 1:], pre_activation.t().unsqueeze(1)), dim=1), None
+            activated = self.trace_processor(trace, ctx.nlm_weights)
+        else:
+            column = pre_activation.t().contiguous()
+            trace, columns = torch.cat((state.trace[:, 1:], column.unsqueeze(1)), dim=1), state.columns[1:] + (column,)
+            activated = recomputed_nlms(self.trace_processor, trace, columns, ctx.nlm_weights)
+        return (TickState(trace, activated, alpha_action, beta_action, columns),
                 TickOutput(sync_action, pre_activation, activated, weights))
 
     def read_out(self, activations: torch.Tensor, ctx: TickContext, state: ReadoutState | None = None) -> Readout:
@@ -232,7 +238,10 @@ class CTM(nn.Module):
         trace = self.start_trace.unsqueeze(-1).expand(-1, -1, b)
         # zero running sums make the first action update exactly the reference's fresh start
         alpha_action = activated.new_zeros(b, action_left.numel())
-        return TickState(trace, activated, alpha_action, alpha_action.new_zeros(action_left.numel())), ctx
+        columns = None
+        if self.cfg.recompute_nlms and torch.is_grad_enabled():
+            columns = tuple(column.detach().contiguous() for column in trace.unbind(1))
+        return TickState(trace, activated, alpha_action, alpha_action.new_zeros(action_left.numel()), columns), ctx
 
     # --- forward ---------------------------------------------------------------------------------
 

@@ -17,6 +17,10 @@ blocks. The temperature is folded into the per-forward weights and biases
 (Summing the per-neuron weight gradients over ticks, as ``tick_grads.py`` does for the other
 layers, measured slower here: the factors' concatenation costs more than the per-tick batched
 matmuls it saves; adding each tick's product into one buffer in place measured no faster.)
+
+``recomputed_nlms`` (config ``recompute_nlms``) runs a tick's NLMs without keeping their history
+or hidden activations for backward and runs them again there, the history rebuilt from the
+pre-activation columns that are kept anyway.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ import math
 
 import torch
 from torch import nn
+from torch.autograd import Function
 from torch.nn import functional as F
+
 
 class PerNeuronLinear(nn.Module):
     """``D`` independent linear maps, one per neuron (the reference calls it ``SuperLinear``)."""
@@ -70,6 +76,16 @@ class NeuronLevelModels(nn.Module):
         self.add_module("0", nn.Sequential(*layers))
 
     @property
+    def uses_dropout(self) -> bool:
+        return any(not isinstance(m.dropout, nn.Identity) for m in self.linears)
+
+    def direct_parameters(self) -> dict[str, nn.Parameter]:
+        """The parameters ``forward`` reads itself when given ``weights``: the layernorms'."""
+        return {f"0.{i}.layernorm.{name}": p for i, linear in enumerate(self._modules["0"])
+                if isinstance(linear, PerNeuronLinear) and isinstance(linear.layernorm, nn.LayerNorm)
+                for name, p in (("weight", linear.layernorm.weight), ("bias", linear.layernorm.bias))}
+
+    @property
     def linears(self) -> list[PerNeuronLinear]:
         return [m for m in self._modules["0"] if isinstance(m, PerNeuronLinear)]
 
@@ -82,3 +98,93 @@ class NeuronLevelModels(nn.Module):
         for linear, weight in zip(self.linears, weights):
             out = F.glu(linear(out, weight), dim=1)
         return out.squeeze(1).t()
+
+
+class _RecomputedNLMs(Function):
+    """The NLMs of one tick, keeping for backward only the history's columns, not the history.
+
+    The history ``[D, M, B]`` and the hidden activations are what fill memory; the columns (one
+    ``[D, B]`` per tick, shared by the ``M`` ticks whose histories hold it) rebuild the history in
+    backward, where the NLMs run again with the same RNG and autocast state as in forward.
+    ``tensors`` are the layers' ``(weight, bias)`` pairs flattened, then the parameters the NLMs
+    read directly (``direct`` names them: their layernorms').
+    """
+
+    @staticmethod
+    def forward(ctx, nlms, columns, direct, trace, *tensors):
+        device = trace.device
+        ctx.nlms, ctx.n_columns, ctx.direct = nlms, len(columns), direct
+        ctx.autocast = (device.type, torch.get_autocast_dtype(device.type), torch.is_autocast_enabled(device.type))
+        ctx.rng = _rng_state(device) if nlms.training and nlms.uses_dropout else None
+        # layernorms, dropout and autocast go through autograd again in backward; otherwise it is written out
+        ctx.by_hand = not direct and ctx.rng is None and not ctx.autocast[2]
+        ctx.save_for_backward(*columns, *tensors)
+        with torch.no_grad():
+            return nlms(trace, _pairs(tensors[:len(tensors) - len(direct)]))
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        n, direct = ctx.n_columns, ctx.direct
+        trace = torch.stack(saved[:n], dim=1)
+        if ctx.by_hand:
+            grad_trace, weight_grads = _nlm_backward(trace, _pairs(saved[n:]), grad)
+            return (None, None, None, grad_trace, *(g for pair in weight_grads for g in pair))
+        trace.requires_grad_()
+        tensors = [t.detach().requires_grad_(t.requires_grad) for t in saved[n:]]
+        weights, direct_values = _pairs(tensors[:len(tensors) - len(direct)]), tensors[len(tensors) - len(direct):]
+        device = trace.device
+        dropout_rng = ctx.rng is not None
+        with torch.random.fork_rng([device] if dropout_rng and device.type != "cpu" else [], enabled=dropout_rng,
+                                   device_type=device.type), \
+                torch.enable_grad(), torch.autocast(ctx.autocast[0], dtype=ctx.autocast[1], enabled=ctx.autocast[2]):
+            if dropout_rng:
+                _set_rng_state(device, ctx.rng)
+            out = (torch.func.functional_call(ctx.nlms, dict(zip(direct, direct_values)), (trace, weights))
+                   if direct else ctx.nlms(trace, weights))
+        # backward(inputs=...) rather than autograd.grad: module hooks (e.g. FlopCounterMode's) refuse leaves in .grad
+        torch.autograd.backward(out, grad, inputs=[trace] + [t for t in tensors if t.requires_grad])
+        return (None, None, None, trace.grad, *(t.grad for t in tensors))
+
+
+def _nlm_backward(trace: torch.Tensor, weights: tuple, grad: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """Gradients of ``NeuronLevelModels.forward(trace, weights)`` (no layernorm, no dropout) w.r.t. the
+    trace and each layer's (weight, bias), from ``grad`` of its ``[B, D]`` output; runs the layers again."""
+    inputs, pre_glus = [], []
+    x = trace
+    for weight, bias in weights:
+        inputs.append(x)
+        pre_glus.append(torch.baddbmm(bias, weight, x))
+        x = F.glu(pre_glus[-1], dim=1)
+    grad_x = grad.t().unsqueeze(1)
+    weight_grads = []
+    for (weight, bias), x, pre_glu in zip(reversed(weights), reversed(inputs), reversed(pre_glus)):
+        grad_pre = torch.ops.aten.glu_backward(grad_x, pre_glu, 1)
+        weight_grads.append((torch.bmm(grad_pre, x.transpose(1, 2)), grad_pre.sum(2, keepdim=True)))
+        grad_x = torch.bmm(weight.transpose(1, 2), grad_pre)
+    return grad_x, weight_grads[::-1]
+
+
+def _pairs(flat):
+    return tuple(zip(flat[0::2], flat[1::2]))
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    return torch.get_rng_state() if device.type == "cpu" else torch.cuda.get_rng_state(device)
+
+
+def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cpu":
+        torch.set_rng_state(state)
+    else:
+        torch.cuda.set_rng_state(state, device)
+
+
+def recomputed_nlms(nlms: NeuronLevelModels, trace: torch.Tensor, columns: tuple[torch.Tensor, ...],
+                    weights: tuple) -> torch.Tensor:
+    """``nlms(trace, weights)``, run again in backward instead of keeping its activations.
+
+    ``columns``: the ``M`` columns ``[D, B]`` of ``trace``, oldest first, each contiguous."""
+    direct = nlms.direct_parameters()
+    return _RecomputedNLMs.apply(nlms, columns, tuple(direct), trace, *(t for pair in weights for t in pair),
+                                 *direct.values())

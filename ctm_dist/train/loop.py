@@ -48,7 +48,7 @@ class Trainer:
     """State and steps of one worker; ``fit()`` runs the whole loop."""
 
     def __init__(self, cfg: TrainConfig, rank: int, world_size: int, device: torch.device, progress=None):
-        from ctm_dist.model import CTM
+        from ctm_dist.model import CTM, EXECUTION_FIELDS
         from ctm_dist.storage import Location
         from ctm_dist.train import rng
         from ctm_dist.train.checkpointer import Checkpointer
@@ -65,7 +65,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_location, keep_last=cfg.checkpoint.keep, rank=rank,
                                          world_size=world_size, local_dir=os.path.join(self.paths["local"], "scratch"))
         # what must match on resume: the model's shape-giving fields (not how ticks are recomputed)
-        model_fields = {k: v for k, v in self.model_cfg.to_dict().items() if k not in ("tick_checkpointing", "attention_impl")}
+        model_fields = {k: v for k, v in self.model_cfg.to_dict().items() if k not in EXECUTION_FIELDS}
         self.checkpoint_config = dict(cfg.to_dict(), model=model_fields)
         self.train_data = self.task.train_loader(cfg.micro_batch_size, seed=cfg.run.seed)
         self.step = 0

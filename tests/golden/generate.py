@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from ctm_dist.model.config import OUR_FIELDS
+
 HERE = Path(__file__).resolve().parent
 
 _SMALL = dict(iterations=5, d_model=24, d_input=8, heads=2, memory_length=4, memory_hidden_dims=3, out_dims=6,
@@ -54,7 +56,6 @@ CASES = {
              do_layernorm_nlm=True, in_channels=5, out_dims=4, prediction_reshaper=[2, 2]), (2, 5, 7)),
 }
 
-OUR_ONLY_FIELDS = ("in_channels", "tick_checkpointing", "attention_impl")
 
 
 def case_config(name: str) -> dict:
@@ -95,7 +96,7 @@ def generate(reference: Path, seed: int = 1234) -> None:
         case_seed = seed + index
         generator = torch.Generator().manual_seed(case_seed)
         x = make_input(config, shape, generator)
-        ref_kwargs = {k: v for k, v in config.items() if k not in OUR_ONLY_FIELDS}
+        ref_kwargs = {k: v for k, v in config.items() if k not in OUR_FIELDS}
         np.random.seed(case_seed)
         torch.manual_seed(case_seed)
         with contextlib.redirect_stdout(io.StringIO()):
