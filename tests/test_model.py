@@ -198,11 +198,12 @@ def test_tick_checkpointing_keeps_less_for_backward():
 @pytest.mark.parametrize("overrides, by_hand", [
     (dict(dropout=0.0), True),
     (dict(dropout=0.0, deep_nlms=False, synapse_depth=1), True),
-    (dict(dropout=0.3, dropout_nlm=0.2, neuron_select_type="random"), False),
+    (dict(dropout=0.3, dropout_nlm=0.2, neuron_select_type="random"), True),
+    (dict(dropout=0.3, dropout_nlm=0.2, do_layernorm_nlm=True), False),
     (dict(dropout=0.0, do_layernorm_nlm=True), False),
 ])
 def test_recomputed_nlms_give_the_same_gradients(overrides, by_hand, monkeypatch):
-    """Written-out backward (no dropout, no layernorm) and autograd run again (the others)."""
+    """Written-out backward (without NLM layernorms) and autograd run again (with them)."""
     from ctm_dist.model import nlm
 
     calls = []

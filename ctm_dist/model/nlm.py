@@ -116,8 +116,8 @@ class _RecomputedNLMs(Function):
         ctx.nlms, ctx.n_columns, ctx.direct = nlms, len(columns), direct
         ctx.autocast = (device.type, torch.get_autocast_dtype(device.type), torch.is_autocast_enabled(device.type))
         ctx.rng = _rng_state(device) if nlms.training and nlms.uses_dropout else None
-        # layernorms, dropout and autocast go through autograd again in backward; otherwise it is written out
-        ctx.by_hand = not direct and ctx.rng is None and not ctx.autocast[2]
+        # layernorms and autocast go through autograd again in backward; otherwise it is written out
+        ctx.by_hand = not direct and not ctx.autocast[2]
         ctx.save_for_backward(*columns, *tensors)
         with torch.no_grad():
             return nlms(trace, _pairs(tensors[:len(tensors) - len(direct)]))
@@ -127,41 +127,52 @@ class _RecomputedNLMs(Function):
         saved = ctx.saved_tensors
         n, direct = ctx.n_columns, ctx.direct
         trace = torch.stack(saved[:n], dim=1)
-        if ctx.by_hand:
-            grad_trace, weight_grads = _nlm_backward(trace, _pairs(saved[n:]), grad)
-            return (None, None, None, grad_trace, *(g for pair in weight_grads for g in pair))
-        trace.requires_grad_()
-        tensors = [t.detach().requires_grad_(t.requires_grad) for t in saved[n:]]
-        weights, direct_values = _pairs(tensors[:len(tensors) - len(direct)]), tensors[len(tensors) - len(direct):]
         device = trace.device
         dropout_rng = ctx.rng is not None
         with torch.random.fork_rng([device] if dropout_rng and device.type != "cpu" else [], enabled=dropout_rng,
-                                   device_type=device.type), \
-                torch.enable_grad(), torch.autocast(ctx.autocast[0], dtype=ctx.autocast[1], enabled=ctx.autocast[2]):
+                                   device_type=device.type):
             if dropout_rng:
                 _set_rng_state(device, ctx.rng)
-            out = (torch.func.functional_call(ctx.nlms, dict(zip(direct, direct_values)), (trace, weights))
-                   if direct else ctx.nlms(trace, weights))
+            if ctx.by_hand:
+                dropouts = [linear.dropout for linear in ctx.nlms.linears] if dropout_rng else None
+                grad_trace, weight_grads = _nlm_backward(trace, _pairs(saved[n:]), grad, dropouts)
+                return (None, None, None, grad_trace, *(g for pair in weight_grads for g in pair))
+            trace.requires_grad_()
+            tensors = [t.detach().requires_grad_(t.requires_grad) for t in saved[n:]]
+            weights, direct_values = _pairs(tensors[:len(tensors) - len(direct)]), tensors[len(tensors) - len(direct):]
+            with torch.enable_grad(), torch.autocast(ctx.autocast[0], dtype=ctx.autocast[1], enabled=ctx.autocast[2]):
+                out = (torch.func.functional_call(ctx.nlms, dict(zip(direct, direct_values)), (trace, weights))
+                       if direct else ctx.nlms(trace, weights))
         # backward(inputs=...) rather than autograd.grad: module hooks (e.g. FlopCounterMode's) refuse leaves in .grad
         torch.autograd.backward(out, grad, inputs=[trace] + [t for t in tensors if t.requires_grad])
         return (None, None, None, trace.grad, *(t.grad for t in tensors))
 
 
-def _nlm_backward(trace: torch.Tensor, weights: tuple, grad: torch.Tensor) -> tuple[torch.Tensor, list]:
-    """Gradients of ``NeuronLevelModels.forward(trace, weights)`` (no layernorm, no dropout) w.r.t. the
-    trace and each layer's (weight, bias), from ``grad`` of its ``[B, D]`` output; runs the layers again."""
-    inputs, pre_glus = [], []
+def _nlm_backward(trace: torch.Tensor, weights: tuple, grad: torch.Tensor,
+                  dropouts: list[nn.Module] | None = None) -> tuple[torch.Tensor, list]:
+    """Gradients of ``NeuronLevelModels.forward(trace, weights)`` (no layernorm) w.r.t. the trace and each
+    layer's (weight, bias), from ``grad`` of its ``[B, D]`` output; runs the layers again.
+
+    With ``dropouts`` (the layers' dropout modules, the RNG state being the forward's) the masks are
+    drawn again: dropout scales its input by noise whose draw depends only on the shape, so applying
+    it to ones gives the forward's noise."""
+    inputs, noises, pre_glus = [], [], []
     x = trace
-    for weight, bias in weights:
+    for i, (weight, bias) in enumerate(weights):
+        noise = dropouts[i](torch.ones_like(x)) if dropouts is not None else None
+        x = x * noise if noise is not None else x
         inputs.append(x)
+        noises.append(noise)
         pre_glus.append(torch.baddbmm(bias, weight, x))
         x = F.glu(pre_glus[-1], dim=1)
     grad_x = grad.t().unsqueeze(1)
     weight_grads = []
-    for (weight, bias), x, pre_glu in zip(reversed(weights), reversed(inputs), reversed(pre_glus)):
+    for (weight, bias), x, noise, pre_glu in zip(reversed(weights), reversed(inputs), reversed(noises),
+                                                 reversed(pre_glus)):
         grad_pre = torch.ops.aten.glu_backward(grad_x, pre_glu, 1)
         weight_grads.append((torch.bmm(grad_pre, x.transpose(1, 2)), grad_pre.sum(2, keepdim=True)))
         grad_x = torch.bmm(weight.transpose(1, 2), grad_pre)
+        grad_x = grad_x * noise if noise is not None else grad_x
     return grad_x, weight_grads[::-1]
 
 
