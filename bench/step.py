@@ -7,9 +7,10 @@
 For every combination of --checkpointing and --dtype it prints the median step time over
 --steps (after one warm-up step), FLOPs per step (torch.utils.flop_counter), achieved GFLOP/s,
 the memory held for backward at the end of forward ("held": bytes of the distinct storages
-autograd saved, counted with saved_tensors_hooks, plus the segment inputs and replay tapes that
-tick checkpointing keeps; "ticks": the part saved after the input side, i.e. across ticks; "RSS+": growth of the
-process's resident memory over the forward, which also sees what checkpointing caches), and the
+autograd saved, counted with saved_tensors_hooks, except the model's parameters, plus the segment
+inputs and replay tapes that tick checkpointing keeps; "ticks": the part saved after the input
+side, i.e. across ticks; "RSS+": growth of the process's resident memory over the forward, which
+also sees what checkpointing caches), and the
 peak RSS of a step. ``--reference DIR`` also times the reference implementation (imported from
 that checkout) on the same configuration and batch and prints the speed ratio.
 """
@@ -91,19 +92,35 @@ def _rss_peak_mb() -> float:
     return float("nan")
 
 
-class SavedBytes:
-    """Bytes of distinct storages autograd saves for backward while active."""
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _tensors(item)
 
-    def __init__(self):
+
+class SavedBytes:
+    """Bytes of distinct storages autograd saves for backward while active, the model's own
+    parameters and buffers left out (they are held whether saved or not)."""
+
+    def __init__(self, model: torch.nn.Module):
         self.storages: dict[int, int] = {}
         self.before_ticks = 0.0
+        self.held_anyway = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
 
-    def mark_ticks_start(self) -> None:
+    def mark_ticks_start(self, context) -> None:
+        """Called after ``CTM.start``: what the tick context holds (keys, values, the NLM weights
+        permuted once per forward) is counted on the input side, whenever a tick first saves it."""
+        for tensor in _tensors(context):
+            self.pack(tensor)
         self.before_ticks = self.mb
 
     def pack(self, tensor: torch.Tensor):
         with contextlib.suppress(Exception):
             storage = tensor.untyped_storage()
+            if storage.data_ptr() in self.held_anyway:
+                return tensor
             self.storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
@@ -158,13 +175,13 @@ class Runner:
 
     def flops_and_memory(self) -> dict:
         """FLOPs of one forward+backward and the memory held for backward at the end of forward."""
-        saved = SavedBytes()
+        saved = SavedBytes(self.model)
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if self.dtype == "bf16" else contextlib.nullcontext()
         start = getattr(self.model, "start", None)
         if start is not None:   # ours: split off what the input side (backbone, keys/values) keeps
             def marked_start(*a, **kw):
                 result = start(*a, **kw)
-                saved.mark_ticks_start()
+                saved.mark_ticks_start(result[1])
                 return result
             self.model.start = marked_start
         _rss_peak_reset()
@@ -193,11 +210,24 @@ def interleaved(runners: list[Runner], steps: int) -> None:
             runner.step()
 
 
+def round_ratios(slow: Runner, fast: Runner, cpu: bool = False) -> list[float]:
+    """slow/fast step time per round (both timed in the same round), sorted."""
+    pairs = zip(slow.cpu_times, fast.cpu_times) if cpu else zip(slow.times, fast.times)
+    return sorted(a / b for a, b in pairs)
+
+
 def median_ratio(slow: Runner, fast: Runner, cpu: bool = False) -> float:
-    """Median over rounds of slow/fast step time (both timed in the same round)."""
-    if cpu:
-        return statistics.median(a / b for a, b in zip(slow.cpu_times, fast.cpu_times))
-    return statistics.median(a / b for a, b in zip(slow.times, fast.times))
+    return statistics.median(round_ratios(slow, fast, cpu))
+
+
+def extra_time(slow: Runner, fast: Runner, cpu: bool = False) -> str:
+    """Median extra step time of ``slow`` over ``fast`` and, from 4 rounds up, its interquartile range."""
+    ratios = round_ratios(slow, fast, cpu)
+    text = f"{statistics.median(ratios) - 1:+.0%}"
+    if len(ratios) >= 4:
+        q1, _, q3 = statistics.quantiles(ratios, n=4)
+        text += f" (IQR {q1 - 1:+.0%}..{q3 - 1:+.0%})"
+    return text
 
 
 def build_reference(reference: Path, cfg: CTMConfig, x: torch.Tensor):
@@ -285,8 +315,8 @@ def main() -> None:
             interleaved([base, variant], args.steps)
             stats = variant.flops_and_memory()
             report(variant, k, stats)
-            print(f"   vs plain fp32 in the same rounds: step time {median_ratio(variant, base) - 1:+.0%} wall, "
-                  f"{median_ratio(variant, base, cpu=True) - 1:+.0%} CPU, "
+            print(f"   vs plain fp32 in the same rounds: step time {extra_time(variant, base)} wall, "
+                  f"{extra_time(variant, base, cpu=True)} CPU, "
                   f"held for backward {stats['held_mb'] / base_stats['held_mb']:.0%} "
                   f"(across ticks {stats['ticks_mb'] / base_stats['ticks_mb']:.0%}; "
                   f"RSS growth over forward {stats['held_rss_mb'] / base_stats['held_rss_mb']:.0%})")
