@@ -311,6 +311,7 @@ def main() -> None:
         base_stats = base.flops_and_memory()
         for k, dtype in variants:   # each variant alternates with the plain fp32 model
             base.times.clear()
+            base.cpu_times.clear()
             variant = ours(k, dtype)
             interleaved([base, variant], args.steps)
             stats = variant.flops_and_memory()
