@@ -117,3 +117,41 @@ def test_parity_trains_a_step_in_bf16(process_group):
     assert engine.global_steps == 1
     after = engine.module.output_projector[0].weight
     assert after.dtype == torch.bfloat16 and not torch.equal(after, before)  # the optimizer step reached the weights
+
+
+def _count_parameter_gathers(engine) -> list[int]:
+    """Wrap every parameter's ZeRO-3 gather so that each parameter fetched counts once."""
+    count = [0]
+    for parameter in engine.module.parameters():
+        def counted(params, *args, _gather=parameter.all_gather_coalesced, **kwargs):
+            params = list(params)
+            count[0] += len(params)
+            return _gather(params, *args, **kwargs)
+        parameter.all_gather_coalesced = counted
+    return count
+
+
+@pytest.mark.parametrize("recompute", [dict(tick_checkpointing=2), dict(recompute_nlms=True)])
+def test_zero3_gathers_each_parameter_once_per_forward_and_backward(process_group, recompute):
+    """Not once per tick: the tick modules run T times per forward, their parameters are gathered once.
+
+    With one rank DeepSpeed keeps parameters gathered after the first step, so the first step
+    (where every parameter starts partitioned) is the one counted.
+    """
+    cfg = build_config(None, ["scale.workers=1", "data.batch_size=8", "deepspeed.zero_stage=3",
+                              "deepspeed.precision=fp32", "optim.lr=1e-2", "optim.warmup_steps=0",
+                              "optim.schedule=constant"])
+    x, y = _batch()
+    counts = {}
+    for ticks in (2, 4):
+        _seed()
+        engine = build_engine(CTM(preset("demo", **{**TINY, "iterations": ticks}, **recompute)), cfg)
+        n_params = len(list(engine.module.parameters()))
+        gathered = _count_parameter_gathers(engine)
+        p, c, _ = engine(x)
+        forward = gathered[0]
+        loss, _ = image_classification_loss(p.float(), c.float(), y)
+        engine.backward(loss)
+        engine.step()
+        counts[ticks] = (forward, gathered[0] - forward)
+        assert counts[ticks] == (n_params, n_params), counts

@@ -39,6 +39,27 @@ def lr_schedule(cfg: TrainConfig) -> WarmupCosine:
                         o.min_lr, cosine=o.schedule == "cosine")
 
 
+def gather_once_per_pass(model: torch.nn.Module) -> None:
+    """Under ZeRO-3, gather every parameter once per forward and once per backward.
+
+    ZeRO-3 gathers a module's parameters before each call of that module and releases them after
+    it. The CTM calls its tick modules (query projection, attention, synapses, neuron-level models)
+    once per tick, so by default their parameters would be gathered and released T times per
+    forward and again per tick in backward. Registered as external parameters of the top-level
+    module, they are gathered with it when its forward starts (and when backward reaches its
+    outputs) and stay gathered until it ends: the full parameters are resident for the length of
+    a forward or a backward, as under ZeRO-2, while gradients, optimizer state and the parameters
+    at rest stay partitioned. DeepSpeed releases them after the forward, and after the backward
+    (as a module whose inputs need no gradient).
+    """
+    import deepspeed
+
+    own = {id(p) for p in model.parameters(recurse=False)}
+    for parameter in model.parameters():
+        if id(parameter) not in own:
+            deepspeed.zero.register_external_parameter(model, parameter)
+
+
 def build_engine(model: torch.nn.Module, cfg: TrainConfig):
     """Wrap ``model`` in a DeepSpeed engine with AdamW and the warmup+cosine schedule.
 
@@ -59,6 +80,8 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig):
     else:
         optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     schedule = lr_schedule(cfg)
+    if cfg.deepspeed.zero_stage == 3:
+        gather_once_per_pass(model)
 
     def scheduler(opt):
         return torch.optim.lr_scheduler.LambdaLR(opt, schedule)
