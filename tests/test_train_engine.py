@@ -131,6 +131,19 @@ def _count_parameter_gathers(engine) -> list[int]:
     return count
 
 
+def _count_module_fetches(engine) -> list[int]:
+    """Count the module hooks that run ZeRO-3's parameter coordinator (whether or not they all-gather)."""
+    count = [0]
+    coordinator = engine.optimizer.parameter_offload.get_param_coordinator()
+    fetch = coordinator.fetch_sub_module
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return fetch(*args, **kwargs)
+    coordinator.fetch_sub_module = counted
+    return count
+
+
 @pytest.mark.parametrize("recompute", [dict(tick_checkpointing=2), dict(recompute_nlms=True)])
 def test_zero3_gathers_each_parameter_once_per_forward_and_backward(process_group, recompute):
     """Not once per tick: the tick modules run T times per forward, their parameters are gathered once.
@@ -148,6 +161,7 @@ def test_zero3_gathers_each_parameter_once_per_forward_and_backward(process_grou
         engine = build_engine(CTM(preset("demo", **{**TINY, "iterations": ticks}, **recompute)), cfg)
         n_params = len(list(engine.module.parameters()))
         gathered = _count_parameter_gathers(engine)
+        fetches = _count_module_fetches(engine)
         p, c, _ = engine(x)
         forward = gathered[0]
         loss, _ = image_classification_loss(p.float(), c.float(), y)
@@ -155,3 +169,4 @@ def test_zero3_gathers_each_parameter_once_per_forward_and_backward(process_grou
         engine.step()
         counts[ticks] = (forward, gathered[0] - forward)
         assert counts[ticks] == (n_params, n_params), counts
+        assert fetches[0] == 2, fetches  # the top-level module's forward and backward; no hooks in the tick loop

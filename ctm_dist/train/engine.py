@@ -39,25 +39,38 @@ def lr_schedule(cfg: TrainConfig) -> WarmupCosine:
                         o.min_lr, cosine=o.schedule == "cosine")
 
 
-def gather_once_per_pass(model: torch.nn.Module) -> None:
+def gather_once_per_pass(engine) -> None:
     """Under ZeRO-3, gather every parameter once per forward and once per backward.
 
-    ZeRO-3 gathers a module's parameters before each call of that module and releases them after
-    it. The CTM calls its tick modules (query projection, attention, synapses, neuron-level models)
-    once per tick, so by default their parameters would be gathered and released T times per
-    forward and again per tick in backward. Registered as external parameters of the top-level
-    module, they are gathered with it when its forward starts (and when backward reaches its
-    outputs) and stay gathered until it ends: the full parameters are resident for the length of
-    a forward or a backward, as under ZeRO-2, while gradients, optimizer state and the parameters
-    at rest stay partitioned. DeepSpeed releases them after the forward, and after the backward
-    (as a module whose inputs need no gradient).
+    ZeRO-3 hooks every submodule: it gathers a module's parameters before each call and
+    releases them after it. The CTM calls its tick modules (query projection, attention,
+    synapses, neuron-level models) once per tick, so those hooks would run T times per forward
+    and again per tick in backward (with tick checkpointing also in the recomputation). Here
+    every parameter is registered as an external parameter of the top-level module, which
+    gathers them all when its forward starts (and when backward reaches its outputs) and
+    releases them when it ends; the submodules' hooks are then removed, so the tick loop runs
+    without any. The full parameters are resident for the length of a forward or a backward,
+    as under ZeRO-2, while the parameters at rest, gradients and optimizer state stay
+    partitioned. Gradients are still reduced per parameter as they become ready.
     """
     import deepspeed
 
+    model = engine.module
     own = {id(p) for p in model.parameters(recurse=False)}
     for parameter in model.parameters():
         if id(parameter) not in own:
             deepspeed.zero.register_external_parameter(model, parameter)
+    offload = engine.optimizer.parameter_offload
+    top = {id(model._forward_pre_hooks), id(model._forward_hooks)}
+    for handles in (offload.forward_hooks, offload.backward_hooks):
+        kept = []
+        for handle in handles:
+            hooks = handle.hooks_dict_ref()
+            if hooks is not None and id(hooks) not in top:
+                handle.remove()
+            else:
+                kept.append(handle)
+        handles[:] = kept
 
 
 def build_engine(model: torch.nn.Module, cfg: TrainConfig):
@@ -80,8 +93,6 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig):
     else:
         optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     schedule = lr_schedule(cfg)
-    if cfg.deepspeed.zero_stage == 3:
-        gather_once_per_pass(model)
 
     def scheduler(opt):
         return torch.optim.lr_scheduler.LambdaLR(opt, schedule)
@@ -89,4 +100,6 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig):
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=params if optimizer is None else None,
         lr_scheduler=scheduler, config=ds_cfg, dist_init_required=False)
+    if cfg.deepspeed.zero_stage == 3:
+        gather_once_per_pass(engine)
     return engine
