@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ctm_dist.train.engine as engine_module  # noqa: E402
 from ctm_dist.model import CTM, preset  # noqa: E402
 from ctm_dist.train.config import build_config  # noqa: E402
-from step import certainty_loss, make_batch  # noqa: E402
+from step import certainty_loss, make_batch, parse_overrides, table_row  # noqa: E402
 
 COLUMNS = ["variant", "ranks", "precision", "step s", "vs ZeRO-2", "fetches/step", "gathers/step", "peak CUDA MB"]
 
@@ -78,7 +78,9 @@ class Variant:
                                   f"deepspeed.zero_stage={stage}", f"deepspeed.precision={args.precision}",
                                   "deepspeed.gradient_clipping=1.0", "optim.warmup_steps=0",
                                   "optim.schedule=constant"])
-        overrides = {} if args.iterations is None else {"iterations": args.iterations}
+        overrides = parse_overrides(args.set, args.preset)
+        if args.iterations is not None:
+            overrides["iterations"] = args.iterations
         self.model_cfg = preset(args.preset, **overrides)
         np.random.seed(0)
         torch.manual_seed(0)
@@ -161,6 +163,19 @@ def table(rows: list[dict], ranks: int, precision: str) -> str:
     return "\n".join(lines)
 
 
+def step_rows(rows: list[dict], args) -> str:
+    """The rows in bench/step.py's table columns (bench/gpu.sh prints one table)."""
+    case = f"{args.preset} b{args.batch}" + ("" if args.iterations is None else f" T={args.iterations}")
+    lines = []
+    for r in rows:
+        lines.append(table_row({
+            "case": case, "model": f"ours {r['variant']}, {args.ranks} rank(s)",
+            "dtype": "bf16p" if args.precision == "bf16" else args.precision, "compile": "off", "recompute": "-",
+            "step s": r["seconds"], "samples/s": args.batch * args.ranks / r["seconds"], "peak MB": r["peak_mb"],
+            "speed-up": 1 / r["ratio"] if r["stage"] != 2 else None, "vs": "ZeRO-2" if r["stage"] != 2 else None}))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -169,12 +184,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=16, help="micro-batch per rank")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--iterations", type=int, default=None, help="override T")
+    parser.add_argument("--set", action="append", default=[], metavar="[PRESET.]FIELD=VALUE",
+                        help="override a CTMConfig field (as bench/step.py --set)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (after two warm-up steps)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                         help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--per-module", action="store_true",
                         help="also time ZeRO-3 with DeepSpeed's default per-module gathering")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per rank")
+    parser.add_argument("--step-rows", action="store_true", help="print rows in bench/step.py's table columns")
     args = parser.parse_args(argv)
     args.precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
     with socket.socket() as s:
@@ -184,6 +202,9 @@ def main(argv: list[str] | None = None) -> None:
         out = os.path.join(tmp, "rows.json")
         mp.spawn(_worker, args=(args, port, out), nprocs=args.ranks)
         rows = json.loads(Path(out).read_text())
+    if args.step_rows:
+        print(step_rows(rows, args))
+        return
     print(f"{args.preset}, micro-batch {args.batch} per rank, {args.device}, torch {torch.__version__}")
     print(table(rows, args.ranks, args.precision))
 
