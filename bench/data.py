@@ -2,6 +2,7 @@
 
     python bench/data.py                       # 2000 synthetic ~400x350 JPEGs, ~1-2 min
     python bench/data.py --samples 500 --no-step
+    python bench/data.py --decode-only --width 500 --height 375   # decode rate per core
 
 Writes a synthetic ImageNet-format shard set once to a local directory and (the same tar files)
 to a LocalObjectStore bucket, then measures, in this one process (one thread, like one
@@ -82,13 +83,16 @@ def raw_mb_per_s(loc: Location, names: list[str]) -> float:
     return total / (time.perf_counter() - start) / 1e6
 
 
-def samples_per_s(loc: Location, split: str, task: str, image_size: int, batch: int) -> float:
+def samples_per_s(loc: Location, split: str, task: str, image_size: int, batch: int,
+                  per_cpu_second: bool = False) -> float:
+    """Decoded samples per wall second, or per CPU second of this process (one thread: per core,
+    whatever else runs on the machine)."""
     loader = ShardLoader(loc, split, task, batch_size=batch, num_workers=0, seed=0, train=True,
                          image_size=image_size)
-    n, start = 0, time.perf_counter()
+    n, start, cpu_start = 0, time.perf_counter(), time.process_time()
     for b in loader:
         n += int(b["valid"].sum())
-    return n / (time.perf_counter() - start)
+    return n / ((time.process_time() - cpu_start) if per_cpu_second else (time.perf_counter() - start))
 
 
 def demo_step_seconds(batch: int, steps: int = 2) -> float:
@@ -127,6 +131,8 @@ def main() -> None:
     p.add_argument("--step-batch", type=int, default=64, help="demo step batch (the demo's data.batch_size)")
     p.add_argument("--no-step", action="store_true", help="skip timing the demo training step")
     p.add_argument("--dir", help="scratch directory (default: a temporary one)")
+    p.add_argument("--decode-only", action="store_true",
+                   help="only the decode rate per core from local disk (train transforms), per output size")
     args = p.parse_args()
 
     torch.set_num_threads(1)  # one dataloader worker's view
@@ -138,6 +144,14 @@ def main() -> None:
         size_mb = sum(os.path.getsize(local.join(n)) for n in names) / 1e6
         print(f"wrote {args.samples} JPEGs {args.width}x{args.height} in {len(names)} shards, "
               f"{size_mb:.1f} MB, {time.perf_counter() - t0:.1f}s")
+        if args.decode_only:
+            print("\n| output px | samples per CPU-second (one worker, one core) | samples per wall second |")
+            print("| ---: | ---: | ---: |")
+            for size in (224, 32):
+                per_core = samples_per_s(local, "train", "imagenet", size, args.batch, per_cpu_second=True)
+                wall = samples_per_s(local, "train", "imagenet", size, args.batch)
+                print(f"| {size} | {per_core:.0f} | {wall:.0f} |")
+            return
         with LocalObjectStore(os.path.join(tmp, "s3")) as store:
             store.create_bucket("bench")
             s3 = Location.parse("s3://bench/shards", endpoint_url=store.endpoint_url,
