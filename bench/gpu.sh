@@ -9,8 +9,9 @@
 #
 # --smoke runs every row with tiny models (--set below), 2 ticks and one timed step; with
 # --device cpu it checks the script on a machine without a GPU. STEPS (default 3) sets the
-# timed steps per row. The ZeRO rows need deepspeed importable (see bench/gpu-wheels.sh for a
-# machine without it); they are left out, with a note, when it is not.
+# timed steps per row. The ZeRO rows need deepspeed importable: on a machine without it, carry
+# build/wheels from bench/gpu-wheels.sh and this script installs them into /tmp/site; without
+# either they are left out, with a note.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -51,6 +52,9 @@ python bench/step.py --device "$device" --dtype bf16 --steps "$steps" "${referen
   --checkpointing 0,5,nlms --no-header \
   --case "imagenet:$([ "$smoke" = 1 ] && echo 2 || echo 32):$image:$([ "$smoke" = 1 ] && echo 2 || echo 50)" \
   | tee -a "$log" | grep '^|'
+if ! python -c "import deepspeed" >/dev/null 2>&1 && ls build/wheels/deepspeed-*.whl >/dev/null 2>&1; then
+  bench/gpu-wheels.sh --install && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 if python -c "import deepspeed" >/dev/null 2>&1; then
   python bench/zero.py --device "$device" --ranks 1 --preset parity --batch "$big" --steps "$steps" \
     --precision bf16 --per-module --step-rows "${sizes[@]}" 2>>"$log" | grep '^|'
