@@ -6,7 +6,9 @@
 Each rank is a process (gloo on CPU, NCCL on CUDA) that builds the engine with
 ``ctm_dist.train.engine.build_engine`` and times whole steps (forward, certainty loss,
 ``engine.backward``, ``engine.step``) after two warm-up steps, the variants in turns; "vs ZeRO-2"
-is the median of per-round ratios, "peak CUDA MB" the peak allocated in the last step. Rows: ZeRO-2; ZeRO-3 as
+is the median of per-round ratios, "last loss" rank 0's loss of the last step (every variant
+starts from the same weights and sees the same batch), "peak CUDA MB" the peak allocated in the
+last step. Rows: ZeRO-2; ZeRO-3 as
 ``build_engine`` sets it up (every parameter gathered once per forward and once per backward);
 and, with ``--per-module``, ZeRO-3 with DeepSpeed's default per-module gathering, which gathers
 the tick modules' parameters again at every tick. "fetches/step" counts ZeRO-3's module
@@ -39,7 +41,8 @@ from ctm_dist.model import CTM, preset  # noqa: E402
 from ctm_dist.train.config import build_config  # noqa: E402
 from step import certainty_loss, make_batch, parse_overrides, table_row  # noqa: E402
 
-COLUMNS = ["variant", "ranks", "precision", "step s", "vs ZeRO-2", "fetches/step", "gathers/step", "peak CUDA MB"]
+COLUMNS = ["variant", "ranks", "precision", "step s", "vs ZeRO-2", "fetches/step", "gathers/step", "last loss",
+           "peak CUDA MB"]
 
 
 def _count_fetches(engine) -> list[int]:
@@ -114,6 +117,7 @@ class Variant:
                               self.model_cfg.prediction_reshaper)
         self.engine.backward(loss)
         self.engine.step()
+        self.last_loss = loss.item()
         if cuda:
             torch.cuda.synchronize()
             self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
@@ -125,7 +129,7 @@ class Variant:
         ratios = sorted(a / b for a, b in zip(self.times, zero2.times))
         return dict(variant=self.name, stage=self.stage, seconds=statistics.median(self.times),
                     ratio=statistics.median(ratios), gathers=statistics.median(c[0] for c in self.counts),
-                    fetches=statistics.median(c[1] for c in self.counts), peak_mb=self.peak_mb)
+                    fetches=statistics.median(c[1] for c in self.counts), loss=self.last_loss, peak_mb=self.peak_mb)
 
 
 def _worker(rank: int, args, port: int, out: str) -> None:
@@ -159,7 +163,7 @@ def table(rows: list[dict], ranks: int, precision: str) -> str:
         gathers = "- | -" if r["stage"] != 3 else f"{r['fetches']:.0f} | {r['gathers']:.0f}"
         peak = "-" if r["peak_mb"] != r["peak_mb"] else f"{r['peak_mb']:.0f}"
         lines.append(f"| {r['variant']} | {ranks} | {precision} | {r['seconds']:.3f} | {r['ratio']:.2f}x "
-                     f"| {gathers} | {peak} |")
+                     f"| {gathers} | {r['loss']:.6f} | {peak} |")
     return "\n".join(lines)
 
 
