@@ -173,7 +173,7 @@ def table_row(values: dict) -> str:
     """One markdown row; ``values`` holds COLUMNS' names (missing or NaN: "-")."""
     def cell(name):
         v = values.get(name)
-        if v is None or (isinstance(v, float) and v != v):
+        if v is None or (isinstance(v, float) and math.isnan(v)):
             return "-"
         if isinstance(v, float):
             return f"{v:.3f}" if name in ("step s", "warm-up s") else f"{v:.2f}x" if name == "speed-up" else \
@@ -244,7 +244,7 @@ class Runner:
             if cuda:
                 peak = torch.cuda.max_memory_allocated(self.device) - before
                 peak += _resident_bytes(self.eager, self.optimizer)
-                self.peak_mb = max(self.peak_mb, peak / 2**20) if self.peak_mb == self.peak_mb else peak / 2**20
+                self.peak_mb = peak / 2**20 if math.isnan(self.peak_mb) else max(self.peak_mb, peak / 2**20)
         elif math.isnan(self.warmup_s):
             self.warmup_s = seconds
         return seconds

@@ -7,8 +7,9 @@ Each rank is a process (gloo on CPU, NCCL on CUDA) that builds the engine with
 ``ctm_dist.train.engine.build_engine`` and times whole steps (forward, certainty loss,
 ``engine.backward``, ``engine.step``) after two warm-up steps, the variants in turns; "vs ZeRO-2"
 is the median of per-round ratios, "last loss" rank 0's loss of the last step (every variant
-starts from the same weights and sees the same batch), "peak CUDA MB" the peak allocated in the
-last step. Rows: ZeRO-2; ZeRO-3 as
+starts from the same weights and sees the same batch), "step peak CUDA MB" what the last step
+allocated at its peak above what was allocated before it (the engines of all variants share the
+process, so their resident state is left out). Rows: ZeRO-2; ZeRO-3 as
 ``build_engine`` sets it up (every parameter gathered once per forward and once per backward);
 and, with ``--per-module``, ZeRO-3 with DeepSpeed's default per-module gathering, which gathers
 the tick modules' parameters again at every tick. "fetches/step" counts ZeRO-3's module
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import socket
 import statistics
@@ -42,7 +44,7 @@ from ctm_dist.train.config import build_config  # noqa: E402
 from step import certainty_loss, make_batch, parse_overrides, table_row  # noqa: E402
 
 COLUMNS = ["variant", "ranks", "precision", "step s", "vs ZeRO-2", "fetches/step", "gathers/step", "last loss",
-           "peak CUDA MB"]
+           "step peak CUDA MB"]
 
 
 def _count_fetches(engine) -> list[int]:
@@ -110,6 +112,7 @@ class Variant:
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
         self.gathers[0] = self.fetches[0] = 0
         start = time.perf_counter()
         predictions, certainties, _ = self.engine(self.x)
@@ -120,7 +123,7 @@ class Variant:
         self.last_loss = loss.item()
         if cuda:
             torch.cuda.synchronize()
-            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+            self.peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
         if record:
             self.times.append(time.perf_counter() - start)
             self.counts.append((self.gathers[0], self.fetches[0]))
@@ -161,7 +164,7 @@ def table(rows: list[dict], ranks: int, precision: str) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "| --- |" + " ---: |" * (len(COLUMNS) - 1)]
     for r in rows:
         gathers = "- | -" if r["stage"] != 3 else f"{r['fetches']:.0f} | {r['gathers']:.0f}"
-        peak = "-" if r["peak_mb"] != r["peak_mb"] else f"{r['peak_mb']:.0f}"
+        peak = "-" if math.isnan(r["peak_mb"]) else f"{r['peak_mb']:.0f}"
         lines.append(f"| {r['variant']} | {ranks} | {precision} | {r['seconds']:.3f} | {r['ratio']:.2f}x "
                      f"| {gathers} | {r['loss']:.6f} | {peak} |")
     return "\n".join(lines)

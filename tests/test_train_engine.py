@@ -2,7 +2,8 @@
 
 One process (world size 1, gloo): the first step's loss must equal the model's own loss, and the
 loss after one optimizer step must equal plain ``torch.optim.AdamW`` without tick checkpointing,
-so recomputing ticks in segments changes nothing under any stage.
+so recomputing ticks in segments changes nothing under any stage. Under ZeRO-3 each parameter is
+gathered once per forward and once per backward, however many ticks run.
 """
 
 from __future__ import annotations
