@@ -220,7 +220,7 @@ class Runner:
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
         self.times: list[float] = []       # wall seconds
         self.cpu_times: list[float] = []   # process CPU seconds (all threads): robust to load from others
-        self.warmup_s = float("nan")
+        self.warmup_s = float("nan")   # the first step's time
         self.peak_mb = float("nan")
         model.train()
 
@@ -283,7 +283,7 @@ class Runner:
 def interleaved(runners: list[Runner], steps: int) -> None:
     """Warm every runner up, then time them in turns so that load changes hit all alike."""
     for runner in runners:
-        if not runner.times:
+        if math.isnan(runner.warmup_s):
             runner.step(record=False)
     for _ in range(steps):
         for runner in runners:
