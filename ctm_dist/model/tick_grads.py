@@ -57,20 +57,22 @@ class Bank:
     """The recorded gradient factors of one shared tensor over the ticks of one forward."""
 
     max_bytes = 64 * 2**20  # factors held before a partial sum is taken
-    reorder = True          # reorder linear weights for oneDNN where possible (see the module docstring)
 
-    def __init__(self, tensor: torch.Tensor):
+    def __init__(self, tensor: torch.Tensor, dtype: torch.dtype | None = None):
+        """``dtype``: the autocast dtype, to cast the tensor once for all ticks (``None``: as it is)."""
         self.a: list[torch.Tensor] = []
         self.b: list[torch.Tensor] = []
         self.held = 0
         self.partial: torch.Tensor | None = None
         self.tensor = _BankedTensor.apply(tensor, self)
+        if dtype is not None:
+            self.tensor = self.tensor.to(dtype)
         self._reordered: dict[bool, torch.Tensor] = {}
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                transposed: bool = False) -> torch.Tensor:
         """``F.linear(x, weight, bias)`` (``x @ weight`` with ``transposed``), ``weight`` being this bank's."""
-        if not (self.reorder and _reordered(x, weight)):
+        if not _reordered(x, weight):
             return x @ weight if transposed else F.linear(x, weight, bias)
         if transposed not in self._reordered:
             w = weight.detach()
@@ -160,8 +162,9 @@ class TickLinear(nn.Linear):
         return banked_linear(x, self._bank, self.weight, self.bias)
 
 
-def new_banks(module: nn.Module) -> dict[nn.Module, Bank]:
-    """Fresh banks for every submodule with a ``bank_weight()`` (one set per forward).
+def new_banks(module: nn.Module, dtype: torch.dtype | None = None) -> dict[nn.Module, Bank]:
+    """Fresh banks for every submodule with a ``bank_weight()`` (one set per forward), their
+    weights cast to ``dtype`` (autocast's) once.
 
     Layers whose weights DeepSpeed ZeRO-3 partitions (``ds_id``) are left to plain autograd: their
     full weight exists only inside their own forward.
@@ -169,7 +172,7 @@ def new_banks(module: nn.Module) -> dict[nn.Module, Bank]:
     banks = {}
     for layer in module.modules():
         if hasattr(layer, "bank_weight") and not any(hasattr(p, "ds_id") for p in layer.parameters(recurse=False)):
-            banks[layer] = Bank(layer.bank_weight())
+            banks[layer] = Bank(layer.bank_weight(), dtype)
     return banks
 
 
