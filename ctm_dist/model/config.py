@@ -66,9 +66,9 @@ class CTMConfig:
     tick_checkpointing: int = 0
     recompute_nlms: bool = False
     attention_impl: str = "sdpa"
-    compile: str | bool = "auto"
-    cpu_kernels: str | bool = "auto"
-    channels_last: str | bool = "auto"
+    compile: bool | str = "auto"
+    cpu_kernels: bool | str = "auto"
+    channels_last: bool | str = "auto"
 
     def __post_init__(self) -> None:
         self.prediction_reshaper = [int(v) for v in self.prediction_reshaper]

@@ -17,7 +17,7 @@ by tick with the same function.
 How the ticks run depends on the device and the config (``execution.py``): compiled, the tick is
 one region compiled once and reused; eager on CPU, weight gradients are summed over ticks
 (``tick_grads.py``). Under autocast, the per-forward weights the ticks read (the NLMs', the
-attention query's) are cast once in ``start``; autocast itself caches the casts of parameters.
+attention query's) are cast once in ``start`` (``casts.py``).
 
 ``forward`` returns predictions ``[B, out_dims, T]``, certainties ``[B, 2, T]`` (normalised entropy,
 1 - it) and the last out synchronisation, like the reference implementation, whose
@@ -36,6 +36,7 @@ from torch.nn import functional as F
 
 from .attention import TickAttention
 from .backbones import backbone_channels, build_backbone
+from .casts import autocast_dtype, cast_once, per_tick
 from .config import CTMConfig
 from .execution import uses_channels_last, uses_cpu_kernels
 from .nlm import NeuronLevelModels, recomputed_nlms
@@ -84,6 +85,7 @@ class TickContext(NamedTuple):
     out_right: torch.Tensor
     nlm_weights: tuple           # (weight, bias) per NLM layer, permuted and scaled once per forward
     query_weight: tuple          # (weight, bias) of the attention's query projection
+    casts: tuple | None          # (nlm_weights, query_weight) cast once under autocast (casts.py), else None
     kv_banks: tuple[Bank, Bank] | None = None  # gradient banks of keys and values (tick_grads.py)
 
 
@@ -125,18 +127,6 @@ def with_banks(ctx: TickContext) -> TickContext:
     return ctx._replace(keys=k_bank.tensor, values=v_bank.tensor, kv_banks=(k_bank, v_bank))
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The dtype autocast casts matmul inputs to on ``device``, or ``None`` when it is off."""
-    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-
-
-def cast_once(tensors: tuple, dtype: torch.dtype | None) -> tuple:
-    """``tensors`` (nested tuples) cast to ``dtype``, so that the ticks do not cast them again."""
-    if dtype is None:
-        return tensors
-    return tuple(cast_once(t, dtype) if isinstance(t, tuple) else t.to(dtype) for t in tensors)
-
-
 @torch.compiler.nested_compile_region
 def compiled_tick(model: "CTM", state: TickState, ctx: TickContext) -> tuple[TickState, TickOutput]:
     """``model.tick``; under ``torch.compile`` traced and compiled once, then reused for every tick."""
@@ -148,6 +138,7 @@ class CTM(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
+        self.tick_region = True  # compiled, the tick is one region reused by every tick (execution.py)
         d_model, d_input = cfg.d_model, cfg.d_input
 
         # --- input: backbone features -> tokens -> attention keys/values
@@ -205,16 +196,17 @@ class CTM(nn.Module):
         sync_action, alpha_action, beta_action = update_synchronisation(
             state.activated, state.alpha_action, state.beta_action, ctx.r_action, ctx.action_left, ctx.action_right)
 
-        attended, weights = self.attention(self.q_proj(sync_action), ctx.keys, ctx.values, ctx.query_weight,
+        nlm_weights, query_weight = per_tick((ctx.nlm_weights, ctx.query_weight), ctx.casts)
+        attended, weights = self.attention(self.q_proj(sync_action), ctx.keys, ctx.values, query_weight,
                                            need_weights, ctx.kv_banks)
         pre_activation = self.synapses(torch.cat((attended, state.activated), dim=-1))
         if state.columns is None:
             trace, columns = torch.cat((state.trace[:, 1:], pre_activation.t().unsqueeze(1)), dim=1), None
-            activated = self.trace_processor(trace, ctx.nlm_weights)
+            activated = self.trace_processor(trace, nlm_weights)
         else:
             column = pre_activation.t().contiguous()
             trace, columns = torch.cat((state.trace[:, 1:], column.unsqueeze(1)), dim=1), state.columns[1:] + (column,)
-            activated = recomputed_nlms(self.trace_processor, trace, columns, ctx.nlm_weights)
+            activated = recomputed_nlms(self.trace_processor, trace, columns, nlm_weights)
         return (TickState(trace, activated, alpha_action, beta_action, columns),
                 TickOutput(sync_action, pre_activation, activated, weights))
 
@@ -252,13 +244,13 @@ class CTM(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         keys, values = self.attention.project_kv(self.compute_features(x))
         b = keys.size(0)
+        nlm_weights, query_weight = self.trace_processor.neuron_major_weights(), self.attention.query_weight()
         action_left, action_right = self._pairs("action")
         out_left, out_right = self._pairs("out")
         ctx = TickContext(keys, values, torch.exp(-_clamped(self.decay_params_action)),
                           torch.exp(-_clamped(self.decay_params_out)),
                           action_left, action_right, out_left, out_right,
-                          *cast_once((self.trace_processor.neuron_major_weights(), self.attention.query_weight()),
-                                     autocast_dtype(x.device)))
+                          nlm_weights, query_weight, cast_once((nlm_weights, query_weight), autocast_dtype(x.device)))
 
         activated = self.start_activated_state.unsqueeze(0).expand(b, -1)
         trace = self.start_trace.unsqueeze(-1).expand(-1, -1, b)
@@ -279,8 +271,9 @@ class CTM(nn.Module):
             state, outputs = run_ticks(tick, state, ctx, self.cfg.iterations, segment=0)
         elif torch.compiler.is_compiling():
             outputs = []
+            tick = compiled_tick if self.tick_region else CTM.tick
             for _ in range(self.cfg.iterations):
-                state, output = compiled_tick(self, state, ctx)
+                state, output = tick(self, state, ctx)
                 outputs.append(output)
         else:
             use_banks = uses_cpu_kernels(self.cfg, x.device) and torch.is_grad_enabled()

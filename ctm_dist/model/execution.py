@@ -7,7 +7,10 @@ the device the model runs on:
   small ops; eager PyTorch dispatches each one from Python, so with GPU-sized batches the GPU
   idles between kernels. Compiled, the ticks' elementwise work is fused and the launches are
   few. The tick is a ``nested_compile_region``: it is traced and compiled once and reused for
-  every tick, so compile time does not grow with ``iterations``. Tick checkpointing and NLM
+  every tick, so compile time does not grow with ``iterations``. Such a region refuses inputs
+  that share storage, and DeepSpeed's ZeRO optimizers keep all parameters as views of one flat
+  buffer; there ``prepare`` unrolls the ticks into the one graph instead (same numerics, a
+  compile time that grows with ``iterations``). Tick checkpointing and NLM
   recomputation keep Python-side state between forward and backward and stay eager, so
   ``"auto"`` leaves the model eager when either is set.
 * ``cpu_kernels``: the tick-summed weight gradients and oneDNN-reordered weights of
@@ -45,6 +48,16 @@ def uses_channels_last(cfg: CTMConfig, device: torch.device) -> bool:
     """Whether a ResNet backbone runs in channels-last memory format on ``device``."""
     resnet = cfg.backbone_type.startswith("resnet")
     return resnet and _setting(cfg.channels_last, torch.device(device).type == "cuda")
+
+
+COMPILE_BACKEND = "inductor"
+
+
+def prepare(model: nn.Module) -> None:
+    """Set up ``model`` (a CTM) to be compiled as its parameters are now: the tick as a reused region,
+    unless parameters share storage (see the module docstring)."""
+    storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    model.tick_region = len(storages) == len(list(model.parameters()))
 
 
 def compile_options(cfg: CTMConfig) -> dict[str, Any]:
