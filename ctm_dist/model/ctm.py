@@ -269,7 +269,7 @@ class CTM(nn.Module):
             def tick(s, c):
                 return self.tick(s, c, need_weights=True)
             state, outputs = run_ticks(tick, state, ctx, self.cfg.iterations, segment=0)
-        elif torch.compiler.is_compiling():
+        elif torch.compiler.is_compiling() and not (self.cfg.tick_checkpointing or self.cfg.recompute_nlms):
             outputs = []
             tick = compiled_tick if self.tick_region else CTM.tick
             for _ in range(self.cfg.iterations):
