@@ -128,7 +128,7 @@ def with_banks(ctx: TickContext) -> TickContext:
 
 
 @torch.compiler.nested_compile_region
-def compiled_tick(model: "CTM", state: TickState, ctx: TickContext) -> tuple[TickState, TickOutput]:
+def compiled_tick(model: CTM, state: TickState, ctx: TickContext) -> tuple[TickState, TickOutput]:
     """``model.tick``; under ``torch.compile`` traced and compiled once, then reused for every tick."""
     return model.tick(state, ctx)
 
