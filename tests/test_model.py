@@ -280,10 +280,10 @@ def test_tick_summed_gradients_equal_per_tick_autograd(dropout, segment, max_byt
     torch.manual_seed(0)
     model = CTM(tiny(dropout=dropout, synapse_depth=3, tick_checkpointing=segment)).train()
     x = torch.randn(3, 5, 7)
-    model.batch_weight_grads = False
+    model.cfg.cpu_kernels = False
     loss_plain, plain = _loss_and_grads(model, x, seed=4)
     assert not adds
-    model.batch_weight_grads = True
+    model.cfg.cpu_kernels = True
     loss_batched, batched = _loss_and_grads(model, x, seed=4)
     # the same forward up to rounding: banked layers multiply by a reordered weight copy on CPU
     torch.testing.assert_close(loss_batched, loss_plain, rtol=1e-6, atol=0)
@@ -321,14 +321,14 @@ def test_banked_linear_with_a_reordered_weight_equals_plain_linear():
 
 
 def test_banked_forward_without_reordering_is_bit_identical(monkeypatch):
-    from ctm_dist.model.tick_grads import Bank
+    from ctm_dist.model import tick_grads
 
-    monkeypatch.setattr(Bank, "reorder", False)
+    monkeypatch.setattr(tick_grads, "_ONEDNN", False)
     torch.manual_seed(0)
     model = CTM(tiny(synapse_depth=3)).train()
     x = torch.randn(3, 5, 7)
-    model.batch_weight_grads = False
+    model.cfg.cpu_kernels = False
     loss_plain, _ = _loss_and_grads(model, x, seed=4)
-    model.batch_weight_grads = True
+    model.cfg.cpu_kernels = True
     loss_batched, _ = _loss_and_grads(model, x, seed=4)
     assert loss_batched == loss_plain

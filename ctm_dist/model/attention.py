@@ -65,6 +65,10 @@ class TickAttention(nn.Module):
     def bank_weight(self) -> torch.Tensor:
         return self.in_proj_weight[:self.d_input]
 
+    def query_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) of the query projection: the first third of the packed projection."""
+        return self.in_proj_weight[:self.d_input], self.in_proj_bias[:self.d_input]
+
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, E] -> [B, heads, L, E / heads]
         return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
@@ -76,13 +80,14 @@ class TickAttention(nn.Module):
         v = F.linear(tokens, self.in_proj_weight[2 * e:], self.in_proj_bias[2 * e:])
         return self._split_heads(k).contiguous(), self._split_heads(v).contiguous()
 
-    def forward(self, query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_weights: bool = False,
+    def forward(self, query: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                query_weight: tuple[torch.Tensor, torch.Tensor] | None = None, need_weights: bool = False,
                 kv_banks: tuple[Bank, Bank] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One query per sample [B, E] -> output [B, E] and, if asked, weights [B, heads, 1, L].
 
-        With ``kv_banks``, ``k`` and ``v`` must be those banks' tensors."""
-        e = self.d_input
-        q = banked_linear(query, self._bank, self.in_proj_weight[:e], self.in_proj_bias[:e])
+        ``query_weight`` is ``query_weight()`` taken once per forward (cast, under autocast). With
+        ``kv_banks``, ``k`` and ``v`` must be those banks' tensors."""
+        q = banked_linear(query, self._bank, *(query_weight or self.query_weight()))
         q = self._split_heads(q.unsqueeze(1))
         dropout = self.dropout if self.training else 0.0
         weights = None

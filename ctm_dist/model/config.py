@@ -1,7 +1,7 @@
 """Typed configuration of the CTM and named presets.
 
 Field names follow the reference constructor's keyword arguments so that a reference run's
-arguments map one to one. Four fields are ours:
+arguments map one to one. These fields are ours:
 
 * ``in_channels``: channels of the input (the reference infers them lazily on the first call;
   we build every layer eagerly so that optimisers and DeepSpeed see all parameters at once).
@@ -9,8 +9,13 @@ arguments map one to one. Four fields are ours:
 * ``recompute_nlms``: recompute only each tick's neuron-level models during backward, from the
   pre-activations, and keep everything else (less time, a little more memory than segments).
 * ``attention_impl``: ``"sdpa"`` (fused kernel) or ``"reference"`` (explicit softmax math).
+* ``compile``: run the forward through ``torch.compile`` (``execution.py``); ``"auto"``: on CUDA.
+* ``cpu_kernels``: the CPU-only machinery, tick-summed weight gradients and oneDNN-reordered
+  weights (``tick_grads.py``); ``"auto"``: on CPU when not compiling.
+* ``channels_last``: run a ResNet backbone in channels-last memory format; ``"auto"``: on CUDA.
 
-The last three change how the model runs, not what it computes (``EXECUTION_FIELDS``).
+All but ``in_channels`` change how the model runs, not what it computes (``EXECUTION_FIELDS``):
+resume and export ignore them.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ POSITIONAL_EMBEDDING_TYPES = (
     "custom-rotational-1d",
 )
 ATTENTION_IMPLS = ("sdpa", "reference")
-EXECUTION_FIELDS = ("tick_checkpointing", "recompute_nlms", "attention_impl")
+EXECUTION_FIELDS = ("tick_checkpointing", "recompute_nlms", "attention_impl", "compile", "cpu_kernels", "channels_last")
+AUTO_FIELDS = ("compile", "cpu_kernels", "channels_last")  # true, false or "auto" (decided per device)
 OUR_FIELDS = ("in_channels",) + EXECUTION_FIELDS  # not among the reference constructor's arguments
 
 
@@ -60,9 +66,16 @@ class CTMConfig:
     tick_checkpointing: int = 0
     recompute_nlms: bool = False
     attention_impl: str = "sdpa"
+    compile: bool | str = "auto"
+    cpu_kernels: bool | str = "auto"
+    channels_last: bool | str = "auto"
 
     def __post_init__(self) -> None:
         self.prediction_reshaper = [int(v) for v in self.prediction_reshaper]
+        for name in AUTO_FIELDS:  # "true"/"false" as text (a CLI override) become booleans
+            value = getattr(self, name)
+            if isinstance(value, str) and value.lower() in ("true", "false", "auto"):
+                setattr(self, name, {"true": True, "false": False, "auto": "auto"}[value.lower()])
         self.validate()
 
     # --- derived sizes -------------------------------------------------------------------
@@ -132,6 +145,14 @@ class CTMConfig:
              "recompute_nlms and tick_checkpointing are two ways to recompute in backward: choose one")
         need(self.attention_impl in ATTENTION_IMPLS,
              f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        for name in AUTO_FIELDS:
+            value = getattr(self, name)
+            need(isinstance(value, bool) or value == "auto", f"{name} must be true, false or \"auto\", got {value!r}")
+        need(not (self.compile is True and self.cpu_kernels is True),
+             "cpu_kernels (Python-side gradient banks) cannot run inside a compiled forward: "
+             "set compile or cpu_kernels to false")
+        need(not (self.compile is True and (self.tick_checkpointing or self.recompute_nlms)),
+             "tick_checkpointing and recompute_nlms run eager only: set compile to false or \"auto\"")
         need(self.in_channels >= 1, f"in_channels must be >= 1, got {self.in_channels}")
         need(len(self.prediction_reshaper) >= 1 and self.prediction_reshaper.count(-1) <= 1,
              f"prediction_reshaper must be a non-empty shape with at most one -1, got {self.prediction_reshaper}")

@@ -14,6 +14,11 @@ then reads out all ticks at once (``read_out``): one projection over ``T x B`` r
 ``T`` small ones, and tick checkpointing never recomputes it. Adaptive inference reads out tick
 by tick with the same function.
 
+How the ticks run depends on the device and the config (``execution.py``): compiled, the tick is
+one region compiled once and reused; eager on CPU, weight gradients are summed over ticks
+(``tick_grads.py``). Under autocast, the per-forward weights the ticks read (the NLMs', the
+attention query's) are cast once in ``start`` (``casts.py``).
+
 ``forward`` returns predictions ``[B, out_dims, T]``, certainties ``[B, 2, T]`` (normalised entropy,
 1 - it) and the last out synchronisation, like the reference implementation, whose
 ``state_dict`` keys this module shares.
@@ -31,7 +36,9 @@ from torch.nn import functional as F
 
 from .attention import TickAttention
 from .backbones import backbone_channels, build_backbone
+from .casts import autocast_dtype, cast_once, per_tick
 from .config import CTMConfig
+from .execution import uses_channels_last, uses_cpu_kernels
 from .nlm import NeuronLevelModels, recomputed_nlms
 from .positional import build_positional_embedding
 from .synapses import build_synapses
@@ -77,6 +84,8 @@ class TickContext(NamedTuple):
     out_left: torch.Tensor
     out_right: torch.Tensor
     nlm_weights: tuple           # (weight, bias) per NLM layer, permuted and scaled once per forward
+    query_weight: tuple          # (weight, bias) of the attention's query projection
+    casts: tuple | None          # (nlm_weights, query_weight) cast once under autocast (casts.py), else None
     kv_banks: tuple[Bank, Bank] | None = None  # gradient banks of keys and values (tick_grads.py)
 
 
@@ -118,13 +127,18 @@ def with_banks(ctx: TickContext) -> TickContext:
     return ctx._replace(keys=k_bank.tensor, values=v_bank.tensor, kv_banks=(k_bank, v_bank))
 
 
-class CTM(nn.Module):
-    batch_weight_grads = True  # see tick_grads.py; set False on an instance for plain per-tick autograd
+@torch.compiler.nested_compile_region
+def compiled_tick(model: CTM, state: TickState, ctx: TickContext) -> tuple[TickState, TickOutput]:
+    """``model.tick``; under ``torch.compile`` traced and compiled once, then reused for every tick."""
+    return model.tick(state, ctx)
 
+
+class CTM(nn.Module):
     def __init__(self, cfg: CTMConfig):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
+        self.tick_region = True  # compiled, the tick is one region reused by every tick (execution.py)
         d_model, d_input = cfg.d_model, cfg.d_input
 
         # --- input: backbone features -> tokens -> attention keys/values
@@ -182,16 +196,17 @@ class CTM(nn.Module):
         sync_action, alpha_action, beta_action = update_synchronisation(
             state.activated, state.alpha_action, state.beta_action, ctx.r_action, ctx.action_left, ctx.action_right)
 
-        attended, weights = self.attention(self.q_proj(sync_action), ctx.keys, ctx.values, need_weights,
-                                           ctx.kv_banks)
+        nlm_weights, query_weight = per_tick((ctx.nlm_weights, ctx.query_weight), ctx.casts)
+        attended, weights = self.attention(self.q_proj(sync_action), ctx.keys, ctx.values, query_weight,
+                                           need_weights, ctx.kv_banks)
         pre_activation = self.synapses(torch.cat((attended, state.activated), dim=-1))
         if state.columns is None:
             trace, columns = torch.cat((state.trace[:, 1:], pre_activation.t().unsqueeze(1)), dim=1), None
-            activated = self.trace_processor(trace, ctx.nlm_weights)
+            activated = self.trace_processor(trace, nlm_weights)
         else:
             column = pre_activation.t().contiguous()
             trace, columns = torch.cat((state.trace[:, 1:], column.unsqueeze(1)), dim=1), state.columns[1:] + (column,)
-            activated = recomputed_nlms(self.trace_processor, trace, columns, ctx.nlm_weights)
+            activated = recomputed_nlms(self.trace_processor, trace, columns, nlm_weights)
         return (TickState(trace, activated, alpha_action, beta_action, columns),
                 TickOutput(sync_action, pre_activation, activated, weights))
 
@@ -225,14 +240,17 @@ class CTM(nn.Module):
 
     def start(self, x: torch.Tensor) -> tuple[TickState, TickContext]:
         """Featurise the input and build the state before the first tick."""
+        if uses_channels_last(self.cfg, x.device):
+            x = x.contiguous(memory_format=torch.channels_last)
         keys, values = self.attention.project_kv(self.compute_features(x))
         b = keys.size(0)
+        nlm_weights, query_weight = self.trace_processor.neuron_major_weights(), self.attention.query_weight()
         action_left, action_right = self._pairs("action")
         out_left, out_right = self._pairs("out")
         ctx = TickContext(keys, values, torch.exp(-_clamped(self.decay_params_action)),
                           torch.exp(-_clamped(self.decay_params_out)),
                           action_left, action_right, out_left, out_right,
-                          self.trace_processor.neuron_major_weights())
+                          nlm_weights, query_weight, cast_once((nlm_weights, query_weight), autocast_dtype(x.device)))
 
         activated = self.start_activated_state.unsqueeze(0).expand(b, -1)
         trace = self.start_trace.unsqueeze(-1).expand(-1, -1, b)
@@ -251,9 +269,15 @@ class CTM(nn.Module):
             def tick(s, c):
                 return self.tick(s, c, need_weights=True)
             state, outputs = run_ticks(tick, state, ctx, self.cfg.iterations, segment=0)
+        elif torch.compiler.is_compiling() and not (self.cfg.tick_checkpointing or self.cfg.recompute_nlms):
+            outputs = []
+            tick = compiled_tick if self.tick_region else CTM.tick
+            for _ in range(self.cfg.iterations):
+                state, output = tick(self, state, ctx)
+                outputs.append(output)
         else:
-            use_banks = self.batch_weight_grads and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            banks = new_banks(self) if use_banks else None
+            use_banks = uses_cpu_kernels(self.cfg, x.device) and torch.is_grad_enabled()
+            banks = new_banks(self, autocast_dtype(x.device)) if use_banks else None
             if use_banks:
                 ctx = with_banks(ctx)
             state, outputs = run_ticks(self.tick, state, ctx, self.cfg.iterations, self.cfg.tick_checkpointing,

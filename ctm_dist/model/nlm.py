@@ -6,17 +6,20 @@ learned temperature ``T``. The deep variant stacks two such layers with GLUs; th
 uses a single layer into a GLU. Parameter names and layouts follow the reference so checkpoints
 load as they are.
 
-For speed the computation is neuron-major with the batch last: histories are ``[D, M, B]`` and
-the weights are permuted once per forward to ``[D, out, in]``, so each layer is one contiguous
-batched matmul ``W_d @ x_d`` whose result has a batch-wide row per output (the reference's einsum
-over ``[B, D, M]`` makes CPU bmm loop over neurons; ``x_d @ W_d`` with the batch as rows measured
-about 20 % slower than this orientation over both layers, forward and backward, as the second
-layer's two-column products are poorly shaped for BLAS). The GLUs split rows, which are contiguous
-blocks. The temperature is folded into the per-forward weights and biases
-(``(Wx + b) / T = (W/T)x + b/T``), which saves a division and its backward at every tick.
-(Summing the per-neuron weight gradients over ticks, as ``tick_grads.py`` does for the other
-layers, measured slower here: the factors' concatenation costs more than the per-tick batched
-matmuls it saves; adding each tick's product into one buffer in place measured no faster.)
+The computation is neuron-major with the batch last: histories are ``[D, M, B]`` and the
+weights are permuted once per forward to ``[D, out, in]``, so each layer is one contiguous
+batched matmul ``W_d @ x_d`` whose result has a batch-wide row per output, and the GLUs split
+rows, which are contiguous blocks. The reference's einsum over ``[B, D, M]`` makes CPU bmm loop
+over neurons; with the batch as rows instead (``x_d @ W_d``) the second layer's products have
+two columns, a shape BLAS handles poorly (that orientation costs about 20 % more over both
+layers, forward and backward, on CPU; 2026-11). The temperature is folded into the per-forward
+weights and biases (``(Wx + b) / T = (W/T)x + b/T``), which saves a division and its backward at
+every tick.
+
+The NLM weight gradients are left to autograd tick by tick, unlike the layers of
+``tick_grads.py``: each neuron's weight is tiny (``[out, in]``) and its per-tick factors
+(``[out, B]``, ``[in, B]``) are about as large as their product, so concatenating the factors over
+ticks costs more than the per-tick batched matmuls it would save.
 
 ``recomputed_nlms`` (config ``recompute_nlms``) runs a tick's NLMs without keeping their history
 or hidden activations for backward and runs them again there, the history rebuilt from the

@@ -11,7 +11,7 @@ exceed ``Bank.max_bytes``). Row-wise concatenation copies contiguous blocks, whi
 it cheap.
 
 * ``TickLinear`` is an ``nn.Linear`` (same parameters and names) whose weight is banked while
-  ``using_banks(banks)`` is active; outside it, or under ``torch.compile``, it is a plain layer.
+  ``using_banks(banks)`` is active; outside it it is a plain layer.
   Other modules join by defining ``bank_weight()`` and reading ``self._bank`` (the attention's
   query projection, a slice of its packed ``in_proj_weight``).
 * Per-forward tensors (the attention keys and values) get a ``Bank(tensor)`` directly and
@@ -21,11 +21,16 @@ A bank also knows that its weight is fixed for the whole forward, so on CPU (fp3
 the banked layers multiply by a copy of the weight, and one of its transpose for backward,
 reordered once per forward into oneDNN's blocked layout (the same ops ``torch.compile`` uses for
 frozen CPU linears). MKL's plain GEMM re-packs the weight at every call, which at a few rows per
-tick is much of its cost. In isolation the reordered synapse products (parity preset) were
-1.15-1.25x faster with one thread and about 2x with two; in whole training steps, 1.14-1.17x
-faster with two threads and no measurable change with one. With very few rows MKL does not
-pack, and reordering two copies of every weight per forward then costs more than it saves
-(ImageNet preset at batch 2: 0.87x with one thread), so it needs ``REORDER_MIN_ROWS``.
+tick is much of its cost. With very few rows MKL does not pack, and reordering two copies of every
+weight per forward then costs more than it saves, hence ``REORDER_MIN_ROWS``. Figures (2-core
+CPU, 2026-11): the reordered synapse products of the parity preset are 1.15-1.25x faster with one
+thread and about 2x with two; whole training steps 1.14-1.17x faster with two threads and the
+same with one; the ImageNet preset at batch 2 with one thread would be 0.87x without the
+threshold.
+
+All of this is CPU machinery: the model uses it where ``CTMConfig.cpu_kernels`` says
+(``execution.py``: by default on CPU in eager mode, never inside a compiled forward). Under
+autocast a bank casts its weight once per forward, so the ticks do not cast it again.
 """
 
 from __future__ import annotations
@@ -57,20 +62,22 @@ class Bank:
     """The recorded gradient factors of one shared tensor over the ticks of one forward."""
 
     max_bytes = 64 * 2**20  # factors held before a partial sum is taken
-    reorder = True          # reorder linear weights for oneDNN where possible (see the module docstring)
 
-    def __init__(self, tensor: torch.Tensor):
+    def __init__(self, tensor: torch.Tensor, dtype: torch.dtype | None = None):
+        """``dtype``: the autocast dtype, to cast the tensor once for all ticks (``None``: as it is)."""
         self.a: list[torch.Tensor] = []
         self.b: list[torch.Tensor] = []
         self.held = 0
         self.partial: torch.Tensor | None = None
         self.tensor = _BankedTensor.apply(tensor, self)
+        if dtype is not None:
+            self.tensor = self.tensor.to(dtype)
         self._reordered: dict[bool, torch.Tensor] = {}
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                transposed: bool = False) -> torch.Tensor:
         """``F.linear(x, weight, bias)`` (``x @ weight`` with ``transposed``), ``weight`` being this bank's."""
-        if not (self.reorder and _reordered(x, weight)):
+        if not _reordered(x, weight):
             return x @ weight if transposed else F.linear(x, weight, bias)
         if transposed not in self._reordered:
             w = weight.detach()
@@ -160,8 +167,9 @@ class TickLinear(nn.Linear):
         return banked_linear(x, self._bank, self.weight, self.bias)
 
 
-def new_banks(module: nn.Module) -> dict[nn.Module, Bank]:
-    """Fresh banks for every submodule with a ``bank_weight()`` (one set per forward).
+def new_banks(module: nn.Module, dtype: torch.dtype | None = None) -> dict[nn.Module, Bank]:
+    """Fresh banks for every submodule with a ``bank_weight()`` (one set per forward), their
+    weights cast to ``dtype`` (autocast's) once.
 
     Layers whose weights DeepSpeed ZeRO-3 partitions (``ds_id``) are left to plain autograd: their
     full weight exists only inside their own forward.
@@ -169,7 +177,7 @@ def new_banks(module: nn.Module) -> dict[nn.Module, Bank]:
     banks = {}
     for layer in module.modules():
         if hasattr(layer, "bank_weight") and not any(hasattr(p, "ds_id") for p in layer.parameters(recurse=False)):
-            banks[layer] = Bank(layer.bank_weight())
+            banks[layer] = Bank(layer.bank_weight(), dtype)
     return banks
 
 

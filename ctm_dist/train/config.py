@@ -137,7 +137,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
-        return _coerce(value, args[0], where)
+        for arg in args[:-1]:  # the first type that takes the value, e.g. ``bool | str``: true, false or "auto"
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                pass
+        return _coerce(value, args[-1], where)
     if hint is bool:
         if isinstance(value, bool):
             return value

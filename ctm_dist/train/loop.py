@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ctm_dist.model import execution
 from ctm_dist.train.config import TrainConfig
 from ctm_dist.train.engine import build_engine, model_dtype
 from ctm_dist.train.metrics import RunningSums, StepTimer, TensorBoardLog
@@ -60,6 +61,7 @@ class Trainer:
         self.task = make_task(cfg, rank, world_size)
         self.model_cfg = self.task.model_config()
         self.engine = build_engine(CTM(self.model_cfg).to(device), cfg)
+        self.compiled = compile_engine(self.engine, self.model_cfg, device)
         self.dtype = model_dtype(cfg)
         self.run_location = Location.parse(cfg.run.storage, retry_deadline=cfg.run.storage_retry_deadline).child(cfg.run.name)
         self.checkpointer = Checkpointer(self.run_location, keep_last=cfg.checkpoint.keep, rank=rank,
@@ -212,6 +214,8 @@ class Trainer:
             self.train_step(batches)
             self._steps_since_log += 1
             self.timer.add("step", time.perf_counter() - t0)
+            if self.compiled and self.step == start_step + 1 and self.rank == 0:
+                log.info("compiled the model in %.1f s (first step)", time.perf_counter() - t0)
             if preemption.should_stop():
                 preempted = {"preempted": True, "signal": preemption.handler.signum}
                 t_save = time.perf_counter()
@@ -286,6 +290,15 @@ class StopRequests:
                 else:
                     self._pending = self.progress.stop_requested.remote()
         return self.handler.should_stop()
+
+
+def compile_engine(engine, model_cfg, device: torch.device) -> bool:
+    """``torch.compile`` the engine's model where ``model.compile`` says so for ``device``; whether it did."""
+    if not execution.compiles(model_cfg, device):
+        return False
+    execution.prepare(engine.module)
+    engine.compile(backend=execution.COMPILE_BACKEND, compile_kwargs=execution.compile_options(model_cfg))
+    return True
 
 
 def forever(loader):
