@@ -306,3 +306,57 @@ def test_parity_loader_deterministic_and_elastic():
     assert sorted(seen) == sorted(f"0/{i}" for i in range(53))
     by_key = {k: row for r in ref for b in r for k, row in zip(b["key"], b["input"])}
     assert all(torch.equal(seen[k], by_key[k]) for k in seen)
+
+
+# ---------------------------------------------------------------- an index that does not match its tars
+
+def _lying_index(object_store, name: str, counts: list[int]) -> Location:
+    """Two shards of 8 samples whose index claims ``counts`` instead (``num_samples`` kept consistent)."""
+    loc = _bucket_location(object_store, name)
+    _write(loc, "train", _samples(16), per_shard=8)
+    doc = json.loads(loc.read_bytes("train.json"))
+    for shard, n in zip(doc["shards"], counts):
+        shard["samples"] = n
+    doc["num_samples"] = sum(counts)
+    loc.write_bytes("train.json", json.dumps(doc).encode())
+    return loc
+
+
+def test_index_count_the_tar_cannot_hold_fails_at_construction(object_store):
+    loc = _lying_index(object_store, "huge", [100_000_000, 8])
+    with pytest.raises(DataError, match=r"train-000000\.tar.*lists 100000000 samples.*hold at most \d+"):
+        ShardLoader(loc, "train", batch_size=4)
+
+
+def test_negative_or_fractional_index_count_fails_at_construction(object_store):
+    loc = _lying_index(object_store, "neg", [-8, 8])
+    with pytest.raises(ValueError, match=r"'train-000000\.tar' has samples=-8"):
+        ShardLoader(loc, "train", batch_size=4)
+    doc = json.loads(loc.read_bytes("train.json"))
+    doc["shards"][0]["samples"], doc["num_samples"] = 7.5, 15.5
+    loc.write_bytes("train.json", json.dumps(doc).encode())
+    with pytest.raises(ValueError, match=r"has samples=7\.5"):
+        ShardLoader(loc, "train", batch_size=4)
+
+
+def test_index_count_above_the_tar_is_a_counted_mismatch(object_store):
+    loc = _lying_index(object_store, "high", [12, 8])
+    l = ShardLoader(loc, "train", batch_size=4, seed=1, train=False)
+    keys = _flat(_take(l)[0])
+    assert sorted(keys) == sorted(f"s{i:04d}" for i in range(16))  # every real sample, once
+    assert l.stats["index_mismatch"] == 1 and l.stats["skipped_missing"] == 4 and l.stats["samples"] == 16
+    assert any("train-000000.tar" in m and "ends after 8 samples" in m and "lists 12" in m for m in l.skip_log)
+    with pytest.raises(DataError, match=r"train-000000\.tar: the tar ends after 8"):
+        _take(ShardLoader(loc, "train", batch_size=4, seed=1, train=False, strict=True))
+
+
+def test_index_count_below_the_tar_is_a_counted_mismatch(object_store):
+    loc = _lying_index(object_store, "low", [5, 8])
+    l = ShardLoader(loc, "train", batch_size=4, seed=1, num_workers=2)
+    keys = _flat(_take(l)[0])
+    assert len(keys) == 13 and len(set(keys)) == 13
+    assert l.stats["index_mismatch"] == 1 and l.stats["skipped_unindexed"] == 3
+    assert l.stats["skipped"] == 3 and l.stats["samples"] == 13
+    assert any("train-000000.tar" in m and "holds 3 sample(s) past the 5" in m for m in l.skip_log)
+    with pytest.raises(DataError, match=r"train-000000\.tar: the tar holds 3 sample\(s\) past"):
+        _take(ShardLoader(loc, "train", batch_size=4, seed=1, strict=True))

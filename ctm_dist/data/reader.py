@@ -10,6 +10,11 @@
   the rest of the epoch in the same order, with another one it covers the rest exactly once.
 * Bad samples are masked and counted in ``stats`` (or raise naming shard and key with
   ``strict=True``); a missing index/shard/bucket or refused credentials fail at construction.
+* The index is checked, not believed: a count that the tar's size cannot hold (every tar member
+  takes at least ``TAR_BLOCK`` bytes) fails at construction; a tar that ends before its count is
+  reached, or holds samples past it, is a counted ``index_mismatch`` (the missing entries are
+  masked, the unlisted ones are counted as ``skipped_unindexed``) and is logged with its shard, or
+  raises with ``strict=True``.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ log = logging.getLogger(__name__)
 STATE_FORMAT = "ctm-dist-reader/1"
 STREAM_BLOCK = 4 * 2**20
 MAX_LOGGED_SKIPS = 20
+TAR_BLOCK = 512  # a tar member is a 512-byte header plus its data padded to 512 bytes
 
 
 class DataError(RuntimeError):
@@ -128,7 +134,10 @@ class _SlotDataset(IterableDataset):
         return self._batches(self.slots[local], local, loc)
 
     def _entries(self, slot: Slot, loc: Location):
-        """(shard, index, sample or None, reason) for every sample the slot has left to read."""
+        """(shard, index, sample or None, reason, notes) for every sample the slot has left to read.
+
+        ``notes`` lists ``(stat, count, message)`` of index mismatches found at that sample.
+        """
         for group in slot.groups():
             order = group_order(group, seed=self.seed, epoch=self.epoch, slot_id=slot.slot_id,
                                 shuffle=self.shuffle)
@@ -147,24 +156,49 @@ class _SlotDataset(IterableDataset):
                     r, idx = group[j], nxt[j]
                     nxt[j] += 1
                     if j in broken:
-                        yield r.name, idx, None, broken[j]
+                        yield r.name, idx, None, broken[j], ()
                         continue
+                    notes: list = []
                     try:
                         if j not in streams:
                             streams[j] = ShardStream(loc, r.name)
                             streams[j].skip(idx)
                         sample = streams[j].next()
+                        if sample is None:
+                            broken[j] = "missing"
+                            notes.append(("index_mismatch", 1,
+                                          f"{loc.name_url(r.name)}: the tar ends after {streams[j].read} "
+                                          f"samples but the shard index lists {r.stop}; the missing "
+                                          f"{r.stop - idx} are skipped"))
+                        elif idx + 1 == r.stop:
+                            extra = self._unlisted(streams[j])
+                            if extra:
+                                notes.append(("index_mismatch", 1,
+                                              f"{loc.name_url(r.name)}: the tar holds {extra} sample(s) past "
+                                              f"the {r.stop} its shard index lists; they are not read"))
+                                notes.append(("skipped", extra, ""))
+                                notes.append(("skipped_unindexed", extra, ""))
                     except DataError as e:
                         if self.strict:
                             raise
                         broken[j] = "unreadable_tar"
                         log.warning("%s (the rest of this shard is skipped)", e)
-                        yield r.name, idx, None, "unreadable_tar"
+                        yield r.name, idx, None, "unreadable_tar", ()
                         continue
-                    yield r.name, idx, sample, None if sample is not None else "missing"
+                    yield r.name, idx, sample, None if sample is not None else "missing", notes
             finally:
                 for s in streams.values():
                     s.close()
+
+    def _unlisted(self, stream: ShardStream) -> int:
+        """Samples left in ``stream`` after the last one the index lists (read, not decoded)."""
+        extra = 0
+        try:
+            while stream.next() is not None:
+                extra += 1
+        except DataError:
+            pass  # a broken tail past the listed samples: what could be read is counted
+        return extra
 
     def _batches(self, slot: Slot, local: int, loc: Location):
         batch: list = []
@@ -172,7 +206,13 @@ class _SlotDataset(IterableDataset):
         stats: Counter = Counter()
         skips: list[str] = []
         template = self.decoder.blank()
-        for name, idx, sample, reason in self._entries(slot, loc):
+        for name, idx, sample, reason, notes in self._entries(slot, loc):
+            for stat, count, msg in notes:
+                stats[stat] += count
+                if msg:
+                    if self.strict:
+                        raise DataError(msg)
+                    skips.append(msg)
             key = sample.get("__key__", "") if sample is not None else ""
             item = None
             if sample is not None:
@@ -299,14 +339,28 @@ class ShardLoader:
         return self.index.num_samples
 
     def _check_shards(self) -> None:
+        """Every listed shard exists and is large enough for the samples the index gives it."""
         try:
-            present = set(self.location.list())
+            sizes = self._object_sizes()
         except StorageNotFound:
-            present = set()
-        missing = [s.name for s in self.index.shards if s.name not in present]
+            sizes = {}
+        missing = [s.name for s in self.index.shards if s.name not in sizes]
         if missing:
             raise StorageNotFound(f"{self.location.url}: {len(missing)} shard(s) of split {self.split!r} "
                                   f"are missing, e.g. {', '.join(missing[:3])}")
+        for s in self.index.shards:
+            most = sizes[s.name] // TAR_BLOCK
+            if s.samples > most:
+                raise DataError(f"{self.location.name_url(s.name)}: the shard index of split {self.split!r} "
+                                f"lists {s.samples} samples, but the tar's {sizes[s.name]} bytes hold at most "
+                                f"{most}; the index is wrong, write the shard set again")
+
+    def _object_sizes(self) -> dict[str, int]:
+        loc = self.location
+        extra = {"refresh": True} if loc.protocol != "file" else {}
+        entries = loc.call(lambda: loc.fs.ls(loc.join(""), detail=True, **extra), "")
+        return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
+                for e in entries if e.get("type") != "directory"}
 
     # ------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[dict[str, Any]]:
