@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import uuid
+import zlib
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from ctm_dist.data.decode import make_decoder
+from ctm_dist.data.decode import MAX_PIXELS, ImageTooLarge, make_decoder
 from ctm_dist.data.parity import ParityLoader
 from ctm_dist.data.reader import DataError, ShardLoader, merge_states
 from ctm_dist.data.writer import ShardSetWriter
@@ -359,4 +361,49 @@ def test_index_count_below_the_tar_is_a_counted_mismatch(object_store):
     assert l.stats["skipped"] == 3 and l.stats["samples"] == 13
     assert any("train-000000.tar" in m and "holds 3 sample(s) past the 5" in m for m in l.skip_log)
     with pytest.raises(DataError, match=r"train-000000\.tar: the tar holds 3 sample\(s\) past"):
+        _take(ShardLoader(loc, "train", batch_size=4, seed=1, strict=True))
+
+
+# ---------------------------------------------------------------- decompression bombs
+
+def _blank_png(width: int, height: int) -> bytes:
+    """A valid all-black greyscale PNG, compressed row by row (a few hundred bytes per megapixel)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z = zlib.compressobj(9)
+    row = bytes(width + 1)  # filter byte + pixels
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow warns, the decoder refuses
+def test_a_144_megapixel_png_of_140kb_is_refused_before_decoding():
+    bomb = _blank_png(12000, 12000)
+    assert len(bomb) < 200_000
+    sample = {"__key__": "bomb", "png": bomb, "cls": b"1",
+              "json": json.dumps({"route": [0, 1], "route_length": 2}).encode()}
+    for task in ("imagenet", "mazes", "demo", "cifar10"):
+        for train in (True, False):
+            decoder = make_decoder(task, train, {"num_classes": 10})
+            with pytest.raises(ImageTooLarge, match=f"12000x12000 = 144000000 pixels is over the limit "
+                                                    f"of {MAX_PIXELS[task]}"):
+                decoder(sample, np.random.default_rng(0))
+
+
+def test_images_over_the_task_pixel_limit_are_skipped_and_counted(object_store):
+    loc = _bucket_location(object_store, "bomb")
+    samples = _samples(12)
+    samples[5]["png"] = _blank_png(1100, 1000)  # 1.1 megapixels: over demo's limit, 2 KB on disk
+    _write(loc, "train", samples, per_shard=6)
+    l = ShardLoader(loc, "train", batch_size=4, seed=1)
+    keys = _flat(_take(l)[0])
+    assert sorted(keys) == sorted(s["__key__"] for i, s in enumerate(samples) if i != 5)
+    assert l.stats["skipped"] == 1 and l.stats["skipped_image_too_large"] == 1 and l.stats["samples"] == 11
+    assert any("s0005" in m and "1100x1000" in m for m in l.skip_log)
+    # the limit can be raised for a shard set of larger images
+    roomy = ShardLoader(loc, "train", batch_size=4, seed=1, max_pixels=2_000_000)
+    assert len(_flat(_take(roomy)[0])) == 12 and roomy.stats["skipped"] == 0
+    with pytest.raises(DataError, match="s0005.*over the limit"):
         _take(ShardLoader(loc, "train", batch_size=4, seed=1, strict=True))

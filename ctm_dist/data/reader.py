@@ -8,8 +8,8 @@
   worker prefetches it): epoch + samples consumed per shard. ``state_dict()`` of all ranks merge
   (``merge_states``) into a world-size independent state; loading it with the same topology replays
   the rest of the epoch in the same order, with another one it covers the rest exactly once.
-* Bad samples are masked and counted in ``stats`` (or raise naming shard and key with
-  ``strict=True``); a missing index/shard/bucket or refused credentials fail at construction.
+* Bad samples (including images over the task's pixel limit, ``decode.MAX_PIXELS``) are masked
+  and counted in ``stats`` (or raise naming shard and key with ``strict=True``); a missing index/shard/bucket or refused credentials fail at construction.
 * The index is checked, not believed: a count that the tar's size cannot hold (every tar member
   takes at least ``TAR_BLOCK`` bytes) fails at construction; a tar that ends before its count is
   reached, or holds samples past it, is a counted ``index_mismatch`` (the missing entries are
@@ -221,7 +221,7 @@ class _SlotDataset(IterableDataset):
                     item = self.decoder(sample, rng)
                     template = item
                 except BadSample as e:
-                    reason = "bad_sample"
+                    reason = e.reason
                     msg = f"{loc.name_url(name)} key {key!r}: {e}"
                     if self.strict:
                         raise DataError(msg) from None
@@ -273,7 +273,8 @@ class ShardLoader:
     def __init__(self, location: "Location | str", split: str, task: str | None = None, *,
                  batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                  seed: int = 0, train: bool = True, strict: bool = False, image_size: int | None = None,
-                 route_length: int | None = None, shuffle: bool | None = None, window: int = 4,
+                 route_length: int | None = None, max_pixels: int | None = None,
+                 shuffle: bool | None = None, window: int = 4,
                  prefetch_factor: int = 2, pin_memory: bool = False, multiprocessing_context=None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
@@ -291,7 +292,7 @@ class ShardLoader:
         self.task = task or self.index.task
         self._check_shards()
         self.decoder = make_decoder(self.task, train, self.index.meta, image_size=image_size,
-                                    route_length=route_length)
+                                    route_length=route_length, max_pixels=max_pixels)
         self.counts = {s.name: s.samples for s in self.index.shards}
         self.stats: Counter = Counter()
         self.skip_log: list[str] = []
