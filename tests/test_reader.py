@@ -407,3 +407,36 @@ def test_images_over_the_task_pixel_limit_are_skipped_and_counted(object_store):
     assert len(_flat(_take(roomy)[0])) == 12 and roomy.stats["skipped"] == 0
     with pytest.raises(DataError, match="s0005.*over the limit"):
         _take(ShardLoader(loc, "train", batch_size=4, seed=1, strict=True))
+
+
+# ---------------------------------------------------------------- one global order for every world size
+
+def _global_steps(shards, world: int, global_batch: int, steps=None, state=None, workers: int = 0):
+    """Per step, the set of keys of the union of every rank's batch (and the loaders)."""
+    loaders = [_loader(shards, r, world, workers, batch_size=global_batch // world, global_order=True)
+               for r in range(world)]
+    if state is not None:
+        for l in loaders:
+            l.load_state_dict(state)
+    assert len({len(l) for l in loaders}) == 1
+    runs = [_take(l, steps)[0] for l in loaders]
+    assert len({len(r) for r in runs}) == 1
+    return [set().union(*(run[k] for run in runs)) for k in range(len(runs[0]))], loaders
+
+
+def test_global_batches_hold_the_same_samples_for_every_world_size(shards):
+    ref, _ = _global_steps(shards, 1, 12)
+    assert sorted(k for step in ref for k in step) == ALL_KEYS and len(ref) == 5
+    for world, workers in ((2, 0), (3, 2)):
+        got, loaders = _global_steps(shards, world, 12, workers=workers)
+        assert got == ref, f"world size {world}"
+        assert sum(l.stats["samples"] for l in loaders) == NUM
+    # a resume after 2 steps, with another world size at the same global batch, continues exactly
+    first, loaders = _global_steps(shards, 2, 12, steps=2)
+    state = merge_states([l.state_dict() for l in loaders])
+    for world, workers in ((3, 2), (1, 0)):
+        rest, _ = _global_steps(shards, world, 12, state=state, workers=workers)
+        assert first + rest == ref, f"resumed with world size {world}, {workers} workers"
+    # the default mode deals shards to ranks, so its global batches depend on the world size
+    runs = [_take(_loader(shards, r, 2, 0, batch_size=6))[0] for r in range(2)]
+    assert [set(runs[0][k]) | set(runs[1][k]) for k in range(2)] != ref[:2]
