@@ -41,7 +41,7 @@ class ShardIndex:
     def num_samples(self) -> int:
         return sum(s.samples for s in self.shards)
 
-    def check(self) -> "ShardIndex":
+    def check(self) -> ShardIndex:
         """Raise ``ValueError`` naming the shard if a count is not a whole number >= 0 or a name repeats."""
         seen: set[str] = set()
         for s in self.shards:

@@ -172,15 +172,15 @@ class _SlotDataset(IterableDataset):
                         if sample is None:
                             broken[j] = "missing"
                             notes.append(("index_mismatch", 1,
-                                          f"{loc.name_url(r.name)}: the tar ends after {streams[j].read} "
-                                          f"samples but the shard index lists {r.stop}; the missing "
-                                          f"{r.stop - idx} are skipped"))
+                                          (f"{loc.name_url(r.name)}: the tar ends after {streams[j].read} "
+                                           f"samples but the shard index lists {r.stop}; the missing "
+                                           f"{r.stop - idx} are skipped")))
                         elif idx + 1 == r.stop:
                             extra = self._unlisted(streams[j])
                             if extra:
                                 notes.append(("index_mismatch", 1,
-                                              f"{loc.name_url(r.name)}: the tar holds {extra} sample(s) past "
-                                              f"the {r.stop} its shard index lists; they are not read"))
+                                              (f"{loc.name_url(r.name)}: the tar holds {extra} sample(s) "
+                                               f"past the {r.stop} its shard index lists; they are not read")))
                                 notes.append(("skipped", extra, ""))
                                 notes.append(("skipped_unindexed", extra, ""))
                     except DataError as e:

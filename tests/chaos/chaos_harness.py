@@ -140,7 +140,7 @@ class HeldWorkers:
                 pass
         self._procs = []
 
-    def __enter__(self) -> "HeldWorkers":
+    def __enter__(self) -> HeldWorkers:
         return self
 
     def __exit__(self, *exc) -> None:
