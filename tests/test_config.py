@@ -90,10 +90,64 @@ def test_warmup_then_cosine():
     assert WarmupCosine(1e-3, 0, 100, cosine=False).lr(99) == 1e-3
 
 
-def test_override_of_unknown_section_in_model_is_rejected():
+def test_a_whole_section_set_to_a_scalar_is_rejected():
     cfg = TrainConfig()
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"override 'model=3': expected section\.field=value"):
         apply_override(cfg, "model=3")
+    with pytest.raises(ConfigError, match="model: expected a mapping, got 3"):
+        TrainConfig.from_dict({"model": 3})
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("optim.lr=inf", "optim.lr must be a finite number, got inf"),
+    ("optim.lr=nan", "optim.lr must be a finite number, got nan"),
+    ("optim.betas=[0.9,inf]", "optim.betas must be a finite number, got inf"),
+    ("deepspeed.gradient_clipping=inf", "deepspeed.gradient_clipping must be a finite number"),
+    ("run.preemption_grace_s=inf", "run.preemption_grace_s must be a finite number"),
+    ("model.dropout=inf", "model.dropout must be a finite number"),
+    ("run.seed=1e30", "run.seed must be in [0, 2**32), got 1000000000000000019884624838656"),
+    ("run.seed=-1", "run.seed must be in [0, 2**32), got -1"),
+    ("run.seed=4294967296", "run.seed must be in [0, 2**32)"),
+    ("run.max_steps=1e30", "run.max_steps=1000000000000000019884624838656 does not fit in a 64-bit integer"),
+    ("run.max_steps=inf", "run.max_steps: expected an integer, got 'inf'"),
+    ("run.preemption_signals=SIGKILL", "SIGKILL cannot be caught"),
+    ("run.preemption_signals=SIGTERM,SIGSTOP", "SIGSTOP cannot be caught"),
+    ("scale.max_failures=-1", "scale.max_failures must be >= 0"),
+    ("optim.eps=0", "optim.eps must be > 0"),
+])
+def test_values_that_would_fail_later_fail_in_the_config(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        build_config(None, [override])
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_key_given_twice_in_a_yaml_mapping_is_an_error(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("optim:\n  lr: 1.0e-2\n  weight_decay: 0.1\n  lr: 1.0e-3\n")
+    with pytest.raises(ConfigError, match=r"bad YAML in .*twice\.yaml \(line 4, column 3\): duplicate key 'lr' "
+                                          r"\(first given on line 2\)"):
+        build_config(str(path))
+    path.write_text("run: {seed: 1}\noptim: {lr: 1.0e-3}\nrun: {seed: 2}\n")
+    with pytest.raises(ConfigError, match="duplicate key 'run'"):
+        build_config(str(path))
+    path.write_text("base: &b {lr: 1.0e-3}\noptim:\n  <<: *b\n  lr: 2.0e-3\n")  # a merge key is no duplicate
+    with pytest.raises(ConfigError, match="unknown config field 'base'"):
+        build_config(str(path))
+
+
+def test_validation_changes_nothing_and_always_checks_the_model():
+    cfg = build_config(None, ["model.d_model=96"], validate=False)
+    cfg.model.overrides["iterations"] = "5"  # set in code, not through the coercing layers
+    before = cfg.to_dict()
+    with pytest.raises(ConfigError, match=r"model\.iterations: expected int, got '5'"):
+        cfg.validate()
+    assert cfg.to_dict() == before
+    cfg.model.overrides["iterations"] = 5
+    assert cfg.validate().to_dict() == {**before, "model": {"preset": "demo",
+                                                             "overrides": {"d_model": 96, "iterations": 5}}}
+    cfg.model.overrides["no_such_field"] = 1
+    with pytest.raises(ConfigError, match=r"unknown config field 'model\.no_such_field'"):
+        cfg.validate()
 
 
 def test_preset_arguments_set_task_sizes():

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import uuid
+import zlib
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from ctm_dist.data.decode import make_decoder
+from ctm_dist.data.decode import MAX_PIXELS, ImageTooLarge, make_decoder
 from ctm_dist.data.parity import ParityLoader
 from ctm_dist.data.reader import DataError, ShardLoader, merge_states
 from ctm_dist.data.writer import ShardSetWriter
@@ -306,3 +308,135 @@ def test_parity_loader_deterministic_and_elastic():
     assert sorted(seen) == sorted(f"0/{i}" for i in range(53))
     by_key = {k: row for r in ref for b in r for k, row in zip(b["key"], b["input"])}
     assert all(torch.equal(seen[k], by_key[k]) for k in seen)
+
+
+# ---------------------------------------------------------------- an index that does not match its tars
+
+def _lying_index(object_store, name: str, counts: list[int]) -> Location:
+    """Two shards of 8 samples whose index claims ``counts`` instead (``num_samples`` kept consistent)."""
+    loc = _bucket_location(object_store, name)
+    _write(loc, "train", _samples(16), per_shard=8)
+    doc = json.loads(loc.read_bytes("train.json"))
+    for shard, n in zip(doc["shards"], counts):
+        shard["samples"] = n
+    doc["num_samples"] = sum(counts)
+    loc.write_bytes("train.json", json.dumps(doc).encode())
+    return loc
+
+
+def test_index_count_the_tar_cannot_hold_fails_at_construction(object_store):
+    loc = _lying_index(object_store, "huge", [100_000_000, 8])
+    with pytest.raises(DataError, match=r"train-000000\.tar.*lists 100000000 samples.*hold at most \d+"):
+        ShardLoader(loc, "train", batch_size=4)
+
+
+def test_negative_or_fractional_index_count_fails_at_construction(object_store):
+    loc = _lying_index(object_store, "neg", [-8, 8])
+    with pytest.raises(ValueError, match=r"'train-000000\.tar' has samples=-8"):
+        ShardLoader(loc, "train", batch_size=4)
+    doc = json.loads(loc.read_bytes("train.json"))
+    doc["shards"][0]["samples"], doc["num_samples"] = 7.5, 15.5
+    loc.write_bytes("train.json", json.dumps(doc).encode())
+    with pytest.raises(ValueError, match=r"has samples=7\.5"):
+        ShardLoader(loc, "train", batch_size=4)
+
+
+def test_index_count_above_the_tar_is_a_counted_mismatch(object_store):
+    loc = _lying_index(object_store, "high", [12, 8])
+    l = ShardLoader(loc, "train", batch_size=4, seed=1, train=False)
+    keys = _flat(_take(l)[0])
+    assert sorted(keys) == sorted(f"s{i:04d}" for i in range(16))  # every real sample, once
+    assert l.stats["index_mismatch"] == 1 and l.stats["skipped_missing"] == 4 and l.stats["samples"] == 16
+    assert any("train-000000.tar" in m and "ends after 8 samples" in m and "lists 12" in m for m in l.skip_log)
+    with pytest.raises(DataError, match=r"train-000000\.tar: the tar ends after 8"):
+        _take(ShardLoader(loc, "train", batch_size=4, seed=1, train=False, strict=True))
+
+
+def test_index_count_below_the_tar_is_a_counted_mismatch(object_store):
+    loc = _lying_index(object_store, "low", [5, 8])
+    l = ShardLoader(loc, "train", batch_size=4, seed=1, num_workers=2)
+    keys = _flat(_take(l)[0])
+    assert len(keys) == 13 and len(set(keys)) == 13
+    assert l.stats["index_mismatch"] == 1 and l.stats["skipped_unindexed"] == 3
+    assert l.stats["skipped"] == 3 and l.stats["samples"] == 13
+    assert any("train-000000.tar" in m and "holds 3 sample(s) past the 5" in m for m in l.skip_log)
+    with pytest.raises(DataError, match=r"train-000000\.tar: the tar holds 3 sample\(s\) past"):
+        _take(ShardLoader(loc, "train", batch_size=4, seed=1, strict=True))
+
+
+# ---------------------------------------------------------------- decompression bombs
+
+def _blank_png(width: int, height: int) -> bytes:
+    """A valid all-black greyscale PNG, compressed row by row (a few hundred bytes per megapixel)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z = zlib.compressobj(9)
+    row = bytes(width + 1)  # filter byte + pixels
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow warns, the decoder refuses
+def test_a_144_megapixel_png_of_140kb_is_refused_before_decoding():
+    bomb = _blank_png(12000, 12000)
+    assert len(bomb) < 200_000
+    sample = {"__key__": "bomb", "png": bomb, "cls": b"1",
+              "json": json.dumps({"route": [0, 1], "route_length": 2}).encode()}
+    for task in ("imagenet", "mazes", "demo", "cifar10"):
+        for train in (True, False):
+            decoder = make_decoder(task, train, {"num_classes": 10})
+            with pytest.raises(ImageTooLarge, match=f"12000x12000 = 144000000 pixels is over the limit "
+                                                    f"of {MAX_PIXELS[task]}"):
+                decoder(sample, np.random.default_rng(0))
+
+
+def test_images_over_the_task_pixel_limit_are_skipped_and_counted(object_store):
+    loc = _bucket_location(object_store, "bomb")
+    samples = _samples(12)
+    samples[5]["png"] = _blank_png(1100, 1000)  # 1.1 megapixels: over demo's limit, 2 KB on disk
+    _write(loc, "train", samples, per_shard=6)
+    l = ShardLoader(loc, "train", batch_size=4, seed=1)
+    keys = _flat(_take(l)[0])
+    assert sorted(keys) == sorted(s["__key__"] for i, s in enumerate(samples) if i != 5)
+    assert l.stats["skipped"] == 1 and l.stats["skipped_image_too_large"] == 1 and l.stats["samples"] == 11
+    assert any("s0005" in m and "1100x1000" in m for m in l.skip_log)
+    # the limit can be raised for a shard set of larger images
+    roomy = ShardLoader(loc, "train", batch_size=4, seed=1, max_pixels=2_000_000)
+    assert len(_flat(_take(roomy)[0])) == 12 and roomy.stats["skipped"] == 0
+    with pytest.raises(DataError, match="s0005.*over the limit"):
+        _take(ShardLoader(loc, "train", batch_size=4, seed=1, strict=True))
+
+
+# ---------------------------------------------------------------- one global order for every world size
+
+def _global_steps(shards, world: int, global_batch: int, steps=None, state=None, workers: int = 0):
+    """Per step, the set of keys of the union of every rank's batch (and the loaders)."""
+    loaders = [_loader(shards, r, world, workers, batch_size=global_batch // world, global_order=True)
+               for r in range(world)]
+    if state is not None:
+        for l in loaders:
+            l.load_state_dict(state)
+    assert len({len(l) for l in loaders}) == 1
+    runs = [_take(l, steps)[0] for l in loaders]
+    assert len({len(r) for r in runs}) == 1
+    return [set().union(*(run[k] for run in runs)) for k in range(len(runs[0]))], loaders
+
+
+def test_global_batches_hold_the_same_samples_for_every_world_size(shards):
+    ref, _ = _global_steps(shards, 1, 12)
+    assert sorted(k for step in ref for k in step) == ALL_KEYS and len(ref) == 5
+    for world, workers in ((2, 0), (3, 2)):
+        got, loaders = _global_steps(shards, world, 12, workers=workers)
+        assert got == ref, f"world size {world}"
+        assert sum(l.stats["samples"] for l in loaders) == NUM
+    # a resume after 2 steps, with another world size at the same global batch, continues exactly
+    first, loaders = _global_steps(shards, 2, 12, steps=2)
+    state = merge_states([l.state_dict() for l in loaders])
+    for world, workers in ((3, 2), (1, 0)):
+        rest, _ = _global_steps(shards, world, 12, state=state, workers=workers)
+        assert first + rest == ref, f"resumed with world size {world}, {workers} workers"
+    # the default mode deals shards to ranks, so its global batches depend on the world size
+    runs = [_take(_loader(shards, r, 2, 0, batch_size=6))[0] for r in range(2)]
+    assert [set(runs[0][k]) | set(runs[1][k]) for k in range(2)] != ref[:2]

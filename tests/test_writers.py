@@ -300,3 +300,20 @@ def test_scripts_write_to_s3_with_env_credentials(object_store, s3_bucket, s3_en
     assert read_index(Location.parse(f"{url}/c10"), "train").num_samples == 30
     assert read_index(Location.parse(f"{url}/demo"), "val").num_samples == 359
     assert s3_env["AWS_SECRET_ACCESS_KEY"] not in out
+
+
+@pytest.mark.parametrize("shards, fragment", [
+    ([ShardInfo("a.tar", -1)], "'a.tar' has samples=-1"),
+    ([ShardInfo("a.tar", 2.5)], "'a.tar' has samples=2.5"),
+    ([ShardInfo("a.tar", True)], "'a.tar' has samples=True"),
+    ([ShardInfo("a.tar", 1), ShardInfo("a.tar", 1)], "lists 'a.tar' twice"),
+])
+def test_index_with_impossible_counts_is_neither_written_nor_read(shards, fragment):
+    index = ShardIndex(task="demo", split="train", shards=shards)
+    with pytest.raises(ValueError, match=fragment):
+        index.to_json()
+    doc = {"format": FORMAT, "task": "demo", "split": "train", "meta": {},
+           "shards": [{"name": s.name, "samples": s.samples} for s in shards],
+           "num_samples": sum(s.samples for s in shards)}
+    with pytest.raises(ValueError, match=fragment):
+        ShardIndex.from_json(json.dumps(doc))

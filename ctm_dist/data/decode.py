@@ -4,6 +4,12 @@
 webdataset sample dict (``__key__`` plus raw byte fields) to tensors, or raises ``BadSample``
 (undecodable image, missing or out-of-range label, malformed route), which the reader skips and
 counts or, in strict mode, reports with the shard and key.
+
+Every image is opened lazily and its header's size checked against the task's pixel limit
+(``MAX_PIXELS``) before any pixel is decoded: a small file can declare a huge image (a 140 KB PNG
+of 12000x12000 pixels inflates to 144 MB in grey, 432 MB in RGB), and Pillow's own limit only warns
+below 179 megapixels. Such a sample raises ``ImageTooLarge`` and is skipped as
+``skipped_image_too_large``.
 """
 
 from __future__ import annotations
@@ -23,10 +29,22 @@ IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 IMAGE_TASKS = ("imagenet", "demo", "cifar10")
 DEFAULT_IMAGE_SIZE = 224
 DEFAULT_ROUTE_LENGTH = 100
+# Pixels (width * height) an image of each task may declare. demo and cifar10 shards hold images
+# at the model's input size (32x32); generated mazes are at most 99x99; ImageNet photos are a few
+# megapixels, and a 64-megapixel limit still admits an 8000x8000 one.
+MAX_PIXELS = {"demo": 2**20, "cifar10": 2**20, "mazes": 2**22, "imagenet": 64_000_000}
 
 
 class BadSample(ValueError):
-    """A sample that cannot be turned into tensors; the message says why."""
+    """A sample that cannot be turned into tensors; the message says why, ``reason`` names its counter."""
+
+    reason = "bad_sample"
+
+
+class ImageTooLarge(BadSample):
+    """An image whose declared size is over the task's pixel limit (a decompression bomb or a mistake)."""
+
+    reason = "image_too_large"
 
 
 def _image_bytes(sample: dict[str, Any]) -> bytes:
@@ -40,14 +58,27 @@ def _undecodable(e: Exception) -> BadSample:
     return BadSample(f"undecodable image: {type(e).__name__}: {e}")
 
 
-def _open_image(sample: dict[str, Any]) -> Image.Image:
-    """The sample's image, decoded, in RGB."""
+def _open_lazily(data: bytes, max_pixels: int) -> Image.Image:
+    """The image in ``data`` with only its header read, refused if it declares over ``max_pixels``."""
     try:
-        img = Image.open(io.BytesIO(_image_bytes(sample)))
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:  # over twice Pillow's own limit: refused by Pillow
+        raise ImageTooLarge(f"image too large: {e}") from None
+    except Exception as e:  # PIL raises many types for broken files
+        raise _undecodable(e) from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"image of {width}x{height} = {width * height} pixels is over the limit of "
+                            f"{max_pixels} pixels")
+    return img
+
+
+def _open_image(sample: dict[str, Any], max_pixels: int) -> Image.Image:
+    """The sample's image, decoded, in RGB."""
+    img = _open_lazily(_image_bytes(sample), max_pixels)
+    try:
         img.load()
         return img.convert("RGB") if img.mode != "RGB" else img
-    except BadSample:
-        raise
     except Exception as e:  # PIL raises many types for broken files
         raise _undecodable(e) from None
 
@@ -90,13 +121,13 @@ class ClassificationDecoder(Decoder):
     std: tuple = T.IMAGENET_STD
     flip: bool = True
     crop_scale: tuple = (0.08, 1.0)
+    max_pixels: int = MAX_PIXELS["imagenet"]
 
     def __call__(self, sample, rng):
         label = _label(sample, self.num_classes)
-        data = _image_bytes(sample)
         size = self.image_size
+        img = _open_lazily(_image_bytes(sample), self.max_pixels)  # crops can pick a cheaper JPEG scale
         try:
-            img = Image.open(io.BytesIO(data))  # lazy: crops can pick a cheaper JPEG decode scale
             if self.task == "cifar10":
                 img = img.convert("RGB")
                 if img.size != (size, size):
@@ -125,6 +156,7 @@ class MazeDecoder(Decoder):
     route_length: int = DEFAULT_ROUTE_LENGTH
     image_size: int | None = None
     augment_p: float = 0.5
+    max_pixels: int = MAX_PIXELS["mazes"]
 
     def __call__(self, sample, rng):
         if "json" not in sample:
@@ -138,7 +170,7 @@ class MazeDecoder(Decoder):
             raise BadSample("route moves must be integers in 0..4")
         route = np.concatenate([route[: self.route_length],
                                 np.full(max(0, self.route_length - route.size), T.WAIT, np.int64)])
-        image = np.asarray(_open_image(sample), dtype=np.uint8)
+        image = np.asarray(_open_image(sample, self.max_pixels), dtype=np.uint8)
         if image.shape[0] != image.shape[1]:
             raise BadSample(f"maze image is not square: {image.shape[:2]}")
         if self.train:
@@ -153,24 +185,31 @@ class MazeDecoder(Decoder):
 
 
 def make_decoder(task: str, train: bool, meta: dict[str, Any] | None = None, *,
-                 image_size: int | None = None, route_length: int | None = None) -> Decoder:
+                 image_size: int | None = None, route_length: int | None = None,
+                 max_pixels: int | None = None) -> Decoder:
     """The decoder for ``task`` with sizes from the arguments, else the index meta, else defaults.
 
     For ``imagenet`` the meta ``image_size`` is the stored (pre-crop) size and is not used as the
     crop size; ``demo`` and ``cifar10`` shards store images at the model's input size.
+    ``max_pixels`` overrides the task's ``MAX_PIXELS``.
     """
     meta = meta or {}
     num_classes = meta.get("num_classes")
+    if max_pixels is not None and max_pixels < 1:
+        raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
+    limit = max_pixels or MAX_PIXELS.get(task, 0)
     if task in IMAGE_TASKS:
         if image_size is None:
             image_size = meta.get("image_size") if task in ("demo", "cifar10") else None
             image_size = int(image_size or (32 if task == "cifar10" else DEFAULT_IMAGE_SIZE))
         if task == "cifar10":
-            return ClassificationDecoder(train, task, image_size, num_classes, T.CIFAR10_MEAN, T.CIFAR10_STD)
+            return ClassificationDecoder(train, task, image_size, num_classes, T.CIFAR10_MEAN, T.CIFAR10_STD,
+                                         max_pixels=limit)
         if task == "demo":  # small digits: milder crops and no flip (digits are not mirror-symmetric)
-            return ClassificationDecoder(train, task, image_size, num_classes, flip=False, crop_scale=(0.35, 1.0))
-        return ClassificationDecoder(train, task, image_size, num_classes)
+            return ClassificationDecoder(train, task, image_size, num_classes, flip=False, crop_scale=(0.35, 1.0),
+                                         max_pixels=limit)
+        return ClassificationDecoder(train, task, image_size, num_classes, max_pixels=limit)
     if task == "mazes":
         length = int(route_length or meta.get("route_length") or DEFAULT_ROUTE_LENGTH)
-        return MazeDecoder(train, length, image_size or meta.get("image_size"))
+        return MazeDecoder(train, length, image_size or meta.get("image_size"), max_pixels=limit)
     raise ValueError(f"unknown task {task!r} for shard decoding (known: {', '.join(IMAGE_TASKS)}, mazes)")

@@ -1,6 +1,9 @@
 """The shard-set index: ``{out}/{split}.json`` lists every tar of a split with its sample count.
 
 The index is written after all of its shards, so a shard set without an index is incomplete.
+Counts are checked on both sides (``ShardIndex.check``): every shard is named once and holds a
+whole number of samples >= 0, and ``num_samples`` is their sum. The reader further checks each count
+against the size of its tar and against what the tar really holds.
 """
 from __future__ import annotations
 
@@ -38,7 +41,22 @@ class ShardIndex:
     def num_samples(self) -> int:
         return sum(s.samples for s in self.shards)
 
+    def check(self) -> ShardIndex:
+        """Raise ``ValueError`` naming the shard if a count is not a whole number >= 0 or a name repeats."""
+        seen: set[str] = set()
+        for s in self.shards:
+            if not isinstance(s.name, str) or not s.name:
+                raise ValueError(f"shard index {self.split!r}: a shard has no name: {s.name!r}")
+            if s.name in seen:
+                raise ValueError(f"shard index {self.split!r} lists {s.name!r} twice")
+            seen.add(s.name)
+            if isinstance(s.samples, bool) or not isinstance(s.samples, int) or s.samples < 0:
+                raise ValueError(f"shard index {self.split!r}: {s.name!r} has samples={s.samples!r}, "
+                                 "expected a whole number >= 0")
+        return self
+
     def to_json(self) -> str:
+        self.check()
         doc = {
             "format": self.format,
             "task": self.task,
@@ -54,9 +72,9 @@ class ShardIndex:
         doc = json.loads(text)
         if doc.get("format") != FORMAT:
             raise ValueError(f"not a shard index of format {FORMAT!r}: format={doc.get('format')!r}")
-        shards = [ShardInfo(name=str(s["name"]), samples=int(s["samples"])) for s in doc["shards"]]
-        index = cls(task=doc["task"], split=doc["split"], shards=shards, meta=dict(doc.get("meta", {})))
-        if int(doc["num_samples"]) != index.num_samples:
+        shards = [ShardInfo(name=s["name"], samples=s["samples"]) for s in doc["shards"]]
+        index = cls(task=doc["task"], split=doc["split"], shards=shards, meta=dict(doc.get("meta", {}))).check()
+        if doc["num_samples"] != index.num_samples:
             raise ValueError(
                 f"shard index {doc['split']!r} is inconsistent: num_samples={doc['num_samples']} "
                 f"but its shards hold {index.num_samples}"

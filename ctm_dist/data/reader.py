@@ -8,8 +8,18 @@
   worker prefetches it): epoch + samples consumed per shard. ``state_dict()`` of all ranks merge
   (``merge_states``) into a world-size independent state; loading it with the same topology replays
   the rest of the epoch in the same order, with another one it covers the rest exactly once.
-* Bad samples are masked and counted in ``stats`` (or raise naming shard and key with
-  ``strict=True``); a missing index/shard/bucket or refused credentials fail at construction.
+* ``global_order=True``: the order of an epoch is a function of (seed, epoch) alone; global batch
+  ``k`` (``batch_size * world_size`` entries) holds the same samples for every world size, each
+  rank taking its slice of it, and a resume at the same global batch continues it exactly with
+  any world size. The cost: every rank reads every shard (decoding only its slice), so storage
+  traffic grows with the world size.
+* Bad samples (including images over the task's pixel limit, ``decode.MAX_PIXELS``) are masked
+  and counted in ``stats`` (or raise naming shard and key with ``strict=True``); a missing index/shard/bucket or refused credentials fail at construction.
+* The index is checked, not believed: a count that the tar's size cannot hold (every tar member
+  takes at least ``TAR_BLOCK`` bytes) fails at construction; a tar that ends before its count is
+  reached, or holds samples past it, is a counted ``index_mismatch`` (the missing entries are
+  masked, the unlisted ones are counted as ``skipped_unindexed``) and is logged with its shard, or
+  raises with ``strict=True``.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ log = logging.getLogger(__name__)
 STATE_FORMAT = "ctm-dist-reader/1"
 STREAM_BLOCK = 4 * 2**20
 MAX_LOGGED_SKIPS = 20
+TAR_BLOCK = 512  # a tar member is a 512-byte header plus its data padded to 512 bytes
 
 
 class DataError(RuntimeError):
@@ -128,7 +139,10 @@ class _SlotDataset(IterableDataset):
         return self._batches(self.slots[local], local, loc)
 
     def _entries(self, slot: Slot, loc: Location):
-        """(shard, index, sample or None, reason) for every sample the slot has left to read."""
+        """(shard, index, sample or None, reason, notes) for every sample the slot has left to read.
+
+        ``notes`` lists ``(stat, count, message)`` of index mismatches found at that sample.
+        """
         for group in slot.groups():
             order = group_order(group, seed=self.seed, epoch=self.epoch, slot_id=slot.slot_id,
                                 shuffle=self.shuffle)
@@ -147,24 +161,49 @@ class _SlotDataset(IterableDataset):
                     r, idx = group[j], nxt[j]
                     nxt[j] += 1
                     if j in broken:
-                        yield r.name, idx, None, broken[j]
+                        yield r.name, idx, None, broken[j], ()
                         continue
+                    notes: list = []
                     try:
                         if j not in streams:
                             streams[j] = ShardStream(loc, r.name)
                             streams[j].skip(idx)
                         sample = streams[j].next()
+                        if sample is None:
+                            broken[j] = "missing"
+                            notes.append(("index_mismatch", 1,
+                                          (f"{loc.name_url(r.name)}: the tar ends after {streams[j].read} "
+                                           f"samples but the shard index lists {r.stop}; the missing "
+                                           f"{r.stop - idx} are skipped")))
+                        elif idx + 1 == r.stop:
+                            extra = self._unlisted(streams[j])
+                            if extra:
+                                notes.append(("index_mismatch", 1,
+                                              (f"{loc.name_url(r.name)}: the tar holds {extra} sample(s) "
+                                               f"past the {r.stop} its shard index lists; they are not read")))
+                                notes.append(("skipped", extra, ""))
+                                notes.append(("skipped_unindexed", extra, ""))
                     except DataError as e:
                         if self.strict:
                             raise
                         broken[j] = "unreadable_tar"
                         log.warning("%s (the rest of this shard is skipped)", e)
-                        yield r.name, idx, None, "unreadable_tar"
+                        yield r.name, idx, None, "unreadable_tar", ()
                         continue
-                    yield r.name, idx, sample, None if sample is not None else "missing"
+                    yield r.name, idx, sample, None if sample is not None else "missing", notes
             finally:
                 for s in streams.values():
                     s.close()
+
+    def _unlisted(self, stream: ShardStream) -> int:
+        """Samples left in ``stream`` after the last one the index lists (read, not decoded)."""
+        extra = 0
+        try:
+            while stream.next() is not None:
+                extra += 1
+        except DataError:
+            pass  # a broken tail past the listed samples: what could be read is counted
+        return extra
 
     def _batches(self, slot: Slot, local: int, loc: Location):
         batch: list = []
@@ -172,7 +211,13 @@ class _SlotDataset(IterableDataset):
         stats: Counter = Counter()
         skips: list[str] = []
         template = self.decoder.blank()
-        for name, idx, sample, reason in self._entries(slot, loc):
+        for name, idx, sample, reason, notes in self._entries(slot, loc):
+            for stat, count, msg in notes:
+                stats[stat] += count
+                if msg:
+                    if self.strict:
+                        raise DataError(msg)
+                    skips.append(msg)
             key = sample.get("__key__", "") if sample is not None else ""
             item = None
             if sample is not None:
@@ -181,7 +226,7 @@ class _SlotDataset(IterableDataset):
                     item = self.decoder(sample, rng)
                     template = item
                 except BadSample as e:
-                    reason = "bad_sample"
+                    reason = e.reason
                     msg = f"{loc.name_url(name)} key {key!r}: {e}"
                     if self.strict:
                         raise DataError(msg) from None
@@ -217,6 +262,78 @@ class _SlotDataset(IterableDataset):
                 "_slot": local, "_positions": dict(positions), "_stats": dict(stats), "_skips": list(skips)}
 
 
+class _GlobalSliceDataset(_SlotDataset):
+    """``global_order`` mode: one stream per epoch for the whole job, cut into global batches of
+    ``batch_size * world_size``; this rank takes entries ``[rank * batch_size, (rank + 1) * batch_size)``
+    of each. Every rank (and dataloader worker) reads the whole stream and decodes only its slice;
+    dataloader worker ``w`` yields global batches ``w, w + workers, ...`` counted from where this
+    iteration starts, which is the order the DataLoader hands them out in."""
+
+    def __init__(self, location: Location, slot: Slot, positions: dict[str, int], decoder: Decoder, *,
+                 seed: int, epoch: int, shuffle: bool, strict: bool, batch_size: int, rank: int,
+                 world_size: int, workers: int):
+        super().__init__(location, [slot], positions, 0, decoder, seed=seed, epoch=epoch, shuffle=shuffle,
+                         strict=strict, batch_size=batch_size)
+        self.rank, self.world_size, self.workers = rank, world_size, workers
+
+    def __iter__(self):
+        info = get_worker_info()
+        loc = Location.from_dict(self.location.to_dict()) if info else self.location
+        return self._slices(self.slots[0], info.id if info else 0, loc)
+
+    def _slices(self, slot: Slot, worker: int, loc: Location):
+        global_batch = self.batch_size * self.world_size
+        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        batch: list = []
+        positions: dict[str, int] = {}
+        stats: Counter = Counter()
+        skips: list[str] = []
+        template = self.decoder.blank()
+        k = p = 0  # global batch (counted from this iteration's start) and the entry's place in it
+        for name, idx, sample, reason, notes in self._entries(slot, loc):
+            ours = k % self.workers == worker
+            for stat, count, msg in notes:
+                if msg and self.strict:
+                    raise DataError(msg)
+                if ours and self.rank == 0:  # every rank reads the same stream: one of them reports
+                    stats[stat] += count
+                    if msg:
+                        skips.append(msg)
+            positions[name] = idx + 1
+            if ours and lo <= p < hi:
+                item, reason = self._decode(loc, name, idx, sample, reason, skips)
+                template = item if item is not None else template
+                stats["samples" if item is not None else "skipped"] += 1
+                if item is None:
+                    stats[f"skipped_{reason}"] += 1
+                batch.append((sample.get("__key__", "") if sample is not None else "", item))
+            p += 1
+            if p == global_batch:
+                if ours:
+                    yield self._collate(batch, template, 0, positions, stats, skips)
+                batch, positions, stats, skips = [], {}, Counter(), []
+                k, p = k + 1, 0
+        if p and k % self.workers == worker and (batch or template is not None):
+            yield self._collate(batch, template, 0, positions, stats, skips)
+
+    def _decode(self, loc: Location, name: str, idx: int, sample, reason, skips: list[str]):
+        """(decoded item or None, reason it is None) for one entry of this rank's slice."""
+        if sample is None:
+            if self.strict:
+                raise DataError(f"{loc.name_url(name)}: sample {idx} is missing (the tar holds fewer "
+                                "samples than its index says)")
+            return None, reason
+        rng = np.random.default_rng([self.seed, self.epoch, name_hash(name), idx])
+        try:
+            return self.decoder(sample, rng), None
+        except BadSample as e:
+            msg = f"{loc.name_url(name)} key {sample.get('__key__', '')!r}: {e}"
+            if self.strict:
+                raise DataError(msg) from None
+            skips.append(msg)
+            return None, e.reason
+
+
 def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
@@ -233,8 +350,10 @@ class ShardLoader:
     def __init__(self, location: "Location | str", split: str, task: str | None = None, *,
                  batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                  seed: int = 0, train: bool = True, strict: bool = False, image_size: int | None = None,
-                 route_length: int | None = None, shuffle: bool | None = None, window: int = 4,
-                 prefetch_factor: int = 2, pin_memory: bool = False, multiprocessing_context=None):
+                 route_length: int | None = None, max_pixels: int | None = None,
+                 shuffle: bool | None = None, window: int = 4,
+                 prefetch_factor: int = 2, pin_memory: bool = False, multiprocessing_context=None,
+                 global_order: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         if batch_size < 1:
@@ -246,12 +365,13 @@ class ShardLoader:
         self.shuffle = train if shuffle is None else shuffle
         self.window, self.prefetch_factor = window, prefetch_factor
         self.multiprocessing_context, self.pin_memory = multiprocessing_context, pin_memory
+        self.global_order = global_order
         self.location.check()
         self.index: ShardIndex = read_index(self.location, split)
         self.task = task or self.index.task
         self._check_shards()
         self.decoder = make_decoder(self.task, train, self.index.meta, image_size=image_size,
-                                    route_length=route_length)
+                                    route_length=route_length, max_pixels=max_pixels)
         self.counts = {s.name: s.samples for s in self.index.shards}
         self.stats: Counter = Counter()
         self.skip_log: list[str] = []
@@ -274,23 +394,31 @@ class ShardLoader:
         if epoch != self.epoch:
             self._start_epoch(epoch)
 
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    def _make_plan(self, base: dict[str, int], epoch: int) -> list[Slot]:
+        """The epoch plan; with ``global_order`` one slot for the whole job, whatever its topology."""
+        world, workers = (1, 1) if self.global_order else (self.world_size, self.workers)
+        return make_plan(self.counts, base, seed=self.seed, epoch=epoch, world_size=world, workers=workers,
+                         shuffle=self.shuffle, window=self.window)
+
     def _plan(self) -> list[Slot]:
         key = (self.epoch, tuple(sorted(self._base.items())))
         if getattr(self, "_plan_cache", (None,))[0] != key:
-            self._plan_cache = (key, make_plan(self.counts, self._base, seed=self.seed, epoch=self.epoch,
-                                               world_size=self.world_size, workers=self.workers,
-                                               shuffle=self.shuffle, window=self.window))
+            self._plan_cache = (key, self._make_plan(self._base, self.epoch))
         return self._plan_cache[1]
 
     def _total_batches(self, plan: list[Slot]) -> int:
+        if self.global_order:
+            return plan[0].num_batches(self.global_batch)
         return max(batches_per_rank(plan, self.world_size, self.workers, self.batch_size))
 
     def __len__(self) -> int:
         left = self._total_batches(self._plan()) - self._batches
         if left <= 0:  # the epoch is done: iterating starts the next one
-            return self._total_batches(make_plan(self.counts, {}, seed=self.seed, epoch=self.epoch + 1,
-                                                 world_size=self.world_size, workers=self.workers,
-                                                 shuffle=self.shuffle, window=self.window))
+            return self._total_batches(self._make_plan({}, self.epoch + 1))
         return left
 
     @property
@@ -299,14 +427,28 @@ class ShardLoader:
         return self.index.num_samples
 
     def _check_shards(self) -> None:
+        """Every listed shard exists and is large enough for the samples the index gives it."""
         try:
-            present = set(self.location.list())
+            sizes = self._object_sizes()
         except StorageNotFound:
-            present = set()
-        missing = [s.name for s in self.index.shards if s.name not in present]
+            sizes = {}
+        missing = [s.name for s in self.index.shards if s.name not in sizes]
         if missing:
             raise StorageNotFound(f"{self.location.url}: {len(missing)} shard(s) of split {self.split!r} "
                                   f"are missing, e.g. {', '.join(missing[:3])}")
+        for s in self.index.shards:
+            most = sizes[s.name] // TAR_BLOCK
+            if s.samples > most:
+                raise DataError(f"{self.location.name_url(s.name)}: the shard index of split {self.split!r} "
+                                f"lists {s.samples} samples, but the tar's {sizes[s.name]} bytes hold at most "
+                                f"{most}; the index is wrong, write the shard set again")
+
+    def _object_sizes(self) -> dict[str, int]:
+        loc = self.location
+        extra = {"refresh": True} if loc.protocol != "file" else {}
+        entries = loc.call(lambda: loc.fs.ls(loc.join(""), detail=True, **extra), "")
+        return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
+                for e in entries if e.get("type") != "directory"}
 
     # ------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -316,10 +458,16 @@ class ShardLoader:
             self._start_epoch(self.epoch + 1)
             plan = self._plan()
             total = self._total_batches(plan)
-        mine = plan[self.rank * self.workers:(self.rank + 1) * self.workers]
-        dataset = _SlotDataset(self.location, mine, dict(self._positions), self._next_slot,
-                               self.decoder, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle,
-                               strict=self.strict, batch_size=self.batch_size)
+        if self.global_order:
+            dataset = _GlobalSliceDataset(self.location, plan[0], dict(self._positions), self.decoder,
+                                          seed=self.seed, epoch=self.epoch, shuffle=self.shuffle,
+                                          strict=self.strict, batch_size=self.batch_size, rank=self.rank,
+                                          world_size=self.world_size, workers=self.workers)
+        else:
+            mine = plan[self.rank * self.workers:(self.rank + 1) * self.workers]
+            dataset = _SlotDataset(self.location, mine, dict(self._positions), self._next_slot,
+                                   self.decoder, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle,
+                                   strict=self.strict, batch_size=self.batch_size)
         if self._batches < total:
             if self.num_workers > 0:
                 source = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
@@ -336,7 +484,7 @@ class ShardLoader:
                     if len(self.skip_log) < MAX_LOGGED_SKIPS:
                         self.skip_log.append(msg)
                         log.warning("skipped sample: %s", msg)
-                self._next_slot = (raw.pop("_slot") + 1) % self.workers
+                self._next_slot = (raw.pop("_slot") + 1) % self.workers if not self.global_order else 0
                 self._batches += 1
                 self._template = raw
                 yield raw
@@ -378,7 +526,7 @@ class ShardLoader:
             "positions": dict(self._positions),
             "plan": {"world_size": self.world_size, "num_workers": self.workers,
                      "batch_size": self.batch_size, "shuffle": self.shuffle, "window": self.window,
-                     "base": dict(self._base)},
+                     "base": dict(self._base), "global_order": self.global_order},
             "ranks": {str(self.rank): {"batches": self._batches, "next_slot": self._next_slot}},
             "stats": {str(self.rank): dict(self.stats)},
         }
@@ -408,14 +556,18 @@ class ShardLoader:
                              f"unknown shards {unknown[:3]}, positions past the end {over[:3]}")
         self._start_epoch(int(state["epoch"]))
         self._positions = {n: int(p) for n, p in state["positions"].items()}
-        same = (plan["world_size"] == self.world_size and plan["num_workers"] == self.workers
-                and plan["batch_size"] == self.batch_size and state["seed"] == self.seed
-                and plan.get("shuffle", self.shuffle) == self.shuffle
-                and plan.get("window", self.window) == self.window)
+        same_order = (state["seed"] == self.seed and plan.get("shuffle", self.shuffle) == self.shuffle
+                      and plan.get("window", self.window) == self.window
+                      and plan.get("global_order", False) == self.global_order)
+        if self.global_order:  # the order depends on the global batch only, not on the topology
+            same = same_order and plan["batch_size"] * plan["world_size"] == self.global_batch
+        else:
+            same = (same_order and plan["world_size"] == self.world_size and plan["num_workers"] == self.workers
+                    and plan["batch_size"] == self.batch_size)
         if same:  # continue the interrupted plan: same order, same batches
             self._base = {n: int(p) for n, p in plan["base"].items()}
-            mine = state["ranks"][str(self.rank)]
-            self._batches, self._next_slot = int(mine["batches"]), int(mine["next_slot"])
+            mine = state["ranks"].get(str(self.rank)) or next(iter(state["ranks"].values()))
+            self._batches, self._next_slot = int(mine["batches"]), int(mine["next_slot"]) % self.workers
         else:  # another topology: a fresh plan over what is left of the epoch
             self._base = dict(self._positions)
 

@@ -1,14 +1,17 @@
 """Typed training config: dataclasses, YAML loading, dotted CLI overrides, validation.
 
 A config is built in three layers, later ones winning: the dataclass defaults, an optional
-YAML file, then dotted overrides such as ``model.d_model=256 optim.lr=1e-3``. Every error
-(unknown field, wrong type, impossible value, bad YAML) raises :class:`ConfigError` with one
-readable line, before any Ray worker starts.
+YAML file, then dotted overrides such as ``model.d_model=256 optim.lr=1e-3``. Values are
+converted to their fields' types while merging (``model.*`` ones to ``CTMConfig``'s); validation
+only checks, changes nothing, and always runs. Every error (unknown field, wrong type, a key twice
+in one YAML mapping, a number that is not finite or does not fit, impossible value, bad YAML)
+raises :class:`ConfigError` with one readable line, before any Ray worker starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import signal
 import types
 import typing
@@ -17,7 +20,14 @@ from typing import Any, Union
 
 import yaml
 
+from ctm_dist.model import CTMConfig, preset
+
 TASKS = ("demo", "imagenet", "cifar10", "mazes", "parity")
+SEED_LIMIT = 2**32  # run.seed is in [0, 2**32): numpy seeds take it whole, and offsets per rank stay in 64 bits
+INT_LIMIT = 2**63  # every integer field fits in a signed 64-bit integer (torch, numpy, DeepSpeed)
+UNCATCHABLE_SIGNALS = ("SIGKILL", "SIGSTOP")
+# preset arguments that size the output, accepted under model.* beside CTMConfig's fields
+PRESET_ARGUMENTS = {"route_length": int, "sequence_length": int}
 PRECISIONS = ("bf16", "fp16", "fp32")
 SCHEDULES = ("cosine", "constant")
 
@@ -95,7 +105,7 @@ class ScaleSection:
     workers: int = 2
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
-    max_failures: int = 2  # worker-group restarts Ray may do
+    max_failures: int = 2  # worker-group restarts Ray may do (a bound: Ray's -1, "forever", is refused)
 
 
 @dataclass
@@ -158,7 +168,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             f = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
-        if f != int(f):
+        if not math.isfinite(f) or f != int(f):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return int(f)
     if hint is float:
@@ -203,7 +213,7 @@ def _merge(obj: Any, raw: Any, prefix: str) -> None:
     for key, value in raw.items():
         where = f"{prefix}{key}"
         if isinstance(obj, ModelSection) and key != "preset" and key != "overrides":
-            obj.overrides[str(key)] = value
+            obj.overrides[str(key)] = _coerce(value, _model_hint(str(key)), f"model.{key}")
             continue
         if key not in hints:
             raise ConfigError(f"unknown config field {where!r} (known: {', '.join(hints)})")
@@ -213,9 +223,21 @@ def _merge(obj: Any, raw: Any, prefix: str) -> None:
         elif isinstance(obj, ModelSection) and key == "overrides":
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-            obj.overrides.update(value)
+            for name, item in value.items():
+                obj.overrides[str(name)] = _coerce(item, _model_hint(str(name)), f"model.{name}")
         else:
             setattr(obj, key, _coerce(value, hints[key], where))
+
+
+def _model_hint(name: str) -> Any:
+    """The type of ``model.<name>``: a CTMConfig field or a preset argument."""
+    hint = _MODEL_HINTS.get(name)
+    if hint is None:
+        raise ConfigError(f"unknown config field 'model.{name}' (not a CTMConfig field)")
+    return hint
+
+
+_MODEL_HINTS = {**typing.get_type_hints(CTMConfig), **PRESET_ARGUMENTS}
 
 
 def apply_override(cfg: TrainConfig, item: str) -> None:
@@ -234,10 +256,32 @@ def apply_override(cfg: TrainConfig, item: str) -> None:
     _merge(cfg, nested, "")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps
+    the last one silently, so ``lr: 1e-3`` further down a section would quietly win)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _value in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    earlier = first.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if earlier is not key_node.start_mark:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first given on line {earlier.line + 1})",
+                        key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str) -> dict:
     try:
         with open(path) as f:
-            raw = yaml.safe_load(f)
+            raw = yaml.load(f, Loader=_UniqueKeyLoader)
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
@@ -273,23 +317,55 @@ def _check(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _numbers_fit(value: Any, where: str) -> None:
+    """Floats are finite and integers fit in 64 bits, also inside lists, tuples and mappings."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, float):
+        _check(math.isfinite(value), f"{where} must be a finite number, got {value}")
+    elif isinstance(value, int):
+        _check(-INT_LIMIT <= value < INT_LIMIT, f"{where}={value} does not fit in a 64-bit integer")
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _numbers_fit(v, where)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _numbers_fit(v, f"{where}.{k}")
+
+
+def _validate_signals(names: str) -> None:
+    wanted = [name.strip() for name in names.split(",")]
+    _check(all(name in signal.Signals.__members__ for name in wanted),
+           f"run.preemption_signals must be signal names such as SIGTERM,SIGUSR1, got {names!r}")
+    blocked = [name for name in wanted if name in UNCATCHABLE_SIGNALS
+               or signal.Signals[name] not in signal.valid_signals()]
+    _check(not blocked, f"run.preemption_signals: {', '.join(blocked)} cannot be caught, so it cannot ask "
+                        f"for a checkpoint; use signals such as SIGTERM,SIGUSR1, got {names!r}")
+
+
 def _validate(cfg: TrainConfig) -> None:
     r, d, o, ds, ck, ev, sc = cfg.run, cfg.data, cfg.optim, cfg.deepspeed, cfg.checkpoint, cfg.eval, cfg.scale
+    _check(0 <= r.seed < SEED_LIMIT, f"run.seed must be in [0, 2**32), got {r.seed}")
+    for section in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            where = "model" if section.name == "model" and f.name == "overrides" else f"{section.name}.{f.name}"
+            _numbers_fit(getattr(getattr(cfg, section.name), f.name), where)
     _check(bool(r.name) and "/" not in r.name and r.name not in (".", ".."),
            f"run.name must be a non-empty name without '/', got {r.name!r}")
     _check(r.max_steps > 0, f"run.max_steps must be > 0, got {r.max_steps}")
     _check(r.log_every > 0, f"run.log_every must be > 0, got {r.log_every}")
     _check(r.storage_retry_deadline > 0, f"run.storage_retry_deadline must be > 0, got {r.storage_retry_deadline}")
     _check(r.preemption_grace_s > 0, f"run.preemption_grace_s must be > 0, got {r.preemption_grace_s}")
-    _check(all(name.strip() in signal.Signals.__members__ for name in r.preemption_signals.split(",")),
-           f"run.preemption_signals must be signal names such as SIGTERM,SIGUSR1, got {r.preemption_signals!r}")
+    _validate_signals(r.preemption_signals)
     _check(d.task in TASKS, f"data.task must be one of {', '.join(TASKS)}, got {d.task!r}")
     _check(d.url != "" or d.task in ("demo", "parity"),
            f"data.url is required for task {d.task!r} (only demo and parity have built-in data)")
     _check(sc.workers >= 1, f"scale.workers must be >= 1, got {sc.workers}")
     _check(sc.gpus_per_worker >= 0, f"scale.gpus_per_worker must be >= 0, got {sc.gpus_per_worker}")
     _check(sc.cpus_per_worker > 0, f"scale.cpus_per_worker must be > 0, got {sc.cpus_per_worker}")
-    _check(sc.max_failures >= -1, f"scale.max_failures must be >= -1 (-1 = unlimited), got {sc.max_failures}")
+    _check(sc.max_failures >= 0,
+           f"scale.max_failures must be >= 0 (worker-group restarts; unlimited restarts would repeat a "
+           f"failure that happens every time without end), got {sc.max_failures}")
     _check(ds.grad_accumulation >= 1, f"deepspeed.grad_accumulation must be >= 1, got {ds.grad_accumulation}")
     _check(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
     per_step = sc.workers * ds.grad_accumulation
@@ -307,6 +383,8 @@ def _validate(cfg: TrainConfig) -> None:
     _check(not ds.offload_params or ds.zero_stage == 3, "deepspeed.offload_params needs deepspeed.zero_stage=3")
     _check(ds.gradient_clipping >= 0, f"deepspeed.gradient_clipping must be >= 0 (0 = off), got {ds.gradient_clipping}")
     _check(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+    _check(o.eps > 0, f"optim.eps must be > 0, got {o.eps}")
+    _check(o.warmup_start_lr >= 0, f"optim.warmup_start_lr must be >= 0, got {o.warmup_start_lr}")
     _check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two numbers in [0, 1), got {o.betas}")
     _check(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
@@ -321,22 +399,18 @@ def _validate(cfg: TrainConfig) -> None:
 
 
 def _validate_model(m: ModelSection) -> None:
-    """Check the preset name and override field names/types against CTMConfig."""
-    try:
-        from ctm_dist.model import CTMConfig, preset
-    except ImportError:  # the model package is not importable yet: nothing to check against
-        return
-    fields = {f.name: f for f in dataclasses.fields(CTMConfig)}
-    hints = typing.get_type_hints(CTMConfig)
-    hints.update(route_length=int, sequence_length=int)  # preset arguments that size the output
-    for key, value in list(m.overrides.items()):
-        if key not in fields and key not in ("route_length", "sequence_length"):
-            raise ConfigError(f"unknown config field 'model.{key}' (not a CTMConfig field)")
-        m.overrides[key] = _coerce(value, hints[key], f"model.{key}")
+    """Check the preset name and the override names and types against CTMConfig (changes nothing)."""
+    for key, value in m.overrides.items():
+        where = f"model.{key}"
+        _check(isinstance(key, str), f"{where}: field names are strings")
+        hint = _model_hint(key)
+        _check(_coerce(value, hint, where) == value, f"{where}: expected {_type_name(hint)}, got {value!r}")
     try:
         preset(m.preset, **m.overrides)
-    except ConfigError:
-        raise
     except (KeyError, ValueError, TypeError) as e:
         msg = str(e).strip("'\"").splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(f"model (preset {m.preset!r}): {msg}") from None
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint)

@@ -115,6 +115,48 @@ def kill_worker(pid: int, sig: int = signal.SIGKILL) -> None:
     os.kill(pid, sig)
 
 
+class HeldWorkers:
+    """A run's Ray Train worker processes, suspended (SIGSTOP) until ``release()`` (SIGCONT).
+
+    The driver shows a step up to a second after the workers did it, and a tiny run on a fast machine
+    does its 16 steps within that second, so a fault aimed at "step N" of the display can land
+    anywhere, even after the end. Holding the workers pins the run where it is (nothing advances,
+    every rank stopped alike) while the fault is set up; releasing lets it meet the fault.
+    """
+
+    def __init__(self, pids: dict[int, int]):
+        self.pids = dict(pids)
+        self._procs = [psutil.Process(pid) for pid in self.pids.values() if is_ray_worker(pid)]
+        if len(self._procs) != len(self.pids):
+            raise RuntimeError(f"not every pid of {self.pids} is a live Ray worker; refusing to suspend")
+        for p in self._procs:
+            p.suspend()
+
+    def release(self) -> None:
+        for p in self._procs:
+            try:
+                p.resume()
+            except psutil.NoSuchProcess:
+                pass
+        self._procs = []
+
+    def __enter__(self) -> HeldWorkers:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def hold_workers_at_start(local_dir, run_name: str, workers: int, started_after: float,
+                          timeout: float = 240.0) -> HeldWorkers:
+    """Wait until all ``workers`` ranks of a launch (records written after ``started_after``) have
+    recorded their pids, then suspend them all. Ranks record their pid first thing, before building
+    the model or loading a checkpoint, so the run is held before its first step of this launch."""
+    pids = wait_until(lambda: (p := worker_pids(local_dir, run_name, written_after=started_after))
+                      and len(p) >= workers and p, timeout, what=f"{workers} workers of {run_name!r} to start")
+    return HeldWorkers(pids)
+
+
 # ---------------------------------------------------------------- following a run's progress
 
 _STEP = re.compile(r"^step (\d+)/(\d+)")

@@ -3,6 +3,10 @@
 Each time the launcher must checkpoint and commit within the grace time and exit 75 ("preempted",
 so a wrapper requeues it); the next launch with the same name resumes from that commit. After
 all the interruptions the final weights equal the uninterrupted reference run's, bit for bit.
+
+The signal is sent while the launch's workers are held (suspended) before their first step, so
+the run stops a step or two after where it resumed on any machine; a signal that arrives only
+once the last step is done ends the run normally (exit 0, see docs/fault-tolerance.md).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from chaos_runs import STEPS
 
 EXIT_PREEMPTED = 75
 GRACE_S = 60  # the launcher's default grace time; the tiny checkpoint takes far less
+WORKERS = 2  # R.tiny_overrides' default
+RELAYED = "asking the workers to checkpoint and stop"  # the driver's log line once it relayed a signal
 
 
 def _launch(overrides, ray_session, env, log, stream):
@@ -28,37 +34,32 @@ def _launch(overrides, ray_session, env, log, stream):
     return proc, stop, follower
 
 
-def _preempt_once(*, label, target, sig, name, overrides, ray_session, env, tmp_path, loc, rng, stream, low,
-                  index, resumed_expect, high):
-    """Launch, send ``sig`` to the driver or a worker at a random step in [low, high], expect exit 75
-    and a new commit at or after the signalled step. Returns (trial facts, newest committed step)."""
+def _preempt_once(*, label, target, sig, name, overrides, ray_session, env, tmp_path, loc, rng, stream,
+                  index, resumed_expect):
+    """Launch, hold the workers before their first step, send ``sig`` to the driver or to one worker,
+    release them; expect exit 75 and a new commit after the step the run was held at.
+
+    Held, the run cannot finish before the signal takes effect however fast the machine is: it
+    stops within a step or two of ``resumed_expect`` (a step line from the driver can trail the
+    workers by a second, which a tiny run on a fast machine needs for all of its steps).
+    Returns (trial facts, newest committed step)."""
     log = tmp_path / f"launch-{name}-{index}.log"
     log.touch()
-    strike = rng.randint(low, high)
-    fired: dict = {}
-    holder: dict = {}
-    launched_at = time.time()
-
-    def on_step(step):
-        if fired or step < strike or "proc" not in holder:
-            return
-        if target == "worker":
-            pids = H.worker_pids(tmp_path, name, written_after=launched_at)
-            if not pids:
-                return
-            pid = pids[rng.choice(sorted(pids))]
-        else:
-            pid = holder["proc"].pid
-        fired.update(t=time.monotonic(), step=step, pid=pid, committed=H.committed_steps(loc))
-        if target == "worker":
-            H.kill_worker(pid, sig)
-        else:
-            holder["proc"].send_signal(sig)
-
-    stream.callbacks[:] = [on_step]
+    stream.callbacks[:] = []
     proc, stop, follower = _launch(overrides, ray_session, env, log, stream)
-    holder["proc"] = proc
+    launched_at = time.time()
+    fired: dict = {}
     try:
+        with H.hold_workers_at_start(tmp_path, name, WORKERS, started_after=launched_at - 1) as held:
+            pid = held.pids[rng.choice(sorted(held.pids))] if target == "worker" else proc.pid
+            fired.update(t=time.monotonic(), pid=pid, committed=H.committed_steps(loc),
+                         step=max([s for _, s in stream.steps] + [resumed_expect]))
+            if target == "worker":
+                H.kill_worker(pid, sig)  # pending while the worker is stopped, handled when it runs again
+            else:
+                proc.send_signal(sig)
+                # the driver relays the signal through its progress actor; release once it has
+                H.wait_until(lambda: RELAYED in log.read_text(errors="replace"), 60, what="the driver's relay")
         rc = proc.wait(timeout=300)
     finally:
         stop.set()
@@ -67,15 +68,15 @@ def _preempt_once(*, label, target, sig, name, overrides, ray_session, env, tmp_
             proc.kill()
     exited = time.monotonic()
     text = log.read_text(errors="replace")
-    assert fired, f"{label}: the run ended before step {strike}:\n{text[-3000:]}"
     assert rc == EXIT_PREEMPTED, f"{label}: exit {rc}, expected {EXIT_PREEMPTED}:\n{text[-3000:]}"
     assert f"relaunch with --name {name}" in text, text[-2000:]
     if resumed_expect:
         assert f"resuming from checkpoint at step {resumed_expect}" in text, text[-2000:]
     committed = H.committed_steps(loc)
     newest = max(committed)
-    assert newest >= fired["step"], f"{label}: signalled at step {fired['step']}, newest commit is {newest}"
+    assert newest > fired["step"], f"{label}: held at step {fired['step']}, newest commit is {newest}"
     assert newest not in fired["committed"], f"{label}: no new checkpoint was committed after the signal"
+    assert newest < STEPS, f"{label}: the run reached its last step {STEPS}; the signal came too late"
     assert set(fired["committed"]) <= set(committed), f"{label}: a committed checkpoint disappeared"
     assert exited - fired["t"] < GRACE_S, f"{label}: took {exited - fired['t']:.0f}s to exit"
     return {"exit_s": exited - fired["t"], "step": fired["step"]}, newest
@@ -99,8 +100,7 @@ def test_preemption_of_the_driver_checkpoints_exits_75_and_resumes(reference_run
         rec = scenario(f"preemption: {label}")
         facts, resumed = _preempt_once(label=label, target="driver", sig=sig, name=name, overrides=overrides,
                                        ray_session=ray_session, env=env, tmp_path=tmp_path, loc=loc, rng=rng,
-                                       stream=stream, low=resumed + 1, high=resumed + 3, index=i,
-                                       resumed_expect=resumed)
+                                       stream=stream, index=i, resumed_expect=resumed)
         rec.trial(True, steps_lost=0, recover_s=facts["exit_s"],
                   note=f"signal at step {facts['step']}, committed {resumed}")
 
@@ -136,6 +136,5 @@ def test_sigterm_to_a_worker_checkpoints_and_exits_75(ray_session, run_bucket, d
     rec = scenario("preemption: SIGTERM to one worker")
     facts, newest = _preempt_once(label="SIGTERM to one worker", target="worker", sig=signal.SIGTERM, name=name,
                                   overrides=overrides, ray_session=ray_session, env=env, tmp_path=tmp_path,
-                                  loc=loc, rng=rng, stream=H.StepStream(), low=2, high=5, index=0,
-                                  resumed_expect=0)
+                                  loc=loc, rng=rng, stream=H.StepStream(), index=0, resumed_expect=0)
     rec.trial(True, steps_lost=0, recover_s=facts["exit_s"], note=f"signal at step {facts['step']}, committed {newest}")
