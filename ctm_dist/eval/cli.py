@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import io
 import json
 import os
 import pickle
@@ -26,6 +27,7 @@ from ctm_dist.storage import StorageError
 from ctm_dist.storage.local import EMBEDDED_BUCKET, EMBEDDED_LOCAL_DIR, embedded_store
 
 from .halting import DEFAULT_THRESHOLDS, best_threshold
+from .torch_files import UnreadableCheckpoint
 
 # Errors that mean bad input rather than a bug: reported in one line, exit 2.
 INPUT_ERRORS = (ValueError, OSError, StorageError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile)
@@ -78,6 +80,10 @@ def command(main):
     def wrapped(argv: list[str] | None = None) -> int:
         try:
             return main(argv)
+        except UnreadableCheckpoint as e:  # names the file inside the checkpoint; say which checkpoint
+            given = next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), "")
+            print(f"error: {given}: {_one_line(e)}", file=sys.stderr)
+            return 2
         except INPUT_ERRORS + _storage_client_errors() as e:
             print(f"error: {_one_line(e)}", file=sys.stderr)
             return 2
@@ -156,11 +162,16 @@ def next_commands(run_url: str, task: str | None = None, local_dir: str | os.Pat
     return commands
 
 
+def _quiet():
+    """DeepSpeed prints its progress merging ZeRO shards ("Processing zero checkpoint ..."): away with it."""
+    return contextlib.redirect_stdout(io.StringIO())
+
+
 def _load(checkpoint: str, step: int | None, **overrides):
-    """``load_model`` with DeepSpeed's progress prints kept off stdout."""
+    """``load_model`` without DeepSpeed's prints."""
     from .loading import load_model
 
-    with contextlib.redirect_stdout(sys.stderr):
+    with _quiet():
         return load_model(checkpoint, step=step, **overrides)
 
 
@@ -201,7 +212,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
                       generalise_mazes=a.generalise_mazes, max_reapplications=a.max_reapplications,
                       parity_samples=a.parity_samples)
     with embedded_store_for([a.checkpoint, a.data, a.generalise], a.local_dir), \
-            contextlib.redirect_stdout(sys.stderr):
+            _quiet():
         report = evaluate(req)
         report["request"] = request_dict(req)
         if "halting" in report and a.timing_batches > 0:
@@ -376,7 +387,7 @@ def export_main(argv: list[str] | None = None) -> int:
     with embedded_store_for([a.run, a.out], a.local_dir):
         if Location.parse(a.run).exists(MODEL_FILE):
             raise ValueError(f"{a.run} is already an export ({MODEL_FILE}); export takes a run URL ({{storage}}/{{run}})")
-        with contextlib.redirect_stdout(sys.stderr):
+        with _quiet():
             where = export_run(a.run, a.out, step=a.step, reference_dataset=a.reference_dataset)
     print(json.dumps({"exported": where}))
     return 0

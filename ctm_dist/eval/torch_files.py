@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 UNREADABLE_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError)
-# Phrases of torch's weights-only unpickler when it meets a global (a function or class) it will not load.
-_REFUSAL_SIGNS = ("Unsupported global", "Can only build", "allowlist", "GLOBAL ")
+# torch's weights-only unpickler starts every refusal with this.
+_REFUSED = "Weights only load failed"
 
 
 class UnreadableCheckpoint(ValueError):
@@ -26,15 +26,15 @@ class UnreadableCheckpoint(ValueError):
 def problem(path: str | os.PathLike, error: BaseException) -> str:
     """One line: why loading ``path`` failed (without torch's advice to turn weights-only loading off)."""
     text = str(error)
-    if isinstance(error, pickle.UnpicklingError) and any(sign in text for sign in _REFUSAL_SIGNS):
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if _REFUSED in text:
         try:
             found = torch.serialization.get_unsafe_globals_in_checkpoint(os.fspath(path))
-        except Exception:  # best effort: the message stands without the list
-            found = []
+        except Exception:  # not a zip archive, or unreadable: the unpickler's own words instead
+            found = [line for line in lines[1:] if "GLOBAL" in line or "Unsupported" in line][:1]
         what = f" ({', '.join(found[:5])})" if found else ""
-        return (f"refused to load: it holds Python objects{what} that could run code, and checkpoints are "
-                "loaded weights-only")
-    first = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+        return f"refused to load: it holds Python objects{what} that a weights-only load does not run"
+    first = lines[0].split(". ")[0].rstrip(".") if lines else type(error).__name__
     return f"corrupt or truncated torch file ({first})"
 
 
@@ -43,7 +43,7 @@ def unreadable_checkpoint(checkpoint_dir: str | os.PathLike, error: BaseExceptio
 
     Must run where the failing load ran (same allowed globals), so the file that fails here is the one."""
     root = Path(checkpoint_dir)
-    for path in sorted(root.rglob("*.pt")):
+    for path in sorted([*root.rglob("*model_states.pt"), *root.rglob("*optim_states.pt")]):
         try:
             torch.load(path, map_location="cpu", weights_only=True)
         except UNREADABLE_ERRORS as e:
