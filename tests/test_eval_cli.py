@@ -112,6 +112,20 @@ def test_evaluate_export_and_predict_use_the_trained_input_pipeline(demo_run, st
     assert [line.split("\t")[1] for line in lines] == [f"class={k}" for k in expected]
 
 
+def test_input_pipeline_from_the_training_config():
+    from ctm_dist.data import transforms as T
+    from ctm_dist.eval.inputs import trained_inputs
+
+    demo = trained_inputs({"config": {"data": {"task": "demo", "image_size": 8}}}, {"image_size": 32})
+    assert demo == {"task": "demo", "image_size": 8, "mean": list(T.IMAGENET_MEAN), "std": list(T.IMAGENET_STD),
+                    "channels": 3}
+    cifar = trained_inputs({"config": {"data": {"task": "cifar10", "image_size": 0}}}, {"image_size": 32})
+    assert cifar["image_size"] == 32 and cifar["mean"] == list(T.CIFAR10_MEAN)
+    assert trained_inputs({"config": {"data": {"task": "imagenet"}}}, {"image_size": 256})["image_size"] == 224
+    assert trained_inputs({"config": {"data": {"task": "demo"}}}, {}) is None  # shard set unreadable: unknown
+    assert trained_inputs({"config": {"data": {"task": "parity"}}}) is None
+
+
 # ------------------------------------------------------------------ item 2: the commands printed after training
 
 
@@ -132,6 +146,12 @@ def test_next_commands_run_as_printed_against_the_stopped_embedded_store(demo_ru
     assert abs(report["classification"]["most_certain_top1"] - summary["eval/top1"]) <= 0.005
     assert list((root / "pictures-demo").glob("*.png"))
     assert json.loads((root / "export-demo" / "config.json").read_text())["inputs"]["image_size"] == 8
+    # the export evaluates on the demo shards it names, from the stopped store too
+    out = subprocess.run([sys.executable, "launch/evaluate.py", "export-demo", "--out", "eval-export",
+                          "--timing-batches", "0"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    again = json.loads((root / "eval-export" / "report.json").read_text())
+    assert again["classification"]["most_certain_top1"] == report["classification"]["most_certain_top1"]
 
 
 def test_next_commands_name_another_local_dir(tmp_path):

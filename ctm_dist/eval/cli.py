@@ -63,6 +63,8 @@ def _one_line(error: BaseException) -> str:
     text = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
     if isinstance(error, FileNotFoundError) and error.filename and error.filename not in text:
         text = f"{error.filename}: {text or 'not found'}"
+    if type(error).__name__ == "NoCredentialsError":  # botocore's, for an s3:// URL
+        text += " for S3 (set AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_ENDPOINT_URL, or --local-dir)"
     return text or type(error).__name__
 
 
@@ -144,6 +146,16 @@ def embedded_store_for(urls: list[str | None], local_dir: str | None = None):
                     os.environ[k] = v
 
 
+def _recorded_data(checkpoint: str) -> str | None:
+    """The training shard set a local export names (``source.data`` of its config.json), if any."""
+    path = Path(checkpoint)
+    path = path if path.is_dir() else path.parent
+    try:
+        return json.loads((path / "config.json").read_text()).get("source", {}).get("data")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def next_commands(run_url: str, task: str | None = None, local_dir: str | os.PathLike | None = None) -> list[str]:
     """The commands to run after training ``run_url``: evaluate, visualize (image tasks) and export.
 
@@ -211,7 +223,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
                       generalise_data=a.generalise, generalise_split=a.generalise_split,
                       generalise_mazes=a.generalise_mazes, max_reapplications=a.max_reapplications,
                       parity_samples=a.parity_samples)
-    with embedded_store_for([a.checkpoint, a.data, a.generalise], a.local_dir), \
+    with embedded_store_for([a.checkpoint, a.data or _recorded_data(a.checkpoint), a.generalise], a.local_dir), \
             _quiet():
         report = evaluate(req)
         report["request"] = request_dict(req)
@@ -323,7 +335,7 @@ def visualize_main(argv: list[str] | None = None) -> int:
     p.add_argument("--tensorboard", action="store_true", help="also write the figures to {out}/tensorboard")
     a = p.parse_args(argv)
 
-    with embedded_store_for([a.checkpoint, a.data], a.local_dir):
+    with embedded_store_for([a.checkpoint, a.data or _recorded_data(a.checkpoint)], a.local_dir):
         loaded = _load(a.checkpoint, a.step)
         x, y, task, _ = _inputs(a, loaded, a.count)
     tb = None

@@ -59,7 +59,10 @@ def task_inputs(task: str | None, meta: dict | None = None, image_size: int | No
 def trained_inputs(commit: dict, meta: dict | None = None) -> dict | None:
     """The input pipeline recorded by a run's COMMIT marker (its training config), as a dict."""
     data = (commit.get("config") or {}).get("data") or {}
-    spec = task_inputs(commit.get("task") or data.get("task"), meta, int(data.get("image_size") or 0) or None)
+    task, size = commit.get("task") or data.get("task"), int(data.get("image_size") or 0) or None
+    if task in ("demo", "cifar10") and not size and not (meta or {}).get("image_size"):
+        return None  # sized by a shard set that cannot be read now: unknown, not guessed
+    spec = task_inputs(task, meta, size)
     return spec.to_dict() if spec else None
 
 
