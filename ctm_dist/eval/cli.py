@@ -55,8 +55,8 @@ def _ranged(kind, low=None, high=None, what: str = "value"):
 
 CERTAINTY = _ranged(float, 0.0, 1.0, "a certainty threshold")
 SWEEP_THRESHOLD = _ranged(float, 0.0, 2.0, "a sweep threshold (above 1: never stops early)")
-POSITIVE = _ranged(int, 1, None, "this")
-NON_NEGATIVE = _ranged(int, 0, None, "this")
+POSITIVE = _ranged(int, 1, None, "the value")
+NON_NEGATIVE = _ranged(int, 0, None, "the value")
 
 
 def _one_line(error: BaseException) -> str:
