@@ -1,49 +1,220 @@
-"""Command lines behind ``launch/evaluate.py``, ``launch/visualize.py``, ``launch/predict.py`` and ``launch/export.py``."""
+"""Command lines behind ``launch/evaluate.py``, ``launch/visualize.py``, ``launch/predict.py`` and ``launch/export.py``.
+
+Exit codes: 0 done, 2 bad input (one ``error:`` line on stderr: a missing or unreadable checkpoint,
+an unsafe pickle, a file that is no image, an out-of-range value). A run in the trainer's embedded
+object store (``s3://ctm-dist/...``, no ``AWS_ENDPOINT_URL`` set, ``./.ctm-dist`` present, or
+``--local-dir DIR``) is read by starting that store for the command's duration; ``next_commands``
+gives the commands to print after training.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import io
 import json
+import os
+import pickle
+import shlex
 import sys
+import zipfile
 from pathlib import Path
 
 import torch
 
+from ctm_dist.storage import StorageError
+from ctm_dist.storage.local import EMBEDDED_BUCKET, EMBEDDED_LOCAL_DIR, embedded_store
+
 from .halting import DEFAULT_THRESHOLDS, best_threshold
+from .torch_files import UnreadableCheckpoint
+
+# Errors that mean bad input rather than a bug: reported in one line, exit 2.
+INPUT_ERRORS = (ValueError, OSError, StorageError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (as the trainer's)
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _ranged(kind, low=None, high=None, what: str = "value"):
+    """An argparse type: ``kind`` within [low, high]."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"{what} must be {bounds}, got {text}")
+        return value
+    return parse
+
+
+CERTAINTY = _ranged(float, 0.0, 1.0, "a certainty threshold")
+SWEEP_THRESHOLD = _ranged(float, 0.0, 2.0, "a sweep threshold (above 1: never stops early)")
+POSITIVE = _ranged(int, 1, None, "the value")
+NON_NEGATIVE = _ranged(int, 0, None, "the value")
+
+
+def _one_line(error: BaseException) -> str:
+    text = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    if isinstance(error, FileNotFoundError) and error.filename and error.filename not in text:
+        text = f"{error.filename}: {text or 'not found'}"
+    if type(error).__name__ == "NoCredentialsError":  # botocore's, for an s3:// URL
+        text += " for S3 (set AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_ENDPOINT_URL, or --local-dir)"
+    return text or type(error).__name__
+
+
+def _storage_client_errors() -> tuple:
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return ()
+    return (BotoCoreError, ClientError)
+
+
+def command(main):
+    """Run a ``*_main``: bad input ends in one ``error:`` line and exit 2, never a traceback."""
+    @functools.wraps(main)
+    def wrapped(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except UnreadableCheckpoint as e:  # names the file inside the checkpoint; say which checkpoint
+            given = next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), "")
+            print(f"error: {given}: {_one_line(e)}", file=sys.stderr)
+            return 2
+        except INPUT_ERRORS + _storage_client_errors() as e:
+            print(f"error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+    return wrapped
 
 
 def _checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="consolidated export (dir or .safetensors), run URL ({storage}/{run}) "
                                       "or reference checkpoint (.pt); local path or s3://, gs://, file:// URL")
-    p.add_argument("--step", type=int, default=None, help="a run's step (default: newest committed)")
+    p.add_argument("--step", type=NON_NEGATIVE, default=None, help="a run's step (default: newest committed)")
+    _local_dir_arg(p)
+
+
+def _local_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--local-dir", default=None,
+                   help=f"training's local directory whose embedded object store holds the run (started for this "
+                        f"command); default: {EMBEDDED_LOCAL_DIR} when a URL is under s3://{EMBEDDED_BUCKET}/ and "
+                        "AWS_ENDPOINT_URL is not set")
+
+
+# ------------------------------------------------------------------------------------- the embedded store
+
+def _in_embedded_bucket(url: str | None) -> bool:
+    return bool(url) and str(url).startswith(f"s3://{EMBEDDED_BUCKET}/")
+
+
+@contextlib.contextmanager
+def embedded_store_for(urls: list[str | None], local_dir: str | None = None):
+    """Start the embedded run store of ``local_dir`` for the block, its endpoint and fresh keys in the
+    environment (as the trainer does); without ``local_dir``, only when a URL is in its bucket, no
+    endpoint is configured and ``./.ctm-dist`` holds a store. Yields the store or None."""
+    if local_dir is None:
+        default = Path(EMBEDDED_LOCAL_DIR, "object-store")
+        if os.environ.get("AWS_ENDPOINT_URL") or not any(_in_embedded_bucket(u) for u in urls):
+            yield None
+            return
+        if not default.is_dir():
+            raise FileNotFoundError(f"{next(u for u in urls if _in_embedded_bucket(u))} is in the embedded store of a "
+                                    f"training run, and there is no {default} here: run from the directory you "
+                                    "trained in, or pass --local-dir DIR (or AWS_ENDPOINT_URL and keys)")
+        local_dir = EMBEDDED_LOCAL_DIR
+    elif not Path(local_dir, "object-store").is_dir():
+        raise FileNotFoundError(f"--local-dir {local_dir}: no embedded object store ({local_dir}/object-store)")
+    store = embedded_store(local_dir)
+    saved = {k: os.environ.get(k) for k in store.env()}
+    with store:
+        os.environ.update(store.env())
+        try:
+            yield store
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def _recorded_data(checkpoint: str) -> str | None:
+    """The training shard set a local export names (``source.data`` of its config.json), if any."""
+    path = Path(checkpoint)
+    path = path if path.is_dir() else path.parent
+    try:
+        return json.loads((path / "config.json").read_text()).get("source", {}).get("data")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def next_commands(run_url: str, task: str | None = None, local_dir: str | os.PathLike | None = None) -> list[str]:
+    """The commands to run after training ``run_url``: evaluate, visualize (image tasks) and export.
+
+    ``local_dir`` is the trainer's ``run.local_dir`` when the run lives in its embedded store; the
+    commands then name it unless it is ``./.ctm-dist``. They are meant to be run from the directory
+    training ran in (the checkout)."""
+    name = run_url.rstrip("/").rsplit("/", 1)[-1]
+    extra = ""
+    if local_dir is not None and Path(local_dir).resolve() != Path(EMBEDDED_LOCAL_DIR).resolve():
+        extra = f" --local-dir {shlex.quote(os.fspath(local_dir))}"
+    run = shlex.quote(run_url)
+    commands = [f"python launch/evaluate.py {run} --out eval-{name}{extra}"]
+    if task != "parity":
+        commands.append(f"python launch/visualize.py {run} --out pictures-{name}{extra}")
+    commands.append(f"python launch/export.py {run} export-{name}{extra}")
+    return commands
+
+
+def _quiet():
+    """DeepSpeed prints its progress merging ZeRO shards ("Processing zero checkpoint ..."): away with it."""
+    return contextlib.redirect_stdout(io.StringIO())
+
+
+def _load(checkpoint: str, step: int | None, **overrides):
+    """``load_model`` without DeepSpeed's prints."""
+    from .loading import load_model
+
+    with _quiet():
+        return load_model(checkpoint, step=step, **overrides)
 
 
 # ------------------------------------------------------------------------------------- evaluate
 
+@command
 def evaluate_main(argv: list[str] | None = None) -> int:
     from .evaluate import EvalRequest, evaluate, request_dict
     from .report import write_report
 
-    p = argparse.ArgumentParser(description="Evaluate a CTM checkpoint: JSON report, PNG plots, TensorBoard.")
+    p = _Parser(description="Evaluate a CTM checkpoint: JSON report, PNG plots, TensorBoard.")
     _checkpoint_args(p)
-    p.add_argument("--data", default="", help="shard set URL (not needed for parity)")
+    p.add_argument("--data", default="", help="shard set URL (default: the one a run or its export trained on; "
+                                              "none for parity)")
     p.add_argument("--split", default="val")
     p.add_argument("--task", default=None, help="imagenet, demo, cifar10, mazes or parity (default: the shard set's)")
     p.add_argument("--out", default="eval-out", help="directory for report.json, PNGs and tensorboard/")
-    p.add_argument("--workers", type=int, default=1, help="Ray workers, each evaluating its part (1 = in-process)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-batches", type=int, default=0, help="per worker; 0 = whole split")
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--iterations", type=int, default=None, help="ticks to run (default: as trained)")
-    p.add_argument("--thresholds", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS),
-                   help="certainty thresholds of the halting sweep")
-    p.add_argument("--timing-batches", type=int, default=4,
+    p.add_argument("--workers", type=POSITIVE, default=1, help="Ray workers, each evaluating its part (1 = in-process)")
+    p.add_argument("--batch-size", type=POSITIVE, default=64)
+    p.add_argument("--max-batches", type=NON_NEGATIVE, default=0, help="per worker; 0 = whole split")
+    p.add_argument("--image-size", type=POSITIVE, default=None, help="default: the size the model was trained at")
+    p.add_argument("--iterations", type=POSITIVE, default=None, help="ticks to run (default: as trained)")
+    p.add_argument("--thresholds", type=SWEEP_THRESHOLD, nargs="+", default=list(DEFAULT_THRESHOLDS),
+                   help="certainty thresholds of the halting sweep (above 1: the full run)")
+    p.add_argument("--timing-batches", type=NON_NEGATIVE, default=4,
                    help="batches for measuring halting wall time (classification; 0 = skip)")
     p.add_argument("--generalise", default="", help="shard set of (larger) mazes for re-application")
     p.add_argument("--generalise-split", default="test")
-    p.add_argument("--generalise-mazes", type=int, default=20, help="per worker")
-    p.add_argument("--max-reapplications", type=int, default=20)
-    p.add_argument("--parity-samples", type=int, default=1024)
+    p.add_argument("--generalise-mazes", type=POSITIVE, default=20, help="per worker")
+    p.add_argument("--max-reapplications", type=POSITIVE, default=20)
+    p.add_argument("--parity-samples", type=POSITIVE, default=1024)
     a = p.parse_args(argv)
 
     req = EvalRequest(checkpoint=a.checkpoint, data=a.data, split=a.split, task=a.task, step=a.step,
@@ -52,25 +223,28 @@ def evaluate_main(argv: list[str] | None = None) -> int:
                       generalise_data=a.generalise, generalise_split=a.generalise_split,
                       generalise_mazes=a.generalise_mazes, max_reapplications=a.max_reapplications,
                       parity_samples=a.parity_samples)
-    report = evaluate(req)
-    report["request"] = request_dict(req)
-    if "halting" in report and a.timing_batches > 0:
-        report["halting_timing"] = measure_halting_time(req, a.timing_batches)
+    with embedded_store_for([a.checkpoint, a.data or _recorded_data(a.checkpoint), a.generalise], a.local_dir), \
+            _quiet():
+        report = evaluate(req)
+        report["request"] = request_dict(req)
+        if "halting" in report and a.timing_batches > 0:
+            report["halting_timing"] = measure_halting_time(req, a.timing_batches, report)
     written = write_report(report, a.out, step=report.get("source", {}).get("step") or 0)
     print(format_summary(report))
     print(f"wrote {len(written)} files to {a.out}")
     return 0
 
 
-def measure_halting_time(req, n_batches: int) -> dict:
+def measure_halting_time(req, n_batches: int, report: dict | None = None) -> dict:
+    """Wall and CPU time of halting on the first batches of the data ``report`` was computed on."""
     from .halting import time_halting
     from .inputs import shard_samples
-    from .loading import load_model
 
+    report = report or {}
     overrides = {"iterations": req.iterations} if req.iterations else {}
-    model = load_model(req.checkpoint, step=req.step, **overrides).model.eval()
-    x, _, _ = shard_samples(req.data, req.split, n_batches * req.batch_size, task=req.task,
-                            image_size=req.image_size)
+    model = _load(req.checkpoint, req.step, **overrides).model.eval()
+    x, _, _ = shard_samples(report.get("data") or req.data, req.split, n_batches * req.batch_size,
+                            task=report.get("task") or req.task, image_size=report.get("image_size") or req.image_size)
     batches = list(x.float().split(req.batch_size))
     return time_halting(model, batches, req.thresholds, repeats=2)
 
@@ -120,42 +294,50 @@ def format_summary(report: dict) -> str:
 # ------------------------------------------------------------------------------------- pictures
 
 def _inputs(a, loaded, count: int):
-    """(x, targets or None, task, names) from --images or --data."""
-    from .inputs import image_files, shard_samples
+    """(x, targets or None, task, names) from --images or --data (default: the shard set it trained on),
+    through the input pipeline the model was trained with."""
+    from .inputs import image_files, input_spec, shard_samples
 
     task = a.task or loaded.task
     if a.images:
         if not task:
-            raise SystemExit("--task is needed with --images (the checkpoint does not say)")
-        size = a.image_size or int((loaded.meta or {}).get("image_size") or (32 if task in ("demo", "cifar10") else 224))
-        return image_files(a.images, task, size), None, task, list(a.images)
-    if not a.data:
-        raise SystemExit("give --images FILE... or --data SHARD_SET_URL")
+            raise ValueError("--task is needed with --images (the checkpoint does not say)")
+        spec = input_spec(loaded, task, a.image_size)
+        if spec is None:
+            raise ValueError(f"task {task!r} takes no images")
+        return image_files(a.images, spec), None, task, list(a.images)
+    data = a.data or (loaded.source or {}).get("data")
+    if not data:
+        raise ValueError("give --images FILE... or --data SHARD_SET_URL (the checkpoint records no training data)")
+    spec = input_spec(loaded, task, a.image_size) if task else None
     route_length = loaded.cfg.out_dims // 5 if task == "mazes" else None
-    x, y, task = shard_samples(a.data, a.split, count, task=task, image_size=a.image_size, route_length=route_length)
+    x, y, task = shard_samples(data, a.split, count, task=task, image_size=spec.image_size if spec else a.image_size,
+                               route_length=route_length)
     return x, y, task, [f"{a.split}[{i}]" for i in range(len(x))]
 
 
+@command
 def visualize_main(argv: list[str] | None = None) -> int:
-    from .loading import load_model
     from .pictures import make_pictures
 
-    p = argparse.ArgumentParser(description="Pictures of a CTM on a few inputs (PNG and GIF).")
+    p = _Parser(description="Pictures of a CTM on a few inputs (PNG and GIF).")
     _checkpoint_args(p)
     p.add_argument("--images", nargs="*", default=[], help="image files")
-    p.add_argument("--data", default="", help="shard set URL (first --count samples of --split)")
+    p.add_argument("--data", default="", help="shard set URL (first --count samples of --split; default: the one "
+                                              "the model trained on)")
     p.add_argument("--split", default="val")
-    p.add_argument("--count", type=int, default=16, help="inputs in the batch")
-    p.add_argument("--per-input", type=int, default=4, help="inputs that get attention/neuron/maze pictures")
+    p.add_argument("--count", type=POSITIVE, default=16, help="inputs in the batch")
+    p.add_argument("--per-input", type=NON_NEGATIVE, default=4, help="inputs that get attention/neuron/maze pictures")
     p.add_argument("--task", default=None)
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--threshold", type=float, default=0.8, help="certainty threshold for the ticks-used histogram")
+    p.add_argument("--image-size", type=POSITIVE, default=None, help="default: the size the model was trained at")
+    p.add_argument("--threshold", type=CERTAINTY, default=0.8, help="certainty threshold for the ticks-used histogram")
     p.add_argument("--out", default="pictures")
     p.add_argument("--tensorboard", action="store_true", help="also write the figures to {out}/tensorboard")
     a = p.parse_args(argv)
 
-    loaded = load_model(a.checkpoint, step=a.step)
-    x, y, task, _ = _inputs(a, loaded, a.count)
+    with embedded_store_for([a.checkpoint, a.data or _recorded_data(a.checkpoint)], a.local_dir):
+        loaded = _load(a.checkpoint, a.step)
+        x, y, task, _ = _inputs(a, loaded, a.count)
     tb = None
     if a.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
@@ -174,19 +356,20 @@ def visualize_main(argv: list[str] | None = None) -> int:
 
 # ------------------------------------------------------------------------------------- predict
 
+@command
 def predict_main(argv: list[str] | None = None) -> int:
-    from .loading import load_model
     from .pictures import summary_lines
 
-    p = argparse.ArgumentParser(description="Classify image files with adaptive halting: class, tick, certainty.")
+    p = _Parser(description="Classify image files with adaptive halting: class, tick, certainty.")
     _checkpoint_args(p)
     p.add_argument("images", nargs="+")
-    p.add_argument("--threshold", type=float, default=0.8, help="stop once certainty reaches this")
+    p.add_argument("--threshold", type=CERTAINTY, default=0.8, help="stop once certainty (0..1) reaches this")
     p.add_argument("--task", default=None, help="input transform (default: the checkpoint's task, else imagenet)")
-    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--image-size", type=POSITIVE, default=None, help="default: the size the model was trained at")
     a = p.parse_args(argv)
 
-    loaded = load_model(a.checkpoint, step=a.step)
+    with embedded_store_for([a.checkpoint], a.local_dir):
+        loaded = _load(a.checkpoint, a.step)
     a.task = a.task or loaded.task or "imagenet"
     a.data = ""
     x, _, _, names = _inputs(a, loaded, len(a.images))
@@ -198,18 +381,26 @@ def predict_main(argv: list[str] | None = None) -> int:
 
 # ------------------------------------------------------------------------------------- export
 
+@command
 def export_main(argv: list[str] | None = None) -> int:
-    from .export import export_run
+    from ctm_dist.storage import Location
 
-    p = argparse.ArgumentParser(description="Export a run's ZeRO checkpoint to one safetensors file + JSON config "
-                                            "(or to the reference's .pt format).")
+    from .export import MODEL_FILE, export_run
+
+    p = _Parser(description="Export a run's ZeRO checkpoint to one safetensors file + JSON config "
+                            "(or to the reference's .pt format).")
     p.add_argument("run", help="run URL: {storage}/{run_name}")
     p.add_argument("out", help="output directory (or .pt file with --reference-dataset); path or URL")
-    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--step", type=NON_NEGATIVE, default=None)
     p.add_argument("--reference-dataset", default=None,
                    help="write the reference's checkpoint format for this dataset (cifar10, imagenet, mazes-medium, parity...)")
+    _local_dir_arg(p)
     a = p.parse_args(argv)
-    where = export_run(a.run, a.out, step=a.step, reference_dataset=a.reference_dataset)
+    with embedded_store_for([a.run, a.out], a.local_dir):
+        if Location.parse(a.run).exists(MODEL_FILE):
+            raise ValueError(f"{a.run} is already an export ({MODEL_FILE}); export takes a run URL ({{storage}}/{{run}})")
+        with _quiet():
+            where = export_run(a.run, a.out, step=a.step, reference_dataset=a.reference_dataset)
     print(json.dumps({"exported": where}))
     return 0
 

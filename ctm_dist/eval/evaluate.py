@@ -18,6 +18,7 @@ from ctm_dist.storage import Location
 
 from .classification import ClassificationStats
 from .halting import DEFAULT_THRESHOLDS, HaltingStats
+from .inputs import input_spec
 from .loading import Loaded, load_model
 from .mazes import GeneralisationStats, MazeStats, solve_by_reapplication
 from .parity import ParityStats
@@ -28,14 +29,14 @@ CLASSIFICATION_TASKS = ("imagenet", "demo", "cifar10")
 @dataclass
 class EvalRequest:
     checkpoint: str  # export dir/file, run URL or reference .pt
-    data: str = ""  # shard set URL (not needed for parity)
+    data: str = ""  # shard set URL; default: the one a run (or its export) trained on; none for parity
     split: str = "val"
     task: str | None = None  # default: the shard set's task (parity: "parity")
     step: int | None = None  # a run's step; default the newest committed
     batch_size: int = 64
     max_batches: int = 0  # per worker; 0 = the whole split
     workers: int = 1
-    image_size: int | None = None
+    image_size: int | None = None  # default: the size the model was trained at
     thresholds: tuple = DEFAULT_THRESHOLDS
     iterations: int | None = None  # run for another number of ticks than trained
     # mazes: generalisation to larger mazes by re-application
@@ -61,6 +62,20 @@ def _model(req: EvalRequest) -> Loaded:
     loaded = load_model(_location(req, "checkpoint"), step=req.step, **overrides)
     loaded.model.eval()
     return loaded
+
+
+def with_trained_defaults(req: EvalRequest, loaded: Loaded) -> tuple[EvalRequest, str]:
+    """(request with the data and image size the model was trained with where it gives none, task)."""
+    task = _task(req, loaded)
+    if task != "parity" and not req.data:
+        data = (loaded.source or {}).get("data")
+        if not data:
+            raise ValueError(f"{req.checkpoint}: no shard set given (--data) and the checkpoint records none")
+        req = replace(req, data=data)
+    if not req.image_size:
+        spec = input_spec(loaded, task)
+        req = replace(req, image_size=spec.image_size if spec else None)
+    return req, task
 
 
 def _task(req: EvalRequest, loaded: Loaded) -> str:
@@ -94,7 +109,7 @@ def evaluate_part(req: EvalRequest, rank: int = 0, world_size: int = 1) -> dict[
     torch.set_grad_enabled(False)
     loaded = _model(req)
     model = loaded.model
-    task = _task(req, loaded)
+    req, task = with_trained_defaults(req, loaded)
     T = model.cfg.iterations
     stats: dict[str, Any] = {}
     start = time.perf_counter()
@@ -133,7 +148,8 @@ def evaluate_part(req: EvalRequest, rank: int = 0, world_size: int = 1) -> dict[
         if task == "mazes" and req.generalise_data:
             stats["generalisation"] = generalise(model, req, rank, world_size)
     return {"task": task, "stats": stats, "seconds": time.perf_counter() - start,
-            "model": model.cfg.to_dict(), "kind": loaded.kind, "source": loaded.source, "meta": loaded.meta}
+            "model": model.cfg.to_dict(), "kind": loaded.kind, "source": loaded.source, "meta": loaded.meta,
+            "data": req.data, "image_size": req.image_size}
 
 
 def generalise(model, req: EvalRequest, rank: int = 0, world_size: int = 1) -> GeneralisationStats:
@@ -171,7 +187,8 @@ def merge_parts(parts: list[dict]) -> dict:
 
 def summarise(merged: dict) -> dict:
     report = {"task": merged["task"], "model": merged["model"], "checkpoint_kind": merged["kind"],
-              "source": merged["source"], "seconds": merged["seconds"]}
+              "source": merged["source"], "seconds": merged["seconds"], "data": merged.get("data"),
+              "image_size": merged.get("image_size")}
     for name, s in merged["stats"].items():
         report[name] = s if name == "skipped" else s.summary()
     return report

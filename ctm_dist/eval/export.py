@@ -25,6 +25,7 @@ from ctm_dist.model import CTM, CTMConfig
 from ctm_dist.storage import Location
 
 from . import runs
+from .torch_files import UNREADABLE_ERRORS, unreadable_checkpoint
 
 FORMAT = "ctm-dist-export/1"
 MODEL_FILE = "model.safetensors"
@@ -65,7 +66,10 @@ def zero_state_dict(checkpoint_dir: str | os.PathLike, tag: str | None = None) -
     if tag is None:
         checkpoint_dir, tag = runs.find_deepspeed_checkpoint(checkpoint_dir)
     with weights_only_loads():
-        state = get_fp32_state_dict_from_zero_checkpoint(os.fspath(checkpoint_dir), tag=tag)
+        try:
+            state = get_fp32_state_dict_from_zero_checkpoint(os.fspath(checkpoint_dir), tag=tag)
+        except UNREADABLE_ERRORS as e:
+            raise unreadable_checkpoint(checkpoint_dir, e) from None
     return {k: v.detach().cpu() for k, v in state.items()}
 
 
@@ -106,12 +110,16 @@ def _unwrap(model: torch.nn.Module) -> CTM:
 
 
 def export_document(cfg: CTMConfig, task: str | None = None, meta: dict | None = None,
-                    source: dict | None = None) -> dict[str, Any]:
-    return {"format": FORMAT, "model": cfg.to_dict(), "task": task, "meta": meta or {}, "source": source or {}}
+                    source: dict | None = None, inputs: dict | None = None) -> dict[str, Any]:
+    document = {"format": FORMAT, "model": cfg.to_dict(), "task": task, "meta": meta or {}, "source": source or {}}
+    if inputs:
+        document["inputs"] = inputs  # the input pipeline the model was trained with
+    return document
 
 
 def save_consolidated(model_or_state, out: str | os.PathLike | Location, cfg: CTMConfig | None = None,
-                      task: str | None = None, meta: dict | None = None, source: dict | None = None) -> str:
+                      task: str | None = None, meta: dict | None = None, source: dict | None = None,
+                      inputs: dict | None = None) -> str:
     """Write ``model.safetensors`` + ``config.json`` under ``out`` (a path or a storage URL).
 
     Pass a CTM (its config is used) or a state dict with ``cfg``. Returns the URL written.
@@ -128,7 +136,7 @@ def save_consolidated(model_or_state, out: str | os.PathLike | Location, cfg: CT
         state = model_or_state
     state = {k: (v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()).contiguous()
              for k, v in state.items()}
-    document = export_document(cfg, task, meta, source)
+    document = export_document(cfg, task, meta, source, inputs)
     text = json.dumps(document, indent=2, sort_keys=True)
     location = Location.parse(out)
     with tempfile.TemporaryDirectory(prefix="ctm-export-") as tmp:
@@ -166,10 +174,19 @@ def export_run(run: str | Location, out: str | os.PathLike | Location, step: int
         raise ValueError(f"{run.url}: its COMMIT marker records no model config; pass cfg")
     model = load_weights(CTM(cfg), state).eval()
     task = commit.get("task") or (commit.get("config") or {}).get("data", {}).get("task")
-    source = {"run": run.url, "step": step}
     if reference_dataset:
         from ctm_dist.compat import export_reference_checkpoint
 
         export_reference_checkpoint(model, out, reference_dataset)
         return os.fspath(out)
-    return save_consolidated(model, out, task=task, meta=runs.data_meta(commit), source=source)
+    return save_consolidated(model, out, task=task, **_trained_with(commit, run, step))
+
+
+def _trained_with(commit: dict, run: Location, step: int) -> dict:
+    """What an export keeps of its run's COMMIT marker: metadata, input pipeline, source and data."""
+    from .inputs import model_meta, trained_data, trained_inputs
+
+    meta = runs.data_meta(commit)
+    inputs = trained_inputs(commit, meta)
+    return {"meta": model_meta(meta, inputs), "inputs": inputs,
+            "source": {"run": run.url, "step": step, "data": trained_data(commit)}}

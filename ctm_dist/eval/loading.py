@@ -28,6 +28,7 @@ class Loaded:
     task: str | None = None
     meta: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)
+    inputs: dict | None = None  # the input pipeline it was trained with (ctm_dist.eval.inputs.InputSpec)
 
     @property
     def cfg(self) -> CTMConfig:
@@ -57,7 +58,18 @@ def _load_safetensors(location: Location, name: str, overrides: dict) -> Loaded:
     document = json.loads(metadata["config"])
     cfg = CTMConfig.from_dict({**document["model"], **overrides})
     model = export.load_weights(CTM(cfg), state).eval()
-    return Loaded(model, "export", document.get("task"), document.get("meta") or {}, document.get("source") or {})
+    return Loaded(model, "export", document.get("task"), document.get("meta") or {}, document.get("source") or {},
+                  document.get("inputs"))
+
+
+def _run_loaded(model: CTM, task: str | None, commit: dict, run: Location, step: int) -> Loaded:
+    """A run's model with what its COMMIT marker says about it: input pipeline and training data."""
+    from .inputs import model_meta, trained_data, trained_inputs
+
+    meta = runs.data_meta(commit)
+    inputs = trained_inputs(commit, meta)
+    source = {"run": run.url, "step": step, "data": trained_data(commit)}
+    return Loaded(model, "run", task, model_meta(meta, inputs), source, inputs)
 
 
 def load_model(path: str | os.PathLike | Location, step: int | None = None, map_location: str = "cpu",
@@ -74,7 +86,7 @@ def load_model(path: str | os.PathLike | Location, step: int | None = None, map_
         cfg = cfg.replace(**overrides) if overrides else cfg
         model = export.load_weights(CTM(cfg), state).eval()
         task = commit.get("task") or (commit.get("config") or {}).get("data", {}).get("task")
-        loaded = Loaded(model, "run", task, runs.data_meta(commit), {"run": location.url, "step": step})
+        loaded = _run_loaded(model, task, commit, location, step)
     elif location.path.endswith(".safetensors"):
         parent, name = _parent_and_name(location)
         loaded = _load_safetensors(parent, name, overrides)

@@ -263,6 +263,17 @@ class LocalObjectStore:
             self.stop()
 
 
+# The run store the trainer embeds when given no storage: this store under {local_dir}/object-store,
+# its runs under s3://ctm-dist/runs. Fresh keys on every start; the data stays.
+EMBEDDED_BUCKET = "ctm-dist"
+EMBEDDED_LOCAL_DIR = ".ctm-dist"
+
+
+def embedded_store(local_dir: str | os.PathLike = EMBEDDED_LOCAL_DIR) -> LocalObjectStore:
+    """The embedded run store of ``local_dir`` (not started)."""
+    return LocalObjectStore(Path(local_dir).resolve() / "object-store")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", required=True, help="data directory (keys file is written here, 0600)")
