@@ -23,7 +23,9 @@ FPS = 4  # frames (ticks) per second
 
 
 def write_gif(fig, draw, n_frames: int, path: str | Path, fps: float = FPS, dpi: int = 100) -> Path:
-    """Call ``draw(i)`` for each frame i, capture ``fig`` after each call and write the GIF (loops forever)."""
+    """Call ``draw(i)`` for each frame i, capture ``fig`` after each call and write the GIF (loops forever).
+    The layout is computed on the first frame and kept for the others (frames do not jump, and
+    redrawing is about twice as fast)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = PillowWriter(fps=fps)
@@ -32,6 +34,8 @@ def write_gif(fig, draw, n_frames: int, path: str | Path, fps: float = FPS, dpi:
             for i in range(n_frames):
                 draw(i)
                 writer.grab_frame()
+                if i == 0:
+                    fig.set_layout_engine("none")
     finally:
         plt.close(fig)
     return path

@@ -316,7 +316,7 @@ def synchronisation_figure(post, n_neurons: int = 16, seed: int = 0, neurons=Non
     ax.set_xlabel("neuron")
     ax.set_ylabel("neuron")
     ax.set_title(f"synchronisation of {len(idx)} neurons over ticks 1..{post.shape[0]}", fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046, label="S = sum over ticks of z_i z_j / sqrt(T)")
+    fig.colorbar(im, ax=ax, fraction=0.046, label=r"$S_{ij} = \sum_t z_i(t)\,z_j(t) / \sqrt{T}$")
     return fig
 
 
