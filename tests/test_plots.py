@@ -143,6 +143,8 @@ def test_ticks_are_numbered_from_one_with_whole_numbers():
         shown = visible_tick_labels(ax)
         assert shown and all(s.isdigit() and 1 <= int(s) <= T for s in shown), shown
     assert plots.tick_title(0, T).startswith("tick 1/5")
+    no_targets = plots.certainty_and_loss(np.random.default_rng(0).random((3, T)), np.full((3, T), np.nan))
+    assert [ax.get_ylabel() for ax in no_targets.axes] == ["certainty (1 - normalised entropy)"]
     fig = plots.tick_histogram_from_counts([4, 0, 1, 2, 3], "most certain tick")
     assert [p.get_x() + p.get_width() / 2 for p in fig.axes[0].patches] == [1, 2, 3, 4, 5]
     assert all(s.isdigit() for s in visible_tick_labels(fig.axes[0]))

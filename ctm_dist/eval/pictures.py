@@ -56,9 +56,7 @@ def make_pictures(model, x: torch.Tensor, task: str, out_dir: str | Path, target
         written.append(plots.save(fig, out / f"{name}.png"))
 
     loss = per_tick_loss(predictions, targets, task) if targets is not None else None
-    figure(plots.certainty_and_loss(certainties[:, 1], loss) if loss is not None
-           else plots.certainty_and_loss(certainties[:, 1], torch.full_like(certainties[:, 1], float("nan"))),
-           "certainty_loss")
+    figure(plots.certainty_and_loss(certainties[:, 1], loss), "certainty_loss")
     halted = predict(model, x, certainty_threshold=threshold)
     figure(plots.ticks_histogram(halted.tick + 1, model.cfg.iterations,
                                  f"ticks used at certainty >= {threshold:g}"), "ticks_used")

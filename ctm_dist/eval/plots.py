@@ -111,12 +111,18 @@ def reliability_diagram(rows: list[dict], ece: float, title: str = "calibration 
     return fig
 
 
-def certainty_and_loss(certainty, loss):
-    """Certainty [B, T] and loss [B, T] per tick: one faint line per sample, the mean in bold."""
-    certainty, loss = _np(certainty), _np(loss)
+def certainty_and_loss(certainty, loss=None):
+    """Certainty [B, T] and loss [B, T] per tick: one faint line per sample, the mean in bold.
+    Without a loss (``None`` or all NaN: no targets) only the certainty is drawn."""
+    certainty = _np(certainty)
+    loss = None if loss is None or np.isnan(_np(loss)).all() else _np(loss)
     T = certainty.shape[-1]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharex=True)
-    for ax, values, name in ((axes[0], certainty, "certainty (1 - normalised entropy)"), (axes[1], loss, "cross-entropy loss")):
+    panels = [(certainty, "certainty (1 - normalised entropy)")]
+    if loss is not None:
+        panels.append((loss, "cross-entropy loss"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), sharex=True, squeeze=False)
+    axes = axes[0]
+    for ax, (values, name) in zip(axes, panels):
         for row in values:
             ax.plot(ticks_axis(T), row, color="tab:blue", alpha=0.15, lw=0.8)
         ax.plot(ticks_axis(T), values.mean(0), color="tab:red", lw=2, label="mean")
