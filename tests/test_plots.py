@@ -123,7 +123,7 @@ def test_neuron_traces_have_labelled_axes_and_the_synchronisation_plots_neurons(
     post = np.random.default_rng(1).standard_normal((T, D))
     traces, sync = plots.neuron_traces(post, seed=3), plots.synchronisation_figure(post, seed=3)
     traced = {ax.get_title().removeprefix("neuron ") for ax in traces.axes if ax.get_title()}
-    sync_ax = [ax for ax in sync.axes if ax.get_label() != "<colorbar>"][0]
+    sync_ax = next(ax for ax in sync.axes if ax.get_label() != "<colorbar>")
     assert traced == {t.get_text() for t in sync_ax.get_xticklabels()}
     assert len(traced) == 16
     assert {ax.get_xlabel() for ax in traces.axes if ax.get_xlabel()} == {"tick"}

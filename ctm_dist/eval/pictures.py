@@ -71,7 +71,7 @@ def make_pictures(model, x: torch.Tensor, task: str, out_dir: str | Path, target
         target = int(targets[i]) if classify and targets is not None else None
         if spatial:
             image = display_rgb(x[i], task)
-            words = dict(predicted=predicted, certainty=certainty, class_names=classes, target=target)
+            words = {"predicted": predicted, "certainty": certainty, "class_names": classes, "target": target}
             figure(plots.attention_grid(image, maps[:, i], **words), f"attention_{i}")
             written.append(animate.attention_gif(image, maps[:, i], out / f"attention_{i}.gif", **words))
         if task == "mazes":
