@@ -1,60 +1,92 @@
-"""Animated GIFs (PIL): attention over the input tick by tick, and a maze route as it unfolds."""
+"""Animated GIFs: attention over the input tick by tick, and a maze route as it unfolds.
+
+Each frame is a matplotlib figure redrawn for one tick (the same panels, colour bar and 1-based tick
+numbers as the PNGs); matplotlib's ``PillowWriter`` captures the frames and Pillow writes the GIF.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-from matplotlib import colormaps
-from PIL import Image, ImageDraw
+import matplotlib
 
-from .mazes import route_cells
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.animation import PillowWriter  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from .mazes import route_cells  # noqa: E402
+from .plots import _np, class_label, tick_title, ticks_axis  # noqa: E402
 
-def _u8(rgb01: np.ndarray) -> np.ndarray:
-    return (np.clip(rgb01, 0, 1) * 255).round().astype(np.uint8)
-
-
-def upscale(rgb: np.ndarray, size: int) -> Image.Image:
-    """Nearest-neighbour upscale of an [H, W, 3] image in [0, 1] so that its longer side is ``size``."""
-    H, W = rgb.shape[:2]
-    f = max(1, size // max(H, W))
-    return Image.fromarray(_u8(rgb)).resize((W * f, H * f), Image.NEAREST)
+FPS = 4  # frames (ticks) per second
 
 
-def heat_overlay(image: np.ndarray, attention: np.ndarray, alpha: float = 0.6) -> np.ndarray:
-    """Blend an attention map [h, w] (resized bilinearly to the image) over an image [H, W, 3] in [0, 1]."""
-    H, W = image.shape[:2]
-    a = attention.astype(np.float32)
-    a = (a - a.min()) / (a.max() - a.min() + 1e-12)
-    a = np.asarray(Image.fromarray(a).resize((W, H), Image.BILINEAR))
-    heat = colormaps["inferno"](a)[..., :3]
-    w = alpha * a[..., None]
-    return image * (1 - w) + heat * w
-
-
-def save_gif(frames: list[Image.Image], path: str | Path, ms_per_frame: int = 120) -> Path:
+def write_gif(fig, draw, n_frames: int, path: str | Path, fps: float = FPS, dpi: int = 100) -> Path:
+    """Call ``draw(i)`` for each frame i, capture ``fig`` after each call and write the GIF (loops forever).
+    The layout is computed on the first frame and kept for the others (frames do not jump, and
+    redrawing is about twice as fast)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=ms_per_frame, loop=0, optimize=False)
+    writer = PillowWriter(fps=fps)
+    try:
+        with writer.saving(fig, str(path), dpi):
+            for i in range(n_frames):
+                draw(i)
+                writer.grab_frame()
+                if i == 0:
+                    fig.set_layout_engine("none")
+    finally:
+        plt.close(fig)
     return path
 
 
-def label(frame: Image.Image, text: str) -> Image.Image:
-    out = Image.new("RGB", (frame.width, frame.height + 14), "white")
-    out.paste(frame, (0, 14))
-    ImageDraw.Draw(out).text((2, 1), text, fill="black")
-    return out
+def attention_gif(image, attention, path: str | Path, predicted=None, certainty=None, class_names=None,
+                  target: int | None = None, alpha: float = 0.55, fps: float = FPS, dpi: int = 100) -> Path:
+    """One frame per tick: the input, the input with that tick's attention [T, h, w] laid over it (one
+    colour scale for all ticks, colour bar), and the certainty per tick with the current tick marked.
+    The title names the tick (1-based), the class predicted at it (``predicted`` [T]) and its certainty."""
+    image, attention = _np(image), _np(attention)
+    T = attention.shape[0]
+    predicted = None if predicted is None else _np(predicted)
+    certainty = None if certainty is None else _np(certainty)
+    H, W = image.shape[:2]
+    panels = 3 if certainty is not None else 2
+    fig, axes = plt.subplots(1, panels, figsize=(3.4 * panels, 3.7), layout="constrained",
+                             width_ratios=(1, 1.2, 1.3)[:panels])
+    axes[0].imshow(image, interpolation="nearest")
+    axes[0].set_title("input" + (f" (label {class_label(int(target), class_names)})" if target is not None else ""),
+                      fontsize=10)
+    axes[1].imshow(image, interpolation="nearest")
+    heat = axes[1].imshow(attention[0], cmap="inferno", alpha=alpha, vmin=0, vmax=float(attention.max()) or 1.0,
+                          extent=(-0.5, W - 0.5, H - 0.5, -0.5), interpolation="bilinear")
+    axes[1].set_title("attention", fontsize=10)
+    for ax in axes[:2]:
+        ax.axis("off")
+    bar = fig.colorbar(heat, ax=axes[1], fraction=0.046, pad=0.02)
+    bar.set_label("attention weight", fontsize=9)
+    bar.solids.set_alpha(1)
+    marker = None
+    if certainty is not None:
+        ax = axes[2]
+        ax.plot(ticks_axis(T), certainty, color="tab:blue", marker="o", ms=3)
+        marker, = ax.plot([1], [certainty[0]], "o", color="tab:red", ms=9)
+        ax.set_ylim(-0.02, 1.02)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("tick")
+        ax.set_ylabel("certainty")
+        ax.set_title("certainty per tick", fontsize=10)
+        ax.grid(alpha=0.3)
+    title = fig.suptitle("", fontsize=11)
 
+    def draw(t: int) -> None:
+        heat.set_data(attention[t])
+        if marker is not None:
+            marker.set_data([t + 1], [certainty[t]])
+        text = tick_title(t, T, predicted, certainty, class_names)
+        title.set_text(text.replace("\n", ": predicted " if predicted is not None else ", ", 1))
 
-def attention_frames(image: np.ndarray, attention: np.ndarray, size: int = 192,
-                     captions: list[str] | None = None) -> list[Image.Image]:
-    """One frame per tick: the image with that tick's attention [T, h, w] laid over it."""
-    frames = []
-    for t in range(attention.shape[0]):
-        frame = upscale(heat_overlay(image, attention[t]), size).convert("RGB")
-        frames.append(label(frame, captions[t] if captions else f"tick {t + 1}"))
-    return frames
+    return write_gif(fig, draw, T, path, fps=fps, dpi=dpi)
 
 
 def maze_route_image(maze_rgb: np.ndarray, route, colour=(0.2, 0.4, 1.0)) -> np.ndarray:
@@ -67,23 +99,41 @@ def maze_route_image(maze_rgb: np.ndarray, route, colour=(0.2, 0.4, 1.0)) -> np.
     return img
 
 
-def maze_route_frames(maze_rgb: np.ndarray, moves_per_tick: np.ndarray, size: int = 256,
-                      target=None) -> list[Image.Image]:
-    """One frame per tick: the route predicted at that tick ([T, L] moves) drawn on the maze;
-    with ``target`` a first frame shows the true route."""
-    frames = []
+def _image_gif(images: list[np.ndarray], titles: list[str], path: str | Path, fps: float, dpi: int) -> Path:
+    fig, ax = plt.subplots(figsize=(4.8, 5.0), layout="constrained")
+    shown = ax.imshow(images[0], interpolation="nearest")
+    ax.axis("off")
+    title = ax.set_title("", fontsize=12)
+
+    def draw(i: int) -> None:
+        shown.set_data(images[i])
+        title.set_text(titles[i])
+
+    return write_gif(fig, draw, len(images), path, fps=fps, dpi=dpi)
+
+
+def maze_route_gif(maze_rgb: np.ndarray, moves_per_tick: np.ndarray, path: str | Path, target=None,
+                   fps: float = FPS, dpi: int = 100) -> Path:
+    """One frame per tick: the route predicted at that tick ([T, L] moves) drawn on the maze; with
+    ``target`` a first frame shows the true route (green)."""
+    moves_per_tick = np.asarray(moves_per_tick)
+    T = len(moves_per_tick)
+    images, titles = [], []
     if target is not None:
-        frames.append(label(upscale(maze_route_image(maze_rgb, target, (0.3, 0.8, 0.3)), size), "true route"))
-    for t, moves in enumerate(np.asarray(moves_per_tick)):
-        frames.append(label(upscale(maze_route_image(maze_rgb, moves), size), f"tick {t + 1}"))
-    return frames
+        images.append(maze_route_image(maze_rgb, target, (0.3, 0.8, 0.3)))
+        titles.append("true route")
+    for t, moves in enumerate(moves_per_tick):
+        images.append(maze_route_image(maze_rgb, moves))
+        titles.append(f"predicted route, tick {t + 1}/{T}")
+    return _image_gif(images, titles, path, fps, dpi)
 
 
-def reapplication_frames(result: dict, size: int = 256) -> list[Image.Image]:
-    """Frames of a maze solved by re-application (``solve_by_reapplication(..., keep_frames=True)``)."""
-    frames = []
+def reapplication_gif(result: dict, path: str | Path, fps: float = FPS, dpi: int = 100) -> Path:
+    """A maze solved by re-application (``solve_by_reapplication(..., keep_frames=True)``), tick by tick."""
+    images, titles = [], []
     for i, app in enumerate(result["applications"]):
+        T = len(app["moves"])
         for t, moves in enumerate(app["moves"]):
-            img = maze_route_image(app["maze"], moves)
-            frames.append(label(upscale(img, size), f"application {i + 1} tick {t + 1}"))
-    return frames
+            images.append(maze_route_image(app["maze"], moves))
+            titles.append(f"application {i + 1}, tick {t + 1}/{T}")
+    return _image_gif(images, titles, path, fps, dpi)

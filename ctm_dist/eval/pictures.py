@@ -2,10 +2,13 @@
 
 * ``certainty_loss.png``: certainty and loss per tick for the batch (loss when targets are known);
 * ``ticks_used.png``: histogram of ticks used by adaptive halting (``ctm_dist.inference.predict``);
-* ``attention_{i}.png`` / ``attention_{i}.gif``: attention over the input, tick by tick;
+* ``attention_{i}.png`` / ``attention_{i}.gif``: the input, then its attention tick by tick with the
+  class predicted at each tick and its certainty (classification tasks) and a colour bar;
 * ``maze_{i}.gif``: the predicted route as it unfolds over ticks (maze tasks);
-* ``neurons_{i}.png``: post-activation traces of a sample of neurons; ``sync_{i}.png``: their
-  synchronisation matrix.
+* ``neurons_{i}.png``: post-activation traces of a sample of neurons; ``sync_{i}.png``: the
+  synchronisation matrix of the same neurons.
+
+Ticks are numbered 1..T in every file and TensorBoard figure.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import animate, plots
-from .inputs import attention_maps, display_rgb
+from .inputs import CLASSIFICATION_TASKS, attention_maps, display_rgb
 from .mazes import maze_rgb, split_route
 
 
@@ -33,9 +36,11 @@ def per_tick_loss(predictions: torch.Tensor, targets: torch.Tensor, task: str) -
 
 @torch.no_grad()
 def make_pictures(model, x: torch.Tensor, task: str, out_dir: str | Path, targets: torch.Tensor | None = None,
-                  threshold: float = 0.8, per_input: int = 4, tb=None, step: int = 0) -> list[Path]:
+                  threshold: float = 0.8, per_input: int = 4, tb=None, step: int = 0,
+                  meta: dict | None = None, n_neurons: int = 16) -> list[Path]:
     """Write every picture for inputs ``x`` into ``out_dir``; returns the files written.
-    ``tb`` (a SummaryWriter) also receives each figure under ``pictures/``."""
+    ``tb`` (a SummaryWriter) also receives each figure under ``pictures/``; ``meta["classes"]``
+    (the shard set's class names), when given, names the predicted classes."""
     from ctm_dist.inference import predict
 
     out = Path(out_dir)
@@ -51,32 +56,33 @@ def make_pictures(model, x: torch.Tensor, task: str, out_dir: str | Path, target
         written.append(plots.save(fig, out / f"{name}.png"))
 
     loss = per_tick_loss(predictions, targets, task) if targets is not None else None
-    figure(plots.certainty_and_loss(certainties[:, 1], loss) if loss is not None
-           else plots.certainty_and_loss(certainties[:, 1], torch.full_like(certainties[:, 1], float("nan"))),
-           "certainty_loss")
+    figure(plots.certainty_and_loss(certainties[:, 1], loss), "certainty_loss")
     halted = predict(model, x, certainty_threshold=threshold)
     figure(plots.ticks_histogram(halted.tick + 1, model.cfg.iterations,
                                  f"ticks used at certainty >= {threshold:g}"), "ticks_used")
 
     spatial = x.dim() == 4
     maps = attention_maps(tracking.attention, tuple(x.shape[-2:])) if spatial else None
+    classes = (meta or {}).get("classes")
+    classify = task in CLASSIFICATION_TASKS
     for i in range(min(per_input, x.shape[0])):
+        certainty = certainties[i, 1].float()  # [T]
+        predicted = predictions[i].argmax(0) if classify else None  # [T]
+        target = int(targets[i]) if classify and targets is not None else None
         if spatial:
             image = display_rgb(x[i], task)
-            figure(plots.attention_grid(image, maps[:, i]), f"attention_{i}")
-            frames = animate.attention_frames(image, maps[:, i].numpy(),
-                                              captions=[f"tick {t + 1} certainty {certainties[i, 1, t]:.2f}"
-                                                        for t in range(maps.shape[0])])
-            written.append(animate.save_gif(frames, out / f"attention_{i}.gif"))
+            words = {"predicted": predicted, "certainty": certainty, "class_names": classes, "target": target}
+            figure(plots.attention_grid(image, maps[:, i], **words), f"attention_{i}")
+            written.append(animate.attention_gif(image, maps[:, i], out / f"attention_{i}.gif", **words))
         if task == "mazes":
             rgb, _ = maze_rgb(x[i])
             moves = split_route(predictions[i:i + 1]).argmax(2)[0].T.numpy()  # [T, L]
-            target = targets[i].numpy() if targets is not None else None
-            written.append(animate.save_gif(animate.maze_route_frames(rgb, moves, target=target),
-                                            out / f"maze_{i}.gif"))
+            route = targets[i].numpy() if targets is not None else None
+            written.append(animate.maze_route_gif(rgb, moves, out / f"maze_{i}.gif", target=route))
         post = tracking.post_activations[:, i].float()  # [T, D]
-        figure(plots.neuron_traces(post, seed=i), f"neurons_{i}")
-        figure(plots.synchronisation_figure(post, seed=i), f"sync_{i}")
+        neurons = plots.sample_neurons(post.shape[1], n_neurons, seed=i)
+        figure(plots.neuron_traces(post, neurons=neurons), f"neurons_{i}")
+        figure(plots.synchronisation_figure(post, neurons=neurons), f"sync_{i}")
     return written
 
 
