@@ -345,7 +345,7 @@ def visualize_main(argv: list[str] | None = None) -> int:
         tb = SummaryWriter(str(Path(a.out) / "tensorboard"))
     try:
         written = make_pictures(loaded.model, x, task, a.out, targets=y, threshold=a.threshold,
-                                per_input=a.per_input, tb=tb)
+                                per_input=a.per_input, tb=tb, meta=loaded.meta)
     finally:
         if tb is not None:
             tb.close()
