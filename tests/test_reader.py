@@ -440,3 +440,22 @@ def test_global_batches_hold_the_same_samples_for_every_world_size(shards):
     # the default mode deals shards to ranks, so its global batches depend on the world size
     runs = [_take(_loader(shards, r, 2, 0, batch_size=6))[0] for r in range(2)]
     assert [set(runs[0][k]) | set(runs[1][k]) for k in range(2)] != ref[:2]
+
+
+def test_the_training_config_selects_the_global_order(shards, s3_env):
+    """``data.global_order=true`` reaches the trainer's loaders: two ranks' first global batch is
+    the one a single rank reads."""
+    from ctm_dist.train.config import build_config
+    from ctm_dist.train.tasks import make_task
+
+    def first_global_batch(world: int, global_order: bool) -> set[str]:
+        cfg = build_config(overrides=["data.task=imagenet", f"data.url={shards.url}",
+                                      f"data.global_order={str(global_order).lower()}"])
+        keys = set()
+        for rank in range(world):
+            batch = next(iter(make_task(cfg, rank, world).train_loader(12 // world, seed=3)))
+            keys |= {k for k, v in zip(batch["key"], batch["valid"].tolist()) if v}
+        return keys
+
+    assert first_global_batch(2, True) == first_global_batch(1, True)
+    assert first_global_batch(2, False) != first_global_batch(1, False)

@@ -57,6 +57,7 @@ class DataSection:
     eval_batch_size: int = 128  # global, split over workers
     num_workers: int = 0  # dataloader processes per training worker
     image_size: int = 0  # model input size for image tasks; 0 = the shard set's / task's default
+    global_order: bool = False  # the same global batches for any worker count (every rank reads every shard)
 
 
 @dataclass

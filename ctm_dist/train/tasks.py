@@ -100,7 +100,8 @@ class ShardTask(Task):
         image_size = self.cfg.data.image_size or None
         return ShardLoader(self.location, split, task=self.cfg.data.task, batch_size=batch_size,
                            rank=self.rank, world_size=self.world_size, train=train, seed=seed,
-                           num_workers=self.cfg.data.num_workers, image_size=image_size)
+                           num_workers=self.cfg.data.num_workers, image_size=image_size,
+                           global_order=self.cfg.data.global_order)
 
     def train_loader(self, batch_size, seed):
         return self._loader(self.train_split, batch_size, train=True, seed=seed)
@@ -165,7 +166,8 @@ class Mazes(ShardTask):
 
         return ShardLoader(self.location, split, task="mazes", batch_size=batch_size, rank=self.rank,
                            world_size=self.world_size, train=train, seed=seed,
-                           num_workers=self.cfg.data.num_workers, route_length=getattr(self, "route_length", None))
+                           num_workers=self.cfg.data.num_workers, route_length=getattr(self, "route_length", None),
+                           global_order=self.cfg.data.global_order)
 
     def loss(self, predictions, certainties, target, valid):
         from ctm_dist.losses import maze_loss
