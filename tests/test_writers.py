@@ -1,6 +1,7 @@
 """Shard writers (demo, CIFAR-10, ImageNet, the shared writer) against the real local S3 server."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -8,15 +9,15 @@ import pickle
 import numpy as np
 import pytest
 from PIL import Image
+from writers_fixtures import decode, doc, load_script, read_shard_set, shard_bytes
 
 from ctm_dist.data.cifar10_writer import write_cifar10_shards
 from ctm_dist.data.demo_writer import write_demo_shards
 from ctm_dist.data.imagenet_writer import write_imagenet_shards
 from ctm_dist.data.index import FORMAT, ShardIndex, ShardInfo, read_index
+from ctm_dist.data.transforms import random_resized_crop
 from ctm_dist.data.writer import ShardSetWriter
 from ctm_dist.storage import Location
-from writers_fixtures import decode, doc, load_script, read_shard_set, shard_bytes
-
 
 # ---------------------------------------------------------------- the shared writer and index
 
@@ -317,3 +318,16 @@ def test_index_with_impossible_counts_is_neither_written_nor_read(shards, fragme
            "num_samples": sum(s.samples for s in shards)}
     with pytest.raises(ValueError, match=fragment):
         ShardIndex.from_json(json.dumps(doc))
+
+
+def test_random_resized_crop_of_drafted_jpegs_never_leaves_the_image():
+    """JPEG draft scaling rounds each side up on its own, so the crop box is scaled per axis: with
+    one factor for both, crops near the bottom edge of odd-sized images fell outside the decoded
+    image and the sample was skipped."""
+    rng = np.random.default_rng(0)
+    for width, height in ((500, 375), (333, 501), (97, 203)):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buf, "JPEG")
+        for _ in range(100):
+            img = Image.open(io.BytesIO(buf.getvalue()))
+            assert random_resized_crop(img, 32, rng).size == (32, 32)

@@ -43,14 +43,15 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def draft(img: Image.Image, reduce: float) -> float:
+def draft(img: Image.Image, reduce: float) -> tuple[float, float]:
     """Let the JPEG decoder scale down by up to ``reduce`` (DCT scaling: far cheaper than decoding
-    full size and resizing). Returns the factor it actually applied (1.0 for non-JPEGs)."""
+    full size and resizing). Returns the (width, height) factors it actually applied (1.0 for
+    non-JPEGs); they differ when a side is not a multiple of the DCT scale."""
     if getattr(img, "format", None) != "JPEG" or reduce < 2:
-        return 1.0
-    width = img.size[0]
-    img.draft("RGB", (math.ceil(img.size[0] / reduce), math.ceil(img.size[1] / reduce)))
-    return width / img.size[0]
+        return 1.0, 1.0
+    width, height = img.size
+    img.draft("RGB", (math.ceil(width / reduce), math.ceil(height / reduce)))
+    return width / img.size[0], height / img.size[1]
 
 
 def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator,
@@ -58,9 +59,10 @@ def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator,
     """Crop a random area fraction in ``scale`` with aspect ratio in ``ratio``, resize to size x size.
     ``img`` may be a lazily opened JPEG: it is then decoded at the smallest sufficient scale."""
     left, top, w, h = random_resized_crop_box(*img.size, rng, scale, ratio)
-    f = draft(img, min(w, h) / size)
+    fx, fy = draft(img, min(w, h) / size)
     img = img.convert("RGB") if img.mode != "RGB" else img
-    return img.resize((size, size), Image.Resampling.BILINEAR, box=(left / f, top / f, (left + w) / f, (top + h) / f))
+    box = (left / fx, top / fy, min((left + w) / fx, img.size[0]), min((top + h) / fy, img.size[1]))
+    return img.resize((size, size), Image.Resampling.BILINEAR, box=box)
 
 
 def resize_shorter(img: Image.Image, size: int) -> Image.Image:
