@@ -92,3 +92,145 @@ def test_unusable_data_or_storage_fails_once_before_any_worker_starts(problem, o
     assert wrong not in proc.stderr + proc.stdout and object_store.secret_key not in proc.stderr + proc.stdout
     assert "127.0.0.1:1" not in proc.stderr, "the driver tried to reach Ray before checking its input"
     assert time.monotonic() - started < 60
+
+
+def _launch(launcher, *args, env=None, cwd, timeout=120):
+    return subprocess.run([sys.executable, str(REPO / "launch" / launcher), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=cwd)
+
+
+def _local_env(**extra):
+    """No cluster to join: a launcher would start its own Ray (and, without --storage, the embedded store)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("AWS_")}
+    env.update(extra)
+    return env
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--workers", "64"], "--workers 64 x 1 CPU per worker needs 64 CPUs, but this machine has"),
+    (["--gpus-per-worker", "1"], "--workers 2 x 1 GPU per worker needs 2 GPUs, but this machine has 0"),
+])
+def test_more_workers_than_ray_has_is_refused_in_one_line(args, fragment, tmp_path):
+    if "--gpus-per-worker" in args:
+        import torch
+        if torch.cuda.is_available():
+            pytest.skip("this machine has GPUs")
+    started = time.monotonic()
+    proc = _launch("imagenet.py", *args, f"run.local_dir={tmp_path}", env=_local_env(), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], proc.stderr[-2000:]
+    assert not any(tmp_path.iterdir()), "the store or Ray started before the refusal"
+    assert time.monotonic() - started < 30
+
+
+def test_joined_cluster_resources_are_checked():
+    from ctm_dist.train.driver import LaunchRefused, check_resources
+
+    cfg = _cfg("imagenet", "--workers", "4", "scale.cpus_per_worker=2")
+    check_resources(cfg, {"CPU": 8.0}, "the Ray cluster at x")
+    with pytest.raises(LaunchRefused, match="needs 8 CPUs, but the Ray cluster at x has 7"):
+        check_resources(cfg, {"CPU": 7.0, "GPU": 8.0}, "the Ray cluster at x")
+
+
+def test_second_launcher_on_the_same_directory_is_refused(tmp_path):
+    from ctm_dist.storage.local import lock_directory
+
+    keys = tmp_path / "object-store" / "s3-identities.json"
+    keys.parent.mkdir()
+    keys.write_text("the running store's identities")
+    with lock_directory(tmp_path):  # the first launcher
+        proc = _launch("imagenet.py", f"run.local_dir={tmp_path}", env=_local_env(RAY_ADDRESS="127.0.0.1:1"),
+                       cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: another launcher (pid {os.getpid()}) is using {tmp_path}; wait for it to finish, or pass --storage"]
+    assert keys.read_text() == "the running store's identities"
+    with lock_directory(tmp_path):  # released when its holder let go
+        pass
+
+
+def test_s3_data_with_the_embedded_store_keeps_the_users_endpoint_or_refuses(tmp_path):
+    env = _local_env(AWS_ENDPOINT_URL="http://127.0.0.1:9", AWS_ACCESS_KEY_ID="mine", AWS_SECRET_ACCESS_KEY="mine2")
+    proc = _launch("imagenet.py", "--data", "s3://my-bucket/imagenet", f"run.local_dir={tmp_path}", env=env,
+                   cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--storage" in lines[0] and "s3://my-bucket/imagenet" in lines[0], proc.stderr
+    assert "shard index" not in proc.stderr and not any(tmp_path.iterdir())
+
+
+def test_embedded_store_dies_with_its_launcher(tmp_path):
+    """SIGKILL to the process that started weed (which runs in its own session) still ends weed."""
+    script = ("import sys, time\nfrom ctm_dist.storage.local import LocalObjectStore\n"
+              "s = LocalObjectStore(sys.argv[1]).start()\nprint(s._proc.pid, flush=True)\ntime.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        weed = int(parent.stdout.readline())
+        os.kill(weed, 0)
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and _alive(weed):
+            time.sleep(0.1)
+        assert not _alive(weed), "weed outlived the process that started it"
+    finally:
+        parent.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_gpu_user_without_gpus_per_worker_is_told_the_run_is_on_cpu(monkeypatch):
+    import io
+
+    import torch
+
+    from ctm_dist.train.driver import LaunchRefused, train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    out = io.StringIO()
+    with pytest.raises(LaunchRefused):  # stops right after the warning, before anything starts
+        train(_cfg("imagenet", "--data", "s3://elsewhere/x"), stream=out)
+    assert out.getvalue().splitlines() == [
+        "warning: this machine has CUDA GPUs but --gpus-per-worker is 0: the run trains on CPU"]
+
+
+def test_help_shows_defaults_and_where_fields_are_documented_and_print_config_round_trips(tmp_path):
+    import yaml
+
+    from ctm_dist.train.config import build_config
+
+    proc = _launch("parity.py", "--help", cwd=tmp_path)
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    assert "[run.max_steps; default: 200000]" in text and "[scale.workers; default: 2]" in text
+    assert "ctm_dist/train/config.py" in text and "configs/" in text
+    proc = _launch("parity.py", "--print-config", "--workers", "4", "optim.lr=0.01", f"run.local_dir={tmp_path}",
+                   env=_local_env(RAY_ADDRESS="127.0.0.1:1"), cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stderr == ""
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(proc.stdout)
+    assert yaml.safe_load(proc.stdout)["scale"]["workers"] == 4
+    assert build_config(str(printed)).to_dict() == _cfg("parity", "--workers", "4", "optim.lr=0.01",
+                                                        f"run.local_dir={tmp_path}").to_dict()
+    assert [p.name for p in tmp_path.iterdir()] == ["printed.yaml"]  # nothing started
+
+
+def test_launchers_have_no_sys_path_hack_and_console_commands():
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    for task in ("imagenet", "cifar10", "mazes", "parity"):
+        assert "sys.path" not in (REPO / "launch" / f"{task}.py").read_text()
+        assert scripts[f"ctm-{task}"] == f"ctm_dist.train.cli:{task}"
+    assert scripts["ctm-train"] == "ctm_dist.train.cli:run"
+    proc = subprocess.run([sys.executable, "-c", "import sys; from ctm_dist.train.cli import run; "
+                           "sys.argv = ['ctm-train', 'mazes', '--workers', 'x']; run()"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "scale.workers: expected an integer" in proc.stderr
