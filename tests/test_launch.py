@@ -234,3 +234,15 @@ def test_launchers_have_no_sys_path_hack_and_console_commands():
                            "sys.argv = ['ctm-train', 'mazes', '--workers', 'x']; run()"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "scale.workers: expected an integer" in proc.stderr
+
+
+@pytest.mark.parametrize("task", ["imagenet", "cifar10", "mazes", "parity"])
+def test_full_scale_example_configs_load_and_validate(task):
+    from ctm_dist.train.config import build_config
+
+    path = REPO / "configs" / f"{task}.yaml"
+    cfg = build_config(str(path))  # on its own: every field it needs is in the file
+    assert cfg.data.task == task and cfg.model.preset == task and cfg.scale.gpus_per_worker >= 1
+    assert cfg.run.max_steps >= 100_000
+    via_launcher = _cfg(task, "--config", str(path))
+    assert via_launcher.to_dict() == cfg.to_dict()
