@@ -236,6 +236,7 @@ class Trainer:
                 pending = {}
             if checkpoint:
                 pending["checkpoint/save_s"] = self.save()  # shows up in the next log line
+        preemption.handler.uninstall()
         if self.tb is not None:
             if pending:  # the last save's time
                 self.tb.scalars(pending, self.step)
@@ -256,19 +257,19 @@ class Trainer:
 
 
 class StopRequests:
-    """Preemption in a Ray worker: a signal to this process, or a stop the driver relays via ``progress``.
+    """The one stop path of ``Trainer.fit``: a signal to this process, or a stop the driver relays via ``progress``.
 
-    Ray runs the training function off the main thread, where signal handlers cannot be installed;
-    :class:`~ctm_dist.train.preemption.WorkerSignals` installed a flag on the main thread instead,
-    and the driver (which gets the scheduler's signal) forwards its own through its progress actor.
-    Rank 0 polls that without blocking, and ``should_stop`` agrees on every rank (an all-reduce).
+    In a Ray worker the training function runs off the main thread, where signal handlers cannot be
+    installed; :class:`~ctm_dist.train.preemption.WorkerSignals` installed a flag on the main thread
+    instead, and the driver (which gets the scheduler's signal) forwards its own through its progress
+    actor. Run on a main thread (no Ray), the handler goes straight onto the process's signals.
+    Rank 0 polls the relay without blocking, and ``should_stop`` agrees on every rank (an all-reduce).
     """
 
     def __init__(self, cfg: TrainConfig, progress=None):
         from ctm_dist.train.preemption import PreemptionHandler, parse_signals
 
-        self.handler = PreemptionHandler(parse_signals(cfg.run.preemption_signals),
-                                         grace_seconds=cfg.run.preemption_grace_s)
+        self.handler = PreemptionHandler(parse_signals(cfg.run.preemption_signals))
         try:
             self.handler.install()
         except (RuntimeError, ValueError):  # not the main thread: rely on the driver's relay
