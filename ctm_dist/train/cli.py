@@ -181,7 +181,7 @@ def main(task: str, argv: list[str] | None = None, prog: str | None = None) -> i
                 print(f"stopped by Ctrl-C at step {stopped.step}; checkpoint committed. Run the same command "
                       f"again to resume run {cfg.run.name}", file=sys.stderr)
                 return 130
-            print(f"run {cfg.run.name} was preempted at step {stopped.step}; checkpoint committed. Relaunch "
+            print(f"run {cfg.run.name} was preempted at step {stopped.step} (checkpoint committed); relaunch "
                   f"with --name {cfg.run.name} to resume", file=sys.stderr)
             return _preempted_code(e)
         print(f"error: training failed: {type(e).__name__}: {e}", file=sys.stderr)

@@ -259,7 +259,7 @@ def _clock(seconds: float) -> str:
 class Display:
     """tqdm bar when interactive, else one readable line per log interval.
 
-    Each line carries the wall-clock time, the time since launch and an ETA from the rate of the
+    Each line ends with the wall-clock time, the time since launch and an ETA from the rate of the
     training steps seen so far (the first one sets the clock, so start-up does not count).
     """
 
@@ -289,8 +289,8 @@ class Display:
         now = time.monotonic() if now is None else now
         eta = self.eta(step, now) if "train/loss" in values else None
         stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
-        tail = f" | elapsed {_clock(now - self.started)}" + (f" | eta {_clock(eta)}" if eta is not None else "")
-        return f"{stamp} {format_line(step, self.max_steps, values)}{tail}"
+        tail = f" | {stamp} | elapsed {_clock(now - self.started)}" + (f" | eta {_clock(eta)}" if eta is not None else "")
+        return format_line(step, self.max_steps, values) + tail  # starts with "step N/M", as scripts expect
 
     def event(self, e: dict) -> None:
         step = int(e.get("step", 0))
