@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -246,3 +248,145 @@ def test_full_scale_example_configs_load_and_validate(task):
     assert cfg.run.max_steps >= 100_000
     via_launcher = _cfg(task, "--config", str(path))
     assert via_launcher.to_dict() == cfg.to_dict()
+
+
+TINY = ["--workers", "1", "--batch-size", "8", "--precision", "fp32", "--quiet", "run.log_every=1", "eval.every=2",
+        "eval.batches=1", "data.eval_batch_size=8", "model.iterations=3", "model.d_model=32", "model.d_input=16",
+        "model.heads=2", "model.n_synch_out=16", "model.n_synch_action=16", "model.memory_length=2",
+        "model.memory_hidden_dims=2", "model.tick_checkpointing=0"]
+
+
+def _processes_with(marker: bytes) -> dict[int, tuple[bytes, bytes]]:
+    """pid -> (cmdline, environ) of the processes whose environment holds ``marker``."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                environ = (entry / "environ").read_bytes()
+                if marker in environ:
+                    found[int(entry.name)] = ((entry / "cmdline").read_bytes(), environ)
+            except OSError:
+                pass
+    return found
+
+
+def _files_holding(root: str, secret: bytes) -> list[str]:
+    hits = []
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            try:
+                if secret in Path(dirpath, name).read_bytes():
+                    hits.append(os.path.join(dirpath, name))
+            except OSError:
+                pass
+    return hits
+
+
+def test_launcher_embedded_default_ctrl_c_then_relaunch_of_the_finished_run(tmp_path):
+    """One short launcher run on the embedded store and a private Ray: the store's secret reaches no Ray
+    process environment nor Ray's logs; the log is our lines only; Ctrl-C (SIGINT to the launcher's
+    process group, as a terminal sends it) checkpoints and says how to resume; a relaunch up to that
+    step is 'already complete' at once, without Ray; config.yaml lies beside the checkpoints; a launcher
+    killed with SIGKILL leaves no store or Ray process behind."""
+    import json
+    import re
+    import tempfile
+    import threading
+    import uuid
+
+    from ctm_dist.storage import Location
+    from ctm_dist.storage.local import LocalObjectStore
+
+    ray_tmp = tempfile.mkdtemp(prefix="ctmr", dir="/tmp")  # short: Ray's socket paths live under it
+    marker = f"CTM_TEST_RUN={uuid.uuid4().hex}"
+    local = tmp_path / "cd"
+    env = _local_env(RAY_TMPDIR=ray_tmp, **dict([marker.split("=")]))
+    argv = [sys.executable, str(REPO / "launch" / "imagenet.py"), "--name", "e2e", f"run.local_dir={local}", *TINY]
+    proc = subprocess.Popen([*argv, "--max-steps", "400"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=tmp_path, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    ray_processes: dict = {}
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and proc.poll() is None:
+            for pid, (cmdline, environ) in _processes_with(marker.encode()).items():
+                ray_processes.setdefault(pid, (cmdline, environ))
+            if sum(bool(re.match(r"step (\d+)/400 \| loss", line)) for line in list(lines)) >= 3:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "".join(lines)[-3000:]
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
+        stdout, _ = proc.communicate(timeout=180)
+        reader.join(10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    stderr = "".join(lines)
+    assert proc.returncode == 130, stderr[-3000:]
+    stopped = re.search(r"stopped by Ctrl-C at step (\d+); checkpoint committed. Run the same command again to "
+                        r"resume run e2e", stderr)
+    assert stopped, stderr[-3000:]
+    step = int(stopped.group(1))
+
+    secret = json.loads((local / "object-store" / "s3-identities.json").read_text())["identities"][0][
+        "credentials"][0]["secretKey"].encode()
+    kinds = {kind: [pid for pid, (cmd, _) in ray_processes.items() if kind.encode() in cmd]
+             for kind in ("gcs_server", "raylet", "dashboard")}
+    assert all(kinds.values()), {pid: cmd[:120] for pid, (cmd, _) in ray_processes.items()}
+    for pid, (cmdline, environ) in ray_processes.items():
+        assert secret not in environ and secret not in cmdline, f"the store's secret is in pid {pid}: {cmdline[:200]}"
+    assert not _files_holding(ray_tmp, secret), "the store's secret is in Ray's session files"
+    assert secret.decode() not in stderr + stdout
+    assert oct((local / "object-store" / "aws-credentials").stat().st_mode & 0o777) == "0o600"
+
+    # our lines only: no Ray Train / DeepSpeed chatter
+    for chatter in ("TrainingReport(", "shm_comm_op", "FutureWarning", "core_worker.cc", "Traceback"):
+        assert chatter not in stderr, (chatter, stderr[-3000:])
+    step_lines = [line for line in stderr.splitlines() if re.match(r"step \d+/400 \| loss", line)]
+    stamp = r"^step \d+/400 \| .*mem \d+\.\d\dGiB.* \| \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \| elapsed \d+:\d\d:\d\d"
+    assert step_lines and all(re.match(stamp, line) for line in step_lines), step_lines
+    assert all(" | eta " in line for line in step_lines[1:]) and " | eta " not in step_lines[0]
+    assert stderr.count("tick: the mean internal tick") == 1
+    assert len(stderr.splitlines()) < len(step_lines) + 12, stderr
+
+    # the launcher took its store and Ray down with it
+    time.sleep(1)
+    assert not _processes_with(marker.encode()), "processes of the run outlived the launcher"
+
+    sessions = sorted(os.listdir(os.path.join(ray_tmp, "ray")))
+    started = time.monotonic()
+    again = subprocess.run([*argv, "--max-steps", str(step)], capture_output=True, text=True, env=env,
+                           cwd=tmp_path, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.startswith(f"run e2e is already complete at step {step} "), again.stdout
+    assert time.monotonic() - started < 30
+    assert sorted(os.listdir(os.path.join(ray_tmp, "ray"))) == sessions, "Ray was started for a finished run"
+
+    with LocalObjectStore(local / "object-store") as store:
+        run = Location.parse("s3://ctm-dist/runs/e2e", endpoint_url=store.endpoint_url, key=store.access_key,
+                             secret=store.secret_key)
+        saved = run.read_bytes("config.yaml").decode()
+    assert "name: e2e" in saved and "workers: 1" in saved and secret.decode() not in saved
+
+    # SIGKILL to the launcher once its Ray is up: neither its store nor its Ray outlives it
+    killed = subprocess.Popen([*argv, "--max-steps", "400"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env=env, cwd=tmp_path, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not any(
+                b"raylet" in cmd for cmd, _ in _processes_with(marker.encode()).values()):
+            time.sleep(0.5)
+        assert killed.poll() is None, "the relaunch ended early"
+        killed.kill()
+        killed.wait(10)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _processes_with(marker.encode()):
+            time.sleep(0.5)
+        left = {pid: cmd[:100] for pid, (cmd, _) in _processes_with(marker.encode()).items()}
+        assert not left, f"processes of the killed launcher remain: {left}"
+    finally:
+        for pid in _processes_with(marker.encode()):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
