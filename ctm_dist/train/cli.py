@@ -208,9 +208,10 @@ def run() -> None:
     """``ctm-train TASK [options]``: the launchers as one console command."""
     tasks = [t for t in TASK_DEFAULTS if t != "demo"]
     if len(sys.argv) < 2 or sys.argv[1] not in tasks:
-        print(f"usage: ctm-train {{{','.join(tasks)}}} [options]  (ctm-train TASK --help for the options)",
-              file=sys.stderr)
-        raise SystemExit(2)
+        asked = len(sys.argv) == 2 and sys.argv[1] in ("-h", "--help")
+        print(f"usage: ctm-train {{{','.join(tasks)}}} [options]  (ctm-train TASK --help lists the options; "
+              f"imagenet without --data trains the embedded demo)", file=sys.stdout if asked else sys.stderr)
+        raise SystemExit(0 if asked else 2)
     raise SystemExit(main(sys.argv[1], sys.argv[2:], prog=f"ctm-train {sys.argv[1]}"))
 
 
