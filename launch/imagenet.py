@@ -1,11 +1,8 @@
 """Train the CTM on ImageNet shards; with no --data, the embedded demo (local Ray, local S3, digits)."""
 
-import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
-
-from ctm_dist.train.cli import main  # noqa: E402
+from ctm_dist.train.cli import main
 
 if __name__ == "__main__":
     sys.exit(main("imagenet"))

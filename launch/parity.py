@@ -1,11 +1,8 @@
 """Train the CTM on parity: `python launch/parity.py --help` lists the shared options."""
 
-import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
-
-from ctm_dist.train.cli import main  # noqa: E402
+from ctm_dist.train.cli import main
 
 if __name__ == "__main__":
     sys.exit(main("parity"))

@@ -1,17 +1,11 @@
-"""Helpers for the checkpointer and preemption tests: a tiny DeepSpeed engine on CPU and the
-child processes the tests kill, signal or run as a 2-rank gloo group.
-
-Run as a script it is one of those children::
-
-    python tests/checkpoint_fixtures.py preempt RUN_URL              # trains until SIGTERM, commits, exits 75
-Storage endpoint and keys come from the AWS_* variables.
+"""Helpers for the checkpointer tests: a tiny DeepSpeed engine on CPU and the ranks of a 2-rank
+gloo group that the tests run and kill. Storage endpoint and keys come from the AWS_* variables.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-import sys
 import time
 
 import torch
@@ -88,32 +82,6 @@ def _checkpointer(run_url: str, **kw):
     return Checkpointer(Location.parse(run_url), **kw)
 
 
-def child_preempt(run_url: str) -> int:
-    """Train until SIGTERM/SIGUSR1, then commit and exit with EXIT_PREEMPTED."""
-    from ctm_dist.train import rng
-    from ctm_dist.train.preemption import PreemptionHandler, Preempted, exit_code_for
-
-    init_dist()
-    handler = PreemptionHandler(grace_seconds=30).install()
-    engine = make_engine(stage=0)
-    ckpt = _checkpointer(run_url)
-    step = 0
-    try:
-        while step < 10_000:
-            step += 1
-            train_step(engine, step)
-            print(f"step {step}", flush=True)
-            if handler.should_stop():
-                handler.checkpoint_and_exit(
-                    lambda: ckpt.save(step, engine, {"position": torch.tensor(step), "rng": rng.capture()},
-                                      MODEL_CONFIG), step)
-            time.sleep(0.05)
-    except Preempted as e:
-        print(f"preempted: {e}", flush=True)
-        return exit_code_for(e)
-    return 0
-
-
 def elastic_worker(rank: int, world_size: int, port: int, run_url: str, env: dict, params_out: str,
                    local_dir: str) -> None:
     """One rank of a ZeRO-2 group: agrees on a stop request only rank 1 got, commits step 2,
@@ -145,10 +113,3 @@ def elastic_worker(rank: int, world_size: int, port: int, run_url: str, env: dic
 
     Location.put_file = slow_put
     ckpt.save(3, engine, {"position": torch.tensor(200 + rank)}, MODEL_CONFIG)
-
-
-if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if sys.argv[1] == "preempt":
-        sys.exit(child_preempt(sys.argv[2]))
-    raise SystemExit(f"unknown child {sys.argv[1]!r}")

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ctm_dist.eval.cli import evaluate_main, export_main, next_commands, predict_main
+from ctm_dist.eval.cli import evaluate_main, export_main, predict_main
 from ctm_dist.eval.export import save_consolidated
 from ctm_dist.storage.local import embedded_store
+from ctm_dist.train.driver import next_commands
 from eval_fixtures import DEMO_DATA, DEMO_RUN, tiny_ctm
 
 REPO = Path(__file__).resolve().parents[1]

@@ -105,3 +105,37 @@ def test_parity_position_accuracy():
     assert parity_position_accuracy(preds, targets, tick, weight=weight).tolist() == pytest.approx([1.0, 1.0, 0.0])
     with pytest.raises(ValueError, match="sequence predictions"):
         parity_position_accuracy(preds[:, 0], targets, tick)
+
+
+def test_step_lines_carry_time_elapsed_memory_and_an_eta_from_training_steps_only():
+    import io
+    import re
+
+    from ctm_dist.train.driver import TICK_NOTE, Display
+
+    out = io.StringIO()
+    display = Display(max_steps=100, interactive=False, stream=out)
+    t0 = display.started
+    first = display.line(10, {"train/loss": 1.0, "perf/peak_memory_gib": 1.5}, now=t0 + 50)  # 50 s of start-up
+    later = display.line(20, {"train/loss": 0.9, "perf/peak_memory_gib": 1.5}, now=t0 + 60)
+    assert re.match(r"^step 10/100 \| loss 1\.0000 \| mem 1\.50GiB \| \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \| elapsed 0:00:50$",
+                    first), first
+    # 10 steps took 10 s, 80 remain: 80 s (start-up left out; counting it would say 320 s)
+    assert later.endswith("| elapsed 0:01:00 | eta 0:01:20"), later
+    display.event({"step": 30, "train/loss": 0.8})
+    display.event({"step": 31, "train/loss": 0.7})
+    assert out.getvalue().count(TICK_NOTE) == 1 and out.getvalue().splitlines()[0] == TICK_NOTE
+
+
+def test_config_text_round_trips_without_credentials_in_urls():
+    import yaml
+
+    from ctm_dist.train.config import build_config
+    from ctm_dist.train.metrics import config_text, peak_memory_gib
+
+    cfg = build_config(overrides=["run.storage=s3://AKIAKEY:hunter2@bucket/runs", "optim.lr=0.01"])
+    text = config_text(cfg)
+    assert "hunter2" not in text and "AKIAKEY" not in text and "s3://bucket/runs" in text
+    back = yaml.safe_load(text)
+    assert back["optim"]["lr"] == 0.01 and back["optim"]["betas"] == [0.9, 0.999]
+    assert 0.01 < peak_memory_gib() < 1024  # this process's resident set, in GiB

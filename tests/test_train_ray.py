@@ -4,7 +4,8 @@
   that TensorBoard's own reader loads;
 * killing one worker process mid-run makes Ray restart the worker group, which resumes from the
   newest checkpoint and finishes;
-* relaunching a finished run under the same name with more steps resumes it;
+* relaunching a finished run under the same name with more steps resumes it, and with the same steps
+  returns at once ("already complete") without starting workers;
 * through both interruptions the losses equal those of an uninterrupted run, step for step.
 """
 
@@ -152,9 +153,19 @@ def test_checkpoints_restarts_and_relaunches_keep_one_trajectory(ray_session, ob
     with _env(object_store.env()):
         assert Location.parse(f"{storage}/split").child("tensorboard").list(), "TensorBoard events not synced"
 
+    # 4. A relaunch of the finished run returns at once, starting no worker.
+    rank0 = open(os.path.join(workers, "rank-0.json")).read()
+    done = train(_config(tmp_path, storage, demo_data, "split", 12), interactive=False)
+    assert done["already_complete"] and done["step"] == 12
+    assert open(os.path.join(workers, "rank-0.json")).read() == rank0
+    with _env(object_store.env()):
+        saved = Location.parse(f"{storage}/split").read_bytes("config.yaml").decode()
+    assert "name: split" in saved and "max_steps: 12" in saved and object_store.secret_key not in saved
+
     tags = acc.Tags()
+    assert "config/text_summary" in tags["tensors"]  # the resolved config, as text
     for tag in ("train/accuracy", "train/lr", "train/grad_norm", "perf/samples_per_s", "perf/step_time_s",
-                "perf/data_wait_s", "checkpoint/save_s", "eval/top1", "eval/top5",
+                "perf/data_wait_s", "perf/peak_memory_gib", "eval/loss", "checkpoint/save_s", "eval/top1", "eval/top5",
                 "train/per_tick_accuracy/tick_000", "train/most_certain_tick_mean"):
         assert tag in tags["scalars"], tag
     assert "train/most_certain_tick" in tags["histograms"]

@@ -3,8 +3,8 @@
 Exit codes: 0 done, 2 bad input (one ``error:`` line on stderr: a missing or unreadable checkpoint,
 an unsafe pickle, a file that is no image, an out-of-range value). A run in the trainer's embedded
 object store (``s3://ctm-dist/...``, no ``AWS_ENDPOINT_URL`` set, ``./.ctm-dist`` present, or
-``--local-dir DIR``) is read by starting that store for the command's duration; ``next_commands``
-gives the commands to print after training.
+``--local-dir DIR``) is read by starting that store for the command's duration, so the commands
+the trainer prints at the end (``ctm_dist.train.driver.next_commands``) work as printed.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import io
 import json
 import os
 import pickle
-import shlex
 import sys
 import zipfile
 from pathlib import Path
@@ -154,24 +153,6 @@ def _recorded_data(checkpoint: str) -> str | None:
         return json.loads((path / "config.json").read_text()).get("source", {}).get("data")
     except (OSError, ValueError, AttributeError):
         return None
-
-
-def next_commands(run_url: str, task: str | None = None, local_dir: str | os.PathLike | None = None) -> list[str]:
-    """The commands to run after training ``run_url``: evaluate, visualize (image tasks) and export.
-
-    ``local_dir`` is the trainer's ``run.local_dir`` when the run lives in its embedded store; the
-    commands then name it unless it is ``./.ctm-dist``. They are meant to be run from the directory
-    training ran in (the checkout)."""
-    name = run_url.rstrip("/").rsplit("/", 1)[-1]
-    extra = ""
-    if local_dir is not None and Path(local_dir).resolve() != Path(EMBEDDED_LOCAL_DIR).resolve():
-        extra = f" --local-dir {shlex.quote(os.fspath(local_dir))}"
-    run = shlex.quote(run_url)
-    commands = [f"python launch/evaluate.py {run} --out eval-{name}{extra}"]
-    if task != "parity":
-        commands.append(f"python launch/visualize.py {run} --out pictures-{name}{extra}")
-    commands.append(f"python launch/export.py {run} export-{name}{extra}")
-    return commands
 
 
 def _quiet():

@@ -10,6 +10,8 @@ requests. Run one in the foreground with::
 from __future__ import annotations
 
 import argparse
+import ctypes
+import fcntl
 import json
 import os
 import random
@@ -19,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -176,7 +179,9 @@ class LocalObjectStore:
         self._log = open(self.data_dir / "weed.log", "ab")
         self._proc = subprocess.Popen(
             self._command(), stdout=self._log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, cwd=self.data_dir, start_new_session=True)
+            stdin=subprocess.DEVNULL, cwd=self.data_dir, start_new_session=True,
+            # the kernel's parent-death signal follows the thread that forks: only the main thread's lasts
+            preexec_fn=_die_with_parent if threading.current_thread() is threading.main_thread() else None)
 
     def restart(self) -> None:
         """Stop and start again on the same S3 port and data (clients' endpoint stays valid).
@@ -272,6 +277,47 @@ EMBEDDED_LOCAL_DIR = ".ctm-dist"
 def embedded_store(local_dir: str | os.PathLike = EMBEDDED_LOCAL_DIR) -> LocalObjectStore:
     """The embedded run store of ``local_dir`` (not started)."""
     return LocalObjectStore(Path(local_dir).resolve() / "object-store")
+
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _die_with_parent() -> None:
+    """In the forked child before exec: have the kernel SIGTERM it when the process that started it
+    dies, even by SIGKILL (the server has its own session, so signals to our group miss it)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class DirectoryLocked(StorageError):
+    """Another live process holds the lock of a directory; ``pid`` names it (0 if unknown)."""
+
+    def __init__(self, directory: str, pid: int):
+        super().__init__(f"another process (pid {pid}) holds {directory}")
+        self.directory, self.pid = directory, pid
+
+
+def lock_directory(directory: str | os.PathLike, name: str = "launcher.lock"):
+    """Take an exclusive lock on ``directory`` (creating it) for as long as the returned file stays open.
+
+    The lock is ``flock`` on ``directory/name``, so the kernel drops it when the holder exits, however
+    it exits; the file records the holder's pid for the message. Raises :class:`DirectoryLocked`.
+    """
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, name)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        text = f.read().strip()
+        f.close()
+        raise DirectoryLocked(str(directory), int(text) if text.isdigit() else 0) from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from ctm_dist.model import execution
 from ctm_dist.train.config import TrainConfig
 from ctm_dist.train.engine import build_engine, model_dtype
-from ctm_dist.train.metrics import RunningSums, StepTimer, TensorBoardLog
+from ctm_dist.train.metrics import RunningSums, StepTimer, TensorBoardLog, config_text, peak_memory_gib
 from ctm_dist.train.preemption import training_in_progress, worker_signal
 from ctm_dist.train.tasks import make_task
 
@@ -86,6 +86,8 @@ class Trainer:
             # Different ranks draw different randomness (dropout, augmentation) from here on.
             seed_everything(cfg.run.seed + 1000003 * (rank + 1))
         self.tb = TensorBoardLog(self.paths["tensorboard"], start_step=self.step) if rank == 0 else None
+        if self.tb is not None:
+            self.tb.text("config", config_text(cfg), self.step)
         self.sums = RunningSums()
         self.timer = StepTimer()
         self.last: dict = {}
@@ -130,8 +132,9 @@ class Trainer:
                 break
             x, target, valid = self.task.to_device(batch, self.device, self.dtype)
             predictions, certainties, _ = self.engine(x)
-            _, tick = self.task.loss(predictions.float(), certainties.float(), target, valid)
+            loss, tick = self.task.loss(predictions.float(), certainties.float(), target, valid)
             sums.add("samples", valid.sum())
+            sums.add("loss_sum", loss * valid.sum())
             self.task.accumulate(sums, predictions.float(), target, valid, tick, eval=True)
             sums.add_ticks(tick[valid.bool()])
         reduced, ticks = sums.reduce()
@@ -140,6 +143,8 @@ class Trainer:
         if ticks.numel():
             out["eval/most_certain_tick_mean"] = ticks.double().mean().item()
         out["eval/samples"] = float(reduced.get("samples", torch.zeros(1))[0])
+        if "loss_sum" in reduced:
+            out["eval/loss"] = float(reduced["loss_sum"][0]) / max(out["eval/samples"], 1.0)
         return out
 
     def log(self, extra: dict | None = None) -> dict:
@@ -154,6 +159,7 @@ class Trainer:
             "perf/samples_per_s": samples / max(elapsed, 1e-9),
             "perf/step_time_s": elapsed / steps,
             "perf/data_wait_s": phases.get("data_wait", 0.0) / steps,
+            "perf/peak_memory_gib": peak_memory_gib(self.device),  # rank 0's
         }
         skipped = getattr(self.train_data, "stats", {}).get("skipped", 0)
         if skipped:
@@ -234,6 +240,7 @@ class Trainer:
                 pending = {}
             if checkpoint:
                 pending["checkpoint/save_s"] = self.save()  # shows up in the next log line
+        preemption.handler.uninstall()
         if self.tb is not None:
             if pending:  # the last save's time
                 self.tb.scalars(pending, self.step)
@@ -254,19 +261,19 @@ class Trainer:
 
 
 class StopRequests:
-    """Preemption in a Ray worker: a signal to this process, or a stop the driver relays via ``progress``.
+    """The one stop path of ``Trainer.fit``: a signal to this process, or a stop the driver relays via ``progress``.
 
-    Ray runs the training function off the main thread, where signal handlers cannot be installed;
-    :class:`~ctm_dist.train.preemption.WorkerSignals` installed a flag on the main thread instead,
-    and the driver (which gets the scheduler's signal) forwards its own through its progress actor.
-    Rank 0 polls that without blocking, and ``should_stop`` agrees on every rank (an all-reduce).
+    In a Ray worker the training function runs off the main thread, where signal handlers cannot be
+    installed; :class:`~ctm_dist.train.preemption.WorkerSignals` installed a flag on the main thread
+    instead, and the driver (which gets the scheduler's signal) forwards its own through its progress
+    actor. Run on a main thread (no Ray), the handler goes straight onto the process's signals.
+    Rank 0 polls the relay without blocking, and ``should_stop`` agrees on every rank (an all-reduce).
     """
 
     def __init__(self, cfg: TrainConfig, progress=None):
         from ctm_dist.train.preemption import PreemptionHandler, parse_signals
 
-        self.handler = PreemptionHandler(parse_signals(cfg.run.preemption_signals),
-                                         grace_seconds=cfg.run.preemption_grace_s)
+        self.handler = PreemptionHandler(parse_signals(cfg.run.preemption_signals))
         try:
             self.handler.install()
         except (RuntimeError, ValueError):  # not the main thread: rely on the driver's relay

@@ -8,11 +8,15 @@ histograms and hands a flat dict to the driver's progress display.
 from __future__ import annotations
 
 import os
+import resource
+import sys
 import time
 from collections import defaultdict
+from urllib.parse import urlsplit, urlunsplit
 
 import torch
 import torch.distributed as dist
+import yaml
 
 
 class RunningSums:
@@ -72,6 +76,37 @@ class StepTimer:
         return totals, elapsed
 
 
+def peak_memory_gib(device: torch.device | None = None) -> float:
+    """Peak memory of this process: CUDA's allocator on a GPU device, else the resident set size."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def _without_userinfo(value):
+    if isinstance(value, str) and "://" in value and "@" in value.split("://", 1)[1].split("/", 1)[0]:
+        parts = urlsplit(value)
+        return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    return value
+
+
+def config_text(cfg) -> str:
+    """The resolved config as YAML, for files, TensorBoard and ``--print-config``.
+
+    A config holds no keys (those come from the environment or a credentials file); URLs lose any
+    ``user:password@`` part all the same.
+    """
+    def plain(value):
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return _without_userinfo(value)
+
+    return yaml.safe_dump(plain(cfg.to_dict()), sort_keys=False)
+
+
 class TensorBoardLog:
     """TensorBoard writer for rank 0; ``sync`` copies the event files to the run's storage."""
 
@@ -86,6 +121,10 @@ class TensorBoardLog:
     def scalars(self, values: dict[str, float], step: int) -> None:
         for name, value in values.items():
             self.writer.add_scalar(name, value, step)
+
+    def text(self, name: str, text: str, step: int = 0) -> None:
+        # indented: TensorBoard renders text as Markdown, and a code block keeps the YAML as written
+        self.writer.add_text(name, "\n".join("    " + line for line in text.splitlines()), step)
 
     def histogram(self, name: str, values: torch.Tensor, step: int, bins: int | None = None) -> None:
         if values.numel():
@@ -119,6 +158,8 @@ def format_line(step: int, max_steps: int, values: dict[str, float]) -> str:
         ("perf/samples_per_s", "samples/s", "{:.1f}"),
         ("perf/step_time_s", "step", "{:.3f}s"),
         ("perf/data_wait_s", "data", "{:.3f}s"),
+        ("perf/peak_memory_gib", "mem", "{:.2f}GiB"),
+        ("eval/loss", "val_loss", "{:.4f}"),
         ("eval/top1", "val_top1", "{:.3f}"),
         ("eval/top5", "val_top5", "{:.3f}"),
         ("eval/step_accuracy", "val_step", "{:.3f}"),

@@ -1,18 +1,19 @@
-"""Preemption: a signal asks the loop to checkpoint, commit and exit with ``EXIT_PREEMPTED`` (75).
+"""Preemption: a signal asks the training loop to checkpoint, commit and exit with ``EXIT_PREEMPTED`` (75).
 
 Contract
 --------
 * A scheduler that wants the job gone sends SIGTERM (Kubernetes, ``scancel``, Ray node
-  drain) or SIGUSR1 (Slurm ``--signal=B:USR1@60``); the list is configurable.
-* :class:`PreemptionHandler` only sets a flag in the signal handler (nothing else is safe
-  there). The loop polls ``handler.should_stop()`` once per step; with torch.distributed
-  initialised that is an all-reduce, so every rank stops at the SAME step even if only one
-  rank got the signal.
-* The loop then saves and commits a checkpoint (``handler.checkpoint_and_exit(save)``),
-  which must finish within ``grace_seconds`` of the signal (the scheduler's kill delay minus
-  a margin: Kubernetes ``terminationGracePeriodSeconds``, Slurm ``KillWait`` / the
-  ``@seconds`` of ``--signal``). It then raises :class:`Preempted`; the launcher exits with
-  ``exit_code_for(error)`` = ``EXIT_PREEMPTED`` = 75 (``EX_TEMPFAIL``: try again later).
+  drain) or SIGUSR1 (Slurm ``--signal=B:USR1@60``); the list is ``run.preemption_signals``.
+  Ctrl-C (SIGINT) at the launcher stops the same way, with exit code 130.
+* Signal handlers only set a flag (nothing else is safe there). ``Trainer.fit``
+  (:mod:`ctm_dist.train.loop`) asks its ``StopRequests`` once per step; that folds the flag
+  into :meth:`PreemptionHandler.should_stop`, an all-reduce when torch.distributed is up, so
+  every rank stops at the SAME step even if only one rank was signalled.
+* ``fit`` then logs, saves and commits a checkpoint (expected to fit in
+  ``run.preemption_grace_s``: the scheduler's kill delay minus a margin, i.e. Kubernetes
+  ``terminationGracePeriodSeconds``, Slurm ``KillWait`` / the ``@seconds`` of ``--signal``) and
+  returns a summary marked ``preempted``; the driver raises :class:`Preempted` and the launcher
+  exits with ``exit_code_for(error)`` = ``EXIT_PREEMPTED`` = 75 (``EX_TEMPFAIL``: try again later).
 * Wrappers requeue on 75 (``scontrol requeue``, a Kubernetes Job ``podFailurePolicy`` rule
   ``onExitCodes: {operator: In, values: [75]}``/restart) and the relaunch with the same run
   name resumes from the newest COMMIT. Any other non-zero code is a real failure.
@@ -23,8 +24,8 @@ Ray
 ---
 Ray Train (V2, Ray 2.60) runs the training function in a "TrainingThread" inside each
 worker actor, not in the main thread, where ``signal.signal`` cannot be called; the actor's
-main thread carries Ray's own SIGTERM handler, which ends the process at once. Three ways
-reach the workers instead:
+main thread carries Ray's own SIGTERM handler, which ends the process at once. Two ways reach
+the workers instead:
 
 * :class:`WorkerSignals` rides in the loop config. Ray unpickles the training function (and
   with it the config) on the actor's MAIN thread before it starts the training thread, so its
@@ -34,26 +35,16 @@ reach the workers instead:
   that arrives when no training function runs, or again after the grace time, goes to Ray's
   own handler, so a stuck or finished worker still exits.
 * The driver (the process Slurm's ``--signal=B:USR1`` or the pod's SIGTERM reaches) relays
-  its signals through its progress actor, which rank 0 polls.
-* :func:`ray_train_check` polls ``ray.train.get_preemption_info()`` (alpha API), which Ray
-  fills when a node of the group is drained for preemption (``ray drain-node``, KubeRay,
-  the autoscaler); :func:`marker_check` polls a ``PREEMPT`` marker under the run's storage
-  (throttled, one HEAD request per ``interval_s``) for drivers that cannot reach the actor.
-
-:func:`forward_signals` re-sends signals to processes that DO install the handler in their
-main thread (``torchrun``/``srun`` tasks, the test children), e.g. from a wrapper script.
+  its signals through its progress actor (:func:`handle_signals`), which rank 0 polls.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import threading
 import time
 from typing import Callable, Iterable
-
-log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL from sysexits.h
 DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -91,13 +82,9 @@ class PreemptionHandler:
     Must be installed from the main thread (Python delivers signals there only).
     """
 
-    def __init__(self, signals: Iterable[int] = DEFAULT_SIGNALS, grace_seconds: float = 60.0,
-                 checks: Iterable[Callable[[], bool]] = ()):
+    def __init__(self, signals: Iterable[int] = DEFAULT_SIGNALS):
         self.signals = tuple(int(s) for s in signals)
-        self.checks = list(checks)  # polled by should_stop(): Ray drain notices, a storage marker
-        self.grace_seconds = float(grace_seconds)
         self.signum: int | None = None
-        self.received_at: float | None = None
         self._previous: dict[int, object] = {}
 
     def install(self) -> "PreemptionHandler":
@@ -120,7 +107,7 @@ class PreemptionHandler:
 
     def _on_signal(self, signum, frame) -> None:
         if self.signum is None:
-            self.signum, self.received_at = signum, time.monotonic()
+            self.signum = signum
 
     def request(self, signum: int = signal.SIGTERM) -> None:
         """Ask for a stop without a signal (tests, a control message from the driver)."""
@@ -135,8 +122,6 @@ class PreemptionHandler:
         import torch
         import torch.distributed as dist
 
-        if not self.requested and any(check() for check in self.checks):
-            self.request(signal.SIGTERM)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             backend = dist.get_backend()
             device = "cuda" if backend == "nccl" and torch.cuda.is_available() else "cpu"
@@ -145,43 +130,6 @@ class PreemptionHandler:
             if int(flag.item()) and not self.requested:
                 self.request(signal.SIGTERM)  # another rank was signalled
         return self.requested
-
-    def time_left(self) -> float:
-        if self.received_at is None:
-            return self.grace_seconds
-        return self.grace_seconds - (time.monotonic() - self.received_at)
-
-    def checkpoint_and_exit(self, save: Callable[[], object], step: int | None = None) -> None:
-        """Run ``save()`` (which commits) and raise :class:`Preempted`; log if the grace time was exceeded."""
-        start = time.monotonic()
-        save()
-        took = time.monotonic() - start
-        if self.time_left() < 0:
-            log.warning("preemption checkpoint took %.1fs; the grace time of %.0fs was exceeded",
-                        took, self.grace_seconds)
-        else:
-            log.info("preemption checkpoint committed in %.1fs (%.1fs of grace left)", took, self.time_left())
-        raise Preempted(step, self.signum)
-
-
-def forward_signals(pids: Callable[[], Iterable[int]],
-                    signals: Iterable[int] = DEFAULT_SIGNALS) -> Callable[[], None]:
-    """In a driver process: re-send each of ``signals`` to the processes ``pids()`` lists.
-
-    ``pids`` is called at signal time (workers may start after the handler is installed).
-    The driver itself keeps running so it can collect the workers' results; returns a
-    function that restores the previous handlers.
-    """
-    def on_signal(signum, frame):
-        for pid in list(pids()):
-            if pid == os.getpid():
-                continue
-            try:
-                os.kill(int(pid), signum)
-            except ProcessLookupError:
-                pass
-
-    return handle_signals(signals, on_signal)
 
 
 def handle_signals(signals: Iterable[int], handler: Callable) -> Callable[[], None]:
@@ -193,60 +141,6 @@ def handle_signals(signals: Iterable[int], handler: Callable) -> Callable[[], No
             signal.signal(s, h)
 
     return restore
-
-
-STOP_MARKER = "PREEMPT"
-
-
-def marker_check(run_location, interval_s: float = 5.0, name: str = STOP_MARKER) -> Callable[[], bool]:
-    """A check that is True once ``{run}/{name}`` exists; looks at most every ``interval_s`` seconds."""
-    last = [float("-inf")]
-    seen = [False]
-
-    def check() -> bool:
-        if not seen[0] and time.monotonic() - last[0] >= interval_s:
-            last[0] = time.monotonic()
-            try:
-                seen[0] = run_location.exists(name)
-            except Exception as e:  # an unreachable store must not stop or kill training
-                log.warning("could not look for the stop marker: %s", e)
-        return seen[0]
-
-    return check
-
-
-def request_stop(run_location, reason: str = "preemption", name: str = STOP_MARKER) -> None:
-    """Write the stop marker the workers' :func:`marker_check` looks for."""
-    import json
-
-    run_location.write_bytes(name, json.dumps({"reason": reason, "time": time.time()}).encode())
-
-
-def clear_stop_request(run_location, name: str = STOP_MARKER) -> None:
-    """Remove a stop marker left by the previous (preempted) attempt."""
-    if run_location.exists(name):
-        run_location.rm(name)
-
-
-def request_stop_on_signals(run_location, signals: Iterable[int] = DEFAULT_SIGNALS) -> Callable[[], int | None]:
-    """In the driver: on any of ``signals`` write the stop marker (once). Returns a function telling
-    which signal arrived (None if none), so the driver can exit ``EXIT_PREEMPTED`` afterwards."""
-    received: list[int] = []
-
-    def on_signal(signum, frame):
-        if not received:
-            received.append(signum)
-            request_stop(run_location, reason=signal.Signals(signum).name)
-
-    handle_signals(signals, on_signal)
-    return lambda: received[0] if received else None
-
-
-def ray_train_check() -> Callable[[], bool]:
-    """A check that is True once Ray Train reports an imminent preemption of this worker group."""
-    import ray.train
-
-    return lambda: ray.train.get_preemption_info() is not None
 
 
 # ---------------------------------------------------------------- signals in Ray Train workers
