@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import socket
 import stat
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -212,3 +215,33 @@ def test_ports_are_drawn_below_the_ephemeral_range():
     assert len(set(ports)) == 40
     if low >= 21000:
         assert all(20000 <= p < low for p in ports)
+
+
+def _plain_http(method: str, url: str, body: bytes | None = None) -> int:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=body, method=method), timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_filer_and_volume_ports_refuse_requests_without_a_signed_token(object_store, s3_bucket):
+    """Only S3 with the keys reaches the objects: the filer and volume HTTP ports want a JWT."""
+    client = object_store.client()
+    client.put_object(Bucket=s3_bucket, Key="guarded/COMMIT", Body=b"real")
+    filer = f"http://127.0.0.1:{object_store.ports['filer.port']}/buckets/{s3_bucket}/guarded"
+    for method, url, body in (("GET", f"{filer}/COMMIT", None), ("GET", f"{filer}/", None),
+                              ("PUT", f"{filer}/COMMIT", b"forged"), ("POST", f"{filer}/other", b"x"),
+                              ("DELETE", f"{filer}/COMMIT", None), ("DELETE", f"{filer}/?recursive=true", None)):
+        assert _plain_http(method, url, body) == 401, (method, url)
+    # A file id straight from the master, then the volume server without a token.
+    master = f"http://127.0.0.1:{object_store.ports['master.port']}"
+    with urllib.request.urlopen(f"{master}/dir/assign", timeout=10) as r:
+        assigned = json.loads(r.read())
+    volume = f"http://{assigned['url']}/{assigned['fid']}"
+    assert _plain_http("POST", volume, b"forged") == 401
+    vid = assigned["fid"].split(",")[0]
+    for method in ("GET", "DELETE"):
+        assert _plain_http(method, f"http://{assigned['url']}/{vid},0100000000", None) == 401
+    assert client.get_object(Bucket=s3_bucket, Key="guarded/COMMIT")["Body"].read() == b"real"
+    assert stat.S_IMODE(os.stat(object_store.security_file).st_mode) == 0o600

@@ -2,7 +2,12 @@
 
 Every listener gets a free port, telemetry is off and an identities file with
 freshly generated keys makes the server refuse anonymous or wrongly signed
-requests. Run one in the foreground with::
+requests. The filer's and volume server's HTTP ports, which SeaweedFS leaves
+open by default, refuse every request without a JWT signed with keys drawn per
+start (``security.toml``, mode 0600, which the S3 gateway inside ``weed mini``
+reads too), so a local user cannot read, overwrite or delete objects through
+them. The master's HTTP port and the gRPC ports take no keys (see docs/clusters.md).
+Run one in the foreground with::
 
     python -m ctm_dist.storage.local --dir /tmp/s3data
 """
@@ -26,6 +31,9 @@ from .errors import StorageError
 
 HOST = "127.0.0.1"
 KEYS_FILE = "s3-identities.json"
+SECURITY_FILE = "security.toml"  # SeaweedFS' name; weed reads it from -config_dir
+# JWT keys: writes and reads on the volume servers, writes and reads on the filer.
+_JWT_SECTIONS = ("jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read")
 # Listeners weed mini opens; each gets a free port so instances never collide.
 _PORT_FLAGS = (
     "master.port", "master.port.grpc",
@@ -124,20 +132,33 @@ class LocalObjectStore:
             "AWS_REGION": "us-east-1",
         }
 
+    @property
+    def security_file(self) -> Path:
+        return self.data_dir / SECURITY_FILE
+
+    def _write_private(self, path: Path, text: str) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(path, 0o600)
+
+    def _write_security(self) -> None:
+        """Fresh JWT signing keys for the filer's and volume server's HTTP ports."""
+        self._write_private(self.security_file, "".join(
+            f'[{section}]\nkey = "{secrets.token_urlsafe(32)}"\nexpires_after_seconds = 10\n\n'
+            for section in _JWT_SECTIONS))
+
     def _write_identities(self) -> None:
         config = {"identities": [{
             "name": "ctm-dist",
             "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
             "actions": ["Admin", "Read", "List", "Tagging", "Write"],
         }]}
-        fd = os.open(self.keys_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(config, f)
-        os.chmod(self.keys_file, 0o600)
+        self._write_private(self.keys_file, json.dumps(config))
 
     def _command(self) -> list[str]:
         cmd = [
-            _weed_binary(), "mini",
+            _weed_binary(), f"-config_dir={self.data_dir}", "mini",
             f"-dir={self.data_dir / 'weed'}",
             f"-ip={HOST}", f"-ip.bind={HOST}",
             "-master.telemetry=false",
@@ -159,6 +180,7 @@ class LocalObjectStore:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / "weed").mkdir(exist_ok=True)
         self._write_identities()
+        self._write_security()
         last_error: Exception | None = None
         for _attempt in range(3):  # a picked port can be taken before weed binds it
             self.ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS))))
