@@ -255,7 +255,7 @@ def test_only_the_s3_port_answers_without_keys(object_store, s3_bucket):
                 ("DELETE", f"{filer}/?recursive=true", None), ("GET", f"{master}/dir/assign", None),
                 ("GET", f"{master}/col/delete?collection={s3_bucket}", None),
                 ("GET", f"127.0.0.1:{port['volume.port']}/status", None)]
-    grpc_ports = ("master.port.grpc", "volume.port.grpc", "filer.port.grpc")
+    grpc_ports = ("master.port.grpc", "volume.port.grpc", "filer.port.grpc", "s3.port.grpc", "admin.port.grpc")
     for method, url, body in requests:
         answer = _http(method, f"http://{url}", body)
         assert not (isinstance(answer, int) and answer < 300), (method, url, answer)
