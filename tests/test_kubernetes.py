@@ -5,6 +5,7 @@ strict so a misspelt field fails; core objects with `kubernetes-validate --stric
 """
 
 import copy
+import os
 import shlex
 import shutil
 import subprocess
@@ -18,7 +19,10 @@ import yaml
 from cluster_fixtures import REPO, load_generator
 
 K8S = REPO / "clusters" / "kubernetes"
-CRD_DIR = REPO.parent / "shared" / "kuberay-crds"
+# $KUBERAY_CRDS, else ../shared/kuberay-crds beside the checkout or beside the folder holding it.
+CRD_DIR = next((d for d in ([Path(os.environ["KUBERAY_CRDS"])] if os.environ.get("KUBERAY_CRDS") else [])
+                + [REPO.parent / "shared" / "kuberay-crds", REPO.parent.parent / "shared" / "kuberay-crds"]
+                if d.is_dir()), REPO.parent / "shared" / "kuberay-crds")
 CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
 FastLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are 40k lines
 
@@ -142,6 +146,11 @@ def test_rendered_manifests_validate(argv, crd_validators, tmp_path):
         assert {r["name"] for r in refs.values()} == {params.s3_secret}
         assert {k: r["key"] for k, r in refs.items()} == {v: v for v, _ in generate.S3_KEYS}
         assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+        assert pod["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        # SIGKILL may not come before the preemption checkpoint's grace time is over.
+        assert pod["spec"]["terminationGracePeriodSeconds"] > params.preemption_grace_s
     gpus = group["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
     assert gpus == (str(params.gpus_per_worker) if params.gpus_per_worker else None)
     assert cluster["authOptions"] == {"mode": params.auth}
@@ -177,9 +186,23 @@ def test_config_file_goes_into_a_mounted_config_map(crd_validators, tmp_path):
     assert out.returncode == 2 and "generate.py:" in out.stderr and out.stdout == ""
 
 
+def test_termination_grace_follows_the_preemption_grace():
+    from ctm_dist.train.config import RunSection
+
+    for launcher_args, grace in (([], RunSection.preemption_grace_s),
+                                 (["run.preemption_grace_s=150.5"], 150.5)):
+        docs = generate.render(*generate.parse_args(["rayjob", "--", *launcher_args]))
+        cluster = docs[-1]["spec"]["rayClusterSpec"]
+        for pod in (cluster["headGroupSpec"]["template"], cluster["workerGroupSpecs"][0]["template"]):
+            period = pod["spec"]["terminationGracePeriodSeconds"]
+            assert isinstance(period, int) and grace + 20 <= period <= grace + 60, (grace, period)
+
+
 def test_generator_rejects_bad_parameters():
-    for argv in (["rayjob", "--workers", "0"], ["rayjob", "--gpus-per-worker", "-1"]):
+    for argv in (["rayjob", "--workers", "0"], ["rayjob", "--gpus-per-worker", "-1"],
+                 ["rayjob", "--", "run.preemption_grace_s=soon"]):
         out = subprocess.run([sys.executable, str(K8S / "generate.py"), *argv],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 2 and out.stdout == ""
-        assert "must be at least 1" in out.stderr or "cannot be negative" in out.stderr
+        assert out.stderr.count("\n") == 1 and out.stderr.startswith("generate.py: "), out.stderr
+        assert any(m in out.stderr for m in ("must be at least 1", "cannot be negative", "number of seconds"))

@@ -2,16 +2,19 @@
 
 Jobs run launch/parity.py (a tiny CTM) with their checkpoints in the local S3 server. One
 trains to completion; another is preempted with SIGUSR1, checkpoints, requeues itself and
-resumes from the step it committed.
+resumes from the step it committed. Ray inside the jobs requires the per-job token (the
+script's default), which lives in a file only the job's user can read.
 """
 
 import os
 import re
 import shutil
+import stat
 import subprocess
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 
 from cluster_fixtures import REPO, ShortTempDir, free_ports
@@ -99,8 +102,7 @@ def slurm():
         CTM_SLURMCTLD_PORT=str(ctld_port),
         CTM_SLURMD_PORT=str(slurmd_port),
         SLURM_CONF=str(state.path / "slurm.conf"),
-        # The sbatch script's settings for a one-node cluster on 127.0.0.1:
-        RAY_AUTH_MODE="disabled",
+        # The sbatch script's settings for a one-node cluster on 127.0.0.1 (auth: its default):
         CTM_RAY_HEAD_IP="127.0.0.1",
         CTM_RAY_PORT=str(ray_port),
         CTM_RAY_AGENT_PORT=str(agent_port),
@@ -109,7 +111,8 @@ def slurm():
         CTM_RAY_DASHBOARD_PORT=str(dashboard_port),
         CTM_RAY_TEMP_DIR=str(state.path / "ray"),
     )
-    env.pop("RAY_ADDRESS", None)
+    for var in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(var, None)
     subprocess.run(["bash", str(LOCAL_CLUSTER), "up"], env=env, check=True, timeout=120)
     try:
         jobs = state.path / "jobs"
@@ -189,6 +192,59 @@ def test_preempted_job_requeues_and_resumes(slurm, storage):
     assert f"resuming from checkpoint at step {checkpointed}" in second
     assert f"run preempted: {PREEMPT_STEPS} steps" in second
     assert committed_steps(run)[-1] == PREEMPT_STEPS
+
+
+# Runs as the job's "launcher": joins the job's Ray cluster as its clients do, then waits for the test.
+TOKEN_PROBE = """
+import os, sys, time
+import ray
+ray.init(address=os.environ["RAY_ADDRESS"], logging_level="ERROR", log_to_driver=False)
+print("joined with the job's token:", ray.cluster_resources().get("CPU"), "CPU", flush=True)
+ray.shutdown()
+release = sys.argv[1]
+deadline = time.monotonic() + 300
+while not os.path.exists(release) and time.monotonic() < deadline:
+    time.sleep(0.2)
+"""
+
+
+def _gcs_answer(address: str, token: str | None) -> grpc.StatusCode:
+    """How the job's Ray GCS answers a call carrying ``token`` (as Ray's clients send it) or none."""
+    metadata = [("authorization", f"Bearer {token}")] if token else []
+    with grpc.insecure_channel(address) as channel:
+        try:
+            channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId")(b"", metadata=metadata, timeout=20)
+        except grpc.RpcError as e:
+            return e.code()
+    return grpc.StatusCode.OK
+
+
+def test_ray_in_the_job_requires_its_private_token(slurm):
+    probe, release = slurm.workdir / "token_probe.py", slurm.workdir / "release"
+    probe.write_text(TOKEN_PROBE)
+    job_id, log = slurm.sbatch(str(probe), str(release))
+    try:
+        deadline = time.monotonic() + 120
+        while "joined with the job's token" not in (log.read_text() if log.exists() else ""):
+            assert time.monotonic() < deadline and not finished(slurm.job(job_id)), slurm.logs(log)
+            time.sleep(0.3)
+        text = log.read_text()
+        assert "RAY_AUTH_MODE=token" in text
+        token_file = Path(re.search(r"Ray token file \(mode 0600\): (\S+)", text).group(1))
+        st = token_file.stat()
+        assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.getuid()
+        token = token_file.read_text().strip()
+        assert len(token) >= 32 and token not in text
+        address = f"127.0.0.1:{slurm.env['CTM_RAY_PORT']}"
+        refused = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+        assert _gcs_answer(address, None) in refused
+        assert _gcs_answer(address, "0" * len(token)) in refused
+        assert _gcs_answer(address, token) == grpc.StatusCode.OK
+    finally:
+        release.touch()
+    info = slurm.wait(job_id, finished, 120, log)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), slurm.logs(log)
+    assert not token_file.exists(), "the job left its token file behind"
 
 
 def test_job_fails_cleanly_when_ray_cannot_start(slurm):

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import socket
+import ssl
 import stat
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
+import grpc
 import pytest
 
 from ctm_dist.storage import (Location, StorageAccessDenied, StorageError,
@@ -212,3 +217,72 @@ def test_ports_are_drawn_below_the_ephemeral_range():
     assert len(set(ports)) == 40
     if low >= 21000:
         assert all(20000 <= p < low for p in ports)
+
+
+def _http(method: str, url: str, body: bytes | None = None, context: ssl.SSLContext | None = None):
+    """The status code, or the exception that stopped the request (e.g. a refused TLS handshake)."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=body, method=method), timeout=10,
+                                    context=context) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (urllib.error.URLError, OSError) as e:
+        return e
+
+
+def _grpc_answer(port: int, credentials=None) -> grpc.StatusCode:
+    """How a gRPC port answers a call of a method no server has: UNIMPLEMENTED means it took the call."""
+    target = f"127.0.0.1:{port}"
+    channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+    with channel:
+        try:
+            channel.unary_unary("/ctm.Probe/Nothing")(b"", timeout=5)
+        except grpc.RpcError as e:
+            return e.code()
+    return grpc.StatusCode.OK
+
+
+def test_only_the_s3_port_answers_without_keys(object_store, s3_bucket):
+    """Master, volume and filer ports (HTTP and gRPC) want the store's client certificate; the
+    filer and volume HTTP ports a signed JWT on top. S3 with the keys works."""
+    client = object_store.client()
+    client.put_object(Bucket=s3_bucket, Key="guarded/COMMIT", Body=b"real")
+    port = object_store.ports
+    filer = f"127.0.0.1:{port['filer.port']}/buckets/{s3_bucket}/guarded"
+    master = f"127.0.0.1:{port['master.port']}"
+    requests = [("GET", f"{filer}/COMMIT", None), ("GET", f"{filer}/", None), ("PUT", f"{filer}/COMMIT", b"forged"),
+                ("DELETE", f"{filer}/?recursive=true", None), ("GET", f"{master}/dir/assign", None),
+                ("GET", f"{master}/col/delete?collection={s3_bucket}", None),
+                ("GET", f"127.0.0.1:{port['volume.port']}/status", None)]
+    grpc_ports = ("master.port.grpc", "volume.port.grpc", "filer.port.grpc", "s3.port.grpc", "admin.port.grpc")
+    for method, url, body in requests:
+        answer = _http(method, f"http://{url}", body)
+        assert not (isinstance(answer, int) and answer < 300), (method, url, answer)
+    for name in grpc_ports:
+        assert _grpc_answer(port[name]) == grpc.StatusCode.UNAVAILABLE, name
+
+    tls = object_store.data_dir / "tls"
+    trusting = ssl.create_default_context(cafile=str(tls / "ca.crt"))  # trusts the server, has no certificate
+    with_cert = ssl.create_default_context(cafile=str(tls / "ca.crt"))
+    with_cert.load_cert_chain(str(tls / "node.crt"), str(tls / "node.key"))
+    for method, url, body in requests:
+        answer = _http(method, f"https://{url}", body, trusting)
+        assert not (isinstance(answer, int) and answer < 300), (method, url, answer)
+    for name in grpc_ports:
+        no_cert = grpc.ssl_channel_credentials(root_certificates=(tls / "ca.crt").read_bytes())
+        assert _grpc_answer(port[name], no_cert) == grpc.StatusCode.UNAVAILABLE, name
+
+    # With the certificate but no JWT, the filer and volume servers still refuse.
+    for method, url, body in requests[:4]:
+        assert _http(method, f"https://{url}", body, with_cert) == 401, (method, url)
+    with urllib.request.urlopen(f"https://{master}/dir/assign", timeout=10, context=with_cert) as r:
+        assigned = json.loads(r.read())
+    volume = f"https://{assigned['url']}/{assigned['fid']}"
+    assert _http("POST", volume, b"forged", with_cert) == 401
+    assert _http("GET", volume, None, with_cert) == 401
+
+    assert client.get_object(Bucket=s3_bucket, Key="guarded/COMMIT")["Body"].read() == b"real"
+    for private in (object_store.security_file, tls / "node.key"):
+        assert stat.S_IMODE(os.stat(private).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(object_store.data_dir).st_mode) == 0o700

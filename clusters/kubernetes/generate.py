@@ -13,18 +13,24 @@ training config in a ConfigMap, mounted on the head and passed as the launcher's
 Pods read the S3 endpoint and keys from a Secret (--s3-secret, keys AWS_ENDPOINT_URL,
 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION) through secretKeyRef; no credential
 ever appears in a manifest. `--workers` counts worker pods; each pod runs `--gpus-per-worker`
-Ray Train workers of one GPU each. The RayJob's retries (backoffLimit) relaunch the same
+Ray Train workers of one GPU each. Pods get terminationGracePeriodSeconds = the launcher's
+preemption grace (run.preemption_grace_s, default from the training config) + 30 s, so that a
+preemption checkpoint commits before the kubelet's SIGKILL; containers drop all capabilities and
+run under the RuntimeDefault seccomp profile. The RayJob's retries (backoffLimit) relaunch the same
 command with the same run name, so each retry resumes from the newest committed checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 from dataclasses import dataclass, field
 
 import yaml
+
+from ctm_dist.train.config import RunSection
 
 TASKS = ("imagenet", "mazes", "cifar10", "parity")
 S3_KEYS = (  # (variable, optional)
@@ -36,6 +42,9 @@ S3_KEYS = (  # (variable, optional)
 APP_DIR = "/opt/ctm-dist"  # where the Dockerfile puts the project
 APP_UID = 1000  # the Dockerfile's non-root user
 CONFIG_DIR = "/etc/ctm-dist"
+GRACE_OVERRIDE = "run.preemption_grace_s="
+# Time beyond the preemption grace before the kubelet's SIGKILL: Ray's own shutdown after the commit.
+KILL_MARGIN_S = 30
 
 
 @dataclass
@@ -72,6 +81,23 @@ class Params:
             raise ValueError("gpus_per_worker and backoff_limit cannot be negative")
         if self.auth not in ("token", "disabled"):
             raise ValueError("auth is 'token' or 'disabled'")
+        try:
+            grace = self.preemption_grace_s
+        except ValueError:
+            raise ValueError(f"{GRACE_OVERRIDE}... must be a number of seconds") from None
+        if not grace > 0:
+            raise ValueError(f"{GRACE_OVERRIDE}... must be > 0")
+
+    @property
+    def preemption_grace_s(self) -> float:
+        """The launcher's preemption grace: its `run.preemption_grace_s=` argument or the config default."""
+        given = [a[len(GRACE_OVERRIDE):] for a in self.launcher_args if a.startswith(GRACE_OVERRIDE)]
+        return float(given[-1]) if given else RunSection.preemption_grace_s
+
+    @property
+    def termination_grace_s(self) -> int:
+        """The pods' terminationGracePeriodSeconds: a preemption checkpoint must fit before SIGKILL."""
+        return math.ceil(self.preemption_grace_s) + KILL_MARGIN_S
 
     @property
     def train_workers(self) -> int:
@@ -102,8 +128,9 @@ def _pod_template(p: Params, container: str, cpus: int, memory: str, gpus: int,
     spec = {
         "serviceAccountName": p.name,
         "automountServiceAccountToken": False,
+        "terminationGracePeriodSeconds": p.termination_grace_s,
         "securityContext": {"runAsNonRoot": True, "runAsUser": APP_UID, "runAsGroup": APP_UID,
-                            "fsGroup": APP_UID},
+                            "fsGroup": APP_UID, "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [{
             "name": container,
             "image": p.image,
@@ -111,7 +138,7 @@ def _pod_template(p: Params, container: str, cpus: int, memory: str, gpus: int,
             "workingDir": APP_DIR,
             "env": _s3_env(p),
             "resources": {"requests": dict(limits), "limits": limits},
-            "securityContext": {"allowPrivilegeEscalation": False},
+            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
             # Ray's object store and PyTorch's data loader workers need a large /dev/shm.
             "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
         }],

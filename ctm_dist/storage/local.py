@@ -2,7 +2,15 @@
 
 Every listener gets a free port, telemetry is off and an identities file with
 freshly generated keys makes the server refuse anonymous or wrongly signed
-requests. Run one in the foreground with::
+requests. Only the S3 port answers a client without keys: SeaweedFS leaves its
+master, volume and filer ports (HTTP and gRPC) open to anyone on the machine,
+who could read, overwrite or delete every object there. Here they take only
+mutual TLS with a certificate from a CA made for this start (whose key is
+never written), and the filer and volume servers also want a JWT signed with
+keys drawn per start; certificates and keys sit in ``tls/`` and
+``security.toml`` (mode 0600), which the S3 gateway inside ``weed mini``
+reads too.
+Run one in the foreground with::
 
     python -m ctm_dist.storage.local --dir /tmp/s3data
 """
@@ -11,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import datetime
 import fcntl
+import ipaddress
 import json
 import os
 import random
@@ -25,10 +35,23 @@ import threading
 import time
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
 from .errors import StorageError
 
 HOST = "127.0.0.1"
 KEYS_FILE = "s3-identities.json"
+SECURITY_FILE = "security.toml"  # SeaweedFS' name; weed reads it from -config_dir
+TLS_DIR = "tls"
+# JWT keys: writes and reads on the volume servers, writes and reads on the filer.
+_JWT_SECTIONS = ("jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read")
+# weed's gRPC servers and clients (security.toml [grpc.<name>]) and HTTPS servers ([https.<name>]).
+_GRPC_PARTS = ("master", "volume", "filer", "s3", "admin", "worker", "msg_broker", "msg_agent", "mq")
+_HTTPS_PARTS = ("master", "volume", "filer")
+_CERT_DAYS = 3650  # the CA and certificate are made anew at every start
 # Listeners weed mini opens; each gets a free port so instances never collide.
 _PORT_FLAGS = (
     "master.port", "master.port.grpc",
@@ -78,6 +101,10 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def _x509_name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
 def _log_tail(path: Path, lines: int = 5) -> str:
     try:
         tail = path.read_text(errors="replace").strip().splitlines()[-lines:]
@@ -110,6 +137,7 @@ class LocalObjectStore:
         self.endpoint_url = ""
         self._proc: subprocess.Popen | None = None
         self._log = None
+        self._tls_name = "ctm-dist-store-" + secrets.token_hex(4)  # the only name weed's ports accept
 
     def __repr__(self) -> str:
         return f"LocalObjectStore({str(self.data_dir)!r}, endpoint_url={self.endpoint_url!r})"
@@ -127,20 +155,76 @@ class LocalObjectStore:
             "AWS_REGION": "us-east-1",
         }
 
+    @property
+    def security_file(self) -> Path:
+        return self.data_dir / SECURITY_FILE
+
+    def _write_private(self, path: Path, text: str) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(path, 0o600)
+
+    def _write_tls(self) -> tuple[Path, Path, Path]:
+        """A CA and one certificate (server and client) for all of weed's internal ports.
+
+        Returns the paths of the CA certificate, the certificate and its key."""
+        tls = self.data_dir / TLS_DIR
+        tls.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(tls, 0o700)
+        now = datetime.datetime.now(datetime.timezone.utc)
+        valid = (now - datetime.timedelta(hours=1), now + datetime.timedelta(days=_CERT_DAYS))
+
+        def build(subject: str, issuer: x509.Name, public_key) -> x509.CertificateBuilder:
+            return (x509.CertificateBuilder().subject_name(_x509_name(subject)).issuer_name(issuer)
+                    .public_key(public_key).serial_number(x509.random_serial_number())
+                    .not_valid_before(valid[0]).not_valid_after(valid[1]))
+
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca = (build("ctm-dist local store CA", _x509_name("ctm-dist local store CA"), ca_key.public_key())
+              .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+              .sign(ca_key, hashes.SHA256()))
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (build(self._tls_name, ca.subject, key.public_key())
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(HOST))]), critical=False)
+                .add_extension(x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        paths = (tls / "ca.crt", tls / "node.crt", tls / "node.key")
+        self._write_private(paths[0], ca.public_bytes(serialization.Encoding.PEM).decode())
+        self._write_private(paths[1], cert.public_bytes(serialization.Encoding.PEM).decode())
+        self._write_private(paths[2], key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()).decode())
+        return paths
+
+    def _write_security(self) -> None:
+        """security.toml: mutual TLS on the internal ports, JWT keys for the filer and volume servers."""
+        ca, cert, key = self._write_tls()
+        pair = f'cert = "{cert}"\nkey = "{key}"\n'
+        parts = [f'[{section}]\nkey = "{secrets.token_urlsafe(32)}"\nexpires_after_seconds = 10\n'
+                 for section in _JWT_SECTIONS]
+        parts.append(f'[grpc]\nca = "{ca}"\n')
+        parts += [f'[grpc.{name}]\n{pair}allowed_commonNames = "{self._tls_name}"\n' for name in _GRPC_PARTS]
+        parts.append(f"[grpc.client]\n{pair}")
+        parts += [f'[https.{name}]\n{pair}ca = "{ca}"\n' for name in _HTTPS_PARTS]
+        parts.append(f'[https.client]\nenabled = true\n{pair}ca = "{ca}"\n')
+        parts.append(f'[admin]\nuser = "admin"\npassword = "{secrets.token_urlsafe(24)}"\n')
+        self._write_private(self.security_file, "\n".join(parts))
+
     def _write_identities(self) -> None:
         config = {"identities": [{
             "name": "ctm-dist",
             "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
             "actions": ["Admin", "Read", "List", "Tagging", "Write"],
         }]}
-        fd = os.open(self.keys_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(config, f)
-        os.chmod(self.keys_file, 0o600)
+        self._write_private(self.keys_file, json.dumps(config))
 
     def _command(self) -> list[str]:
         cmd = [
-            _weed_binary(), "mini",
+            _weed_binary(), f"-config_dir={self.data_dir}", "mini",
             f"-dir={self.data_dir / 'weed'}",
             f"-ip={HOST}", f"-ip.bind={HOST}",
             "-master.telemetry=false",
@@ -160,8 +244,10 @@ class LocalObjectStore:
         if self._proc is not None:
             return self
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.data_dir, 0o700)  # keys, certificates and weed's local sockets
         (self.data_dir / "weed").mkdir(exist_ok=True)
         self._write_identities()
+        self._write_security()
         last_error: Exception | None = None
         for _attempt in range(3):  # a picked port can be taken before weed binds it
             self.ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS))))
