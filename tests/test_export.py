@@ -12,8 +12,7 @@ import torch
 
 import ctm_dist
 from ctm_dist.eval import export, loading, runs
-from ctm_dist.model import CTM, EXECUTION_FIELDS
-from ctm_dist.model import CTMConfig
+from ctm_dist.model import CTM, EXECUTION_FIELDS, CTMConfig
 from ctm_dist.storage import Location
 from ctm_dist.storage.checkpoints import NoCheckpoint, NotACheckpoint
 from eval_fixtures import tiny_config, tiny_ctm
