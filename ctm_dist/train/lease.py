@@ -107,10 +107,11 @@ class RunLease:
         started = time.monotonic()
         current = first
         while True:
-            if self._free(current) or time.monotonic() - started >= self.ttl:
+            watch = max(self.ttl, _ttl_of(current))  # the holder renews every ttl/3 of its own ttl
+            if self._free(current) or time.monotonic() - started >= watch:
                 if current is not None and current.get("owner") != self.owner:
                     log.warning("taking over the lease of %s from %s (no heartbeat for %.0f s)", self.url,
-                                _who(current), self.ttl)
+                                _who(current), watch)
                 break
             if _moved(first, current):
                 raise self._locked(current)
@@ -133,7 +134,7 @@ class RunLease:
         if doc is None or doc.get("owner") == self.owner:
             return True  # nobody, or an earlier process of this same job (a restarted worker group)
         try:
-            return time.time() - float(doc.get("heartbeat", 0)) > float(doc.get("ttl") or self.ttl)
+            return time.time() - float(doc.get("heartbeat", 0)) > (_ttl_of(doc) or self.ttl)
         except (TypeError, ValueError):
             return False
 
@@ -181,6 +182,13 @@ class RunLease:
         except (StorageError, OSError) as e:  # it expires by itself
             log.warning("could not release the lease %s: %s (it expires %.0f s after its last heartbeat)",
                         self.url, e, self.ttl)
+
+
+def _ttl_of(doc: dict | None) -> float:
+    try:
+        return float((doc or {}).get("ttl") or 0.0)
+    except (TypeError, ValueError):
+        return 0.0
 
 
 def _moved(first: dict | None, now: dict | None) -> bool:
