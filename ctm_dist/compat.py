@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ctm_dist.model import CTM, CTMConfig
+from ctm_dist.storage.checkpoints import CheckpointError  # the one checkpoint error type; the message says why
 
 __all__ = [
     "CheckpointError",
@@ -40,10 +41,6 @@ __all__ = [
 ]
 
 Source = Union[str, os.PathLike, IO[bytes]]
-
-
-class CheckpointError(ValueError):
-    """A file that is not a usable reference checkpoint; the message says why."""
 
 
 # Number of classes per classification dataset of the reference's image_classification/train.py.

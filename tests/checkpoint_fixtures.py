@@ -91,7 +91,7 @@ def elastic_worker(rank: int, world_size: int, port: int, run_url: str, env: dic
     from ctm_dist.storage import Location
 
     engine = make_engine(stage=2)
-    ckpt = _checkpointer(run_url, rank=rank, world_size=world_size, local_dir=local_dir)
+    ckpt = _checkpointer(run_url, rank=rank, world_size=world_size, local_dir=local_dir, lease_ttl=2.0)
     for step in (1, 2):
         train_step(engine, step, rank)
     from ctm_dist.train.preemption import PreemptionHandler

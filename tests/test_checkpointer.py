@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -17,7 +18,8 @@ from checkpoint_fixtures import (MODEL_CONFIG, elastic_worker, free_port, full_p
 from ctm_dist.storage import Location
 from ctm_dist.train import rng
 from ctm_dist.train.checkpointer import (COMMIT, Checkpointer, CheckpointError, ConfigMismatch,
-                                         NoCheckpoint, NotACheckpoint, UnsafeCheckpoint, step_name)
+                                         NoCheckpoint, NotACheckpoint, RunLocked, UnsafeCheckpoint, step_name)
+from ctm_dist.train.lease import LEASE
 
 HERE = Path(__file__).resolve().parent
 
@@ -90,7 +92,7 @@ def test_commit_marker_keep_last_and_no_secrets(run, object_store):
         train_step(engine, step)
         ckpt.save(step, engine, {"position": torch.tensor(step)}, config)
     assert ckpt.committed_steps() == [2, 3]
-    assert run.child("checkpoints").list() == [step_name(2), step_name(3)]
+    assert run.child("checkpoints").list() == [LEASE, step_name(2), step_name(3)]  # LEASE: this job writes the run
     raw = run.read_bytes(f"checkpoints/{step_name(3)}/{COMMIT}")
     commit = json.loads(raw)
     assert commit["files"] == {n: s for n, s in ckpt._sizes(step_name(3)).items() if n != COMMIT}
@@ -104,6 +106,8 @@ def test_commit_marker_keep_last_and_no_secrets(run, object_store):
     # A commit whose file went missing is not a checkpoint any more; the previous one is used.
     run.rm(f"checkpoints/{step_name(3)}/extra-rank-00000.pt")
     assert ckpt.latest_committed() == 2
+    ckpt.close()
+    assert LEASE not in run.child("checkpoints").list()
 
 
 def test_refuses_other_config_foreign_file_and_code_pickle(run, tmp_path):
@@ -120,7 +124,8 @@ def test_refuses_other_config_foreign_file_and_code_pickle(run, tmp_path):
 
     def replace_file(fname: str, data: bytes):
         run.write_bytes(f"checkpoints/{name}/{fname}", data)
-        commit["files"][fname] = len(data)  # an attacker or a bad copy also fixes the sizes
+        commit["files"][fname] = len(data)  # an attacker also fixes the sizes and checksums
+        commit["sha256"][fname] = hashlib.sha256(data).hexdigest()
         run.write_bytes(f"checkpoints/{name}/{COMMIT}", json.dumps(commit).encode())
 
     good = run.read_bytes(f"checkpoints/{name}/mp_rank_00_model_states.pt")
@@ -227,7 +232,8 @@ def test_two_ranks_killed_mid_upload_then_resume_on_one_rank(run, object_store, 
     assert_params_equal(full_params(engine), torch.load(params_out, weights_only=True))
     assert torch.isfinite(torch.tensor(train_step(engine, 3)))
     ckpt.save(4, engine, {"position": torch.tensor(4)}, MODEL_CONFIG)
-    assert run.child("checkpoints").list() == [step_name(2), step_name(4)]  # step 3's debris is gone
+    # step 3's debris is gone; the killed group's lease was taken over once its heartbeat stopped
+    assert run.child("checkpoints").list() == [LEASE, step_name(2), step_name(4)]
     assert int(Checkpointer(run).load(make_engine(2, seed=12))["position"]) == 4
 
 
@@ -246,3 +252,150 @@ def test_rng_state_is_plain_data_and_restores_every_generator(tmp_path):
     rng.restore(loaded)
     got = (random.random(), np.random.randn(3).tolist(), torch.rand(3))
     assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+def _zero_inside_largest_tensor(data: bytes, nbytes: int = 4096) -> bytes:
+    """``data`` (a torch.save zip) with up to ``nbytes`` zeroed inside its largest tensor record: same
+    size, still a valid archive, other weights."""
+    import io
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        info = max((i for i in zf.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26: info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len
+    n = min(nbytes, info.file_size)
+    assert any(data[start:start + n]), "the record is already zero"
+    return data[:start] + bytes(n) + data[start + n:]
+
+
+def test_damaged_newest_step_is_unusable_resume_falls_back_and_prune_keeps_it(run, caplog):
+    """Bytes zeroed inside a committed tensor file (same size) make that step unusable (SHA-256 in
+    COMMIT); resume falls back to the previous step and says so; keep_last=1 pruning keeps it."""
+    engine = make_engine(0)
+    writer = Checkpointer(run, keep_last=2)
+    train_step(engine, 1)
+    writer.save(1, engine, {"position": torch.tensor(1)}, MODEL_CONFIG)
+    params_1 = full_params(engine)
+    train_step(engine, 2)
+    writer.save(2, engine, {"position": torch.tensor(2)}, MODEL_CONFIG)
+    writer.close()
+    model_file = f"checkpoints/{step_name(2)}/mp_rank_00_model_states.pt"
+    good = run.read_bytes(model_file)
+    run.write_bytes(model_file, _zero_inside_largest_tensor(good))
+
+    ckpt = Checkpointer(run, keep_last=1)
+    assert ckpt.committed_steps() == [1, 2]  # sizes still match: only the checksum tells
+    with pytest.raises(NotACheckpoint, match="mp_rank_00_model_states.pt: its SHA-256 differs"):
+        ckpt.load(make_engine(0, seed=4), step=2)
+    fresh = make_engine(0, seed=5)
+    with caplog.at_level("WARNING", logger="ctm_dist.train.checkpointer"):
+        step, extra = ckpt.load_latest(fresh, config=MODEL_CONFIG)
+    assert step == 1 and int(extra["position"]) == 1
+    assert_params_equal(full_params(fresh), params_1)
+    assert "falling back to the previous committed step step-000000001" in caplog.text
+    assert ckpt.prune() == [] and ckpt.committed_steps() == [1, 2]  # the step that verified stays
+
+    # The resumed run reaches step 2 again: its save replaces the damaged commit, then prunes step 1.
+    train_step(fresh, 2)
+    ckpt.save(2, fresh, {"position": torch.tensor(22)}, MODEL_CONFIG)
+    assert ckpt.committed_steps() == [2]
+    assert int(Checkpointer(run).load(make_engine(0, seed=6), step=2)["position"]) == 22
+    ckpt.close()
+
+
+def test_one_writer_per_run_lease_refuses_a_second_job_and_commit_lists_only_its_files(run, monkeypatch):
+    """A second job on the same run is refused while the first one's heartbeat runs; a file another
+    job drops into the step directory during a save is not part of the COMMIT; after release the
+    second job starts at once."""
+    from ctm_dist.storage import Location as Loc
+
+    engine = make_engine(0)
+    train_step(engine, 1)
+    first = Checkpointer(run, owner="job-a", lease_ttl=1.5)
+    first.acquire()
+    second = Checkpointer(run, owner="job-b", lease_ttl=1.5)
+    start = time.monotonic()
+    with pytest.raises(RunLocked, match="being written by another job .*owner job-a.*choose another run name"):
+        second.save(1, engine, {"position": torch.tensor(1)}, MODEL_CONFIG)
+    assert time.monotonic() - start < 10  # refused (a silent holder would have been taken over instead)
+    assert Checkpointer(run).committed_steps() == []
+
+    stray = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    real_put = Loc.put_file
+
+    def put_and_interleave(self, local_path, name):
+        real_put(self, local_path, name)
+        if name.endswith("extra-rank-00000.pt"):  # the other job's rank uploads into the same directory
+            self.write_bytes(name.rsplit("/", 1)[0] + "/" + stray, b"another trajectory")
+
+    monkeypatch.setattr(Loc, "put_file", put_and_interleave)
+    commit = first.save(1, engine, {"position": torch.tensor(1)}, MODEL_CONFIG)
+    monkeypatch.undo()
+    assert stray in run.child(f"checkpoints/{step_name(1)}").list()
+    assert stray not in commit["files"] and set(commit["files"]) == set(commit["sha256"])
+    assert set(commit["files"]) == {"mp_rank_00_model_states.pt", "extra-rank-00000.pt"}
+
+    first.close()
+    start = time.monotonic()
+    second.acquire()  # released: taken at once (the first read finds no lease)
+    assert time.monotonic() - start < 5
+    with pytest.raises(RunLocked, match="owner job-b"):
+        first.acquire()  # now job-a is the second job
+    second.close()
+
+
+def test_lease_of_a_killed_job_is_taken_over_after_its_ttl(run, object_store):
+    """A job SIGKILLed while holding the lease (no release) blocks a rerun only until its ttl."""
+    import subprocess
+    import sys
+
+    code = ("import os, signal; from ctm_dist.train.checkpointer import Checkpointer; "
+            f"c = Checkpointer({f's3://{run.path}'!r}, owner='crashed-job', lease_ttl=2.0); c.acquire(); "
+            "print('held', flush=True); os.kill(os.getpid(), signal.SIGKILL)")
+    env = dict(os.environ, **object_store.env(), PYTHONPATH=str(HERE.parent))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == -signal.SIGKILL and "held" in proc.stdout, proc.stderr[-2000:]
+    assert LEASE in run.child("checkpoints").list()
+    rerun = Checkpointer(run, owner="rerun", lease_ttl=2.0)
+    start = time.monotonic()
+    rerun.acquire()
+    assert time.monotonic() - start < 6
+    assert json.loads(run.read_bytes(f"checkpoints/{LEASE}"))["owner"] == "rerun"
+    rerun.close()
+
+
+def test_paths_in_commit_or_object_keys_are_refused(run, tmp_path, monkeypatch):
+    """File names from COMMIT and object keys from a listing are never turned into paths outside the
+    download directory, even when the store lists such keys."""
+    from ctm_dist.storage import StorageError
+
+    engine = make_engine(0)
+    train_step(engine, 1)
+    ckpt = Checkpointer(run)
+    ckpt.save(1, engine, {"position": torch.tensor(1)}, MODEL_CONFIG)
+    ckpt.close()
+    name = step_name(1)
+    commit = json.loads(run.read_bytes(f"checkpoints/{name}/{COMMIT}"))
+    escape = tmp_path / "escaped.pt"
+    steps = run.child("checkpoints")
+    real_find = type(steps.fs).find
+
+    def permissive_find(fs, path, *args, **kwargs):  # a store that accepts and lists such keys
+        found = real_find(fs, path, *args, **kwargs)
+        hostile = {path.rstrip("/") + "/../../../escaped.pt": {"size": 5}, str(escape): {"size": 5}}
+        if kwargs.get("detail"):
+            return {**found, **hostile}
+        return sorted(found) + sorted(hostile)
+
+    monkeypatch.setattr(type(steps.fs), "find", permissive_find)
+    for hostile in ("../../../escaped.pt", str(escape)):
+        forged = dict(commit, files=dict(commit["files"], **{hostile: 5}),
+                      sha256=dict(commit["sha256"], **{hostile: "0" * 64}))
+        run.write_bytes(f"checkpoints/{name}/{COMMIT}", json.dumps(forged).encode())
+        with pytest.raises(UnsafeCheckpoint, match="refused the file name .*plain name"):
+            Checkpointer(run).load(make_engine(0, seed=2), step=1)
+    with pytest.raises(StorageError, match="refused the object key .*outside"):
+        steps.get_dir(name, tmp_path / "copy")
+    assert not escape.exists() and not (tmp_path.parent / "escaped.pt").exists()

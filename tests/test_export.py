@@ -12,9 +12,10 @@ import torch
 
 import ctm_dist
 from ctm_dist.eval import export, loading, runs
-from ctm_dist.model import CTM, EXECUTION_FIELDS
+from ctm_dist.model import CTM, EXECUTION_FIELDS, CTMConfig
 from ctm_dist.storage import Location
-from eval_fixtures import TINY, tiny_config, tiny_ctm
+from ctm_dist.storage.checkpoints import NoCheckpoint, NotACheckpoint
+from eval_fixtures import tiny_config, tiny_ctm
 
 
 def _free_port() -> int:
@@ -46,8 +47,9 @@ def process_group():
             os.environ[k] = v
 
 
-def train_and_checkpoint(run_url: str, zero_stage: int, bf16: bool, steps: int = 2, record_model_config: bool = True):
-    """A tiny CTM trained ``steps`` steps by a DeepSpeed engine, checkpointed like the trainer does."""
+def train_and_checkpoint(run_url: str, zero_stage: int, bf16: bool, steps: int = 2):
+    """A tiny CTM trained ``steps`` steps by a DeepSpeed engine, checkpointed as the trainer does (its
+    COMMIT records the CTMConfig's shape-giving fields as ``config.model``)."""
     import deepspeed
 
     from ctm_dist.losses import image_classification_loss
@@ -70,12 +72,11 @@ def train_and_checkpoint(run_url: str, zero_stage: int, bf16: bool, steps: int =
         loss, _ = image_classification_loss(p, c, y)
         engine.backward(loss)
         engine.step()
-    # as the trainer records it (the CTMConfig's shape-giving fields), or as preset + overrides
-    train_config = {"model": {"preset": "demo", "overrides": {**TINY, "iterations": 3}}, "data": {"task": "demo"}}
-    if record_model_config:
-        train_config["model"] = {k: v for k, v in cfg.to_dict().items()
-                                 if k not in EXECUTION_FIELDS}
-    Checkpointer(run_url, keep_last=2).save(steps, engine, {"note": "test"}, config=train_config)
+    train_config = {"model": {k: v for k, v in cfg.to_dict().items() if k not in EXECUTION_FIELDS},
+                    "data": {"task": "demo"}}
+    ckpt = Checkpointer(run_url, keep_last=2)
+    ckpt.save(steps, engine, {"note": "test"}, config=train_config)
+    ckpt.close()
     engine.eval()
     with torch.no_grad():
         probe = torch.randn(3, 3, 16, 16)
@@ -85,8 +86,7 @@ def train_and_checkpoint(run_url: str, zero_stage: int, bf16: bool, steps: int =
 
 def test_zero2_bf16_run_exports_to_safetensors_and_reference(tmp_path, process_group):
     run = tmp_path / "runs" / "demo"
-    engine, probe, (p_trained, c_trained) = train_and_checkpoint(str(run), zero_stage=2, bf16=True,
-                                                                   record_model_config=False)
+    engine, probe, (p_trained, c_trained) = train_and_checkpoint(str(run), zero_stage=2, bf16=True)
     assert runs.committed_steps(Location.parse(str(run))) == [2]
 
     out = tmp_path / "export"
@@ -126,7 +126,7 @@ def test_zero3_run_on_s3_exports_with_identical_outputs(tmp_path, process_group,
     direct = ctm_dist.load(run.url)
     with torch.no_grad():  # as above (with gradients on, CPU fp32 linears use reordered weights: equal to ~1e-7)
         assert torch.equal(direct(probe)[0], p)
-    with pytest.raises(FileNotFoundError, match="step 7"):
+    with pytest.raises(NoCheckpoint, match="step 7"):
         ctm_dist.load(run.url, step=7)
     text = out.read_bytes(export.CONFIG_FILE).decode()
     assert s3_env["AWS_SECRET_ACCESS_KEY"] not in text
@@ -147,17 +147,31 @@ def test_consolidated_export_round_trip_and_bad_inputs(tmp_path):
         export.load_weights(other, model.state_dict() | {"extra.weight": torch.zeros(1)})
 
 
-def test_model_config_rebuilt_from_the_training_config(tmp_path):
-    from ctm_dist.data.mazes_writer import write_maze_shards
-
-    write_maze_shards(tmp_path / "mazes", "train", 2, size=9, route_length=14, progress=False)
-    commit = {"config": {"model": {"preset": "mazes", "overrides": {"d_model": 128}},
-                         "data": {"task": "mazes", "url": str(tmp_path / "mazes")}}}
-    fields = runs.model_config_from_commit(commit)
-    assert fields["out_dims"] == 14 * 5 and fields["prediction_reshaper"] == [14, 5] and fields["d_model"] == 128
-    recorded = {"config": {"model_config": tiny_config().to_dict(), "model": {"preset": "imagenet"}}}
-    assert runs.model_config_from_commit(recorded) == tiny_config().to_dict()  # the recorded one wins
-    fields = {k: v for k, v in tiny_config().to_dict().items() if k != "attention_impl"}
-    from ctm_dist.model import CTMConfig
-    assert CTMConfig.from_dict(runs.model_config_from_commit({"config": {"model": fields}})) == tiny_config()
+def test_model_config_is_read_from_the_layout_the_trainer_writes():
+    recorded = {"config": {"model": {k: v for k, v in tiny_config().to_dict().items() if k not in EXECUTION_FIELDS},
+                           "data": {"task": "demo"}}}
+    assert CTMConfig.from_dict(runs.model_config_from_commit(recorded)) == tiny_config()
     assert runs.model_config_from_commit({"config": {}}) is None
+    assert runs.model_config_from_commit({"config": {"model": {"preset": "demo"}}}) is None  # not what it writes
+
+
+def test_run_loading_uses_the_trainers_checks_and_falls_back_past_a_damaged_step(tmp_path, process_group, caplog):
+    """``ctm_dist.load(run)`` offers only steps the trainer would resume from: a newest step whose
+    file no longer matches its COMMIT checksum is skipped (with a warning) for the previous one."""
+    run = tmp_path / "runs" / "two-steps"
+    train_and_checkpoint(str(run), zero_stage=2, bf16=False, steps=2)
+    train_and_checkpoint(str(run), zero_stage=2, bf16=False, steps=3)
+    probe = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        at_2 = ctm_dist.load(str(run), step=2)(probe)[0]
+        at_3 = ctm_dist.load(str(run))(probe)[0]
+    assert not torch.equal(at_2, at_3)
+    shard = next((run / "checkpoints" / "step-000000003").glob("*optim_states.pt"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 4096] = bytes(len(data[len(data) // 2: len(data) // 2 + 4096]))
+    shard.write_bytes(bytes(data))  # same size: only the checksum tells
+    with pytest.raises(NotACheckpoint, match="SHA-256 differs"):
+        ctm_dist.load(str(run), step=3)
+    with caplog.at_level("WARNING", logger="ctm_dist.eval.runs"), torch.no_grad():
+        assert torch.equal(ctm_dist.load(str(run))(probe)[0], at_2)
+    assert "using the previous committed step step-000000002" in caplog.text

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from ctm_dist.storage import StorageError
+from ctm_dist.storage.checkpoints import CheckpointError
 from ctm_dist.storage.local import EMBEDDED_BUCKET, EMBEDDED_LOCAL_DIR, embedded_store
 
 from .halting import DEFAULT_THRESHOLDS, best_threshold
-from .torch_files import UnreadableCheckpoint
 
 # Errors that mean bad input rather than a bug: reported in one line, exit 2.
 INPUT_ERRORS = (ValueError, OSError, StorageError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile)
@@ -81,7 +81,7 @@ def command(main):
     def wrapped(argv: list[str] | None = None) -> int:
         try:
             return main(argv)
-        except UnreadableCheckpoint as e:  # names the file inside the checkpoint; say which checkpoint
+        except CheckpointError as e:  # names the file inside the checkpoint; say which checkpoint
             given = next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), "")
             print(f"error: {given}: {_one_line(e)}", file=sys.stderr)
             return 2

@@ -6,13 +6,13 @@ is also kept in the file's metadata, so the file alone loads) and ``config.json`
 It loads with :func:`ctm_dist.load` without DeepSpeed or Ray.
 
 ZeRO shards are merged by DeepSpeed's own ``get_fp32_state_dict_from_zero_checkpoint``. That
-utility calls ``torch.load(weights_only=False)``; we force weights-only loading around it
-(``TORCH_FORCE_WEIGHTS_ONLY_LOAD``) and allow just the few DeepSpeed classes its files hold.
+utility calls ``torch.load(weights_only=False)``, so every file it will read is first opened with
+the checkpoint format's weights-only loader (:func:`ctm_dist.storage.checkpoints.safe_load`), and a
+run's files are checked against their COMMIT marker (size, SHA-256) when they are downloaded.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import tempfile
@@ -23,37 +23,14 @@ import torch
 
 from ctm_dist.model import CTM, CTMConfig
 from ctm_dist.storage import Location
+from ctm_dist.storage.checkpoints import check_loadable
 
 from . import runs
-from .torch_files import UNREADABLE_ERRORS, unreadable_checkpoint
 
 FORMAT = "ctm-dist-export/1"
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
-
-
-def _deepspeed_safe_globals() -> list:
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-@contextlib.contextmanager
-def weights_only_loads():
-    """Every torch.load inside runs with weights_only=True, whatever its caller asked."""
-    old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    try:
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-            yield
-    finally:
-        if old is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
 
 
 def zero_state_dict(checkpoint_dir: str | os.PathLike, tag: str | None = None) -> dict[str, torch.Tensor]:
@@ -65,11 +42,8 @@ def zero_state_dict(checkpoint_dir: str | os.PathLike, tag: str | None = None) -
 
     if tag is None:
         checkpoint_dir, tag = runs.find_deepspeed_checkpoint(checkpoint_dir)
-    with weights_only_loads():
-        try:
-            state = get_fp32_state_dict_from_zero_checkpoint(os.fspath(checkpoint_dir), tag=tag)
-        except UNREADABLE_ERRORS as e:
-            raise unreadable_checkpoint(checkpoint_dir, e) from None
+    check_loadable(Path(checkpoint_dir) / tag, what=tag)  # before DeepSpeed's unrestricted torch.load sees them
+    state = get_fp32_state_dict_from_zero_checkpoint(os.fspath(checkpoint_dir), tag=tag)
     return {k: v.detach().cpu() for k, v in state.items()}
 
 
@@ -150,11 +124,12 @@ def save_consolidated(model_or_state, out: str | os.PathLike | Location, cfg: CT
 def run_state(run: str | Location, step: int | None = None, work_dir: str | os.PathLike | None = None):
     """(state dict, CTMConfig or None, step, COMMIT document) of a run's committed checkpoint."""
     run = Location.parse(run)
-    step = runs.choose_step(run, step)
-    commit = runs.read_commit(run, step)
-    with tempfile.TemporaryDirectory(prefix="ctm-ckpt-", dir=work_dir) as tmp:
-        local = runs.download_step(run, step, tmp)
-        state = zero_state_dict(local)
+
+    def merged(step: int, commit: dict) -> dict[str, torch.Tensor]:
+        with tempfile.TemporaryDirectory(prefix="ctm-ckpt-", dir=work_dir) as tmp:
+            return zero_state_dict(*runs.download_step(run, step, tmp, commit))
+
+    step, commit, state = runs.with_loadable_step(run, step, merged)
     fields = runs.model_config_from_commit(commit)
     cfg = CTMConfig.from_dict(fields) if fields else None
     return state, cfg, step, commit

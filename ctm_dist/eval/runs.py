@@ -1,20 +1,29 @@
-"""Reading a training run's checkpoints (read-only): committed steps, their marker, a local copy.
+"""Reading a training run's checkpoints (read-only), through the checkpoint format's own checks.
 
-Layout (written by the trainer's checkpointer): ``{run}/checkpoints/step-{step:09d}/`` holding a
-DeepSpeed checkpoint directory, visible only once ``COMMIT`` (a JSON document) exists in it.
+The layout, the COMMIT marker and its checks live in :mod:`ctm_dist.storage.checkpoints`, which
+the trainer's checkpointer writes with: a step this module offers is one the trainer would resume
+from. Without an explicit step, the newest committed step whose files pass their checks is used;
+an older one is taken, with a warning, when the newest is damaged.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import os
-import re
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from ctm_dist.storage import Location
+from ctm_dist.storage import checkpoints as fmt
+from ctm_dist.storage.checkpoints import (COMMIT, STEP_DIR, CheckpointError, NoCheckpoint,  # noqa: F401 - re-exported
+                                          NotACheckpoint, UnsafeCheckpoint, step_name)
 
-STEP_DIR = re.compile(r"^step-(\d{9})$")
-COMMIT = "COMMIT"
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def checkpoints(run: Location) -> Location:
+    return run.child("checkpoints")
 
 
 def is_run(location: Location) -> bool:
@@ -22,42 +31,62 @@ def is_run(location: Location) -> bool:
 
 
 def committed_steps(run: Location) -> list[int]:
-    """Steps with a COMMIT marker, oldest first."""
-    if not run.exists("checkpoints"):
-        return []
-    steps = []
-    for name in run.list("checkpoints"):
-        m = STEP_DIR.match(name)
-        if m and run.exists(f"checkpoints/{name}/{COMMIT}"):
-            steps.append(int(m.group(1)))
-    return sorted(steps)
+    """Steps whose COMMIT marker passes the checks the trainer applies, oldest first."""
+    return fmt.committed_steps(checkpoints(run))
 
 
 def step_dir(step: int) -> str:
-    return f"checkpoints/step-{step:09d}"
+    return f"checkpoints/{step_name(step)}"
 
 
 def choose_step(run: Location, step: int | None = None) -> int:
     steps = committed_steps(run)
     if not steps:
-        raise FileNotFoundError(f"{run.url}: no committed checkpoint (checkpoints/step-*/COMMIT)")
+        raise NoCheckpoint(f"{run.url}: no committed checkpoint (checkpoints/step-*/COMMIT)")
     if step is None:
         return steps[-1]
     if step not in steps:
-        raise FileNotFoundError(f"{run.url}: step {step} has no committed checkpoint; committed: {steps}")
+        raise NoCheckpoint(f"{run.url}: step {step} has no committed checkpoint; committed: {steps}")
     return step
 
 
 def read_commit(run: Location, step: int) -> dict:
-    return json.loads(run.read_bytes(f"{step_dir(step)}/{COMMIT}"))
+    """The checked COMMIT marker of ``step`` (see :func:`ctm_dist.storage.checkpoints.read_commit`)."""
+    return fmt.read_commit(checkpoints(run), step)
 
 
-def download_step(run: Location, step: int, local_dir: str | os.PathLike) -> Path:
-    """Copy one committed checkpoint directory to ``local_dir`` (a local run is used in place)."""
-    if run.protocol == "file":
-        return Path(run.join(step_dir(step)))
-    run.get_dir(step_dir(step), local_dir)
-    return Path(local_dir)
+def download_step(run: Location, step: int, local_dir: str | os.PathLike, commit: dict | None = None) -> tuple[Path, str]:
+    """Copy the DeepSpeed files of a committed step into ``local_dir``, each checked against COMMIT
+    (size, SHA-256) and opened weights-only; returns (DeepSpeed checkpoint dir, tag)."""
+    commit = commit or read_commit(run, step)
+    tag = step_name(step)
+    ds_dir = Path(local_dir) / tag
+    names = [f for f in commit["files"] if not f.startswith("extra-rank-")]
+    fmt.fetch_files(checkpoints(run), commit, names, ds_dir)
+    fmt.check_loadable(ds_dir, run.name_url(step_dir(step)))
+    return Path(local_dir), tag
+
+
+def with_loadable_step(run: Location, step: int | None, use: Callable[[int, dict], T]) -> tuple[int, dict, T]:
+    """``use(step, commit)`` on ``step``, or on the newest committed step, falling back to older ones
+    (with a warning) while a step's files fail their checks. Returns (step, commit, result)."""
+    if step is not None:
+        choose_step(run, step)
+        commit = read_commit(run, step)
+        return step, commit, use(step, commit)
+    steps = committed_steps(run)
+    if not steps:
+        raise NoCheckpoint(f"{run.url}: no committed checkpoint (checkpoints/step-*/COMMIT)")
+    for i, candidate in enumerate(reversed(steps)):
+        try:
+            commit = read_commit(run, candidate)
+            return candidate, commit, use(candidate, commit)
+        except (NotACheckpoint, UnsafeCheckpoint) as e:
+            if i + 1 == len(steps):
+                raise
+            log.warning("cannot load %s of %s (%s); using the previous committed step %s",
+                        step_name(candidate), run.url, e, step_name(steps[-i - 2]))
+    raise AssertionError("unreachable")
 
 
 def find_deepspeed_checkpoint(root: str | os.PathLike) -> tuple[Path, str]:
@@ -84,29 +113,12 @@ def data_meta(commit: dict) -> dict:
 
 
 def model_config_from_commit(commit: dict) -> dict | None:
-    """The CTMConfig fields of a COMMIT marker.
+    """The CTMConfig fields of a COMMIT marker: ``config.model`` as the trainer records it (every
+    shape-giving CTMConfig field), or None when the marker records no model config."""
+    from ctm_dist.model import CTMConfig
 
-    The trainer records them as ``config.model`` (every shape-giving CTMConfig field); a
-    ``config.model_config`` wins if present. A ``config.model`` of ``preset`` + ``overrides`` is
-    resolved as the trainer's task plug-ins do (classes -> ``out_dims``, maze ``route_length``,
-    parity ``sequence_length``)."""
-    from ctm_dist.model import CTMConfig, preset
-
-    config = commit.get("config") or {}
-    for node in (commit.get("model_config"), config.get("model_config"), config.get("model")):
-        if isinstance(node, dict) and "d_model" in node:
-            known = {f for f in CTMConfig.__dataclass_fields__}
-            return {k: v for k, v in node.items() if k in known}
-    model = config.get("model") or {}
-    if not model.get("preset"):
+    model = (commit.get("config") or {}).get("model")
+    if not isinstance(model, dict) or "d_model" not in model:
         return None
-    values = dict(model.get("overrides") or {})
-    task = (config.get("data") or {}).get("task")
-    meta = data_meta(commit)
-    if task == "mazes" and meta.get("route_length"):
-        values.setdefault("route_length", int(meta["route_length"]))
-    elif task == "parity":
-        values.setdefault("sequence_length", 64)
-    elif meta.get("num_classes"):
-        values.setdefault("out_dims", int(meta["num_classes"]))
-    return preset(model["preset"], **values).to_dict()
+    known = set(CTMConfig.__dataclass_fields__)
+    return {k: v for k, v in model.items() if k in known}

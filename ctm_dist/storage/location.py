@@ -220,7 +220,12 @@ class Location:
         files = self.call(lambda: self.fs.find(base), name)
         for path in files:
             rel = posixpath.relpath(path, base)
-            target = os.path.join(os.fspath(local_dir), *rel.split("/"))
+            parts = rel.split("/")
+            if path.startswith("/") != base.startswith("/") or any(p in ("", ".", "..") for p in parts):
+                # a store that accepts such keys would otherwise let its writers place files anywhere here
+                raise StorageError(f"{self.name_url(name)}: refused the object key {path[:200]!r}: it would "
+                                   f"be written outside {os.fspath(local_dir)}")
+            target = os.path.join(os.fspath(local_dir), *parts)
             os.makedirs(os.path.dirname(target), exist_ok=True)
             self.call(lambda p=path, t=target: self.fs.get_file(p, t), posixpath.join(name, rel))
 

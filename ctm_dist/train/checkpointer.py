@@ -1,23 +1,24 @@
 """Checkpoints on object storage that are either complete and loadable or invisible.
 
-Layout: ``{run}/checkpoints/step-{step:09d}/`` holds DeepSpeed's own files for tag
-``step-{step:09d}`` (``mp_rank_*_model_states.pt``, ``*_optim_states.pt``), one
-``extra-rank-{rank:05d}.pt`` per rank (data position, RNG states: plain tensors and dicts)
-and, written LAST by rank 0 once every rank has uploaded, the ``COMMIT`` marker::
+The format (layout, ``COMMIT`` marker, checks, safe loading, errors) is defined in
+:mod:`ctm_dist.storage.checkpoints`; this module saves and loads it with DeepSpeed engines. Rank 0
+writes ``COMMIT`` LAST, once every rank has uploaded; it names exactly the files the ranks of this
+save wrote, each with its size and SHA-256. A directory without ``COMMIT``, or whose listed files
+are missing or have other sizes, is ignored by ``committed_steps()`` / ``latest_committed()`` and
+deleted by a later save once a newer step is committed. DeepSpeed's ``latest`` file is never
+written or read: tags are passed explicitly.
 
-    {"format": "ctm-dist-checkpoint/1", "step": 100, "world_size": 2, "zero_stage": 2,
-     "files": {"mp_rank_00_model_states.pt": 3417, ...}, "config": {...}, "time": "..."}
-
-A directory without ``COMMIT``, or whose listed files are missing or have other sizes,
-is ignored by ``committed_steps()`` / ``latest_committed()`` and deleted by a later save
-once a newer step is committed. DeepSpeed's ``latest`` file is never written or read:
-tags are passed explicitly.
+One writer per run: the first ``save`` (or :meth:`Checkpointer.acquire`, which the trainer calls
+before resuming) takes the run's lease (:mod:`ctm_dist.train.lease`); a second job on the same run
+fails with :class:`RunLocked`, and a job that lost the lease commits nothing.
 
 Loading refuses clearly: no checkpoint (:class:`NoCheckpoint`), another model config
-(:class:`ConfigMismatch`), something that is not a checkpoint (:class:`NotACheckpoint`), a
-pickle that needs code to load (:class:`UnsafeCheckpoint`; every downloaded file is opened
-with ``torch.load(weights_only=True)`` before DeepSpeed, whose own loader does not use it,
-sees it).
+(:class:`ConfigMismatch`), something that is not a checkpoint or a file whose SHA-256 differs from
+COMMIT's (:class:`NotACheckpoint`), a pickle that needs code to load or a file name that is a path
+(:class:`UnsafeCheckpoint`). Every downloaded file is opened with ``torch.load(weights_only=True)``
+before DeepSpeed, whose own loader does not use it, sees it. Without an explicit ``step`` the
+newest committed step is loaded; if its files fail those checks the previous committed step is
+tried (with a warning), and pruning never deletes the newest step this checkpointer verified.
 
 Elastic resume (another world size or ZeRO stage): ZeRO 1/2/3 checkpoints are converted
 on each rank with DeepSpeed's ``ds_to_universal`` and loaded as a universal checkpoint
@@ -39,8 +40,6 @@ import io
 import json
 import logging
 import os
-import pickle
-import posixpath
 import re
 import shutil
 import tempfile
@@ -50,42 +49,24 @@ from typing import Any, Callable
 
 import torch
 
+from ctm_dist.storage import Location, StorageError
+from ctm_dist.storage import checkpoints as fmt
+from ctm_dist.storage.checkpoints import (COMMIT, FORMAT, READABLE_FORMATS, CheckpointError, ConfigMismatch,
+                                          NoCheckpoint, NotACheckpoint, RunLocked, UnsafeCheckpoint, extra_name,
+                                          safe_load, step_name)
+from ctm_dist.train.lease import DEFAULT_TTL, RunLease
+
+__all__ = ["COMMIT", "FORMAT", "Checkpointer", "CheckpointError", "ConfigMismatch", "NoCheckpoint",
+           "NotACheckpoint", "RunLocked", "UnsafeCheckpoint", "extra_name", "redact", "safe_load", "step_name"]
+
 log = logging.getLogger(__name__)
 
-FORMAT = "ctm-dist-checkpoint/1"
-COMMIT = "COMMIT"
-_STEP_DIR = re.compile(r"step-(\d{9})")
-_RANK_FILE = re.compile(r"(?:^|_)(?:zero_pp_rank|bf16_zero_pp_rank|fp16_zero_pp_rank)_(\d+)_")
 _SECRET_KEY = re.compile(r"secret|password|passwd|token|credential|access_key|private_key|api_key",
                          re.IGNORECASE)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be saved or loaded; the message says which and why."""
-
-
-class NoCheckpoint(CheckpointError):
-    """No committed checkpoint exists where one was asked for."""
-
-
-class ConfigMismatch(CheckpointError):
-    """The checkpoint was written for another model configuration."""
-
-
-class NotACheckpoint(CheckpointError):
-    """A file in the checkpoint is not what a checkpoint holds (corrupt, foreign, truncated)."""
-
-
-class UnsafeCheckpoint(CheckpointError):
-    """A file would need to run code to unpickle; it was refused, nothing was executed."""
-
-
-def step_name(step: int) -> str:
-    return f"step-{int(step):09d}"
-
-
-def extra_name(rank: int) -> str:
-    return f"extra-rank-{int(rank):05d}.pt"
+# Failures of a step's files that make it unusable but leave the engine untouched: fall back.
+_UNUSABLE = (NotACheckpoint, UnsafeCheckpoint)
+_ERRORS = {cls.__name__: cls for cls in (CheckpointError, NoCheckpoint, ConfigMismatch, NotACheckpoint,
+                                         UnsafeCheckpoint, RunLocked)}
 
 
 def redact(config: Any, secrets: tuple[str, ...] = ()) -> Any:
@@ -105,51 +86,22 @@ def redact(config: Any, secrets: tuple[str, ...] = ()) -> Any:
     return text
 
 
-def _deepspeed_safe_globals() -> list:
-    """DeepSpeed classes its optimizer-state files pickle; plain data, allowed for weights_only."""
-    found = []
-    for module, names in (("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler")),
-                          ("deepspeed.runtime.zero.config", ("ZeroStageEnum",)),
-                          ("deepspeed.utils.tensor_fragment", ("fragment_address",))):
-        try:
-            mod = __import__(module, fromlist=list(names))
-        except ImportError:
-            continue
-        found += [getattr(mod, n) for n in names if hasattr(mod, n)]
-    return found
-
-
-def safe_load(path: str | os.PathLike, what: str | None = None) -> Any:
-    """``torch.load(weights_only=True)`` with clear errors for foreign files and code-carrying pickles."""
-    what = what or os.fspath(path)
-    try:
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - every way a foreign or hostile file can fail
-        lines = str(e).strip().splitlines()
-        unsafe = [ln for ln in lines if "GLOBAL" in ln or "Unsupported global" in ln]
-        if isinstance(e, pickle.UnpicklingError) and unsafe:
-            raise UnsafeCheckpoint(f"{what}: refused to unpickle (it needs code to load, which could run "
-                                   f"arbitrary commands; nothing was executed): {unsafe[0].strip()[:300]}") from None
-        msg = " ".join(str(e).split())[:200]
-        raise NotACheckpoint(f"{what}: not a torch checkpoint file ({type(e).__name__}: {msg})") from None
-
-
 class Checkpointer:
     """Save and load one rank's part of a DeepSpeed checkpoint under ``{run}/checkpoints/``.
 
-    Every rank constructs one with its ``rank`` and ``world_size`` and calls ``save`` /
+    Every rank constructs one with its ``rank`` and ``world_size`` and calls ``acquire`` / ``save`` /
     ``load`` collectively. ``barrier`` syncs the ranks; by default ``torch.distributed``
-    (when initialised) is used, which also lets every rank see the others' failures.
+    (when initialised) is used, which also lets every rank see the others' failures and lets
+    rank 0 learn which files each rank wrote. ``owner`` names the job for the run's lease (a
+    restarted worker group of the same job takes it over at once; default: this process);
+    ``lease_ttl`` is how long a silent holder keeps it.
     """
 
     def __init__(self, run_location, keep_last: int = 3, rank: int = 0, world_size: int = 1,
                  local_dir: str | os.PathLike | None = None, barrier: Callable[[], None] | None = None,
-                 retry_deadline: float | None = None):
+                 retry_deadline: float | None = None, owner: str | None = None, lease_ttl: float = DEFAULT_TTL):
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-        from ctm_dist.storage import Location
-
         run_location = Location.parse(run_location)
         if retry_deadline is not None:
             run_location = replace(run_location, retry_deadline=float(retry_deadline), _fs=None)
@@ -160,45 +112,40 @@ class Checkpointer:
         self.local_dir = Path(local_dir) if local_dir else Path(tempfile.gettempdir()) / f"ctm-dist-ckpt-{os.getpid()}"
         self._barrier = barrier
         self.loaded_step: int | None = None
+        self.verified: set[int] = set()  # steps this checkpointer committed or loaded after checking every file
+        self.lease = RunLease(self.location, owner=owner, ttl=lease_ttl) if rank == 0 else None
+        self._lease_taken = False
 
     def __repr__(self) -> str:
         return f"Checkpointer({self.location.url!r}, rank={self.rank}, world_size={self.world_size})"
 
+    # ------------------------------------------------------------------ the run's lease
+    def acquire(self) -> None:
+        """Take the run's writer lease (rank 0; collective). :class:`RunLocked` on every rank if
+        another live job writes this run."""
+        error = None
+        if self.lease is not None:
+            try:
+                self.lease.acquire()
+            except Exception as e:
+                error = e
+        self._sync_or_raise(error, f"taking the lease of {self.location.url}", keep=(RunLocked,))
+        self._lease_taken = True
+
+    def close(self) -> None:
+        """Release the lease (at the end of training and on a preempted exit)."""
+        if self.lease is not None:
+            self.lease.release()
+        self._lease_taken = False
+
     # ------------------------------------------------------------------ what is committed
     def read_commit(self, step: int) -> dict:
-        """The COMMIT marker of ``step`` after checking its files exist with the listed sizes."""
-        name = step_name(step)
-        try:
-            raw = self.location.read_bytes(f"{name}/{COMMIT}")
-        except FileNotFoundError:
-            raise NoCheckpoint(f"{self.location.name_url(name)} is not committed (no {COMMIT} marker)") from None
-        try:
-            commit = json.loads(raw)
-            if commit.get("format") != FORMAT or int(commit["step"]) != step:
-                raise ValueError("wrong format or step")
-            files = {str(k): int(v) for k, v in commit["files"].items()}
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise NotACheckpoint(f"{self.location.name_url(name + '/' + COMMIT)}: not a ctm-dist "
-                                 f"commit marker ({e})") from None
-        present = self._sizes(name)
-        for fname, size in files.items():
-            if present.get(fname) != size:
-                raise NotACheckpoint(f"{self.location.name_url(name + '/' + fname)}: listed in {COMMIT} "
-                                     f"with {size} bytes but the store has {present.get(fname, 'no file')}")
-        commit["files"] = files
-        return commit
+        """The COMMIT marker of ``step`` after checking its file names and that they exist with the listed sizes."""
+        return fmt.read_commit(self.location, int(step))
 
     def committed_steps(self) -> list[int]:
         """Steps whose COMMIT marker exists and whose files are all present; ascending."""
-        steps = []
-        for step in self._step_dirs():
-            try:
-                self.read_commit(step)
-                steps.append(step)
-            except (NoCheckpoint, NotACheckpoint) as e:
-                if not isinstance(e, NoCheckpoint):
-                    log.warning("ignoring checkpoint: %s", e)
-        return steps
+        return fmt.committed_steps(self.location, on_invalid=lambda step, e: log.warning("ignoring checkpoint: %s", e))
 
     def latest_committed(self) -> int | None:
         steps = self.committed_steps()
@@ -210,16 +157,18 @@ class Checkpointer:
 
         Collective: every rank calls it with the same ``step``. Returns the commit marker.
         """
-        from ctm_dist.storage import StorageError
-
         step = int(step)
         name = step_name(step)
-        error, already = None, False
+        if not self._lease_taken:
+            self.acquire()
+        error, state = None, "absent"
         try:
-            already = self._has_valid_commit(step)
+            if self._has_valid_commit(step):
+                state = "ours" if step in self.verified else "foreign"
         except Exception as e:
             error = e
-        if any(self._sync_or_raise(error, f"checking checkpoint {name}", already)):
+        states = self._sync_or_raise(error, f"checking checkpoint {name}", state)
+        if "ours" in states:
             log.info("checkpoint %s is already committed; not saving it again", name)
             return self.read_commit(step)
         work = self.local_dir / f"save-{name}-rank{self.rank}"
@@ -235,43 +184,36 @@ class Checkpointer:
                             "state": extra_state}, extra_path)
                 safe_load(extra_path, "extra_state")  # fail now, not at resume, if it is not plain data
                 if self.rank == 0 and self.location.exists(name):
+                    if "foreign" in states:  # e.g. a newer step that failed its checks and was skipped at resume
+                        log.warning("replacing %s, committed but neither written nor loaded by this run",
+                                    self.location.name_url(name))
+                        with contextlib.suppress(FileNotFoundError):
+                            self.location.rm(f"{name}/{COMMIT}")  # invisible first, then gone
                     self._remove_dir(name)  # debris of an earlier attempt at this step
             except Exception as e:
                 error = e
             self._sync_or_raise(error, f"preparing checkpoint {name}")
-            # 2. Upload this rank's files.
+            # 2. Upload this rank's files, with their sizes and checksums.
             error, files = None, {}
             try:
                 for path in sorted((work / name).iterdir()):
+                    files[path.name] = [path.stat().st_size, fmt.sha256_file(path)]
                     self.location.put_file(path, f"{name}/{path.name}")
-                    files[path.name] = path.stat().st_size
             except Exception as e:
                 error = e
             all_files = self._sync_or_raise(error, f"uploading checkpoint {name}", files)
-            # 3. Rank 0 writes COMMIT, last.
+            # 3. Rank 0 writes COMMIT, last, naming exactly the files the ranks of this save wrote.
             error, commit = None, None
             if self.rank == 0:
                 try:
-                    present = self._sizes(name)
-                    for rank_files in all_files:  # with a custom barrier only rank 0's own are here
-                        bad = [f for f, size in rank_files.items() if present.get(f) != size]
-                        if bad:
-                            raise CheckpointError(f"uploaded files are missing or short in the store: {bad[:5]}")
-                    missing = [extra_name(r) for r in range(self.world_size) if extra_name(r) not in present]
-                    if missing:
-                        raise CheckpointError(f"ranks' extra states are missing in the store: {missing[:5]}")
-                    merged = {f: size for f, size in present.items() if f != COMMIT and ".tmp-" not in f}
-                    commit = {"format": FORMAT, "step": step, "world_size": self.world_size,
-                              "zero_stage": int(engine.zero_optimization_stage()),
-                              "files": dict(sorted(merged.items())), "config": redact(config or {}, self._secrets()),
-                              "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-                    self.location.write_bytes(f"{name}/{COMMIT}", json.dumps(commit, indent=1).encode())
+                    commit = self._commit(step, engine, all_files, config)
                 except Exception as e:
                     error = e
             commits = self._sync_or_raise(error, f"committing checkpoint {name}", commit)
             commit = commit or next((c for c in commits if c), None)
         finally:
             self._clean(work)
+        self.verified.add(step)
         if self.rank == 0:
             try:
                 self.prune()
@@ -279,16 +221,50 @@ class Checkpointer:
                 log.warning("could not prune old checkpoints: %s", e)
         return commit if commit is not None else self.read_commit(step)
 
+    def _commit(self, step: int, engine, all_files: list[dict], config: dict | None) -> dict:
+        name = step_name(step)
+        merged: dict[str, list] = {}
+        for rank_files in all_files:
+            for fname, entry in rank_files.items():
+                if fname in merged and merged[fname] != entry:
+                    raise CheckpointError(f"two ranks wrote different {fname}")
+                merged[fname] = entry
+        missing = [extra_name(r) for r in range(self.world_size) if extra_name(r) not in merged]
+        if missing:  # with a custom barrier rank 0 learns only its own files
+            raise CheckpointError(f"the files of ranks' extra states are unknown to rank 0: {missing[:5]} "
+                                  "(saving with several ranks needs torch.distributed)")
+        present = fmt.stored_sizes(self.location, name)
+        bad = [f for f, (size, _) in merged.items() if present.get(f) != size]
+        if bad:
+            raise CheckpointError(f"uploaded files are missing or short in the store: {bad[:5]}")
+        others = sorted(set(present) - set(merged))
+        if others:
+            log.warning("%s holds files this save did not write; they are not part of the checkpoint: %s",
+                        self.location.name_url(name), others[:5])
+        commit = {"format": FORMAT, "step": step, "world_size": self.world_size,
+                  "zero_stage": int(engine.zero_optimization_stage()),
+                  "files": {f: size for f, (size, _) in sorted(merged.items())},
+                  "sha256": {f: digest for f, (_, digest) in sorted(merged.items())},
+                  "config": redact(config or {}, self._secrets()),
+                  "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        if self.lease is not None:
+            self.lease.check()
+        self.location.write_bytes(f"{name}/{COMMIT}", json.dumps(commit, indent=1).encode())
+        return commit
+
     def prune(self) -> list[str]:
-        """Keep the newest ``keep_last`` commits; delete older ones and uncommitted debris older
-        than the newest commit. Returns the deleted directory names."""
+        """Keep the newest ``keep_last`` commits and the newest one this checkpointer verified; delete
+        older ones and uncommitted debris older than the newest commit. Returns the deleted directory names."""
         committed = self.committed_steps()
         if not committed:
             return []
         keep = set(committed[-self.keep_last:])
+        good = sorted(self.verified & set(committed))
+        if good:
+            keep.add(good[-1])
         newest = committed[-1]
         deleted = []
-        for step in self._step_dirs():
+        for step in fmt.step_dirs(self.location):
             name = step_name(step)
             if step in keep or (step > newest and step not in committed):
                 continue
@@ -301,16 +277,31 @@ class Checkpointer:
     # ------------------------------------------------------------------ load
     def load(self, engine, step: int | None = None, config: dict | None = None,
              all_ranks: bool = False, load_optimizer_states: bool = True) -> dict | list[dict]:
-        """Load ``step`` (default: the newest committed) into ``engine``; return this rank's extra
-        state, or with ``all_ranks=True`` the list of every saved rank's extra state.
+        """Load ``step`` (default: the newest committed step whose files pass the checks, falling back
+        to older ones with a warning) into ``engine``; return this rank's extra state, or with
+        ``all_ranks=True`` the list of every saved rank's extra state.
 
         ``config``, when given, must have the same ``model`` section as the one saved.
         After a world-size change only ``all_ranks=True`` is accepted (positions must be merged).
         """
-        if step is None:
-            step = self.latest_committed()
-            if step is None:
-                raise NoCheckpoint(f"no committed checkpoint under {self.location.url}")
+        if step is not None:
+            return self._load_step(engine, int(step), config, all_ranks, load_optimizer_states)
+        steps = self.committed_steps()
+        if not steps:
+            raise NoCheckpoint(f"no committed checkpoint under {self.location.url}")
+        for i, candidate in enumerate(reversed(steps)):
+            try:
+                return self._load_step(engine, candidate, config, all_ranks, load_optimizer_states)
+            except _UNUSABLE as e:
+                older = steps[-i - 2] if i + 1 < len(steps) else None
+                if older is None:
+                    raise
+                log.warning("cannot load %s (%s); falling back to the previous committed step %s",
+                            step_name(candidate), e, step_name(older))
+        raise AssertionError("unreachable")
+
+    def _load_step(self, engine, step: int, config: dict | None, all_ranks: bool,
+                   load_optimizer_states: bool) -> dict | list[dict]:
         name = step_name(step)
         commit = self.read_commit(step)
         if config is not None:
@@ -330,34 +321,35 @@ class Checkpointer:
         work = self.local_dir / f"load-{name}-rank{self.rank}"
         shutil.rmtree(work, ignore_errors=True)
         ds_dir, extra_dir = work / "ds" / name, work / "extra"
-        ds_dir.mkdir(parents=True)
-        extra_dir.mkdir()
         # ZeRO's "elastic_checkpoint" option makes every rank read every rank's optimizer shard.
         all_shards = universal or bool(getattr(engine, "zero_elastic_checkpoint", lambda: False)())
         try:
-            wanted_extra = range(saved_ws) if all_ranks else [self.rank]
-            extras = {extra_name(r) for r in wanted_extra}
-            for fname in commit["files"]:
-                if fname.startswith("extra-rank-"):
-                    if fname in extras:
-                        self.location.get_file(f"{name}/{fname}", extra_dir / fname)
-                    continue
-                m = _RANK_FILE.search(fname)
-                if m and not all_shards and int(m.group(1)) != self.rank:
-                    continue  # another rank's shard
-                self.location.get_file(f"{name}/{fname}", ds_dir / fname)
-            missing = [e for e in extras if not (extra_dir / e).exists()]
-            if missing:
-                raise NotACheckpoint(f"{self.location.name_url(name)}: {missing[0]} is not in the checkpoint")
-            for path in sorted(ds_dir.iterdir()):  # before DeepSpeed's own (unsafe) loader sees them
-                safe_load(path, self.location.name_url(f"{name}/{path.name}"))
-            states = []
-            for e in sorted(extras):
-                data = safe_load(extra_dir / e, self.location.name_url(f"{name}/{e}"))
-                if not isinstance(data, dict) or data.get("format") != FORMAT or "state" not in data:
-                    raise NotACheckpoint(f"{self.location.name_url(name + '/' + e)}: not a ctm-dist extra state")
-                states.append(data["state"])
-
+            error, states = None, []
+            try:
+                wanted_extra = range(saved_ws) if all_ranks else [self.rank]
+                extras = sorted(extra_name(r) for r in wanted_extra)
+                shards = []
+                for fname in commit["files"]:
+                    if fname.startswith("extra-rank-"):
+                        continue
+                    m = fmt.RANK_FILE.search(fname)
+                    if m and not all_shards and int(m.group(1)) != self.rank:
+                        continue  # another rank's shard
+                    shards.append(fname)
+                fmt.fetch_files(self.location, commit, extras, extra_dir)
+                fmt.fetch_files(self.location, commit, shards, ds_dir)
+                for path in sorted(ds_dir.iterdir()):  # before DeepSpeed's own (unsafe) loader sees them
+                    safe_load(path, self.location.name_url(f"{name}/{path.name}"))
+                for e in extras:
+                    data = safe_load(extra_dir / e, self.location.name_url(f"{name}/{e}"))
+                    if not isinstance(data, dict) or data.get("format") not in READABLE_FORMATS or "state" not in data:
+                        raise NotACheckpoint(f"{self.location.name_url(name + '/' + e)}: not a ctm-dist extra state")
+                    states.append(data["state"])
+            except Exception as e:
+                error = e
+            # every rank loads the same step or none does (a fallback must happen everywhere)
+            self._sync_or_raise(error, f"reading checkpoint {name}", keep=_UNUSABLE + (StorageError,),
+                                after="the engine was not changed")
             tag = name
             if universal:
                 tag = self._to_universal(ds_dir)
@@ -365,14 +357,15 @@ class Checkpointer:
         finally:
             self._clean(work)
         self.loaded_step = step
+        self.verified.add(step)
         return states if all_ranks else states[0]
 
     def load_latest(self, engine, config: dict | None = None, all_ranks: bool = False):
-        """``(step, extra_state)`` of the newest commit loaded into ``engine``, or None if there is none."""
-        step = self.latest_committed()
-        if step is None:
+        """``(step, extra_state)`` of the newest loadable commit loaded into ``engine``, or None if there is none."""
+        if self.latest_committed() is None:
             return None
-        return step, self.load(engine, step, config=config, all_ranks=all_ranks)
+        state = self.load(engine, config=config, all_ranks=all_ranks)
+        return self.loaded_step, state
 
     # ------------------------------------------------------------------ internals
     def _engine_load(self, engine, load_dir: Path, tag: str, universal: bool, load_optimizer_states: bool):
@@ -415,13 +408,6 @@ class Checkpointer:
             raise ConfigMismatch(f"{self.location.name_url(name)} was saved for another model config: "
                                  + ("; ".join(diff[:8]) or f"{saved!r} != {current!r}"))
 
-    def _step_dirs(self) -> list[int]:
-        try:
-            names = self.location.list()
-        except FileNotFoundError:
-            return []
-        return sorted(int(m.group(1)) for n in names if (m := _STEP_DIR.fullmatch(n)))
-
     def _clean(self, work: Path) -> None:
         shutil.rmtree(work, ignore_errors=True)
         if self._own_local_dir:
@@ -446,42 +432,40 @@ class Checkpointer:
         try:
             self.read_commit(step)
             return True
-        except (NoCheckpoint, NotACheckpoint):
+        except (NoCheckpoint, NotACheckpoint, UnsafeCheckpoint):
             return False  # a broken marker is debris: this save replaces it
 
     def _sizes(self, name: str) -> dict[str, int]:
-        loc = self.location
-        base = loc.join(name)
+        return fmt.stored_sizes(self.location, name)
 
-        def find():
-            with contextlib.suppress(Exception):
-                loc.fs.invalidate_cache(base)
-            return loc.fs.find(base, detail=True)
+    def _sync_or_raise(self, error: BaseException | None, what: str, payload: Any = None,
+                       keep: tuple[type[BaseException], ...] = (),
+                       after: str = "nothing was committed and the previous committed checkpoint stays valid") -> list:
+        """Barrier that also tells every rank whether any rank failed; returns all ranks' payloads.
 
-        try:
-            found = loc.call(find, name)
-        except FileNotFoundError:
-            return {}
-        return {posixpath.relpath(p, base): int(info.get("size") or 0) for p, info in found.items()}
-
-    def _sync_or_raise(self, error: BaseException | None, what: str, payload: Any = None) -> list:
-        """Barrier that also tells every rank whether any rank failed; returns all ranks' payloads."""
+        A failure is re-raised as a :class:`CheckpointError` saying nothing was committed, except
+        errors of the ``keep`` types, which every rank raises as they are (the same type everywhere)."""
         message = None if error is None else f"rank {self.rank}: {type(error).__name__}: {error}"
+        kind = type(error).__name__ if error is not None else None
         import torch.distributed as dist
 
         if self._barrier is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             gathered: list = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, (message, payload))
-            messages = [m for m, _ in gathered if m]
-            payloads = [p for _, p in gathered]
+            dist.all_gather_object(gathered, (message, kind, payload))
+            failures = [(m, k) for m, k, _ in gathered if m]
+            payloads = [p for _, _, p in gathered]
         else:
             if self._barrier is not None:
                 self._barrier()
             elif self.world_size > 1:
                 raise CheckpointError(f"{self.world_size} ranks but no barrier: initialise torch.distributed "
                                       "or pass barrier=")
-            messages, payloads = ([message] if message else []), [payload]
-        if messages:
-            raise CheckpointError(f"{what} failed ({'; '.join(messages)[:600]}); nothing was committed "
-                                  "and the previous committed checkpoint stays valid") from error
-        return payloads
+            failures, payloads = ([(message, kind)] if message else []), [payload]
+        if not failures:
+            return payloads
+        if error is not None and isinstance(error, keep):
+            raise error
+        kept = [(m, _ERRORS.get(k)) for m, k in failures]
+        if keep and all(cls is not None and issubclass(cls, keep) for _, cls in kept):
+            raise kept[0][1]("; ".join(m for m, _ in kept)[:600])
+        raise CheckpointError(f"{what} failed ({'; '.join(m for m, _ in failures)[:600]}); {after}") from error

@@ -53,6 +53,7 @@ class Trainer:
         from ctm_dist.storage import Location
         from ctm_dist.train import rng
         from ctm_dist.train.checkpointer import Checkpointer
+        from ctm_dist.train.lease import ray_job_owner
 
         self.cfg, self.rank, self.world_size, self.device, self.progress = cfg, rank, world_size, device, progress
         self.paths = run_paths(cfg)
@@ -65,7 +66,9 @@ class Trainer:
         self.dtype = model_dtype(cfg)
         self.run_location = Location.parse(cfg.run.storage, retry_deadline=cfg.run.storage_retry_deadline).child(cfg.run.name)
         self.checkpointer = Checkpointer(self.run_location, keep_last=cfg.checkpoint.keep, rank=rank,
-                                         world_size=world_size, local_dir=os.path.join(self.paths["local"], "scratch"))
+                                         world_size=world_size, local_dir=os.path.join(self.paths["local"], "scratch"),
+                                         owner=ray_job_owner())
+        self.checkpointer.acquire()  # one job writes a run: a second one with the same name stops here
         # what must match on resume: the model's shape-giving fields (not how ticks are recomputed)
         model_fields = {k: v for k, v in self.model_cfg.to_dict().items() if k not in EXECUTION_FIELDS}
         self.checkpoint_config = dict(cfg.to_dict(), model=model_fields)
@@ -336,7 +339,10 @@ def train_worker(loop_config: dict) -> None:
         torch.set_num_threads(threads)
     with training_in_progress():
         trainer = Trainer(cfg, ctx.get_world_rank(), ctx.get_world_size(), device, loop_config.get("progress"))
-        summary = trainer.fit()
+        try:
+            summary = trainer.fit()
+        finally:
+            trainer.checkpointer.close()  # done or preempted: a relaunch must not wait for the lease
     ray.train.report({k: v for k, v in summary.items() if isinstance(v, (int, float, str)) and v is not None})
     if dist.is_initialized():
         dist.barrier()

@@ -6,8 +6,11 @@ the test process never initialises torch.distributed. Commands (argv[1]):
 
 * ``crash-upload RUN_URL STEP N`` - commit step 2, then save STEP and SIGKILL itself right after the
   N-th file of that save reached the store (before COMMIT).
-* ``bad RUN_URL OTHER_URL FORGED_URL`` - save a wider model's checkpoint to OTHER_URL and try to load it;
-  try to load every committed step under FORGED_URL; print one JSON line {case: error}.
+* ``bad RUN_URL OTHER_URL FORGED_URL DAMAGED_URL`` - save a wider model's checkpoint to OTHER_URL and try
+  to load it; try to load every committed step under FORGED_URL; resume from DAMAGED_URL (its newest step
+  is damaged); print one JSON line {case: error}.
+* ``hold RUN_URL TTL`` - take the run's lease as job ``job-a`` (lease ttl TTL s), print ``READY`` and keep
+  it (heartbeat running) until killed.
 * ``outage RUN_URL`` - resume from the newest commit; print ``READY``; after a line on stdin, save
   step 6 with a 3 s deadline (must fail: the store is down), then with a 60 s deadline (must
   succeed once the store is back); print one JSON line with what happened.
@@ -52,7 +55,9 @@ def checkpointer(run_url: str, deadline: float | None = None):
     from ctm_dist.storage import Location
     from ctm_dist.train.checkpointer import Checkpointer
 
-    return Checkpointer(Location.parse(run_url), keep_last=5, rank=0, world_size=1, retry_deadline=deadline)
+    # a short lease: the SIGKILLed child's lease is taken over by the next one after 6 s without heartbeat
+    return Checkpointer(Location.parse(run_url), keep_last=5, rank=0, world_size=1, retry_deadline=deadline,
+                        lease_ttl=6.0)
 
 
 def extra(step: int) -> dict:
@@ -115,7 +120,17 @@ def outage(run_url: str) -> None:
     print(json.dumps(out), flush=True)
 
 
-def bad(run_url: str, other_url: str, forged_url: str) -> None:
+def hold(run_url: str, ttl: float) -> None:
+    from ctm_dist.storage import Location
+    from ctm_dist.train.checkpointer import Checkpointer
+
+    Checkpointer(Location.parse(run_url), owner="job-a", lease_ttl=ttl).acquire()
+    print("READY", flush=True)
+    while True:
+        time.sleep(60)
+
+
+def bad(run_url: str, other_url: str, forged_url: str, damaged_url: str) -> None:
     """Load what must be refused; print one JSON line {case: error text or 'LOADED'}."""
     from ctm_dist.model import CTM, preset
     from ctm_dist.train.checkpointer import Checkpointer
@@ -142,6 +157,9 @@ def bad(run_url: str, other_url: str, forged_url: str) -> None:
     forged = Checkpointer(Location.parse(forged_url), keep_last=5)
     for step in forged.committed_steps():
         attempt(f"forged_{step}", lambda step=step: forged.load(engine, step=step, config=cfg.to_dict()))
+    damaged = Checkpointer(Location.parse(damaged_url), keep_last=1)
+    attempt("damaged_newest", lambda: out.update(damaged_resumed=damaged.load_latest(engine, config=cfg.to_dict())[0]))
+    out["damaged_committed"] = damaged.committed_steps()
     print(json.dumps(out), flush=True)
 
 
@@ -150,7 +168,9 @@ if __name__ == "__main__":
     if cmd == "crash-upload":
         crash_upload(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     elif cmd == "bad":
-        bad(sys.argv[2], sys.argv[3], sys.argv[4])
+        bad(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5])
+    elif cmd == "hold":
+        hold(sys.argv[2], float(sys.argv[3]))
     elif cmd == "outage":
         outage(sys.argv[2])
     else:

@@ -8,6 +8,7 @@ previous commit is resumed, and the debris is removed by a later save.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -185,10 +186,23 @@ def test_checkpoints_that_must_be_refused(chaos_store, crashed_run, run_bucket, 
         content = dict(files, **replaced)
         for f, data in content.items():
             d.write_bytes(f, data)
-        d.write_bytes(COMMIT, json.dumps(dict(commit, step=step, files={f: len(b) for f, b in content.items()})).encode())
+        d.write_bytes(COMMIT, json.dumps(dict(commit, step=step, files={f: len(b) for f, b in content.items()},
+                                              sha256={f: hashlib.sha256(b).hexdigest()  # forged to match too
+                                                      for f, b in content.items()})).encode())
+
+    # A run whose newest commit has 4 KB zeroed inside a file (same size, COMMIT untouched): a damaged disk
+    # or a bad copy, not a forgery. Step 2 is the good copy.
+    damaged = run_location("ckpt-damaged").child("checkpoints")
+    middle = len(files[model_file]) // 2
+    for step, content in ((2, files), (4, dict(files, **{model_file: files[model_file][:middle] + bytes(4096)
+                                                         + files[model_file][middle + 4096:]}))):
+        d = damaged.child(f"step-{step:09d}")
+        for f, data in content.items():
+            d.write_bytes(f, data)
+        d.write_bytes(COMMIT, json.dumps(dict(commit, step=step)).encode())
 
     child = _Child(["bad", f"s3://{run_bucket}/runs/ckpt-target", f"s3://{run_bucket}/runs/ckpt-other",
-                    f"s3://{run_bucket}/runs/ckpt-forged"], env, tmp_path)
+                    f"s3://{run_bucket}/runs/ckpt-forged", f"s3://{run_bucket}/runs/ckpt-damaged"], env, tmp_path)
     out, err = child.communicate(timeout=180)
     assert child.returncode == 0, err[-3000:]
     res = _json_lines(out)[-1]
@@ -209,3 +223,42 @@ def test_checkpoints_that_must_be_refused(chaos_store, crashed_run, run_bucket, 
     assert res["forged_4"].startswith("UnsafeCheckpoint") and "nothing was executed" in res["forged_4"], res
     assert not marker.exists(), "the code in the pickle ran"
     rec.trial(True)
+
+    rec = scenario("damaged newest commit: resume falls back")
+    assert res["damaged_newest"] == "LOADED" and res["damaged_resumed"] == 2, res
+    assert res["damaged_committed"] == [2, 4], res  # resuming deletes nothing; the next save replaces step 4
+    assert "its SHA-256 differs" in child.stderr() and "falling back to the previous committed step" in child.stderr()
+    rec.trial(True, steps_lost=2)
+
+
+@pytest.mark.timeout(120)
+def test_second_job_on_a_run_is_refused_and_a_crashed_holder_expires(chaos_store, run_bucket, tmp_path, s3_env_for,
+                                                                    scenario):
+    """Two jobs with the same run name: the second is refused while the first one's heartbeat runs; once the
+    first is SIGKILLed (no release), its lease is taken over after its ttl."""
+    from ctm_dist.storage import Location
+    from ctm_dist.train.checkpointer import Checkpointer, RunLocked
+
+    env = s3_env_for()
+    url, ttl = f"s3://{run_bucket}/runs/ckpt-two-jobs", 4.0
+    holder = _Child(["hold", url, str(ttl)], env, tmp_path)
+    try:
+        line = holder.stdout.readline()
+        assert line.strip() == "READY", line + holder.stderr()[-3000:]
+        rec = scenario("second job with the same run name")
+        second = Checkpointer(Location.parse(url), owner="job-b", lease_ttl=ttl)
+        t0 = time.monotonic()
+        with pytest.raises(RunLocked, match="being written by another job .*owner job-a") as refused:
+            second.acquire()
+        assert chaos_store.secret_key not in str(refused.value)
+        rec.trial(True, recover_s=time.monotonic() - t0, note="refused while the first job's heartbeat runs")
+    finally:
+        holder.proc.kill()
+        holder.proc.communicate()
+    rec = scenario("crashed job's lease: rerun takes over")
+    killed = time.monotonic()
+    second.acquire()
+    waited = time.monotonic() - killed
+    assert waited < 3 * ttl, waited
+    second.close()
+    rec.trial(True, recover_s=waited, note=f"lease ttl {ttl:.0f}s")
