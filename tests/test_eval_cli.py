@@ -17,6 +17,7 @@ import torch
 
 from ctm_dist.eval.cli import evaluate_main, export_main, predict_main
 from ctm_dist.eval.export import save_consolidated
+from ctm_dist.storage.checkpoints import sha256_file
 from ctm_dist.storage.local import embedded_store
 from ctm_dist.train.driver import next_commands
 from eval_fixtures import DEMO_DATA, DEMO_RUN, tiny_ctm
@@ -257,10 +258,16 @@ def test_unsafe_or_corrupt_zero_checkpoint_is_one_line(demo_run, tmp_path, capsy
         torch.save({"module": RunsCode()}, states)
     else:
         states.write_bytes(states.read_bytes()[:200])
+    # as a forger with write access would: COMMIT's size and checksum made to match the new file
+    commit_path = states.parent / "COMMIT"
+    commit = json.loads(commit_path.read_text())
+    commit["files"][states.name] = states.stat().st_size
+    commit["sha256"][states.name] = sha256_file(states)
+    commit_path.write_text(json.dumps(commit))
     for main, argv in ((export_main, [str(run), str(tmp_path / "out")]),
                        (evaluate_main, [str(run), "--data", str(tmp_path)])):
         assert main(argv) == 2
         line = _one_error_line(capsys)
         assert "mp_rank_00_model_states.pt" in line
-        assert ("refused" if damage == "unsafe" else "corrupt or truncated") in line
+        assert ("refused" if damage == "unsafe" else "not a torch checkpoint file") in line
         assert "weights_only=False" not in line

@@ -35,6 +35,15 @@ def committed_steps(run: Location) -> list[int]:
     return fmt.committed_steps(checkpoints(run))
 
 
+def _no_usable_step(run: Location) -> NoCheckpoint:
+    """The error for a run without a usable step, naming why committed steps were refused."""
+    refused: list[str] = []
+    fmt.committed_steps(checkpoints(run), on_invalid=lambda step, e: refused.append(str(e)))
+    if refused:
+        return NoCheckpoint(f"{run.url}: no usable checkpoint: {refused[-1]}")
+    return NoCheckpoint(f"{run.url}: no committed checkpoint (checkpoints/step-*/COMMIT)")
+
+
 def step_dir(step: int) -> str:
     return f"checkpoints/{step_name(step)}"
 
@@ -42,7 +51,7 @@ def step_dir(step: int) -> str:
 def choose_step(run: Location, step: int | None = None) -> int:
     steps = committed_steps(run)
     if not steps:
-        raise NoCheckpoint(f"{run.url}: no committed checkpoint (checkpoints/step-*/COMMIT)")
+        raise _no_usable_step(run)
     if step is None:
         return steps[-1]
     if step not in steps:
@@ -76,7 +85,7 @@ def with_loadable_step(run: Location, step: int | None, use: Callable[[int, dict
         return step, commit, use(step, commit)
     steps = committed_steps(run)
     if not steps:
-        raise NoCheckpoint(f"{run.url}: no committed checkpoint (checkpoints/step-*/COMMIT)")
+        raise _no_usable_step(run)
     for i, candidate in enumerate(reversed(steps)):
         try:
             commit = read_commit(run, candidate)
