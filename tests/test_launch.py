@@ -152,6 +152,23 @@ def test_second_launcher_on_the_same_directory_is_refused(tmp_path):
         pass
 
 
+def test_second_job_on_a_run_being_trained_is_refused_before_any_worker_starts(tmp_path):
+    from ctm_dist.storage import Location
+    from ctm_dist.train.lease import RunLease
+
+    lease = RunLease(Location.parse(str(tmp_path / "runs" / "r1" / "checkpoints")), ttl=3)
+    lease.acquire()  # the first job, renewing its lease every second
+    try:
+        proc = _launch("imagenet.py", "--storage", str(tmp_path / "runs"), "--name", "r1",
+                       env=_local_env(RAY_ADDRESS="127.0.0.1:1"), cwd=tmp_path)
+    finally:
+        lease.release()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "run r1 is being trained by another job" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_s3_data_with_the_embedded_store_keeps_the_users_endpoint_or_refuses(tmp_path):
     env = _local_env(AWS_ENDPOINT_URL="http://127.0.0.1:9", AWS_ACCESS_KEY_ID="mine", AWS_SECRET_ACCESS_KEY="mine2")
     proc = _launch("imagenet.py", "--data", "s3://my-bucket/imagenet", f"run.local_dir={tmp_path}", env=env,

@@ -41,6 +41,7 @@ from ctm_dist.storage.local import (
 )
 from ctm_dist.train.checkpointer import Checkpointer
 from ctm_dist.train.config import TrainConfig
+from ctm_dist.train.lease import live_writer
 from ctm_dist.train.metrics import config_text, format_line
 from ctm_dist.train.preemption import Preempted, handle_signals, parse_signals
 from ctm_dist.train.tasks import preflight
@@ -161,6 +162,15 @@ def prepared_storage(cfg: TrainConfig, local_dir_name: str | None = None):
                 raise ValueError(f"run.name {DEMO_DATA!r} is where the demo shards go; choose another name")
             ensure_demo_shards(cfg.data.url)
         yield cfg, env
+
+
+def refuse_a_second_writer(cfg: TrainConfig) -> None:
+    """One job writes a run: refuse while another job renews the run's lease (ctm_dist.train.lease)."""
+    checkpoints = Location.parse(cfg.run.storage).child(cfg.run.name).child("checkpoints")
+    doc = live_writer(checkpoints)
+    if doc is not None:
+        raise LaunchRefused(f"run {cfg.run.name} is being trained by another job (host {doc.get('host', '?')}, "
+                            f"pid {doc.get('pid', '?')}); wait for it to finish, or choose another --name")
 
 
 def completed_step(cfg: TrainConfig) -> int | None:
@@ -369,6 +379,7 @@ def train(cfg: TrainConfig, *, ray_address: str | None = None, interactive: bool
                     "checkpoints": Location.parse(cfg.run.storage).child(cfg.run.name).child("checkpoints").url,
                     "wall_s": time.perf_counter() - started}
         preflight(cfg)
+        refuse_a_second_writer(cfg)
         save_config(cfg)
         owns_ray = connect_ray(ray_address, log_to_driver=verbose)
         try:

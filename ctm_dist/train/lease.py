@@ -184,6 +184,27 @@ class RunLease:
                         self.url, e, self.ttl)
 
 
+def live_writer(location: Location, ttl: float = DEFAULT_TTL) -> dict | None:
+    """The lease at ``location`` when another job is alive and renewing it, else None.
+
+    A lease renewed within its ttl by the wall clock is watched for one heartbeat interval (a third
+    of its ttl, plus a margin); a lease that does not move belongs to a crashed job and is taken over
+    by the next holder, so it is no reason to refuse. Lets a launcher refuse before any worker starts."""
+    probe = RunLease(location, owner="launcher-probe", ttl=ttl)
+    first = probe.read()
+    if first is None or probe._free(first):
+        return None
+    deadline = time.monotonic() + (_ttl_of(first) or ttl) / 3 * 1.5
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = probe.read()
+        if now is None:
+            return None
+        if _moved(first, now):
+            return now
+    return None
+
+
 def _ttl_of(doc: dict | None) -> float:
     try:
         return float((doc or {}).get("ttl") or 0.0)
