@@ -233,7 +233,11 @@ def test_evaluate_on_s3_matches_direct_computation_and_cli(tmp_path, s3_location
     assert [r["threshold"] for r in report["halting_timing"]["per_threshold"]] == [0.5, 2.0]
     for name in ("accuracy_per_tick", "calibration", "halting_sweep", "most_certain_tick"):
         assert (out / f"{name}.png").stat().st_size > 1000
-    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    top1 = events.Scalars("eval/top1")  # the training run's tag: the curves overlay
+    assert [e.value for e in top1] == pytest.approx([report["classification"]["most_certain_top1"]])
     assert s3_env["AWS_SECRET_ACCESS_KEY"] not in (out / "report.json").read_text()
 
 

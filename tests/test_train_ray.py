@@ -166,7 +166,7 @@ def test_checkpoints_restarts_and_relaunches_keep_one_trajectory(ray_session, ob
     assert "config/text_summary" in tags["tensors"]  # the resolved config, as text
     for tag in ("train/accuracy", "train/lr", "train/grad_norm", "perf/samples_per_s", "perf/step_time_s",
                 "perf/data_wait_s", "perf/peak_memory_gib", "eval/loss", "checkpoint/save_s", "eval/top1", "eval/top5",
-                "train/per_tick_accuracy/tick_000", "train/most_certain_tick_mean"):
+                "train/per_tick_accuracy/tick_001", "train/most_certain_tick_mean"):
         assert tag in tags["scalars"], tag
     assert "train/most_certain_tick" in tags["histograms"]
     lrs = {e.step: e.value for e in acc.Scalars("train/lr")}

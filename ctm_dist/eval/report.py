@@ -45,6 +45,13 @@ def headline(report: dict) -> dict[str, float]:
     return out
 
 
+# The training run's names for the same numbers (``ctm_dist.train``'s ``eval/...`` scalars): written
+# under both names, an evaluation's points fall on the training run's curves in TensorBoard.
+TRAINING_TAGS = {"classification/most_certain_top1": "top1", "classification/most_certain_top5": "top5",
+                 "mazes/step_accuracy": "step_accuracy", "mazes/route_accuracy": "route_accuracy",
+                 "parity/sequence_accuracy": "sequence_accuracy"}
+
+
 def write_report(report: dict, out_dir: str | Path, step: int = 0, tensorboard: bool = True) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -67,6 +74,8 @@ def write_report(report: dict, out_dir: str | Path, step: int = 0, tensorboard: 
         if writer is not None:
             for k, v in headline(report).items():
                 writer.add_scalar(f"eval/{k}", v, step)
+                if k in TRAINING_TAGS:
+                    writer.add_scalar(f"eval/{TRAINING_TAGS[k]}", v, step)
     finally:
         if writer is not None:
             writer.close()

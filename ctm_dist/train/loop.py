@@ -144,7 +144,7 @@ class Trainer:
         self.engine.train()
         out = self.task.summarise(reduced, prefix="eval/")
         if ticks.numel():
-            out["eval/most_certain_tick_mean"] = ticks.double().mean().item()
+            out["eval/most_certain_tick_mean"] = ticks.double().mean().item() + 1  # ticks numbered 1..T
         out["eval/samples"] = float(reduced.get("samples", torch.zeros(1))[0])
         if "loss_sum" in reduced:
             out["eval/loss"] = float(reduced["loss_sum"][0]) / max(out["eval/samples"], 1.0)
@@ -172,7 +172,7 @@ class Trainer:
             values["train/grad_norm"] = float(grad_norm)
         values.update(self.task.summarise(reduced, prefix="train/"))
         if ticks.numel():
-            values["train/most_certain_tick_mean"] = ticks.double().mean().item()
+            values["train/most_certain_tick_mean"] = ticks.double().mean().item() + 1
         if extra:
             values.update(extra)
         if self.tb is not None:
@@ -180,9 +180,9 @@ class Trainer:
             self.tb.scalars(scalars, self.step)
             for k, v in values.items():
                 if isinstance(v, (list, tuple)):  # per-tick accuracy: one scalar per tick
-                    for t, value in enumerate(v):
+                    for t, value in enumerate(v, start=1):  # ticks numbered 1..T, as in the pictures
                         self.tb.writer.add_scalar(f"{k}/tick_{t:03d}", value, self.step)
-            self.tb.histogram("train/most_certain_tick", ticks, self.step, bins=self.model_cfg.iterations)
+            self.tb.histogram("train/most_certain_tick", ticks + 1, self.step, bins=self.model_cfg.iterations)
             self.tb.flush()
         self._steps_since_log = 0
         return values

@@ -129,7 +129,7 @@ class TensorBoardLog:
     def histogram(self, name: str, values: torch.Tensor, step: int, bins: int | None = None) -> None:
         if values.numel():
             if bins:
-                edges = torch.arange(bins + 1, dtype=torch.float64) - 0.5
+                edges = torch.arange(bins + 1, dtype=torch.float64) + 0.5  # integer values 1..bins
                 self.writer.add_histogram(name, values.double(), step, bins=edges.numpy())
             else:
                 self.writer.add_histogram(name, values.double(), step)
