@@ -13,9 +13,19 @@ from ctm_dist.data.decode import DEFAULT_ROUTE_LENGTH
 from ctm_dist.data.index import read_index
 from ctm_dist.data.parity import ParityLoader
 from ctm_dist.data.reader import ShardLoader
-from ctm_dist.losses import (accuracy_at_most_certain, as_sequence_predictions, image_classification_loss,
-                             maze_loss, maze_route_accuracy, maze_step_accuracy, parity_accuracy, parity_loss,
-                             per_tick_accuracy, sequence_all_correct, topk_accuracy)
+from ctm_dist.losses import (
+    accuracy_at_most_certain,
+    as_sequence_predictions,
+    image_classification_loss,
+    maze_loss,
+    maze_route_accuracy,
+    maze_step_accuracy,
+    parity_accuracy,
+    parity_loss,
+    per_tick_accuracy,
+    sequence_all_correct,
+    topk_accuracy,
+)
 from ctm_dist.model import preset
 from ctm_dist.storage import Location
 from ctm_dist.train.config import TrainConfig
