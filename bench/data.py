@@ -31,8 +31,10 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ctm_dist.data.demo_writer import write_demo_shards  # noqa: E402
 from ctm_dist.data.reader import STREAM_BLOCK, ShardLoader  # noqa: E402
 from ctm_dist.data.writer import ShardSetWriter  # noqa: E402
+from ctm_dist.model import CTM, preset  # noqa: E402
 from ctm_dist.storage import LocalObjectStore, Location  # noqa: E402
 
 
@@ -97,8 +99,6 @@ def samples_per_s(loc: Location, split: str, task: str, image_size: int, batch: 
 
 def demo_step_seconds(batch: int, steps: int = 2) -> float:
     """Median time of one demo-preset training step (forward, certainty-style loss, backward, AdamW)."""
-    from ctm_dist.model import CTM, preset
-
     torch.manual_seed(0)
     model = CTM(preset("demo"))
     x = torch.randn(batch, 3, 32, 32)
@@ -158,7 +158,6 @@ def main() -> None:
                                 key=store.access_key, secret=store.secret_key)
             for n in names + ["train.json"]:
                 s3.put_file(local.join(n), n)
-            from ctm_dist.data.demo_writer import write_demo_shards
             demo = s3.child("demo")
             write_demo_shards(demo, splits=("train",))
 

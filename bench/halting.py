@@ -21,12 +21,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
+from ctm_dist.data.demo_writer import write_demo_shards  # noqa: E402
+from ctm_dist.data.reader import ShardLoader  # noqa: E402
+from ctm_dist.eval.cli import format_summary  # noqa: E402
+from ctm_dist.eval.evaluate import EvalRequest, evaluate  # noqa: E402
+from ctm_dist.eval.export import save_consolidated  # noqa: E402
+from ctm_dist.eval.halting import time_halting  # noqa: E402
+from ctm_dist.eval.inputs import shard_samples  # noqa: E402
+from ctm_dist.eval.loading import load_model  # noqa: E402
+from ctm_dist.eval.report import write_report  # noqa: E402
+from ctm_dist.losses import image_classification_loss  # noqa: E402
+from ctm_dist.model import CTM, preset  # noqa: E402
+
 
 def train_demo(data: str, minutes: float, batch_size: int, seed: int = 0, lr: float = 1e-3, on_save=None):
-    from ctm_dist.data.reader import ShardLoader
-    from ctm_dist.losses import image_classification_loss
-    from ctm_dist.model import CTM, preset
-
     torch.manual_seed(seed)
     model = CTM(preset("demo")).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -67,19 +75,9 @@ def main() -> int:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
 
-    from ctm_dist.eval.cli import format_summary
-    from ctm_dist.eval.evaluate import EvalRequest, evaluate
-    from ctm_dist.eval.export import save_consolidated
-    from ctm_dist.eval.halting import time_halting
-    from ctm_dist.eval.inputs import shard_samples
-    from ctm_dist.eval.loading import load_model
-    from ctm_dist.eval.report import write_report
-
     os.makedirs(a.out, exist_ok=True)
     data = a.data or os.path.join(os.path.abspath(a.out), "demo-shards")
     if not a.data and not os.path.exists(os.path.join(data, "val.json")):
-        from ctm_dist.data.demo_writer import write_demo_shards
-
         write_demo_shards(data)
     checkpoint = a.checkpoint
     if not checkpoint:

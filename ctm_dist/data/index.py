@@ -11,6 +11,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ctm_dist.storage import Location
+
 FORMAT = "ctm-dist-shards/1"
 
 
@@ -84,8 +86,6 @@ class ShardIndex:
 
 def read_index(location, split: str) -> ShardIndex:
     """Read ``{location}/{split}.json``; ``location`` is a ``ctm_dist.storage.Location`` or a URL."""
-    from ctm_dist.storage import Location
-
     if isinstance(location, str):
         location = Location.parse(location)
     try:

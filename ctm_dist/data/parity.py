@@ -42,7 +42,7 @@ class ParityLoader:
     """Batches ``dict(input [B, L], target [B, L], valid [B], key)`` of generated parity sequences."""
 
     def __init__(self, sequence_length: int = 64, *, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, samples_per_epoch: int = 100_000, num_workers: int = 0, **_ignored):
+                 seed: int = 0, samples_per_epoch: int = 100_000):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self.sequence_length, self.batch_size = sequence_length, batch_size

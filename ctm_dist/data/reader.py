@@ -37,6 +37,8 @@ from ctm_dist.storage import Location, StorageError, StorageNotFound, is_transie
 
 from .decode import BadSample, Decoder, make_decoder
 from .index import ShardIndex, read_index
+from .parity import STATE_FORMAT as PARITY_STATE_FORMAT
+from .parity import merge_parity_states
 from .sampling import Slot, batches_per_rank, group_order, make_plan, name_hash
 
 log = logging.getLogger(__name__)
@@ -577,8 +579,7 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
     if not states:
         raise ValueError("merge_states needs at least one state")
     first = states[0]
-    if first.get("format") == "ctm-dist-parity/1":
-        from .parity import merge_parity_states
+    if first.get("format") == PARITY_STATE_FORMAT:
         return merge_parity_states(states)
     for s in states[1:]:
         for field in ("format", "split", "seed", "epoch"):

@@ -5,6 +5,9 @@ an unsafe pickle, a file that is no image, an out-of-range value). A run in the 
 object store (``s3://ctm-dist/...``, no ``AWS_ENDPOINT_URL`` set, ``./.ctm-dist`` present, or
 ``--local-dir DIR``) is read by starting that store for the command's duration, so the commands
 the trainer prints at the end (``ctm_dist.train.driver.next_commands``) work as printed.
+
+``report`` and ``pictures`` (matplotlib, TensorBoard) are imported inside the commands that draw,
+so that ``--help`` stays fast.
 """
 
 from __future__ import annotations
@@ -22,11 +25,15 @@ from pathlib import Path
 
 import torch
 
-from ctm_dist.storage import StorageError
+from ctm_dist.storage import Location, StorageError
 from ctm_dist.storage.checkpoints import CheckpointError
 from ctm_dist.storage.local import EMBEDDED_BUCKET, EMBEDDED_LOCAL_DIR, embedded_store
 
-from .halting import DEFAULT_THRESHOLDS, best_threshold
+from .evaluate import EvalRequest, evaluate, request_dict
+from .export import MODEL_FILE, export_run
+from .halting import DEFAULT_THRESHOLDS, best_threshold, time_halting
+from .inputs import image_files, input_spec, shard_samples
+from .loading import load_model
 
 # Errors that mean bad input rather than a bug: reported in one line, exit 2.
 INPUT_ERRORS = (ValueError, OSError, StorageError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile)
@@ -162,8 +169,6 @@ def _quiet():
 
 def _load(checkpoint: str, step: int | None, **overrides):
     """``load_model`` without DeepSpeed's prints."""
-    from .loading import load_model
-
     with _quiet():
         return load_model(checkpoint, step=step, **overrides)
 
@@ -172,7 +177,6 @@ def _load(checkpoint: str, step: int | None, **overrides):
 
 @command
 def evaluate_main(argv: list[str] | None = None) -> int:
-    from .evaluate import EvalRequest, evaluate, request_dict
     from .report import write_report
 
     p = _Parser(description="Evaluate a CTM checkpoint: JSON report, PNG plots, TensorBoard.")
@@ -218,9 +222,6 @@ def evaluate_main(argv: list[str] | None = None) -> int:
 
 def measure_halting_time(req, n_batches: int, report: dict | None = None) -> dict:
     """Wall and CPU time of halting on the first batches of the data ``report`` was computed on."""
-    from .halting import time_halting
-    from .inputs import shard_samples
-
     report = report or {}
     overrides = {"iterations": req.iterations} if req.iterations else {}
     model = _load(req.checkpoint, req.step, **overrides).model.eval()
@@ -277,8 +278,6 @@ def format_summary(report: dict) -> str:
 def _inputs(a, loaded, count: int):
     """(x, targets or None, task, names) from --images or --data (default: the shard set it trained on),
     through the input pipeline the model was trained with."""
-    from .inputs import image_files, input_spec, shard_samples
-
     task = a.task or loaded.task
     if a.images:
         if not task:
@@ -364,10 +363,6 @@ def predict_main(argv: list[str] | None = None) -> int:
 
 @command
 def export_main(argv: list[str] | None = None) -> int:
-    from ctm_dist.storage import Location
-
-    from .export import MODEL_FILE, export_run
-
     p = _Parser(description="Export a run's ZeRO checkpoint to one safetensors file + JSON config "
                             "(or to the reference's .pt format).")
     p.add_argument("run", help="run URL: {storage}/{run_name}")

@@ -14,6 +14,9 @@ from typing import Any
 
 import torch
 
+from ctm_dist.data.index import read_index
+from ctm_dist.data.parity import ParityLoader
+from ctm_dist.data.reader import ShardLoader
 from ctm_dist.storage import Location
 
 from .classification import ClassificationStats
@@ -82,8 +85,6 @@ def _task(req: EvalRequest, loaded: Loaded) -> str:
     if req.task:
         return req.task
     if req.data:
-        from ctm_dist.data.index import read_index
-
         return read_index(_location(req, "data"), req.split).task
     if loaded.task:
         return loaded.task
@@ -114,8 +115,6 @@ def evaluate_part(req: EvalRequest, rank: int = 0, world_size: int = 1) -> dict[
     stats: dict[str, Any] = {}
     start = time.perf_counter()
     if task == "parity":
-        from ctm_dist.data.parity import ParityLoader
-
         L = model.cfg.prediction_reshaper[0] if model.cfg.prediction_reshaper[0] > 0 else model.cfg.out_dims // 2
         loader = ParityLoader(L, batch_size=req.batch_size, rank=rank, world_size=world_size,
                               seed=req.parity_seed, samples_per_epoch=req.parity_samples)
@@ -124,8 +123,6 @@ def evaluate_part(req: EvalRequest, rank: int = 0, world_size: int = 1) -> dict[
             p, c, _ = model(x.float())
             stats["parity"].update(p, c, y)
     else:
-        from ctm_dist.data.reader import ShardLoader
-
         route_length = model.cfg.out_dims // 5 if task == "mazes" else None
         loader = ShardLoader(_location(req, "data"), req.split, task=task, batch_size=req.batch_size,
                              rank=rank, world_size=world_size, train=False, image_size=req.image_size,
@@ -154,9 +151,6 @@ def evaluate_part(req: EvalRequest, rank: int = 0, world_size: int = 1) -> dict[
 
 def generalise(model, req: EvalRequest, rank: int = 0, world_size: int = 1) -> GeneralisationStats:
     """Re-application on (larger) mazes of another shard set; success by optimal route length."""
-    from ctm_dist.data.index import read_index
-    from ctm_dist.data.reader import ShardLoader
-
     location = _location(req, "generalise_data")
     meta = read_index(location, req.generalise_split).meta
     loader = ShardLoader(location, req.generalise_split, task="mazes", batch_size=1, rank=rank,

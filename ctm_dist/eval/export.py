@@ -21,11 +21,13 @@ from typing import Any
 
 import torch
 
+from ctm_dist.compat import export_reference_checkpoint
 from ctm_dist.model import CTM, CTMConfig
 from ctm_dist.storage import Location
 from ctm_dist.storage.checkpoints import check_loadable
 
 from . import runs
+from .inputs import model_meta, trained_data, trained_inputs
 
 FORMAT = "ctm-dist-export/1"
 MODEL_FILE = "model.safetensors"
@@ -150,7 +152,6 @@ def export_run(run: str | Location, out: str | os.PathLike | Location, step: int
     model = load_weights(CTM(cfg), state).eval()
     task = commit.get("task") or (commit.get("config") or {}).get("data", {}).get("task")
     if reference_dataset:
-        from ctm_dist.compat import export_reference_checkpoint
 
         export_reference_checkpoint(model, out, reference_dataset)
         return os.fspath(out)
@@ -159,7 +160,6 @@ def export_run(run: str | Location, out: str | os.PathLike | Location, step: int
 
 def _trained_with(commit: dict, run: Location, step: int) -> dict:
     """What an export keeps of its run's COMMIT marker: metadata, input pipeline, source and data."""
-    from .inputs import model_meta, trained_data, trained_inputs
 
     meta = runs.data_meta(commit)
     inputs = trained_inputs(commit, meta)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ctm_dist.inference import predict
+
 DEFAULT_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 1.01)
 
 
@@ -108,8 +110,6 @@ def time_halting(model, batches: list[torch.Tensor], thresholds, max_ticks: int 
     Returns {"full_s", "start_s", "full_cpu_s", "start_cpu_s", "repeats", "per_threshold": [{"threshold",
     "seconds", "saving", "tick_loop_saving", "cpu_seconds", "cpu_saving", "cpu_tick_loop_saving"}]}.
     """
-    from ctm_dist.inference import predict
-
     def once(fn) -> tuple[float, float]:
         wall, cpu = time.perf_counter(), time.process_time()
         with torch.inference_mode():

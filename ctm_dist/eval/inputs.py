@@ -19,6 +19,7 @@ from PIL import Image
 
 from ctm_dist.data import transforms as T
 from ctm_dist.data.decode import BadSample, ClassificationDecoder, make_decoder
+from ctm_dist.data.reader import ShardLoader
 
 CLASSIFICATION_TASKS = ("imagenet", "demo", "cifar10")
 
@@ -125,8 +126,6 @@ def image_files(paths: list[str], spec: InputSpec | str, image_size: int | None 
 def shard_samples(url: str, split: str, count: int, task: str | None = None, image_size: int | None = None,
                   route_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(inputs, targets, task) of the first ``count`` valid samples of a split, evaluation transform."""
-    from ctm_dist.data.reader import ShardLoader
-
     loader = ShardLoader(url, split, task=task, batch_size=count, train=False, shuffle=False,
                          image_size=image_size, route_length=route_length)
     xs, ys = [], []

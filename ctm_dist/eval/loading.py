@@ -15,10 +15,12 @@ import os
 import tempfile
 from dataclasses import dataclass, field, replace
 
+from ctm_dist.compat import load_reference_checkpoint
 from ctm_dist.model import CTM, CTMConfig
 from ctm_dist.storage import Location
 
 from . import export, runs
+from .inputs import model_meta, trained_data, trained_inputs
 
 
 @dataclass
@@ -64,7 +66,6 @@ def _load_safetensors(location: Location, name: str, overrides: dict) -> Loaded:
 
 def _run_loaded(model: CTM, task: str | None, commit: dict, run: Location, step: int) -> Loaded:
     """A run's model with what its COMMIT marker says about it: input pipeline and training data."""
-    from .inputs import model_meta, trained_data, trained_inputs
 
     meta = runs.data_meta(commit)
     inputs = trained_inputs(commit, meta)
@@ -91,7 +92,6 @@ def load_model(path: str | os.PathLike | Location, step: int | None = None, map_
         parent, name = _parent_and_name(location)
         loaded = _load_safetensors(parent, name, overrides)
     elif location.exists():
-        from ctm_dist.compat import load_reference_checkpoint
 
         if location.protocol == "file":
             model = load_reference_checkpoint(location.path, **overrides)

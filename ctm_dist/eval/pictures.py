@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ctm_dist.inference import predict
+
 from . import animate, plots
 from .inputs import CLASSIFICATION_TASKS, attention_maps, display_rgb
 from .mazes import maze_rgb, split_route
@@ -41,8 +43,6 @@ def make_pictures(model, x: torch.Tensor, task: str, out_dir: str | Path, target
     """Write every picture for inputs ``x`` into ``out_dir``; returns the files written.
     ``tb`` (a SummaryWriter) also receives each figure under ``pictures/``; ``meta["classes"]``
     (the shard set's class names), when given, names the predicted classes."""
-    from ctm_dist.inference import predict
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
@@ -93,8 +93,6 @@ def class_name(meta: dict, index: int) -> str:
 
 def summary_lines(model, x: torch.Tensor, threshold: float, names: list[str], meta: dict | None = None) -> list[str]:
     """One line per input: the class, the tick it stopped at and its certainty (adaptive halting)."""
-    from ctm_dist.inference import predict
-
     model.eval()
     result = predict(model, x.float(), certainty_threshold=threshold)
     lines = []

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from ctm_dist.data.index import read_index
+from ctm_dist.model import CTMConfig
 from ctm_dist.storage import Location
 from ctm_dist.storage import checkpoints as fmt
 from ctm_dist.storage.checkpoints import (COMMIT, STEP_DIR, CheckpointError, NoCheckpoint,  # noqa: F401 - re-exported
@@ -113,7 +115,6 @@ def data_meta(commit: dict) -> dict:
     data = (commit.get("config") or {}).get("data") or {}
     if not data.get("url") or data.get("task") == "parity":
         return {}
-    from ctm_dist.data.index import read_index
 
     try:
         return dict(read_index(Location.parse(data["url"]), "train").meta)
@@ -124,7 +125,6 @@ def data_meta(commit: dict) -> dict:
 def model_config_from_commit(commit: dict) -> dict | None:
     """The CTMConfig fields of a COMMIT marker: ``config.model`` as the trainer records it (every
     shape-giving CTMConfig field), or None when the marker records no model config."""
-    from ctm_dist.model import CTMConfig
 
     model = (commit.get("config") or {}).get("model")
     if not isinstance(model, dict) or "d_model" not in model:

@@ -17,6 +17,8 @@ import sys
 import warnings
 
 from ctm_dist.train.config import ConfigError, build_config
+from ctm_dist.train.metrics import config_text
+from ctm_dist.train.preemption import Preempted, exit_code_for
 
 # Per-task defaults (reference scripts' values where they exist); the dataclass defaults are the demo's.
 TASK_DEFAULTS: dict[str, dict] = {
@@ -157,12 +159,10 @@ def main(task: str, argv: list[str] | None = None, prog: str | None = None) -> i
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
-        from ctm_dist.train.metrics import config_text
-
         print(config_text(cfg), end="")
         return 0
     _quiet_logging(args.verbose)
-    from ctm_dist.train.driver import LaunchRefused, summary_lines, train
+    from ctm_dist.train.driver import LaunchRefused, summary_lines, train  # Ray: not imported for --help
 
     try:
         summary = train(cfg, ray_address=args.ray_address, interactive=False if args.quiet else None,
@@ -192,8 +192,6 @@ def main(task: str, argv: list[str] | None = None, prog: str | None = None) -> i
 
 
 def _preempted(error: BaseException):
-    from ctm_dist.train.preemption import Preempted
-
     seen = set()
     e: BaseException | None = error
     while e is not None and id(e) not in seen:
@@ -228,6 +226,4 @@ imagenet, cifar10, mazes, parity = (_console(t) for t in ("imagenet", "cifar10",
 
 
 def _preempted_code(error: BaseException) -> int:
-    from ctm_dist.train.preemption import exit_code_for
-
     return exit_code_for(error)

@@ -31,6 +31,7 @@ from pathlib import Path
 import ray
 import torch
 
+from ctm_dist.data.demo_writer import write_demo_shards
 from ctm_dist.storage import Location
 from ctm_dist.storage.local import (
     EMBEDDED_BUCKET,
@@ -42,8 +43,9 @@ from ctm_dist.storage.local import (
 from ctm_dist.train.checkpointer import Checkpointer
 from ctm_dist.train.config import TrainConfig
 from ctm_dist.train.lease import live_writer
+from ctm_dist.train.loop import train_worker
 from ctm_dist.train.metrics import config_text, format_line
-from ctm_dist.train.preemption import Preempted, handle_signals, parse_signals
+from ctm_dist.train.preemption import Preempted, WorkerSignals, handle_signals, parse_signals
 from ctm_dist.train.tasks import preflight
 
 log = logging.getLogger("ctm_dist.train")
@@ -201,8 +203,6 @@ def _environ(values: dict[str, str]):
 
 
 def ensure_demo_shards(url: str) -> None:
-    from ctm_dist.data.demo_writer import write_demo_shards
-
     loc = Location.parse(url)
     if loc.exists("train.json") and loc.exists("val.json"):
         return
@@ -239,9 +239,6 @@ def connect_ray(address: str | None, log_to_driver: bool = True) -> bool:
 def _trainer(cfg: TrainConfig, progress, env: dict[str, str]):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from ctm_dist.train.loop import train_worker
-    from ctm_dist.train.preemption import WorkerSignals
 
     sc = cfg.scale
     resources = {"CPU": sc.cpus_per_worker}

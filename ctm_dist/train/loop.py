@@ -22,11 +22,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ctm_dist.model import execution
+from ctm_dist.model import CTM, EXECUTION_FIELDS, execution
+from ctm_dist.storage import Location
+from ctm_dist.train import rng
+from ctm_dist.train.checkpointer import Checkpointer
 from ctm_dist.train.config import TrainConfig
 from ctm_dist.train.engine import build_engine, model_dtype
+from ctm_dist.train.lease import ray_job_owner
 from ctm_dist.train.metrics import RunningSums, StepTimer, TensorBoardLog, config_text, peak_memory_gib
-from ctm_dist.train.preemption import training_in_progress, worker_signal
+from ctm_dist.train.preemption import PreemptionHandler, parse_signals, training_in_progress, worker_signal
 from ctm_dist.train.tasks import make_task
 
 log = logging.getLogger(__name__)
@@ -49,12 +53,6 @@ class Trainer:
     """State and steps of one worker; ``fit()`` runs the whole loop."""
 
     def __init__(self, cfg: TrainConfig, rank: int, world_size: int, device: torch.device, progress=None):
-        from ctm_dist.model import CTM, EXECUTION_FIELDS
-        from ctm_dist.storage import Location
-        from ctm_dist.train import rng
-        from ctm_dist.train.checkpointer import Checkpointer
-        from ctm_dist.train.lease import ray_job_owner
-
         self.cfg, self.rank, self.world_size, self.device, self.progress = cfg, rank, world_size, device, progress
         self.paths = run_paths(cfg)
         self._record_worker()
@@ -188,8 +186,6 @@ class Trainer:
         return values
 
     def save(self) -> float:
-        from ctm_dist.train import rng
-
         t0 = time.perf_counter()
         extra = {"data": self.train_data.global_state_dict(), "rng": rng.capture()}
         self.checkpointer.save(self.step, self.engine, extra, config=self.checkpoint_config)
@@ -274,8 +270,6 @@ class StopRequests:
     """
 
     def __init__(self, cfg: TrainConfig, progress=None):
-        from ctm_dist.train.preemption import PreemptionHandler, parse_signals
-
         self.handler = PreemptionHandler(parse_signals(cfg.run.preemption_signals))
         try:
             self.handler.install()

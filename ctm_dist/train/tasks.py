@@ -9,6 +9,25 @@ from __future__ import annotations
 
 import torch
 
+from ctm_dist.data.decode import DEFAULT_ROUTE_LENGTH
+from ctm_dist.data.index import read_index
+from ctm_dist.data.parity import ParityLoader
+from ctm_dist.data.reader import ShardLoader
+from ctm_dist.losses import (
+    accuracy_at_most_certain,
+    as_sequence_predictions,
+    image_classification_loss,
+    maze_loss,
+    maze_route_accuracy,
+    maze_step_accuracy,
+    parity_accuracy,
+    parity_loss,
+    per_tick_accuracy,
+    sequence_all_correct,
+    topk_accuracy,
+)
+from ctm_dist.model import preset
+from ctm_dist.storage import Location
 from ctm_dist.train.config import TrainConfig
 
 
@@ -30,8 +49,6 @@ class Task:
         return {}
 
     def model_config(self):
-        from ctm_dist.model import preset
-
         values = self.data_overrides()
         values.update(self.cfg.model.overrides)
         return preset(self.cfg.model.preset, **values)
@@ -74,29 +91,21 @@ class ShardTask(Task):
 
     def __init__(self, cfg, rank, world_size):
         super().__init__(cfg, rank, world_size)
-        from ctm_dist.data.index import read_index
-
         self.location = self.data_location(cfg)
         self.meta = read_index(self.location, self.train_split).meta
 
     @staticmethod
     def data_location(cfg):
-        from ctm_dist.storage import Location
-
         return Location.parse(cfg.data.url, retry_deadline=cfg.run.storage_retry_deadline)
 
     @classmethod
     def preflight(cls, cfg):
         """Both splits' indexes must be readable (reachable store, right keys, shards written)."""
-        from ctm_dist.data.index import read_index
-
         location = cls.data_location(cfg)
         for split in (cls.train_split, cls.eval_split):
             read_index(location, split)
 
     def _loader(self, split: str, batch_size: int, train: bool, seed: int):
-        from ctm_dist.data.reader import ShardLoader
-
         image_size = self.cfg.data.image_size or None
         return ShardLoader(self.location, split, task=self.cfg.data.task, batch_size=batch_size,
                            rank=self.rank, world_size=self.world_size, train=train, seed=seed,
@@ -124,13 +133,9 @@ class Classification(ShardTask):
         return out
 
     def loss(self, predictions, certainties, target, valid):
-        from ctm_dist.losses import image_classification_loss
-
         return image_classification_loss(predictions, certainties, target, weight=valid)
 
     def accumulate(self, sums, predictions, target, valid, tick, eval=False):
-        from ctm_dist.losses import accuracy_at_most_certain, per_tick_accuracy, topk_accuracy
-
         sums.add("correct", accuracy_at_most_certain(predictions, target, tick, weight=valid, reduction="sum"))
         sums.add("per_tick_correct", per_tick_accuracy(predictions, target, weight=valid, reduction="sum"))
         if eval:
@@ -147,37 +152,31 @@ class Classification(ShardTask):
 
 
 class Mazes(ShardTask):
-    """Maze routes: loss with auto-curriculum; per-step and whole-route accuracy at the most-certain tick."""
+    """Maze routes: loss with auto-curriculum; per-step and whole-route accuracy at the most-certain tick.
+
+    The route length (a ``model.route_length`` override, else the shard set's, else the default) is
+    settled once here, so the model's output and every loader's targets have the same length.
+    """
+
+    def __init__(self, cfg, rank, world_size):
+        super().__init__(cfg, rank, world_size)
+        length = cfg.model.overrides.get("route_length") or self.meta.get("route_length")
+        self.route_length = int(length) if length else DEFAULT_ROUTE_LENGTH
 
     def data_overrides(self):
-        length = self.meta.get("route_length")
-        return {"route_length": int(length)} if length else {}
-
-    def model_config(self):
-        from ctm_dist.model import preset
-
-        values = self.data_overrides()
-        values.update(self.cfg.model.overrides)
-        self.route_length = values.get("route_length")
-        return preset(self.cfg.model.preset, **values)
+        return {"route_length": self.route_length}
 
     def _loader(self, split, batch_size, train, seed):
-        from ctm_dist.data.reader import ShardLoader
-
         return ShardLoader(self.location, split, task="mazes", batch_size=batch_size, rank=self.rank,
                            world_size=self.world_size, train=train, seed=seed,
-                           num_workers=self.cfg.data.num_workers, route_length=getattr(self, "route_length", None),
+                           num_workers=self.cfg.data.num_workers, route_length=self.route_length,
                            global_order=self.cfg.data.global_order)
 
     def loss(self, predictions, certainties, target, valid):
-        from ctm_dist.losses import maze_loss
-
         loss, tick, _ = maze_loss(predictions, certainties, target, weight=valid)
         return loss, tick
 
     def accumulate(self, sums, predictions, target, valid, tick, eval=False):
-        from ctm_dist.losses import as_sequence_predictions, maze_route_accuracy, maze_step_accuracy, per_tick_accuracy
-
         seq = as_sequence_predictions(predictions, target)
         sums.add("correct", maze_step_accuracy(seq, target, tick, weight=valid, reduction="sum"))
         sums.add("route", maze_route_accuracy(seq, target, tick, weight=valid, reduction="sum"))
@@ -204,15 +203,11 @@ class Parity(Task):
         return {"sequence_length": self.sequence_length}
 
     def train_loader(self, batch_size, seed):
-        from ctm_dist.data.parity import ParityLoader
-
         return ParityLoader(self.sequence_length, batch_size=batch_size, rank=self.rank,
                             world_size=self.world_size, seed=seed)
 
     def eval_loader(self, batch_size):
         """Held-out sequences (another seed), the same ones at every evaluation."""
-        from ctm_dist.data.parity import ParityLoader
-
         batches = self.cfg.eval.batches or 8
         loader = ParityLoader(self.sequence_length, batch_size=batch_size, rank=self.rank,
                               world_size=self.world_size, seed=self.cfg.run.seed + 7919,
@@ -220,13 +215,9 @@ class Parity(Task):
         return loader
 
     def loss(self, predictions, certainties, target, valid):
-        from ctm_dist.losses import parity_loss
-
         return parity_loss(predictions, certainties, target, weight=valid)
 
     def accumulate(self, sums, predictions, target, valid, tick, eval=False):
-        from ctm_dist.losses import as_sequence_predictions, parity_accuracy, per_tick_accuracy, sequence_all_correct
-
         seq = as_sequence_predictions(predictions, target)
         sums.add("correct", parity_accuracy(seq, target, tick, weight=valid, reduction="sum"))
         sums.add("all_correct", sequence_all_correct(seq, target, tick, weight=valid, reduction="sum"))
@@ -245,8 +236,6 @@ TASKS = {"demo": Classification, "imagenet": Classification, "cifar10": Classifi
 
 def preflight(cfg: TrainConfig) -> None:
     """Fail in the driver, before Ray starts (and retries) workers, on storage or data that cannot work."""
-    from ctm_dist.storage import Location
-
     Location.parse(cfg.run.storage, retry_deadline=cfg.run.storage_retry_deadline).check()
     TASKS[cfg.data.task].preflight(cfg)
 
