@@ -34,7 +34,9 @@ from ctm_dist.losses import image_classification_loss  # noqa: E402
 from ctm_dist.model import CTM, preset  # noqa: E402
 
 
-def train_demo(data: str, minutes: float, batch_size: int, seed: int = 0, lr: float = 1e-3, on_save=None):
+def train_demo(
+    data: str, minutes: float, batch_size: int, seed: int = 0, lr: float = 1e-3, on_save=None
+):
     torch.manual_seed(seed)
     model = CTM(preset("demo")).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -44,8 +46,9 @@ def train_demo(data: str, minutes: float, batch_size: int, seed: int = 0, lr: fl
     while time.monotonic() < deadline:
         for batch in loader:
             predictions, certainties, _ = model(batch["input"])
-            loss, _ = image_classification_loss(predictions, certainties, batch["target"],
-                                                weight=batch["valid"].float())
+            loss, _ = image_classification_loss(
+                predictions, certainties, batch["target"], weight=batch["valid"].float()
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -68,10 +71,17 @@ def main() -> int:
     p.add_argument("--train-minutes", type=float, default=8.0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1 is fastest on a busy 2-core machine)",
+    )
     p.add_argument("--timing-batches", type=int, default=6)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--thresholds", type=float, nargs="+", default=None, help="default: the evaluation's")
+    p.add_argument(
+        "--thresholds", type=float, nargs="+", default=None, help="default: the evaluation's"
+    )
     a = p.parse_args()
     torch.set_num_threads(a.threads)
 
@@ -84,8 +94,16 @@ def main() -> int:
         checkpoint = os.path.join(os.path.abspath(a.out), "demo-export")
 
         def save(model, steps):
-            save_consolidated(model, checkpoint, task="demo",
-                              meta={"classes": [str(d) for d in range(10)], "image_size": 32, "train_steps": steps})
+            save_consolidated(
+                model,
+                checkpoint,
+                task="demo",
+                meta={
+                    "classes": [str(d) for d in range(10)],
+                    "image_size": 32,
+                    "train_steps": steps,
+                },
+            )
 
         model, steps = train_demo(data, a.train_minutes, a.batch_size, lr=a.lr, on_save=save)
         save(model.eval(), steps)
@@ -95,7 +113,9 @@ def main() -> int:
     report = evaluate(req)
     model = load_model(checkpoint).model.eval()
     x, _, _ = shard_samples(data, "val", a.timing_batches * a.batch_size)
-    report["halting_timing"] = time_halting(model, list(x.split(a.batch_size)), req.thresholds, repeats=a.repeats)
+    report["halting_timing"] = time_halting(
+        model, list(x.split(a.batch_size)), req.thresholds, repeats=a.repeats
+    )
     write_report(report, a.out)
     print(format_summary(report))
     print(json.dumps({"full_s": report["halting_timing"]["full_s"]}))

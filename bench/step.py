@@ -53,8 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ctm_dist.model import CTM, OUR_FIELDS, CTMConfig, preset  # noqa: E402
 from ctm_dist.model.tick_checkpoint import collecting_tapes  # noqa: E402
 
-
 if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+
     @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
     def _onednn_linear_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
         """The oneDNN linear of ``ctm_dist/model/tick_grads.py``, which torch's counter does not know."""
@@ -63,7 +63,10 @@ if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
 
 # --- inputs and a minimal certainty loss ---------------------------------------------------------
 
-def make_batch(cfg: CTMConfig, name: str, batch: int, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+
+def make_batch(
+    cfg: CTMConfig, name: str, batch: int, image_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     if cfg.backbone_type == "parity_backbone":
         length = cfg.prediction_reshaper[0]
@@ -76,20 +79,29 @@ def make_batch(cfg: CTMConfig, name: str, batch: int, image_size: int) -> tuple[
     return x, torch.randint(0, cfg.out_dims, (batch,), generator=g)
 
 
-def certainty_loss(predictions: torch.Tensor, certainties: torch.Tensor, targets: torch.Tensor,
-                   reshaper: list[int]) -> torch.Tensor:
+def certainty_loss(
+    predictions: torch.Tensor, certainties: torch.Tensor, targets: torch.Tensor, reshaper: list[int]
+) -> torch.Tensor:
     """Mean of the loss at the lowest-loss tick and at the most certain tick (the paper's loss)."""
     b, _, t = predictions.shape
     classes = predictions.size(1) if reshaper == [-1] else reshaper[-1]
-    logits = predictions.reshape(b, -1, classes, t).permute(0, 3, 1, 2)          # [B, T, L, C]
-    per_tick = F.cross_entropy(logits.flatten(0, 2), targets.reshape(b, 1, -1).expand(b, t, -1).flatten(),
-                               reduction="none").view(b, t, -1).mean(-1)       # [B, T]
+    logits = predictions.reshape(b, -1, classes, t).permute(0, 3, 1, 2)  # [B, T, L, C]
+    per_tick = (
+        F.cross_entropy(
+            logits.flatten(0, 2),
+            targets.reshape(b, 1, -1).expand(b, t, -1).flatten(),
+            reduction="none",
+        )
+        .view(b, t, -1)
+        .mean(-1)
+    )  # [B, T]
     most_certain = certainties[:, 1].argmax(-1)
     rows = torch.arange(b)
     return (per_tick.min(-1).values + per_tick[rows, most_certain]).mean() / 2
 
 
 # --- measurement -------------------------------------------------------------------------------
+
 
 def _rss_peak_reset() -> None:
     with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
@@ -124,7 +136,9 @@ class SavedBytes:
     def __init__(self, model: torch.nn.Module):
         self.storages: dict[int, int] = {}
         self.before_ticks = 0.0
-        self.held_anyway = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+        self.held_anyway = {
+            t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())
+        }
 
     def mark_ticks_start(self, context) -> None:
         """Called after ``CTM.start``: what the tick context holds (keys, values, the NLM weights
@@ -159,26 +173,55 @@ def _checkpoint_inputs_mb(model: torch.nn.Module, x: torch.Tensor) -> float:
     return segments * per_state * 4 / 2**20
 
 
-COLUMNS = ["case", "model", "dtype", "compile", "recompute", "step s", "samples/s", "GFLOP", "MFU %", "warm-up s",
-           "held MB", "peak MB", "speed-up", "vs"]
+COLUMNS = [
+    "case",
+    "model",
+    "dtype",
+    "compile",
+    "recompute",
+    "step s",
+    "samples/s",
+    "GFLOP",
+    "MFU %",
+    "warm-up s",
+    "held MB",
+    "peak MB",
+    "speed-up",
+    "vs",
+]
 HAS_COMPILE_FIELD = "compile" in {f.name for f in dataclasses.fields(CTMConfig)}
 NLMS = "nlms"  # --checkpointing value for recompute_nlms
 
 
 def table_header() -> str:
-    return "| " + " | ".join(COLUMNS) + " |\n| --- | --- | --- | --- | --- |" + " ---: |" * (len(COLUMNS) - 6) + " --- |"
+    return (
+        "| "
+        + " | ".join(COLUMNS)
+        + " |\n| --- | --- | --- | --- | --- |"
+        + " ---: |" * (len(COLUMNS) - 6)
+        + " --- |"
+    )
 
 
 def table_row(values: dict) -> str:
     """One markdown row; ``values`` holds COLUMNS' names (missing or NaN: "-")."""
+
     def cell(name):
         v = values.get(name)
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return "-"
         if isinstance(v, float):
-            return f"{v:.3f}" if name in ("step s", "warm-up s") else f"{v:.2f}x" if name == "speed-up" else \
-                f"{v:.1f}" if name in ("MFU %", "GFLOP") else f"{v:.0f}"
+            return (
+                f"{v:.3f}"
+                if name in ("step s", "warm-up s")
+                else f"{v:.2f}x"
+                if name == "speed-up"
+                else f"{v:.1f}"
+                if name in ("MFU %", "GFLOP")
+                else f"{v:.0f}"
+            )
         return str(v)
+
     return "| " + " | ".join(cell(c) for c in COLUMNS) + " |"
 
 
@@ -199,8 +242,12 @@ def step_fn(model, optimizer, x, targets, reshaper, dtype):
 
 
 def _resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    tensors = list(model.parameters()) + [t for state in optimizer.state.values() for t in state.values()
-                                          if isinstance(t, torch.Tensor)]
+    tensors = list(model.parameters()) + [
+        t
+        for state in optimizer.state.values()
+        for t in state.values()
+        if isinstance(t, torch.Tensor)
+    ]
     return sum(t.nbytes for t in tensors)
 
 
@@ -218,9 +265,11 @@ class Runner:
         self.model = torch.compile(model, dynamic=False) if compiled else model
         self.x, self.targets, self.reshaper = x, targets.to(self.device), reshaper
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        self.times: list[float] = []       # wall seconds
-        self.cpu_times: list[float] = []   # process CPU seconds (all threads): robust to load from others
-        self.warmup_s = float("nan")   # the first step's time
+        self.times: list[float] = []  # wall seconds
+        self.cpu_times: list[
+            float
+        ] = []  # process CPU seconds (all threads): robust to load from others
+        self.warmup_s = float("nan")  # the first step's time
         self.peak_mb = float("nan")
         model.train()
 
@@ -244,7 +293,9 @@ class Runner:
             if cuda:
                 peak = torch.cuda.max_memory_allocated(self.device) - before
                 peak += _resident_bytes(self.eager, self.optimizer)
-                self.peak_mb = peak / 2**20 if math.isnan(self.peak_mb) else max(self.peak_mb, peak / 2**20)
+                self.peak_mb = (
+                    peak / 2**20 if math.isnan(self.peak_mb) else max(self.peak_mb, peak / 2**20)
+                )
         elif math.isnan(self.warmup_s):
             self.warmup_s = seconds
         return seconds
@@ -255,29 +306,44 @@ class Runner:
         model = self.eager
         saved = SavedBytes(model)
         start = getattr(model, "start", None)
-        if start is not None:   # ours: split off what the input side (backbone, keys/values) keeps
+        if start is not None:  # ours: split off what the input side (backbone, keys/values) keeps
+
             def marked_start(*a, **kw):
                 result = start(*a, **kw)
                 saved.mark_ticks_start(result[1])
                 return result
+
             model.start = marked_start
         _rss_peak_reset()
         with FlopCounterMode(display=False) as counter, collecting_tapes() as tapes:
             rss_before = _rss_mb()
-            with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), \
-                    autocast_for(self.device, self.dtype):
+            with (
+                torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t),
+                autocast_for(self.device, self.dtype),
+            ):
                 predictions, certainties, _ = model(self.x)[:3]
-                loss = certainty_loss(predictions.float(), certainties.float(), self.targets, self.reshaper)
+                loss = certainty_loss(
+                    predictions.float(), certainties.float(), self.targets, self.reshaper
+                )
             held_rss = _rss_mb() - rss_before
-            held = saved.mb + _checkpoint_inputs_mb(model, self.x) + sum(t.nbytes for t in tapes) / 2**20
+            held = (
+                saved.mb
+                + _checkpoint_inputs_mb(model, self.x)
+                + sum(t.nbytes for t in tapes) / 2**20
+            )
             loss.backward()
         if start is not None:
             del model.start
         self.optimizer.zero_grad(set_to_none=True)
         ticks = held - saved.before_ticks if start is not None else float("nan")
         peak = self.peak_mb if self.device.type == "cuda" else _rss_peak_mb()
-        return dict(gflop=counter.get_total_flops() / 1e9, held_mb=held, ticks_mb=ticks, held_rss_mb=held_rss,
-                    peak_mb=peak)
+        return dict(
+            gflop=counter.get_total_flops() / 1e9,
+            held_mb=held,
+            ticks_mb=ticks,
+            held_rss_mb=held_rss,
+            peak_mb=peak,
+        )
 
 
 def interleaved(runners: list[Runner], steps: int) -> None:
@@ -313,12 +379,13 @@ def spread(slow: Runner, fast: Runner, cpu: bool = False) -> str:
 def build_reference(reference: Path, cfg: CTMConfig, x: torch.Tensor):
     sys.path.insert(0, str(reference))
     from models.ctm import ContinuousThoughtMachine
+
     kwargs = {k: v for k, v in cfg.to_dict().items() if k not in OUR_FIELDS}
     with contextlib.redirect_stdout(io.StringIO()):
         model = ContinuousThoughtMachine(**kwargs)
         with torch.no_grad():
             model.eval()
-            model(x[:1].cpu())                                           # materialise lazy layers
+            model(x[:1].cpu())  # materialise lazy layers
     return model
 
 
@@ -339,7 +406,9 @@ def parse_overrides(pairs: list[str], preset_name: str) -> dict:
         key, sep, value = pair.partition("=")
         only, _, field = key.rpartition(".")
         if not sep or field not in known:
-            raise SystemExit(f"--set {pair!r}: expected [PRESET.]FIELD=VALUE with FIELD one of CTMConfig's fields")
+            raise SystemExit(
+                f"--set {pair!r}: expected [PRESET.]FIELD=VALUE with FIELD one of CTMConfig's fields"
+            )
         if only and only != preset_name:
             continue
         key = field
@@ -351,8 +420,12 @@ def parse_overrides(pairs: list[str], preset_name: str) -> dict:
 
 
 def model_config(cfg: CTMConfig, k: int | str, compiled: bool) -> CTMConfig:
-    cfg = cfg.replace(tick_checkpointing=0, recompute_nlms=True) if k == NLMS else cfg.replace(tick_checkpointing=k)
-    if HAS_COMPILE_FIELD:     # the config decides compilation and the CPU-only gradient banks
+    cfg = (
+        cfg.replace(tick_checkpointing=0, recompute_nlms=True)
+        if k == NLMS
+        else cfg.replace(tick_checkpointing=k)
+    )
+    if HAS_COMPILE_FIELD:  # the config decides compilation and the CPU-only gradient banks
         cfg = cfg.replace(compile=compiled)
     return cfg
 
@@ -363,8 +436,12 @@ def parse_case(text: str, args) -> tuple[str, int, int, int | None]:
     if not 1 <= len(parts) <= 4 or not all(p.isdigit() for p in parts[1:]):
         raise SystemExit(f"--case {text!r}: expected NAME[:BATCH[:IMAGE_SIZE[:T]]]")
     numbers = [int(p) for p in parts[1:]] + [None] * (4 - len(parts))
-    return (parts[0], numbers[0] or args.batch, numbers[1] or args.image_size,
-            numbers[2] if numbers[2] is not None else args.iterations)
+    return (
+        parts[0],
+        numbers[0] or args.batch,
+        numbers[1] or args.image_size,
+        numbers[2] if numbers[2] is not None else args.iterations,
+    )
 
 
 def run_preset(case_text: str, args, device: torch.device, notes: list[str]) -> None:
@@ -375,8 +452,11 @@ def run_preset(case_text: str, args, device: torch.device, notes: list[str]) -> 
     cfg = preset(name, **overrides)
     x, targets = make_batch(cfg, name, batch, image_size)
     x = x.to(device)
-    case = f"{name} b{batch}" + (f" {image_size}px" if x.dim() == 4 else "") + \
-        (f" T={cfg.iterations}" if iterations is not None else "")
+    case = (
+        f"{name} b{batch}"
+        + (f" {image_size}px" if x.dim() == 4 else "")
+        + (f" T={cfg.iterations}" if iterations is not None else "")
+    )
     dtypes = args.dtype.split(",")
     checkpointing = [_checkpointing(v) for v in args.checkpointing.split(",")]
     compiles = [{"off": False, "on": True}[v] for v in args.compile.split(",")]
@@ -384,23 +464,41 @@ def run_preset(case_text: str, args, device: torch.device, notes: list[str]) -> 
     def ours(k: int | str, dtype: str, compiled: bool) -> Runner:
         torch.manual_seed(0)
         np.random.seed(0)
-        return Runner("ours", CTM(model_config(cfg, k, compiled)), dtype, x, targets, cfg.prediction_reshaper,
-                      compiled)
+        return Runner(
+            "ours",
+            CTM(model_config(cfg, k, compiled)),
+            dtype,
+            x,
+            targets,
+            cfg.prediction_reshaper,
+            compiled,
+        )
 
     def row(runner: Runner, k, baseline: Runner | None, vs: str) -> dict:
         stats = runner.flops_and_memory()
         seconds = statistics.median(runner.times)
-        values = {"case": case, "model": runner.label, "dtype": runner.dtype,
-                  "compile": "on" if runner.compiled else "off", "recompute": _recompute_name(k),
-                  "step s": seconds, "samples/s": batch / seconds, "GFLOP": stats["gflop"],
-                  "MFU %": 100 * stats["gflop"] * 1e9 / seconds / (args.peak_tflops * 1e12),
-                  "warm-up s": runner.warmup_s, "held MB": stats["held_mb"], "peak MB": stats["peak_mb"]}
+        values = {
+            "case": case,
+            "model": runner.label,
+            "dtype": runner.dtype,
+            "compile": "on" if runner.compiled else "off",
+            "recompute": _recompute_name(k),
+            "step s": seconds,
+            "samples/s": batch / seconds,
+            "GFLOP": stats["gflop"],
+            "MFU %": 100 * stats["gflop"] * 1e9 / seconds / (args.peak_tflops * 1e12),
+            "warm-up s": runner.warmup_s,
+            "held MB": stats["held_mb"],
+            "peak MB": stats["peak_mb"],
+        }
         if baseline is not None:
             values["speed-up"] = median_ratio(baseline, runner)
             values["vs"] = vs
-            notes.append(f"{case}, {runner.label} {runner.dtype} compile {values['compile']} "
-                         f"recompute {values['recompute']}: {vs} / this per round: wall {spread(baseline, runner)}, "
-                         f"CPU time {spread(baseline, runner, cpu=True)}; held across ticks {stats['ticks_mb']:.1f} MB")
+            notes.append(
+                f"{case}, {runner.label} {runner.dtype} compile {values['compile']} "
+                f"recompute {values['recompute']}: {vs} / this per round: wall {spread(baseline, runner)}, "
+                f"CPU time {spread(baseline, runner, cpu=True)}; held across ticks {stats['ticks_mb']:.1f} MB"
+            )
         print(table_row(values), flush=True)
         return stats
 
@@ -409,8 +507,14 @@ def run_preset(case_text: str, args, device: torch.device, notes: list[str]) -> 
         if args.reference is not None:
             torch.manual_seed(0)
             np.random.seed(0)
-            baseline = Runner("reference", build_reference(args.reference, cfg, x), dtype, x, targets,
-                              cfg.prediction_reshaper)
+            baseline = Runner(
+                "reference",
+                build_reference(args.reference, cfg, x),
+                dtype,
+                x,
+                targets,
+                cfg.prediction_reshaper,
+            )
             vs = f"reference {dtype}"
         else:
             if plain is None:
@@ -419,9 +523,15 @@ def run_preset(case_text: str, args, device: torch.device, notes: list[str]) -> 
         for k in checkpointing:
             for compiled in compiles:
                 if compiled and k != 0:
-                    notes.append(f"{case}: recompute {_recompute_name(k)} runs eager only; compile on skipped")
+                    notes.append(
+                        f"{case}: recompute {_recompute_name(k)} runs eager only; compile on skipped"
+                    )
                     continue
-                if baseline is plain and (k, dtype, compiled) == (checkpointing[0], dtypes[0], compiles[0]):
+                if baseline is plain and (k, dtype, compiled) == (
+                    checkpointing[0],
+                    dtypes[0],
+                    compiles[0],
+                ):
                     interleaved([plain], args.steps)
                     row(plain, k, None, "")
                     continue
@@ -439,26 +549,54 @@ def run_preset(case_text: str, args, device: torch.device, notes: list[str]) -> 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", action="append", default=[], help="preset name (repeatable)")
-    parser.add_argument("--case", action="append", default=[], metavar="NAME[:BATCH[:IMAGE_SIZE[:T]]]",
-                        help="a preset with its own batch, image size and T (repeatable)")
+    parser.add_argument(
+        "--case",
+        action="append",
+        default=[],
+        metavar="NAME[:BATCH[:IMAGE_SIZE[:T]]]",
+        help="a preset with its own batch, image size and T (repeatable)",
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--iterations", type=int, default=None, help="override T")
-    parser.add_argument("--set", action="append", default=[], metavar="[PRESET.]FIELD=VALUE",
-                        help="override a CTMConfig field of every preset or of the one named (repeatable)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up)")
-    parser.add_argument("--checkpointing", default="0",
-                        help="comma list of tick_checkpointing values; 'nlms' for recompute_nlms")
-    parser.add_argument("--dtype", default="fp32", help="comma list of fp32, bf16 (autocast), bf16p (bf16 parameters)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="[PRESET.]FIELD=VALUE",
+        help="override a CTMConfig field of every preset or of the one named (repeatable)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=3, help="timed steps per variant (after one warm-up)"
+    )
+    parser.add_argument(
+        "--checkpointing",
+        default="0",
+        help="comma list of tick_checkpointing values; 'nlms' for recompute_nlms",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="fp32",
+        help="comma list of fp32, bf16 (autocast), bf16p (bf16 parameters)",
+    )
     parser.add_argument("--compile", default="off", help="comma list of off, on")
-    parser.add_argument("--peak-tflops", type=float, default=989.0,
-                        help="peak dense TFLOP/s for MFU (default: H200 bf16 dense, 989)")
-    parser.add_argument("--reference", type=Path, default=None, help="reference checkout to time alongside")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=989.0,
+        help="peak dense TFLOP/s for MFU (default: H200 bf16 dense, 989)",
+    )
+    parser.add_argument(
+        "--reference", type=Path, default=None, help="reference checkout to time alongside"
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-header", action="store_true", help="print table rows only")
-    parser.add_argument("--exact-rss", action="store_true",
-                        help="map large allocations one by one so RSS columns are exact (slows steps)")
+    parser.add_argument(
+        "--exact-rss",
+        action="store_true",
+        help="map large allocations one by one so RSS columns are exact (slows steps)",
+    )
     args = parser.parse_args(argv)
     if not args.preset and not args.case:
         parser.error("give at least one --preset or --case")
@@ -476,9 +614,14 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} threads, " \
-        f"{os.cpu_count()} CPUs"
-    print(f"torch {torch.__version__}, {where}; MFU against {args.peak_tflops:g} TFLOP/s", flush=True)
+    where = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs"
+    )
+    print(
+        f"torch {torch.__version__}, {where}; MFU against {args.peak_tflops:g} TFLOP/s", flush=True
+    )
     if not args.no_header:
         print(table_header(), flush=True)
     notes: list[str] = []

@@ -11,6 +11,7 @@ Loading never runs code from the file: ``torch.load(weights_only=True)`` with on
 ``argparse.Namespace`` and plain numpy arrays/scalars (the reference checkpoints carry
 numpy RNG state and accuracy curves) added to torch's allow-list.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,13 +20,16 @@ import pickle
 import tempfile
 import warnings
 import zipfile
-from typing import IO, Any, Mapping, Optional, Union
+from collections.abc import Mapping
+from typing import IO, Any
 
 import numpy as np
 import torch
 
 from ctm_dist.model import CTM, CTMConfig
-from ctm_dist.storage.checkpoints import CheckpointError  # the one checkpoint error type; the message says why
+from ctm_dist.storage.checkpoints import (
+    CheckpointError,
+)  # the one checkpoint error type; the message says why
 
 __all__ = [
     "CheckpointError",
@@ -40,22 +44,39 @@ __all__ = [
     "export_reference_checkpoint",
 ]
 
-Source = Union[str, os.PathLike, IO[bytes]]
+Source = str | os.PathLike | IO[bytes]
 
 
 # Number of classes per classification dataset of the reference's image_classification/train.py.
 # 'demo' is ours (its class count is read from args.out_dims).
-CLASSIFICATION_DATASETS: dict[str, Optional[int]] = {"cifar10": 10, "cifar100": 100, "imagenet": 1000, "demo": None}
+CLASSIFICATION_DATASETS: dict[str, int | None] = {
+    "cifar10": 10,
+    "cifar100": 100,
+    "imagenet": 1000,
+    "demo": None,
+}
 MAZE_DATASETS = ("mazes-small", "mazes-medium", "mazes-large")
 PARITY_DATASETS = ("parity",)
 MAZE_MOVES = 5  # up, down, left, right, wait
 
 # Options every reference CTM run saves (names as in the reference's argparse parsers).
-_REQUIRED_ARGS = ("iterations", "d_model", "d_input", "heads", "n_synch_out", "n_synch_action",
-                  "synapse_depth", "memory_length", "deep_memory", "memory_hidden_dims", "dataset")
+_REQUIRED_ARGS = (
+    "iterations",
+    "d_model",
+    "d_input",
+    "heads",
+    "n_synch_out",
+    "n_synch_action",
+    "synapse_depth",
+    "memory_length",
+    "deep_memory",
+    "memory_hidden_dims",
+    "dataset",
+)
 
 
 # --- task shapes ---------------------------------------------------------------------------------
+
 
 def task_output_shape(args: argparse.Namespace) -> tuple[int, list[int]]:
     """``(out_dims, prediction_reshaper)`` for a run, derived from its dataset as its train script does."""
@@ -65,7 +86,9 @@ def task_output_shape(args: argparse.Namespace) -> tuple[int, list[int]]:
         if classes is None:
             classes = getattr(args, "out_dims", None)
             if not isinstance(classes, int) or classes < 1:
-                raise CheckpointError(f"dataset {dataset!r} needs args.out_dims (the number of classes); got {classes!r}")
+                raise CheckpointError(
+                    f"dataset {dataset!r} needs args.out_dims (the number of classes); got {classes!r}"
+                )
         return classes, [-1]
     if dataset in MAZE_DATASETS:
         route = _positive_int(args, "maze_route_length")
@@ -80,17 +103,24 @@ def task_output_shape(args: argparse.Namespace) -> tuple[int, list[int]]:
 def _positive_int(args: argparse.Namespace, name: str) -> int:
     value = getattr(args, name, None)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise CheckpointError(f"dataset {args.dataset!r} needs a positive integer args.{name}; got {value!r}")
+        raise CheckpointError(
+            f"dataset {args.dataset!r} needs a positive integer args.{name}; got {value!r}"
+        )
     return value
 
 
 # --- args <-> config -----------------------------------------------------------------------------
 
-def _in_channels(backbone_type: str, state_dict: Optional[Mapping[str, torch.Tensor]]) -> int:
+
+def _in_channels(backbone_type: str, state_dict: Mapping[str, torch.Tensor] | None) -> int:
     """Input channels: the reference infers them lazily, so read them off the weights that see the input."""
     if state_dict is None:
         return 3
-    for key in ("initial_rgb.weight", "backbone.layers.0.weight") if backbone_type != "none" else ("kv_proj.0.weight",):
+    for key in (
+        ("initial_rgb.weight", "backbone.layers.0.weight")
+        if backbone_type != "none"
+        else ("kv_proj.0.weight",)
+    ):
         weight = state_dict.get(key)
         if isinstance(weight, torch.Tensor) and weight.dim() >= 2:
             return int(weight.shape[1])
@@ -99,12 +129,14 @@ def _in_channels(backbone_type: str, state_dict: Optional[Mapping[str, torch.Ten
 
 def config_from_reference_args(
     args: argparse.Namespace,
-    state_dict: Optional[Mapping[str, torch.Tensor]] = None,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
     **overrides: Any,
 ) -> CTMConfig:
     """Map a reference run's options (and, for input channels, its weights) to a :class:`CTMConfig`."""
     if not isinstance(args, argparse.Namespace):
-        raise CheckpointError(f"checkpoint 'args' must be an argparse.Namespace, got {type(args).__name__}")
+        raise CheckpointError(
+            f"checkpoint 'args' must be an argparse.Namespace, got {type(args).__name__}"
+        )
     model_kind = getattr(args, "model", None) or getattr(args, "model_type", None) or "ctm"
     if model_kind != "ctm":
         raise CheckpointError(f"checkpoint holds a {model_kind!r} model, not a CTM")
@@ -116,13 +148,17 @@ def config_from_reference_args(
     if backbone_type is None:
         missing.append("backbone_type")
     if missing:
-        raise CheckpointError(f"checkpoint args lack {missing}; not a checkpoint of a reference CTM train script")
+        raise CheckpointError(
+            f"checkpoint args lack {missing}; not a checkpoint of a reference CTM train script"
+        )
 
     out_dims, reshaper = task_output_shape(args)
     saved_out_dims = getattr(args, "out_dims", None)
     if saved_out_dims is not None and saved_out_dims != out_dims:
-        raise CheckpointError(f"args.out_dims={saved_out_dims} does not match dataset {args.dataset!r} "
-                              f"(which gives {out_dims})")
+        raise CheckpointError(
+            f"args.out_dims={saved_out_dims} does not match dataset {args.dataset!r} "
+            f"(which gives {out_dims})"
+        )
     values = dict(
         iterations=args.iterations,
         d_model=args.d_model,
@@ -154,12 +190,12 @@ def config_from_reference_args(
 
 
 def reference_args_from_config(
-    cfg: CTMConfig, dataset: str, extra_args: Optional[Mapping[str, Any]] = None
+    cfg: CTMConfig, dataset: str, extra_args: Mapping[str, Any] | None = None
 ) -> argparse.Namespace:
     """The options a reference train script would have saved for a model of this config."""
     args = argparse.Namespace(
-        model="ctm",        # image_classification/ and mazes/ scripts
-        model_type="ctm",   # parity/ scripts
+        model="ctm",  # image_classification/ and mazes/ scripts
+        model_type="ctm",  # parity/ scripts
         dataset=dataset,
         iterations=cfg.iterations,
         d_model=cfg.d_model,
@@ -189,12 +225,15 @@ def reference_args_from_config(
 
     out_dims, reshaper = task_output_shape(args)
     if out_dims != cfg.out_dims or reshaper != list(cfg.prediction_reshaper):
-        raise ValueError(f"dataset {dataset!r} expects out_dims={out_dims} and prediction_reshaper={reshaper}; "
-                         f"the model has out_dims={cfg.out_dims} and prediction_reshaper={cfg.prediction_reshaper}")
+        raise ValueError(
+            f"dataset {dataset!r} expects out_dims={out_dims} and prediction_reshaper={reshaper}; "
+            f"the model has out_dims={cfg.out_dims} and prediction_reshaper={cfg.prediction_reshaper}"
+        )
     return args
 
 
 # --- reading -------------------------------------------------------------------------------------
+
 
 def _numpy_data_globals() -> list:
     """numpy functions and types needed to rebuild plain (numeric/bool) arrays and scalars; they run no user code."""
@@ -205,16 +244,27 @@ def _numpy_data_globals() -> list:
     allowed: list = [np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar]
     # Files pickled under numpy 1.x name the module numpy.core; under 2.x numpy._core.
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed += [(multiarray._reconstruct, f"{module}._reconstruct"), (multiarray.scalar, f"{module}.scalar")]
+        allowed += [
+            (multiarray._reconstruct, f"{module}._reconstruct"),
+            (multiarray.scalar, f"{module}.scalar"),
+        ]
     dtypes = getattr(np, "dtypes", None)
     if dtypes is not None:
         excluded = {"ObjectDType", "VoidDType", "StringDType", "StrDType", "BytesDType"}
-        allowed += [getattr(dtypes, name) for name in dir(dtypes) if name.endswith("DType") and name not in excluded]
+        allowed += [
+            getattr(dtypes, name)
+            for name in dir(dtypes)
+            if name.endswith("DType") and name not in excluded
+        ]
     return allowed
 
 
 def _describe(source: Source) -> str:
-    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
+    return (
+        os.fspath(source)
+        if isinstance(source, (str, os.PathLike))
+        else f"<{type(source).__name__}>"
+    )
 
 
 def read_reference_checkpoint(source: Source) -> dict:
@@ -234,15 +284,26 @@ def _read(handle: IO[bytes], name: str) -> dict:
     handle.seek(start)
     is_zip = zipfile.is_zipfile(handle)
     handle.seek(start)
-    if not is_zip and not head.startswith(b"\x80"):  # neither torch's zip format nor a legacy pickle
-        raise CheckpointError(f"{name}: not a torch checkpoint (no torch.save archive; the file may be truncated)")
+    if not is_zip and not head.startswith(
+        b"\x80"
+    ):  # neither torch's zip format nor a legacy pickle
+        raise CheckpointError(
+            f"{name}: not a torch checkpoint (no torch.save archive; the file may be truncated)"
+        )
     try:
-        with torch.serialization.safe_globals([argparse.Namespace, *_numpy_data_globals()]), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # legacy files; errors still raise
+        with (
+            torch.serialization.safe_globals([argparse.Namespace, *_numpy_data_globals()]),
+            warnings.catch_warnings(),
+        ):
+            warnings.filterwarnings(
+                "ignore", message="Detected pickle protocol"
+            )  # legacy files; errors still raise
             checkpoint = torch.load(handle, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if not any(sign in str(err) for sign in _REFUSAL_SIGNS):
-            raise CheckpointError(f"{name}: not a readable torch checkpoint: {_first_line(err)}") from None
+            raise CheckpointError(
+                f"{name}: not a readable torch checkpoint: {_first_line(err)}"
+            ) from None
         refused = _refused_globals(handle, start) if is_zip else []
         what = f" ({', '.join(refused)})" if refused else ""
         raise CheckpointError(
@@ -252,14 +313,22 @@ def _read(handle: IO[bytes], name: str) -> dict:
             f"'args' alone. Loader said: {_first_line(err)}"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
-        raise CheckpointError(f"{name}: not a readable torch checkpoint: {_first_line(err)}") from err
+        raise CheckpointError(
+            f"{name}: not a readable torch checkpoint: {_first_line(err)}"
+        ) from err
     if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"{name}: expected a dict with 'args' and 'model_state_dict', got {type(checkpoint).__name__}")
+        raise CheckpointError(
+            f"{name}: expected a dict with 'args' and 'model_state_dict', got {type(checkpoint).__name__}"
+        )
     missing = [key for key in ("args", "model_state_dict") if key not in checkpoint]
     if missing:
-        raise CheckpointError(f"{name}: checkpoint lacks {missing} (has {sorted(map(str, checkpoint))[:10]})")
+        raise CheckpointError(
+            f"{name}: checkpoint lacks {missing} (has {sorted(map(str, checkpoint))[:10]})"
+        )
     state = checkpoint["model_state_dict"]
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, Mapping) or not all(
+        isinstance(v, torch.Tensor) for v in state.values()
+    ):
         raise CheckpointError(f"{name}: 'model_state_dict' must map names to tensors")
     return checkpoint
 
@@ -275,8 +344,10 @@ def _refused_globals(handle: IO[bytes], start: int) -> list[str]:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(handle)
     except Exception:  # best effort: the message is useful without the list
         return []
-    numpy_ok = {name if isinstance(name, str) else f"{name.__module__}.{name.__qualname__}"
-                for name in (item[1] if isinstance(item, tuple) else item for item in _numpy_data_globals())}
+    numpy_ok = {
+        name if isinstance(name, str) else f"{name.__module__}.{name.__qualname__}"
+        for name in (item[1] if isinstance(item, tuple) else item for item in _numpy_data_globals())
+    }
     return [g for g in found if g not in allowed and g not in numpy_ok]
 
 
@@ -289,6 +360,7 @@ def _first_line(err: BaseException) -> str:
 
 
 # --- loading -------------------------------------------------------------------------------------
+
 
 def load_reference_checkpoint(source: Source, **overrides: Any) -> CTM:
     """A CTM in eval mode with the weights of a reference checkpoint, loaded strictly.
@@ -310,8 +382,11 @@ def _check_state_dict(model: CTM, state: Mapping[str, torch.Tensor], name: str) 
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    mismatched = [f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(value.shape)}"
-                  for key, value in expected.items() if key in state and state[key].shape != value.shape]
+    mismatched = [
+        f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(value.shape)}"
+        for key, value in expected.items()
+        if key in state and state[key].shape != value.shape
+    ]
     problems = []
     if missing:
         problems.append(f"missing keys {_clip(missing)}")
@@ -320,7 +395,9 @@ def _check_state_dict(model: CTM, state: Mapping[str, torch.Tensor], name: str) 
     if mismatched:
         problems.append(f"shape mismatch {_clip(mismatched)}")
     if problems:
-        raise CheckpointError(f"{name}: weights do not fit the CTM its args describe: " + "; ".join(problems))
+        raise CheckpointError(
+            f"{name}: weights do not fit the CTM its args describe: " + "; ".join(problems)
+        )
 
 
 def _clip(items: list[str], limit: int = 8) -> str:
@@ -330,11 +407,12 @@ def _clip(items: list[str], limit: int = 8) -> str:
 
 # --- writing -------------------------------------------------------------------------------------
 
+
 def export_reference_checkpoint(
     model: torch.nn.Module,
-    path: Union[str, os.PathLike],
+    path: str | os.PathLike,
     dataset: str,
-    extra_args: Optional[Mapping[str, Any]] = None,
+    extra_args: Mapping[str, Any] | None = None,
 ) -> None:
     """Write ``{"model_state_dict", "args"}`` as a reference train script would, atomically.
 
@@ -342,7 +420,9 @@ def export_reference_checkpoint(
     ``parity``, ...); ``extra_args`` adds or overrides options in the saved Namespace.
     """
     while not isinstance(model, CTM):
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)  # DDP/DeepSpeed, torch.compile
+        inner = getattr(model, "module", None) or getattr(
+            model, "_orig_mod", None
+        )  # DDP/DeepSpeed, torch.compile
         if not isinstance(inner, torch.nn.Module):
             break
         model = inner
@@ -350,9 +430,12 @@ def export_reference_checkpoint(
         raise TypeError(f"expected a ctm_dist CTM, got {type(model).__name__}")
     args = reference_args_from_config(model.cfg, dataset, extra_args)
     # The reference keeps float32 weights; bf16/fp16 copies (e.g. from a DeepSpeed engine) are widened.
-    state = {key: value.detach().to("cpu", dtype=torch.float32 if value.is_floating_point() else value.dtype,
-                                    copy=True)
-             for key, value in model.state_dict().items()}
+    state = {
+        key: value.detach().to(
+            "cpu", dtype=torch.float32 if value.is_floating_point() else value.dtype, copy=True
+        )
+        for key, value in model.state_dict().items()
+    }
     payload = {"model_state_dict": state, "args": args}
 
     path = os.fspath(path)

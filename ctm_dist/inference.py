@@ -17,21 +17,27 @@ from ctm_dist.model import CTM, ReadoutState, TickContext, TickState
 
 class Prediction(NamedTuple):
     predictions: torch.Tensor  # [B, out_dims], from the tick each sample stopped at
-    tick: torch.Tensor         # [B] index (0-based) of that tick; ticks computed = tick + 1
-    certainty: torch.Tensor    # [B] certainty (1 - normalised entropy) at that tick
+    tick: torch.Tensor  # [B] index (0-based) of that tick; ticks computed = tick + 1
+    certainty: torch.Tensor  # [B] certainty (1 - normalised entropy) at that tick
 
 
-def _keep(state: TickState, ctx: TickContext, readout: ReadoutState,
-          keep: torch.Tensor) -> tuple[TickState, TickContext, ReadoutState]:
+def _keep(
+    state: TickState, ctx: TickContext, readout: ReadoutState, keep: torch.Tensor
+) -> tuple[TickState, TickContext, ReadoutState]:
     """The samples in ``keep``; the beta sums are the same for every sample."""
-    state = state._replace(trace=state.trace[..., keep], activated=state.activated[keep],
-                           alpha_action=state.alpha_action[keep])
+    state = state._replace(
+        trace=state.trace[..., keep],
+        activated=state.activated[keep],
+        alpha_action=state.alpha_action[keep],
+    )
     ctx = ctx._replace(keys=ctx.keys[keep], values=ctx.values[keep])
     return state, ctx, readout._replace(alpha=readout.alpha[keep])
 
 
 @torch.no_grad()
-def predict(model: CTM, x: torch.Tensor, certainty_threshold: float, max_ticks: int | None = None) -> Prediction:
+def predict(
+    model: CTM, x: torch.Tensor, certainty_threshold: float, max_ticks: int | None = None
+) -> Prediction:
     """Predictions with per-sample early stopping; see the module docstring.
 
     ``max_ticks`` defaults to the model's ``iterations``. The model's train/eval mode is the

@@ -26,8 +26,14 @@ def init_dist(rank: int = 0, world_size: int = 1, port: int | None = None) -> No
 
     if dist.is_available() and dist.is_initialized():
         return
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port or free_port()), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port or free_port()),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
 
 
@@ -39,12 +45,23 @@ def make_engine(stage: int = 0, seed: int = 0, lr: float = 1e-2):
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
-              "gradient_clipping": 0.0, "bf16": {"enabled": True},
-              "zero_optimization": {"stage": stage}, "steps_per_print": 2**31 - 1}
+    config = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
+        "bf16": {"enabled": True},
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 2**31 - 1,
+    }
     engine, *_ = deepspeed.initialize(
-        model=model, optimizer=opt, config=config, dist_init_required=False,
-        lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / 4)))
+        model=model,
+        optimizer=opt,
+        config=config,
+        dist_init_required=False,
+        lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(
+            o, lambda s: min(1.0, (s + 1) / 4)
+        ),
+    )
     return engine
 
 
@@ -69,7 +86,11 @@ def full_params(engine) -> dict[str, torch.Tensor]:
 
     out = {}
     for name, p in engine.module.named_parameters():
-        ctx = deepspeed.zero.GatheredParameters([p]) if hasattr(p, "ds_id") else contextlib.nullcontext()
+        ctx = (
+            deepspeed.zero.GatheredParameters([p])
+            if hasattr(p, "ds_id")
+            else contextlib.nullcontext()
+        )
         with ctx:
             out[name] = p.detach().float().clone()
     return out
@@ -82,8 +103,9 @@ def _checkpointer(run_url: str, **kw):
     return Checkpointer(Location.parse(run_url), **kw)
 
 
-def elastic_worker(rank: int, world_size: int, port: int, run_url: str, env: dict, params_out: str,
-                   local_dir: str) -> None:
+def elastic_worker(
+    rank: int, world_size: int, port: int, run_url: str, env: dict, params_out: str, local_dir: str
+) -> None:
     """One rank of a ZeRO-2 group: agrees on a stop request only rank 1 got, commits step 2,
     then uploads step 3 with a long pause after each file (the test SIGKILLs the group there)."""
     os.environ.update(env)
@@ -91,7 +113,9 @@ def elastic_worker(rank: int, world_size: int, port: int, run_url: str, env: dic
     from ctm_dist.storage import Location
 
     engine = make_engine(stage=2)
-    ckpt = _checkpointer(run_url, rank=rank, world_size=world_size, local_dir=local_dir, lease_ttl=2.0)
+    ckpt = _checkpointer(
+        run_url, rank=rank, world_size=world_size, local_dir=local_dir, lease_ttl=2.0
+    )
     for step in (1, 2):
         train_step(engine, step, rank)
     from ctm_dist.train.preemption import PreemptionHandler

@@ -72,14 +72,26 @@ class LocalRayHead:
         import time
         import urllib.request
 
-        cmd = ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-               f"--port={self.port}", f"--num-cpus={self.num_cpus}", "--disable-usage-stats",
-               f"--temp-dir={self.temp.path}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-               f"--dashboard-port={self.dashboard_port}", f"--dashboard-agent-listen-port={self.agent_port}",
-               f"--ray-client-server-port={self.client_port}"]
+        cmd = [
+            "ray",
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={self.port}",
+            f"--num-cpus={self.num_cpus}",
+            "--disable-usage-stats",
+            f"--temp-dir={self.temp.path}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--dashboard-agent-listen-port={self.agent_port}",
+            f"--ray-client-server-port={self.client_port}",
+        ]
         self.log = open(self.temp.path / "ray-start.log", "w")
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.monotonic() + self.start_timeout
         while True:
             try:
@@ -89,7 +101,9 @@ class LocalRayHead:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.__exit__()
-                raise RuntimeError("the Ray head did not start:\n" + (self.temp.path / "ray-start.log").read_text())
+                raise RuntimeError(
+                    "the Ray head did not start:\n" + (self.temp.path / "ray-start.log").read_text()
+                )
             time.sleep(0.5)
 
     def __exit__(self, *exc) -> None:

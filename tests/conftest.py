@@ -31,9 +31,13 @@ def s3_bucket(object_store) -> str:
 @pytest.fixture
 def s3_location(object_store, s3_bucket) -> Location:
     """``s3://<fresh bucket>/data`` with the server's endpoint and keys."""
-    return Location.parse(f"s3://{s3_bucket}/data", endpoint_url=object_store.endpoint_url,
-                          key=object_store.access_key, secret=object_store.secret_key,
-                          retry_deadline=10)
+    return Location.parse(
+        f"s3://{s3_bucket}/data",
+        endpoint_url=object_store.endpoint_url,
+        key=object_store.access_key,
+        secret=object_store.secret_key,
+        retry_deadline=10,
+    )
 
 
 @pytest.fixture

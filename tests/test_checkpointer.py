@@ -12,13 +12,29 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoint_fixtures import (
+    MODEL_CONFIG,
+    elastic_worker,
+    free_port,
+    full_params,
+    init_dist,
+    make_engine,
+    train_step,
+)
 
-from checkpoint_fixtures import (MODEL_CONFIG, elastic_worker, free_port, full_params, init_dist,
-                                 make_engine, train_step)
 from ctm_dist.storage import Location
 from ctm_dist.train import rng
-from ctm_dist.train.checkpointer import (COMMIT, Checkpointer, CheckpointError, ConfigMismatch,
-                                         NoCheckpoint, NotACheckpoint, RunLocked, UnsafeCheckpoint, step_name)
+from ctm_dist.train.checkpointer import (
+    COMMIT,
+    Checkpointer,
+    CheckpointError,
+    ConfigMismatch,
+    NoCheckpoint,
+    NotACheckpoint,
+    RunLocked,
+    UnsafeCheckpoint,
+    step_name,
+)
 from ctm_dist.train.lease import LEASE
 
 HERE = Path(__file__).resolve().parent
@@ -56,7 +72,9 @@ def test_round_trip_gives_identical_state_and_next_step(run, stage):
     torch.manual_seed(1234)
     saved_rng = rng.capture()
     expected_draw = torch.rand(3)
-    commit = ckpt.save(3, engine, {"position": torch.tensor([7, 3]), "rng": saved_rng, "epoch": 1}, MODEL_CONFIG)
+    commit = ckpt.save(
+        3, engine, {"position": torch.tensor([7, 3]), "rng": saved_rng, "epoch": 1}, MODEL_CONFIG
+    )
     assert commit["step"] == 3 and commit["zero_stage"] == stage and commit["world_size"] == 1
     saved_params, saved_moments = full_params(engine), optimizer_moments(engine)
     saved_lr = engine.lr_scheduler.get_last_lr()
@@ -86,21 +104,36 @@ def test_commit_marker_keep_last_and_no_secrets(run, object_store):
     with pytest.raises(NoCheckpoint, match="no committed checkpoint"):
         ckpt.load(engine)
     assert ckpt.load_latest(engine) is None
-    config = dict(MODEL_CONFIG, storage={"url": run.url, "secret_key": object_store.secret_key,
-                                         "note": f"copied from a shell: {object_store.secret_key}"})
+    config = dict(
+        MODEL_CONFIG,
+        storage={
+            "url": run.url,
+            "secret_key": object_store.secret_key,
+            "note": f"copied from a shell: {object_store.secret_key}",
+        },
+    )
     for step in (1, 2, 3):
         train_step(engine, step)
         ckpt.save(step, engine, {"position": torch.tensor(step)}, config)
     assert ckpt.committed_steps() == [2, 3]
-    assert run.child("checkpoints").list() == [LEASE, step_name(2), step_name(3)]  # LEASE: this job writes the run
+    assert run.child("checkpoints").list() == [
+        LEASE,
+        step_name(2),
+        step_name(3),
+    ]  # LEASE: this job writes the run
     raw = run.read_bytes(f"checkpoints/{step_name(3)}/{COMMIT}")
     commit = json.loads(raw)
     assert commit["files"] == {n: s for n, s in ckpt._sizes(step_name(3)).items() if n != COMMIT}
-    assert "extra-rank-00000.pt" in commit["files"] and "mp_rank_00_model_states.pt" in commit["files"]
+    assert (
+        "extra-rank-00000.pt" in commit["files"] and "mp_rank_00_model_states.pt" in commit["files"]
+    )
     assert commit["config"]["model"] == MODEL_CONFIG["model"]
     for name in run.child(f"checkpoints/{step_name(3)}").list():
         blob = run.read_bytes(f"checkpoints/{step_name(3)}/{name}")
-        assert object_store.secret_key.encode() not in blob and object_store.access_key.encode() not in blob
+        assert (
+            object_store.secret_key.encode() not in blob
+            and object_store.access_key.encode() not in blob
+        )
     step, extra = ckpt.load_latest(make_engine(0, seed=5))
     assert step == 3 and int(extra["position"]) == 3
     # A commit whose file went missing is not a checkpoint any more; the previous one is used.
@@ -177,17 +210,26 @@ def test_store_outage_clear_error_beyond_deadline_and_retries_within(run, object
     outage = _outage(object_store, 6.0)  # weed mini stopped, restarted on the same ports 6 s later
     try:
         start = time.monotonic()
-        with pytest.raises(CheckpointError, match="nothing was committed.*previous committed checkpoint stays valid"):
-            Checkpointer(run, retry_deadline=1.5).save(2, engine, {"position": torch.tensor(2)}, MODEL_CONFIG)
+        with pytest.raises(
+            CheckpointError,
+            match="nothing was committed.*previous committed checkpoint stays valid",
+        ):
+            Checkpointer(run, retry_deadline=1.5).save(
+                2, engine, {"position": torch.tensor(2)}, MODEL_CONFIG
+            )
         assert time.monotonic() - start < 30
-        Checkpointer(run, retry_deadline=60).save(2, engine, {"position": torch.tensor(2)}, MODEL_CONFIG)
+        Checkpointer(run, retry_deadline=60).save(
+            2, engine, {"position": torch.tensor(2)}, MODEL_CONFIG
+        )
         assert time.monotonic() - start > 5  # it really waited for the store to come back
     finally:
         outage.join(60)
     ckpt = Checkpointer(run)
     assert ckpt.committed_steps() == [1, 2]
     fresh = make_engine(0, seed=3)
-    assert int(ckpt.load(fresh, step=1)["position"]) == 1  # the commit from before the outage still loads
+    assert (
+        int(ckpt.load(fresh, step=1)["position"]) == 1
+    )  # the commit from before the outage still loads
     assert_params_equal(full_params(fresh), params_1)
     assert int(ckpt.load(fresh)["position"]) == 2
 
@@ -200,10 +242,22 @@ def test_two_ranks_killed_mid_upload_then_resume_on_one_rank(run, object_store, 
     params_out = tmp_path / "params.pt"
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=elastic_worker, daemon=True,
-                         args=(r, 2, port, f"s3://{run.path}", object_store.env(), str(params_out),
-                               str(tmp_path / f"rank{r}")))
-             for r in range(2)]
+    procs = [
+        ctx.Process(
+            target=elastic_worker,
+            daemon=True,
+            args=(
+                r,
+                2,
+                port,
+                f"s3://{run.path}",
+                object_store.env(),
+                str(params_out),
+                str(tmp_path / f"rank{r}"),
+            ),
+        )
+        for r in range(2)
+    ]
     for p in procs:
         p.start()
     step3 = run.child(f"checkpoints/{step_name(3)}")
@@ -223,7 +277,9 @@ def test_two_ranks_killed_mid_upload_then_resume_on_one_rank(run, object_store, 
     ckpt = Checkpointer(run, rank=0, world_size=1)
     assert ckpt.committed_steps() == [2]
     commit = ckpt.read_commit(2)
-    assert commit["world_size"] == 2 and {"extra-rank-00000.pt", "extra-rank-00001.pt"} <= set(commit["files"])
+    assert commit["world_size"] == 2 and {"extra-rank-00000.pt", "extra-rank-00001.pt"} <= set(
+        commit["files"]
+    )
     engine = make_engine(2, seed=11)
     with pytest.raises(CheckpointError, match=r"saved by 2 ranks \(ZeRO stage 2\).*all_ranks=True"):
         ckpt.load(engine)
@@ -263,11 +319,13 @@ def _zero_inside_largest_tensor(data: bytes, nbytes: int = 4096) -> bytes:
 
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         info = max((i for i in zf.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
-    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26: info.header_offset + 30])
+    name_len, extra_len = struct.unpack(
+        "<HH", data[info.header_offset + 26 : info.header_offset + 30]
+    )
     start = info.header_offset + 30 + name_len + extra_len
     n = min(nbytes, info.file_size)
-    assert any(data[start:start + n]), "the record is already zero"
-    return data[:start] + bytes(n) + data[start + n:]
+    assert any(data[start : start + n]), "the record is already zero"
+    return data[:start] + bytes(n) + data[start + n :]
 
 
 def test_damaged_newest_step_is_unusable_resume_falls_back_and_prune_keeps_it(run, caplog):
@@ -305,7 +363,9 @@ def test_damaged_newest_step_is_unusable_resume_falls_back_and_prune_keeps_it(ru
     ckpt.close()
 
 
-def test_one_writer_per_run_lease_refuses_a_second_job_and_commit_lists_only_its_files(run, monkeypatch):
+def test_one_writer_per_run_lease_refuses_a_second_job_and_commit_lists_only_its_files(
+    run, monkeypatch
+):
     """A second job on the same run is refused while the first one's heartbeat runs; a file another
     job drops into the step directory during a save is not part of the COMMIT; after release the
     second job starts at once."""
@@ -317,9 +377,13 @@ def test_one_writer_per_run_lease_refuses_a_second_job_and_commit_lists_only_its
     first.acquire()
     second = Checkpointer(run, owner="job-b", lease_ttl=1.5)
     start = time.monotonic()
-    with pytest.raises(RunLocked, match="being written by another job .*owner job-a.*choose another run name"):
+    with pytest.raises(
+        RunLocked, match="being written by another job .*owner job-a.*choose another run name"
+    ):
         second.save(1, engine, {"position": torch.tensor(1)}, MODEL_CONFIG)
-    assert time.monotonic() - start < 10  # refused (a silent holder would have been taken over instead)
+    assert (
+        time.monotonic() - start < 10
+    )  # refused (a silent holder would have been taken over instead)
     assert Checkpointer(run).committed_steps() == []
 
     stray = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
@@ -327,7 +391,9 @@ def test_one_writer_per_run_lease_refuses_a_second_job_and_commit_lists_only_its
 
     def put_and_interleave(self, local_path, name):
         real_put(self, local_path, name)
-        if name.endswith("extra-rank-00000.pt"):  # the other job's rank uploads into the same directory
+        if name.endswith(
+            "extra-rank-00000.pt"
+        ):  # the other job's rank uploads into the same directory
             self.write_bytes(name.rsplit("/", 1)[0] + "/" + stray, b"another trajectory")
 
     monkeypatch.setattr(Loc, "put_file", put_and_interleave)
@@ -351,11 +417,20 @@ def test_lease_of_a_killed_job_is_taken_over_after_its_ttl(run, object_store):
     import subprocess
     import sys
 
-    code = ("import os, signal; from ctm_dist.train.checkpointer import Checkpointer; "
-            f"c = Checkpointer({f's3://{run.path}'!r}, owner='crashed-job', lease_ttl=2.0); c.acquire(); "
-            "print('held', flush=True); os.kill(os.getpid(), signal.SIGKILL)")
+    code = (
+        "import os, signal; from ctm_dist.train.checkpointer import Checkpointer; "
+        f"c = Checkpointer({f's3://{run.path}'!r}, owner='crashed-job', lease_ttl=2.0); c.acquire(); "
+        "print('held', flush=True); os.kill(os.getpid(), signal.SIGKILL)"
+    )
     env = dict(os.environ, **object_store.env(), PYTHONPATH=str(HERE.parent))
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == -signal.SIGKILL and "held" in proc.stdout, proc.stderr[-2000:]
     assert LEASE in run.child("checkpoints").list()
     rerun = Checkpointer(run, owner="rerun", lease_ttl=2.0)
@@ -391,8 +466,11 @@ def test_paths_in_commit_or_object_keys_are_refused(run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(type(steps.fs), "find", permissive_find)
     for hostile in ("../../../escaped.pt", str(escape)):
-        forged = dict(commit, files=dict(commit["files"], **{hostile: 5}),
-                      sha256=dict(commit["sha256"], **{hostile: "0" * 64}))
+        forged = dict(
+            commit,
+            files=dict(commit["files"], **{hostile: 5}),
+            sha256=dict(commit["sha256"], **{hostile: "0" * 64}),
+        )
         run.write_bytes(f"checkpoints/{name}/{COMMIT}", json.dumps(forged).encode())
         with pytest.raises(UnsafeCheckpoint, match="refused the file name .*plain name"):
             Checkpointer(run).load(make_engine(0, seed=2), step=1)

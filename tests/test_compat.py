@@ -4,6 +4,7 @@ The fixtures ``tests/fixtures/reference_tiny_*.pt`` were written by the referenc
 (``tests/fixtures/make_reference_checkpoint.py --reference DIR``), together with that code's
 outputs on a fixed input (``*.expected.pt``); these tests do not need the reference.
 """
+
 import argparse
 import io
 import os
@@ -29,7 +30,9 @@ def fixture(name):
 
 
 def expected(name):
-    return torch.load(os.path.join(FIXTURES, f"reference_tiny_{name}.expected.pt"), weights_only=True)
+    return torch.load(
+        os.path.join(FIXTURES, f"reference_tiny_{name}.expected.pt"), weights_only=True
+    )
 
 
 def run(model, inputs):
@@ -51,19 +54,30 @@ def test_reference_checkpoint_gives_reference_outputs(name):
 def test_task_shapes_and_options_are_derived_like_the_reference():
     cifar = load_reference_checkpoint(fixture("cifar10")).cfg
     assert (cifar.out_dims, cifar.prediction_reshaper) == (10, [-1])
-    assert (cifar.backbone_type, cifar.synapse_depth, cifar.n_random_pairing_self) == ("resnet18-1", 2, 2)
+    assert (cifar.backbone_type, cifar.synapse_depth, cifar.n_random_pairing_self) == (
+        "resnet18-1",
+        2,
+        2,
+    )
     assert cifar.dropout == pytest.approx(0.1) and cifar.in_channels == 3
     parity = load_reference_checkpoint(fixture("parity")).cfg
     assert (parity.out_dims, parity.prediction_reshaper) == (32, [16, 2])
-    assert (parity.neuron_select_type, parity.positional_embedding_type) == ("random", "custom-rotational-1d")
+    assert (parity.neuron_select_type, parity.positional_embedding_type) == (
+        "random",
+        "custom-rotational-1d",
+    )
     assert parity.deep_nlms is True and parity.do_layernorm_nlm is False
 
 
 def test_neuron_index_buffers_come_from_the_checkpoint():
     state = read_reference_checkpoint(fixture("parity"))["model_state_dict"]
     model = load_reference_checkpoint(fixture("parity"))
-    for key in ("out_neuron_indices_left", "out_neuron_indices_right",
-                "action_neuron_indices_left", "action_neuron_indices_right"):
+    for key in (
+        "out_neuron_indices_left",
+        "out_neuron_indices_right",
+        "action_neuron_indices_left",
+        "action_neuron_indices_right",
+    ):
         assert torch.equal(getattr(model, key), state[key])
 
 
@@ -72,35 +86,66 @@ def test_loads_from_an_open_file():
         data = io.BytesIO(handle.read())
     model = load_reference_checkpoint(data)
     want = expected("parity")
-    torch.testing.assert_close(run(model, want["inputs"])[0], want["predictions"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        run(model, want["inputs"])[0], want["predictions"], atol=1e-5, rtol=1e-4
+    )
 
 
 def test_loads_the_legacy_non_zip_format(tmp_path):
     path = tmp_path / "legacy.pt"
-    torch.save(read_reference_checkpoint(fixture("parity")), path, _use_new_zipfile_serialization=False)
+    torch.save(
+        read_reference_checkpoint(fixture("parity")), path, _use_new_zipfile_serialization=False
+    )
     model = load_reference_checkpoint(path)
     want = expected("parity")
-    torch.testing.assert_close(run(model, want["inputs"])[0], want["predictions"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        run(model, want["inputs"])[0], want["predictions"], atol=1e-5, rtol=1e-4
+    )
 
 
 # --- export --------------------------------------------------------------------------------------
 
+
 def _tiny(**changes):
-    values = dict(iterations=3, d_model=16, d_input=8, heads=2, n_synch_out=4, n_synch_action=4, synapse_depth=1,
-                  memory_length=3, memory_hidden_dims=2, backbone_type="resnet18-1", out_dims=10,
-                  prediction_reshaper=[-1])
+    values = dict(
+        iterations=3,
+        d_model=16,
+        d_input=8,
+        heads=2,
+        n_synch_out=4,
+        n_synch_action=4,
+        synapse_depth=1,
+        memory_length=3,
+        memory_hidden_dims=2,
+        backbone_type="resnet18-1",
+        out_dims=10,
+        prediction_reshaper=[-1],
+    )
     values.update(changes)
     return CTMConfig(**values)
 
 
 ROUND_TRIPS = {
     "cifar10": (_tiny(neuron_select_type="first-last", deep_nlms=False), torch.randn(2, 3, 12, 12)),
-    "demo": (_tiny(in_channels=1, positional_embedding_type="learnable-fourier"), torch.randn(2, 1, 12, 12)),
-    "mazes-small": (_tiny(out_dims=20, prediction_reshaper=[4, 5], neuron_select_type="random", synapse_depth=2),
-                    torch.randn(2, 3, 12, 12)),
-    "parity": (_tiny(out_dims=18, prediction_reshaper=[9, 2], backbone_type="parity_backbone",
-                     positional_embedding_type="custom-rotational-1d"),
-               torch.randint(0, 2, (2, 9)).float() * 2 - 1),
+    "demo": (
+        _tiny(in_channels=1, positional_embedding_type="learnable-fourier"),
+        torch.randn(2, 1, 12, 12),
+    ),
+    "mazes-small": (
+        _tiny(
+            out_dims=20, prediction_reshaper=[4, 5], neuron_select_type="random", synapse_depth=2
+        ),
+        torch.randn(2, 3, 12, 12),
+    ),
+    "parity": (
+        _tiny(
+            out_dims=18,
+            prediction_reshaper=[9, 2],
+            backbone_type="parity_backbone",
+            positional_embedding_type="custom-rotational-1d",
+        ),
+        torch.randint(0, 2, (2, 9)).float() * 2 - 1,
+    ),
 }
 
 
@@ -113,14 +158,21 @@ def test_export_then_load_gives_the_same_model(tmp_path, dataset):
         for param in model.parameters():
             param.add_(0.05 * torch.randn_like(param))
     path = tmp_path / "out" / "checkpoint.pt"
-    export_reference_checkpoint(model, path, dataset=dataset, extra_args={"iteration": 7, "log_dir": "logs/x"})
+    export_reference_checkpoint(
+        model, path, dataset=dataset, extra_args={"iteration": 7, "log_dir": "logs/x"}
+    )
     assert os.listdir(path.parent) == ["checkpoint.pt"]  # no temporary left behind
 
     # The reference's own format: plain torch.load with only argparse.Namespace allowed.
     with torch.serialization.safe_globals([argparse.Namespace]):
         raw = torch.load(path, weights_only=True)
     args = raw["args"]
-    assert (args.model, args.model_type, args.dataset, args.out_dims) == ("ctm", "ctm", dataset, cfg.out_dims)
+    assert (args.model, args.model_type, args.dataset, args.out_dims) == (
+        "ctm",
+        "ctm",
+        dataset,
+        cfg.out_dims,
+    )
     assert (args.deep_memory, args.do_normalisation) == (cfg.deep_nlms, cfg.do_layernorm_nlm)
     assert args.iteration == 7 and args.log_dir == "logs/x"
     if dataset == "mazes-small":
@@ -139,7 +191,9 @@ def test_export_then_load_gives_the_same_model(tmp_path, dataset):
 def test_export_refuses_a_dataset_that_does_not_fit(tmp_path):
     model = CTM(_tiny())
     with pytest.raises(ValueError, match="expects out_dims=18"):
-        export_reference_checkpoint(model, tmp_path / "x.pt", dataset="parity", extra_args={"parity_sequence_length": 9})
+        export_reference_checkpoint(
+            model, tmp_path / "x.pt", dataset="parity", extra_args={"parity_sequence_length": 9}
+        )
     with pytest.raises(CheckpointError, match="unknown dataset"):
         export_reference_checkpoint(model, tmp_path / "x.pt", dataset="svhn")
     assert not any(tmp_path.iterdir())
@@ -162,6 +216,7 @@ def test_export_unwraps_wrappers_and_widens_to_float32(tmp_path):
 
 
 # --- bad input -----------------------------------------------------------------------------------
+
 
 def _reference_checkpoint():
     return read_reference_checkpoint(fixture("parity"))
@@ -254,7 +309,10 @@ def test_shape_mismatch(tmp_path):
     checkpoint = _reference_checkpoint()
     checkpoint["args"].parity_sequence_length = 25  # out_dims 50 instead of the saved 32
     del checkpoint["args"].out_dims
-    with pytest.raises(CheckpointError, match=r"shape mismatch \[output_projector.0.weight: checkpoint \(32, 21\) vs model \(50, 21\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"shape mismatch \[output_projector.0.weight: checkpoint \(32, 21\) vs model \(50, 21\)",
+    ):
         load_reference_checkpoint(_save(tmp_path, checkpoint))
     checkpoint = _reference_checkpoint()
     checkpoint["args"].parity_sequence_length = 25  # contradicts the saved out_dims
@@ -264,9 +322,23 @@ def test_shape_mismatch(tmp_path):
 
 def test_legacy_args_map_like_the_reference_analysis_scripts():
     args = argparse.Namespace(
-        model="ctm", dataset="mazes-medium", maze_route_length=10, iterations=4, d_model=64, d_input=16, heads=2,
-        n_synch_out=8, n_synch_action=8, synapse_depth=1, memory_length=5, deep_memory=True, memory_hidden_dims=4,
-        do_normalisation=False, resnet_type="resnet34", resnet_feature_scales=[1, 2], positional_embedding_type="none",
+        model="ctm",
+        dataset="mazes-medium",
+        maze_route_length=10,
+        iterations=4,
+        d_model=64,
+        d_input=16,
+        heads=2,
+        n_synch_out=8,
+        n_synch_action=8,
+        synapse_depth=1,
+        memory_length=5,
+        deep_memory=True,
+        memory_hidden_dims=4,
+        do_normalisation=False,
+        resnet_type="resnet34",
+        resnet_feature_scales=[1, 2],
+        positional_embedding_type="none",
     )
     cfg = config_from_reference_args(args)
     assert cfg.backbone_type == "resnet34-2"

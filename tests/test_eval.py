@@ -9,14 +9,24 @@ import math
 import numpy as np
 import pytest
 import torch
+from eval_fixtures import tiny_ctm, write_digit_shards
 
 from ctm_dist.data.mazes_gen import generate_maze
 from ctm_dist.data.transforms import maze_to_tensor
-from ctm_dist.eval.classification import ClassificationStats, expected_calibration_error, readout_logits
+from ctm_dist.eval.classification import (
+    ClassificationStats,
+    expected_calibration_error,
+    readout_logits,
+)
 from ctm_dist.eval.halting import HaltingStats, best_threshold, halting_ticks
-from ctm_dist.eval.mazes import GeneralisationStats, MazeStats, maze_rgb, solve_by_reapplication, walk_route
+from ctm_dist.eval.mazes import (
+    GeneralisationStats,
+    MazeStats,
+    maze_rgb,
+    solve_by_reapplication,
+    walk_route,
+)
 from ctm_dist.eval.parity import ParityStats
-from eval_fixtures import tiny_ctm, write_digit_shards
 
 
 def certainties_from(values) -> torch.Tensor:
@@ -54,7 +64,10 @@ def test_classification_stats_counts_and_merge():
     b.update(p[2:], c[2:], targets[2:])
     s = a.merge(b).summary()
     assert s["samples"] == 4
-    assert s["instant_top1_per_tick"] == [0.5, 0.5]  # tick 0: samples 0,1 right; tick 1: samples 2,3
+    assert s["instant_top1_per_tick"] == [
+        0.5,
+        0.5,
+    ]  # tick 0: samples 0,1 right; tick 1: samples 2,3
     assert s["most_certain_top1"] == 1.0  # each sample's most certain tick is its right one
     assert s["most_certain_tick_histogram"] == [2, 2]
     assert s["instant_top5"] == 1.0 or s["instant_top5_per_tick"][1] >= 0.5
@@ -63,7 +76,7 @@ def test_classification_stats_counts_and_merge():
 def test_ece_matches_definition():
     rng = np.random.default_rng(0)
     conf = rng.uniform(0.1, 1.0, 500)
-    correct = rng.uniform(size=500) < conf ** 2
+    correct = rng.uniform(size=500) < conf**2
     stats = ClassificationStats(1, n_bins=10)
     # build logits whose softmax max is conf on class 0 of 2 classes: p0 = sigmoid(l0 - l1)
     l0 = torch.tensor(np.log(conf / (1 - conf + 1e-9)), dtype=torch.float32)
@@ -74,8 +87,11 @@ def test_ece_matches_definition():
     ece = expected_calibration_error(stats.calib_per_tick[0])
     c, k = conf[keep], correct[keep]
     bins = np.minimum((c * 10).astype(int), 9)
-    expected = sum(abs(c[bins == b].mean() - k[bins == b].mean()) * (bins == b).sum()
-                   for b in range(10) if (bins == b).any()) / len(c)
+    expected = sum(
+        abs(c[bins == b].mean() - k[bins == b].mean()) * (bins == b).sum()
+        for b in range(10)
+        if (bins == b).any()
+    ) / len(c)
     assert ece == pytest.approx(expected, abs=1e-4)
 
 
@@ -112,9 +128,13 @@ def test_halting_sweep_agrees_with_predict():
 
 
 def test_best_threshold_respects_the_drop():
-    summary = {"sweep": [{"threshold": 0.5, "top1_drop_points": 3.0, "tick_saving": 0.7},
-                         {"threshold": 0.8, "top1_drop_points": 0.8, "tick_saving": 0.45},
-                         {"threshold": 0.9, "top1_drop_points": 0.1, "tick_saving": 0.2}]}
+    summary = {
+        "sweep": [
+            {"threshold": 0.5, "top1_drop_points": 3.0, "tick_saving": 0.7},
+            {"threshold": 0.8, "top1_drop_points": 0.8, "tick_saving": 0.45},
+            {"threshold": 0.9, "top1_drop_points": 0.1, "tick_saving": 0.2},
+        ]
+    }
     assert best_threshold(summary)["threshold"] == 0.8
 
 
@@ -161,7 +181,11 @@ def test_reapplication_solves_larger_mazes_in_pieces():
     g.add(length, result)
     g.add(length, short)
     summary = g.summary()
-    assert summary["mazes"] == 2 and summary["by_route_length"][0]["mean_reapplications_when_solved"] == result["reapplications"]
+    assert (
+        summary["mazes"] == 2
+        and summary["by_route_length"][0]["mean_reapplications_when_solved"]
+        == result["reapplications"]
+    )
 
 
 def test_walk_route_counts_wall_bumps():
@@ -217,8 +241,25 @@ def test_evaluate_on_s3_matches_direct_computation_and_cli(tmp_path, s3_location
     model = tiny_ctm(seed=1)
     export_url = save_consolidated(model, s3_location.child("export"), task="demo")
     out = tmp_path / "report"
-    assert evaluate_main([export_url, "--data", data.url, "--out", str(out), "--batch-size", "16",
-                          "--timing-batches", "1", "--thresholds", "0.5", "2.0"]) == 0
+    assert (
+        evaluate_main(
+            [
+                export_url,
+                "--data",
+                data.url,
+                "--out",
+                str(out),
+                "--batch-size",
+                "16",
+                "--timing-batches",
+                "1",
+                "--thresholds",
+                "0.5",
+                "2.0",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
 
     x, y, _ = shard_samples(data.url, "val", 40)
@@ -227,8 +268,12 @@ def test_evaluate_on_s3_matches_direct_computation_and_cli(tmp_path, s3_location
     direct = ClassificationStats(model.cfg.iterations)
     direct.update(p, c, y)
     assert report["classification"]["samples"] == 40
-    assert report["classification"]["most_certain_top1"] == pytest.approx(direct.summary()["most_certain_top1"])
-    assert report["classification"]["instant_top5_per_tick"] == pytest.approx(direct.summary()["instant_top5_per_tick"])
+    assert report["classification"]["most_certain_top1"] == pytest.approx(
+        direct.summary()["most_certain_top1"]
+    )
+    assert report["classification"]["instant_top5_per_tick"] == pytest.approx(
+        direct.summary()["instant_top5_per_tick"]
+    )
     assert report["halting"]["sweep"][1]["mean_ticks"] == model.cfg.iterations
     assert [r["threshold"] for r in report["halting_timing"]["per_threshold"]] == [0.5, 2.0]
     for name in ("accuracy_per_tick", "calibration", "halting_sweep", "most_certain_tick"):
@@ -252,7 +297,12 @@ def test_two_ray_workers_merge_to_the_in_process_numbers(tmp_path, monkeypatch):
     whole = evaluate(req)
     split = evaluate(EvalRequest(**{**req.__dict__, "workers": 2}))
     assert split["workers"] == 2 and split["classification"]["samples"] == 40
-    for key in ("most_certain_top1", "certainty_weighted_top5", "ece_most_certain", "loss_per_tick"):
+    for key in (
+        "most_certain_top1",
+        "certainty_weighted_top5",
+        "ece_most_certain",
+        "loss_per_tick",
+    ):
         assert split["classification"][key] == pytest.approx(whole["classification"][key])
     assert split["halting"]["sweep"] == whole["halting"]["sweep"]
 
@@ -267,14 +317,20 @@ def test_evaluate_mazes_with_generalisation_and_parity(tmp_path):
     write_maze_shards(tmp_path / "large", "test", 3, size=21, route_length=200, progress=False)
     maze_model = tiny_ctm(seed=0, out_dims=L * 5, prediction_reshaper=[L, 5], iterations=3)
     export_dir = save_consolidated(maze_model, tmp_path / "maze-export", task="mazes")
-    report = evaluate(EvalRequest(checkpoint=export_dir, data=str(tmp_path / "small"), batch_size=4,
-                                  generalise_data=str(tmp_path / "large"), generalise_mazes=2,
-                                  max_reapplications=3))
+    report = evaluate(
+        EvalRequest(
+            checkpoint=export_dir,
+            data=str(tmp_path / "small"),
+            batch_size=4,
+            generalise_data=str(tmp_path / "large"),
+            generalise_mazes=2,
+            max_reapplications=3,
+        )
+    )
     assert report["task"] == "mazes" and report["mazes"]["samples"] == 6
     assert len(report["mazes"]["step_accuracy_per_position"]) == L
     assert 0 <= report["mazes"]["route_accuracy"] <= report["mazes"]["step_accuracy"] <= 1
     assert report["generalisation"]["mazes"] == 2
-
 
 
 def test_evaluate_parity_on_generated_sequences(tmp_path):
@@ -283,10 +339,26 @@ def test_evaluate_parity_on_generated_sequences(tmp_path):
     from ctm_dist.model import CTM, preset
 
     torch.manual_seed(0)
-    model = CTM(preset("parity", sequence_length=8, iterations=3, d_model=32, d_input=16, heads=2,
-                       n_synch_out=8, n_synch_action=8, memory_length=3, memory_hidden_dims=4)).eval()
+    model = CTM(
+        preset(
+            "parity",
+            sequence_length=8,
+            iterations=3,
+            d_model=32,
+            d_input=16,
+            heads=2,
+            n_synch_out=8,
+            n_synch_action=8,
+            memory_length=3,
+            memory_hidden_dims=4,
+        )
+    ).eval()
     export_dir = save_consolidated(model, tmp_path / "parity-export", task="parity")
-    report = evaluate(EvalRequest(checkpoint=export_dir, task="parity", batch_size=16, parity_samples=40))
+    report = evaluate(
+        EvalRequest(checkpoint=export_dir, task="parity", batch_size=16, parity_samples=40)
+    )
     per = np.asarray(report["parity"]["accuracy_per_position_per_tick"])
     assert report["parity"]["samples"] == 40 and per.shape == (8, 3)
-    assert report["parity"]["accuracy"] == pytest.approx(np.mean(report["parity"]["accuracy_per_position"]))
+    assert report["parity"]["accuracy"] == pytest.approx(
+        np.mean(report["parity"]["accuracy_per_position"])
+    )

@@ -14,16 +14,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from eval_fixtures import DEMO_DATA, DEMO_RUN, tiny_ctm
 
 from ctm_dist.eval.cli import evaluate_main, export_main, predict_main
 from ctm_dist.eval.export import save_consolidated
 from ctm_dist.storage.checkpoints import sha256_file
 from ctm_dist.storage.local import embedded_store
 from ctm_dist.train.driver import next_commands
-from eval_fixtures import DEMO_DATA, DEMO_RUN, tiny_ctm
 
 REPO = Path(__file__).resolve().parents[1]
-AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION")
+AWS_VARS = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+)
 
 
 def _env_without_store() -> dict:
@@ -36,8 +42,13 @@ def _env_without_store() -> dict:
 def demo_run(tmp_path_factory):
     """(root holding .ctm-dist with the stopped store, training summary, local copy of the run)."""
     root = tmp_path_factory.mktemp("newcomer")
-    out = subprocess.run([sys.executable, str(REPO / "tests" / "eval_fixtures.py"), "train-demo", str(root)],
-                         env=_env_without_store(), capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "eval_fixtures.py"), "train-demo", str(root)],
+        env=_env_without_store(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     return root, summary, root / "run-copy"
@@ -74,7 +85,9 @@ def _demo_val_files(tmp_path: Path, n: int) -> tuple[list[str], list[int]]:
 # ------------------------------------------------------------------ item 1: the input pipeline it trained with
 
 
-def test_evaluate_export_and_predict_use_the_trained_input_pipeline(demo_run, store_env, tmp_path, capsys):
+def test_evaluate_export_and_predict_use_the_trained_input_pipeline(
+    demo_run, store_env, tmp_path, capsys
+):
     from ctm_dist.eval.inputs import image_files, input_spec, shard_samples
     from ctm_dist.eval.loading import load_model
     from ctm_dist.inference import predict
@@ -82,8 +95,22 @@ def test_evaluate_export_and_predict_use_the_trained_input_pipeline(demo_run, st
     _, summary, _ = demo_run
     trained_top1 = summary["eval/top1"]
     assert trained_top1 > 0.15  # well above chance (0.1): a wrong input size shows
-    assert evaluate_main([DEMO_RUN, "--data", DEMO_DATA, "--out", str(tmp_path / "eval"), "--batch-size", "128",
-                          "--timing-batches", "0"]) == 0
+    assert (
+        evaluate_main(
+            [
+                DEMO_RUN,
+                "--data",
+                DEMO_DATA,
+                "--out",
+                str(tmp_path / "eval"),
+                "--batch-size",
+                "128",
+                "--timing-batches",
+                "0",
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["image_size"] == 8
     assert report["classification"]["samples"] == summary["eval/samples"]
@@ -95,10 +122,24 @@ def test_evaluate_export_and_predict_use_the_trained_input_pipeline(demo_run, st
     assert document["source"]["data"] == DEMO_DATA
     capsys.readouterr()
     # the export alone: its training data and input size come from config.json
-    assert evaluate_main([str(tmp_path / "export"), "--out", str(tmp_path / "eval2"), "--batch-size", "128",
-                          "--timing-batches", "0"]) == 0
+    assert (
+        evaluate_main(
+            [
+                str(tmp_path / "export"),
+                "--out",
+                str(tmp_path / "eval2"),
+                "--batch-size",
+                "128",
+                "--timing-batches",
+                "0",
+            ]
+        )
+        == 0
+    )
     again = json.loads((tmp_path / "eval2" / "report.json").read_text())
-    assert again["classification"]["most_certain_top1"] == pytest.approx(report["classification"]["most_certain_top1"])
+    assert again["classification"]["most_certain_top1"] == pytest.approx(
+        report["classification"]["most_certain_top1"]
+    )
 
     # image files go through the same transform as the shards: predict answers as the model does on them
     loaded = load_model(str(tmp_path / "export"))
@@ -109,7 +150,9 @@ def test_evaluate_export_and_predict_use_the_trained_input_pipeline(demo_run, st
     capsys.readouterr()
     assert predict_main([DEMO_RUN, *files, "--threshold", "0.5"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    expected = predict(loaded.model, from_shards, certainty_threshold=0.5).predictions.argmax(1).tolist()
+    expected = (
+        predict(loaded.model, from_shards, certainty_threshold=0.5).predictions.argmax(1).tolist()
+    )
     assert len(lines) == 8  # only predictions on stdout (DeepSpeed's messages go to stderr)
     assert [line.split("\t")[1] for line in lines] == [f"class={k}" for k in expected]
 
@@ -118,13 +161,29 @@ def test_input_pipeline_from_the_training_config():
     from ctm_dist.data import transforms as T
     from ctm_dist.eval.inputs import trained_inputs
 
-    demo = trained_inputs({"config": {"data": {"task": "demo", "image_size": 8}}}, {"image_size": 32})
-    assert demo == {"task": "demo", "image_size": 8, "mean": list(T.IMAGENET_MEAN), "std": list(T.IMAGENET_STD),
-                    "channels": 3}
-    cifar = trained_inputs({"config": {"data": {"task": "cifar10", "image_size": 0}}}, {"image_size": 32})
+    demo = trained_inputs(
+        {"config": {"data": {"task": "demo", "image_size": 8}}}, {"image_size": 32}
+    )
+    assert demo == {
+        "task": "demo",
+        "image_size": 8,
+        "mean": list(T.IMAGENET_MEAN),
+        "std": list(T.IMAGENET_STD),
+        "channels": 3,
+    }
+    cifar = trained_inputs(
+        {"config": {"data": {"task": "cifar10", "image_size": 0}}}, {"image_size": 32}
+    )
     assert cifar["image_size"] == 32 and cifar["mean"] == list(T.CIFAR10_MEAN)
-    assert trained_inputs({"config": {"data": {"task": "imagenet"}}}, {"image_size": 256})["image_size"] == 224
-    assert trained_inputs({"config": {"data": {"task": "demo"}}}, {}) is None  # shard set unreadable: unknown
+    assert (
+        trained_inputs({"config": {"data": {"task": "imagenet"}}}, {"image_size": 256})[
+            "image_size"
+        ]
+        == 224
+    )
+    assert (
+        trained_inputs({"config": {"data": {"task": "demo"}}}, {}) is None
+    )  # shard set unreadable: unknown
     assert trained_inputs({"config": {"data": {"task": "parity"}}}) is None
 
 
@@ -135,37 +194,74 @@ def test_next_commands_run_as_printed_against_the_stopped_embedded_store(demo_ru
     root, summary, _ = demo_run
     (root / "launch").unlink(missing_ok=True)
     (root / "launch").symlink_to(REPO / "launch")  # the checkout the user trained in
-    commands = next_commands(DEMO_RUN, "demo", local_dir=".ctm-dist")  # the trainer's default, run from root
-    assert [c.split()[1] for c in commands] == ["launch/evaluate.py", "launch/visualize.py", "launch/export.py"]
+    commands = next_commands(
+        DEMO_RUN, "demo", local_dir=".ctm-dist"
+    )  # the trainer's default, run from root
+    assert [c.split()[1] for c in commands] == [
+        "launch/evaluate.py",
+        "launch/visualize.py",
+        "launch/export.py",
+    ]
     env = _env_without_store()
     for cmd in commands:
         argv = shlex.split(cmd)
         assert argv[0] == "python"
-        out = subprocess.run([sys.executable, *argv[1:]], cwd=root, env=env, capture_output=True, text=True,
-                             timeout=600)
+        out = subprocess.run(
+            [sys.executable, *argv[1:]],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert out.returncode == 0, f"{cmd}\n{out.stderr[-2000:]}"
     report = json.loads((root / "eval-demo" / "report.json").read_text())
     assert abs(report["classification"]["most_certain_top1"] - summary["eval/top1"]) <= 0.005
     assert list((root / "pictures-demo").glob("*.png"))
-    assert json.loads((root / "export-demo" / "config.json").read_text())["inputs"]["image_size"] == 8
+    assert (
+        json.loads((root / "export-demo" / "config.json").read_text())["inputs"]["image_size"] == 8
+    )
     # the export evaluates on the demo shards it names, from the stopped store too
-    out = subprocess.run([sys.executable, "launch/evaluate.py", "export-demo", "--out", "eval-export",
-                          "--timing-batches", "0"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "launch/evaluate.py",
+            "export-demo",
+            "--out",
+            "eval-export",
+            "--timing-batches",
+            "0",
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     again = json.loads((root / "eval-export" / "report.json").read_text())
-    assert again["classification"]["most_certain_top1"] == report["classification"]["most_certain_top1"]
+    assert (
+        again["classification"]["most_certain_top1"]
+        == report["classification"]["most_certain_top1"]
+    )
 
 
 def test_next_commands_name_another_local_dir(tmp_path):
     assert next_commands("s3://ctm-dist/runs/r1", "parity", local_dir=".ctm-dist") == [
         "python launch/evaluate.py s3://ctm-dist/runs/r1 --out eval-r1",
-        "python launch/export.py s3://ctm-dist/runs/r1 export-r1"]
+        "python launch/export.py s3://ctm-dist/runs/r1 export-r1",
+    ]
     commands = next_commands("s3://ctm-dist/runs/r1", "demo", local_dir=tmp_path / "scratch dir")
     assert all(c.endswith(f"--local-dir '{tmp_path / 'scratch dir'}'") for c in commands)
-    assert next_commands("s3://my-bucket/runs/r2")[0] == "python launch/evaluate.py s3://my-bucket/runs/r2 --out eval-r2"
+    assert (
+        next_commands("s3://my-bucket/runs/r2")[0]
+        == "python launch/evaluate.py s3://my-bucket/runs/r2 --out eval-r2"
+    )
 
 
-def test_embedded_run_without_its_store_here_is_one_line(tmp_path, monkeypatch, no_store_env, capsys):
+def test_embedded_run_without_its_store_here_is_one_line(
+    tmp_path, monkeypatch, no_store_env, capsys
+):
     monkeypatch.chdir(tmp_path)
     assert evaluate_main(["s3://ctm-dist/runs/demo"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -177,8 +273,11 @@ def test_embedded_run_without_its_store_here_is_one_line(tmp_path, monkeypatch, 
 
 @pytest.fixture
 def export_dir(tmp_path):
-    return str(save_consolidated(tiny_ctm(seed=1), tmp_path / "export", task="demo",
-                                 meta={"image_size": 16}))
+    return str(
+        save_consolidated(
+            tiny_ctm(seed=1), tmp_path / "export", task="demo", meta={"image_size": 16}
+        )
+    )
 
 
 def _one_error_line(capsys) -> str:
@@ -206,8 +305,10 @@ def test_export_given_an_export_is_one_line(export_dir, tmp_path, capsys):
     assert "already an export" in _one_error_line(capsys)
 
 
-@pytest.mark.parametrize("argv", [["--threshold", "80"], ["--threshold", "-0.1"], ["--image-size", "0"],
-                                  ["--step", "-1"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["--threshold", "80"], ["--threshold", "-0.1"], ["--image-size", "0"], ["--step", "-1"]],
+)
 def test_out_of_range_values_are_refused(export_dir, tmp_path, capsys, argv):
     image = tmp_path / "x.png"
     from PIL import Image
@@ -264,8 +365,10 @@ def test_unsafe_or_corrupt_zero_checkpoint_is_one_line(demo_run, tmp_path, capsy
     commit["files"][states.name] = states.stat().st_size
     commit["sha256"][states.name] = sha256_file(states)
     commit_path.write_text(json.dumps(commit))
-    for main, argv in ((export_main, [str(run), str(tmp_path / "out")]),
-                       (evaluate_main, [str(run), "--data", str(tmp_path)])):
+    for main, argv in (
+        (export_main, [str(run), str(tmp_path / "out")]),
+        (evaluate_main, [str(run), "--data", str(tmp_path)]),
+    ):
         assert main(argv) == 2
         line = _one_error_line(capsys)
         assert "mp_rank_00_model_states.pt" in line

@@ -9,13 +9,13 @@ import socket
 
 import pytest
 import torch
+from eval_fixtures import tiny_config, tiny_ctm
 
 import ctm_dist
 from ctm_dist.eval import export, loading, runs
 from ctm_dist.model import CTM, EXECUTION_FIELDS, CTMConfig
 from ctm_dist.storage import Location
 from ctm_dist.storage.checkpoints import NoCheckpoint, NotACheckpoint
-from eval_fixtures import tiny_config, tiny_ctm
 
 
 def _free_port() -> int:
@@ -30,13 +30,20 @@ def process_group():
 
     import torch.distributed as dist
 
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port())}
+    env = {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     started = not dist.is_initialized()
     if started:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{env['MASTER_PORT']}", rank=0, world_size=1)
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{env['MASTER_PORT']}", rank=0, world_size=1
+        )
     yield
     if started:
         dist.destroy_process_group()
@@ -60,10 +67,20 @@ def train_and_checkpoint(run_url: str, zero_stage: int, bf16: bool, steps: int =
     model = CTM(cfg)
     if bf16:
         model = model.to(torch.bfloat16)
-    ds_cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
-              "bf16": {"enabled": bf16}, "zero_optimization": {"stage": zero_stage}, "steps_per_print": 10**9}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
-                                      config=ds_cfg, dist_init_required=False)
+    ds_cfg = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": {"stage": zero_stage},
+        "steps_per_print": 10**9,
+    }
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
+        config=ds_cfg,
+        dist_init_required=False,
+    )
     dtype = torch.bfloat16 if bf16 else torch.float32
     x = torch.randn(4, 3, 16, 16)
     y = torch.tensor([0, 1, 2, 3])
@@ -72,8 +89,10 @@ def train_and_checkpoint(run_url: str, zero_stage: int, bf16: bool, steps: int =
         loss, _ = image_classification_loss(p, c, y)
         engine.backward(loss)
         engine.step()
-    train_config = {"model": {k: v for k, v in cfg.to_dict().items() if k not in EXECUTION_FIELDS},
-                    "data": {"task": "demo"}}
+    train_config = {
+        "model": {k: v for k, v in cfg.to_dict().items() if k not in EXECUTION_FIELDS},
+        "data": {"task": "demo"},
+    }
     ckpt = Checkpointer(run_url, keep_last=2)
     ckpt.save(steps, engine, {"note": "test"}, config=train_config)
     ckpt.close()
@@ -101,7 +120,9 @@ def test_zero2_bf16_run_exports_to_safetensors_and_reference(tmp_path, process_g
     for name, value in model.named_parameters():
         assert torch.equal(value.to(torch.bfloat16), trained[name].detach()), name
         assert value.dtype == torch.float32
-    bf16_copy = loading.load(str(out / export.MODEL_FILE)).to(torch.bfloat16)  # the file alone also loads
+    bf16_copy = loading.load(str(out / export.MODEL_FILE)).to(
+        torch.bfloat16
+    )  # the file alone also loads
     with torch.no_grad():
         p, c, _ = bf16_copy(probe.to(torch.bfloat16))
     assert torch.equal(p.float(), p_trained) and torch.equal(c.float(), c_trained)
@@ -113,9 +134,13 @@ def test_zero2_bf16_run_exports_to_safetensors_and_reference(tmp_path, process_g
         assert torch.equal(from_ref(probe)[0], model(probe)[0])
 
 
-def test_zero3_run_on_s3_exports_with_identical_outputs(tmp_path, process_group, s3_location, s3_env):
+def test_zero3_run_on_s3_exports_with_identical_outputs(
+    tmp_path, process_group, s3_location, s3_env
+):
     run = s3_location.child("runs/zero3")
-    engine, probe, (p_trained, c_trained) = train_and_checkpoint(run.url, zero_stage=3, bf16=False, steps=3)
+    engine, probe, (p_trained, c_trained) = train_and_checkpoint(
+        run.url, zero_stage=3, bf16=False, steps=3
+    )
     out = s3_location.child("exports/zero3")
     export.export_run(run.url, out)
     model = ctm_dist.load(out.url)
@@ -124,7 +149,9 @@ def test_zero3_run_on_s3_exports_with_identical_outputs(tmp_path, process_group,
     assert torch.allclose(p, p_trained, atol=1e-5) and torch.allclose(c, c_trained, atol=1e-5)
     # a run loads directly too (newest committed step), and a missing step is a clear error
     direct = ctm_dist.load(run.url)
-    with torch.no_grad():  # as above (with gradients on, CPU fp32 linears use reordered weights: equal to ~1e-7)
+    with (
+        torch.no_grad()
+    ):  # as above (with gradients on, CPU fp32 linears use reordered weights: equal to ~1e-7)
         assert torch.equal(direct(probe)[0], p)
     with pytest.raises(NoCheckpoint, match="step 7"):
         ctm_dist.load(run.url, step=7)
@@ -134,8 +161,12 @@ def test_zero3_run_on_s3_exports_with_identical_outputs(tmp_path, process_group,
 
 def test_consolidated_export_round_trip_and_bad_inputs(tmp_path):
     model = tiny_ctm(seed=5)
-    export.save_consolidated(model, tmp_path / "e", task="demo", meta={"classes": list("abcdefghij")})
-    loaded = loading.load_model(str(tmp_path / "e"), iterations=7)  # more ticks than trained: same weights
+    export.save_consolidated(
+        model, tmp_path / "e", task="demo", meta={"classes": list("abcdefghij")}
+    )
+    loaded = loading.load_model(
+        str(tmp_path / "e"), iterations=7
+    )  # more ticks than trained: same weights
     assert loaded.task == "demo" and loaded.meta["classes"][1] == "b" and loaded.cfg.iterations == 7
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
@@ -148,14 +179,24 @@ def test_consolidated_export_round_trip_and_bad_inputs(tmp_path):
 
 
 def test_model_config_is_read_from_the_layout_the_trainer_writes():
-    recorded = {"config": {"model": {k: v for k, v in tiny_config().to_dict().items() if k not in EXECUTION_FIELDS},
-                           "data": {"task": "demo"}}}
+    recorded = {
+        "config": {
+            "model": {
+                k: v for k, v in tiny_config().to_dict().items() if k not in EXECUTION_FIELDS
+            },
+            "data": {"task": "demo"},
+        }
+    }
     assert CTMConfig.from_dict(runs.model_config_from_commit(recorded)) == tiny_config()
     assert runs.model_config_from_commit({"config": {}}) is None
-    assert runs.model_config_from_commit({"config": {"model": {"preset": "demo"}}}) is None  # not what it writes
+    assert (
+        runs.model_config_from_commit({"config": {"model": {"preset": "demo"}}}) is None
+    )  # not what it writes
 
 
-def test_run_loading_uses_the_trainers_checks_and_falls_back_past_a_damaged_step(tmp_path, process_group, caplog):
+def test_run_loading_uses_the_trainers_checks_and_falls_back_past_a_damaged_step(
+    tmp_path, process_group, caplog
+):
     """``ctm_dist.load(run)`` offers only steps the trainer would resume from: a newest step whose
     file no longer matches its COMMIT checksum is skipped (with a warning) for the previous one."""
     run = tmp_path / "runs" / "two-steps"
@@ -168,7 +209,9 @@ def test_run_loading_uses_the_trainers_checks_and_falls_back_past_a_damaged_step
     assert not torch.equal(at_2, at_3)
     shard = next((run / "checkpoints" / "step-000000003").glob("*optim_states.pt"))
     data = bytearray(shard.read_bytes())
-    data[len(data) // 2: len(data) // 2 + 4096] = bytes(len(data[len(data) // 2: len(data) // 2 + 4096]))
+    data[len(data) // 2 : len(data) // 2 + 4096] = bytes(
+        len(data[len(data) // 2 : len(data) // 2 + 4096])
+    )
     shard.write_bytes(bytes(data))  # same size: only the checksum tells
     with pytest.raises(NotACheckpoint, match="SHA-256 differs"):
         ctm_dist.load(str(run), step=3)

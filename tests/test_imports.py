@@ -26,7 +26,9 @@ FORBIDDEN = {
 # Our own modules imported inside a function, and why (file -> modules).
 IMPORTED_LATE = {
     "__init__.py": {"ctm_dist.eval.loading"},  # `import ctm_dist` stays light
-    "storage/__init__.py": {"ctm_dist.storage.local"},  # `python -m ctm_dist.storage.local` runs it once
+    "storage/__init__.py": {
+        "ctm_dist.storage.local"
+    },  # `python -m ctm_dist.storage.local` runs it once
     "train/cli.py": {"ctm_dist.train.driver"},  # Ray: not for --help
     "eval/cli.py": {"ctm_dist.eval.report", "ctm_dist.eval.pictures"},  # matplotlib: not for --help
 }
@@ -42,8 +44,12 @@ def own_imports(path: Path) -> list[tuple[str, bool]]:
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     tree = ast.parse(path.read_text(), str(path))
-    late = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
-            for n in ast.walk(f)}
+    late = {
+        id(n)
+        for f in ast.walk(tree)
+        if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for n in ast.walk(f)
+    }
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -56,7 +62,9 @@ def own_imports(path: Path) -> list[tuple[str, bool]]:
             targets = [base]
         else:
             continue
-        found += [(t, id(node) in late) for t in targets if t == "ctm_dist" or t.startswith("ctm_dist.")]
+        found += [
+            (t, id(node) in late) for t in targets if t == "ctm_dist" or t.startswith("ctm_dist.")
+        ]
     return found
 
 
@@ -70,8 +78,11 @@ def test_lower_layers_never_import_upper_ones():
         name = module_name(path)
         for layer, forbidden in FORBIDDEN.items():
             if name == layer or name.startswith(layer + "."):
-                wrong += [f"{name} imports {t}" for t, _ in own_imports(path)
-                          if any(t == f or t.startswith(f + ".") for f in forbidden)]
+                wrong += [
+                    f"{name} imports {t}"
+                    for t, _ in own_imports(path)
+                    if any(t == f or t.startswith(f + ".") for f in forbidden)
+                ]
     assert not wrong
 
 
@@ -79,8 +90,11 @@ def test_own_modules_are_imported_at_module_top():
     late = []
     for path in sources():
         allowed = IMPORTED_LATE.get(path.relative_to(PACKAGE).as_posix(), set())
-        late += [f"{module_name(path)}: {t}" for t, inside in own_imports(path)
-                 if inside and not any(t == a or t.startswith(a + ".") for a in allowed)]
+        late += [
+            f"{module_name(path)}: {t}"
+            for t, inside in own_imports(path)
+            if inside and not any(t == a or t.startswith(a + ".") for a in allowed)
+        ]
     assert not late, "import these at the top of the module (or say in IMPORTED_LATE why not)"
 
 
@@ -92,5 +106,7 @@ def test_relative_imports_resolve_to_modules():
 
 def test_import_ctm_dist_leaves_torch_out():
     code = "import sys, ctm_dist; print(sorted(m for m in ('torch', 'ray', 'deepspeed') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "[]"

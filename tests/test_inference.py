@@ -9,7 +9,6 @@ import torch
 from ctm_dist.inference import predict
 from ctm_dist.model import CTM, CTMConfig
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -17,9 +16,21 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def model_and_full():
     torch.manual_seed(0)
     np.random.seed(0)
-    cfg = CTMConfig(iterations=10, d_model=32, d_input=16, heads=2, n_synch_out=8, n_synch_action=6,
-                    synapse_depth=1, memory_length=4, memory_hidden_dims=3, backbone_type="none",
-                    positional_embedding_type="none", in_channels=5, out_dims=3)
+    cfg = CTMConfig(
+        iterations=10,
+        d_model=32,
+        d_input=16,
+        heads=2,
+        n_synch_out=8,
+        n_synch_action=6,
+        synapse_depth=1,
+        memory_length=4,
+        memory_hidden_dims=3,
+        backbone_type="none",
+        positional_embedding_type="none",
+        in_channels=5,
+        out_dims=3,
+    )
     model = CTM(cfg).eval()
     with torch.no_grad():  # certainty that rises then falls, differently per sample
         model.output_projector[0].weight.mul_(300)
@@ -34,7 +45,7 @@ def model_and_full():
 def diverse_threshold(certainties: torch.Tensor, max_ticks: int) -> float:
     """A threshold at which samples stop at several different ticks."""
     candidates = certainties[:, 1, :max_ticks].flatten().sort().values
-    for value in candidates[len(candidates) // 4:]:
+    for value in candidates[len(candidates) // 4 :]:
         if expected_ticks(certainties, value.item(), max_ticks).unique().numel() >= 3:
             return value.item()
     raise AssertionError("no threshold spreads the stopping ticks")
@@ -56,7 +67,9 @@ def test_stops_each_sample_at_its_first_certain_tick(model_and_full, max_ticks):
     result = predict(model, x, threshold, max_ticks=max_ticks)
     assert torch.equal(result.tick, ticks)
     rows = torch.arange(x.size(0))
-    torch.testing.assert_close(result.predictions, full_predictions[rows, :, ticks], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        result.predictions, full_predictions[rows, :, ticks], atol=1e-5, rtol=1e-5
+    )
     torch.testing.assert_close(result.certainty, certainties[rows, 1, ticks], atol=1e-5, rtol=1e-5)
 
 
@@ -65,13 +78,17 @@ def test_finished_samples_leave_the_batch(model_and_full):
     threshold = diverse_threshold(certainties, model.cfg.iterations)
     ticks = expected_ticks(certainties, threshold, model.cfg.iterations)
     batch_sizes = []
-    handle = model.synapses.register_forward_hook(lambda m, args, out: batch_sizes.append(args[0].size(0)))
+    handle = model.synapses.register_forward_hook(
+        lambda m, args, out: batch_sizes.append(args[0].size(0))
+    )
     try:
         predict(model, x, threshold)
     finally:
         handle.remove()
     still_running = [int((ticks >= t).sum()) for t in range(int(ticks.max()) + 1)]
-    assert batch_sizes == still_running       # shrinking batch, and no tick after the last sample is done
+    assert (
+        batch_sizes == still_running
+    )  # shrinking batch, and no tick after the last sample is done
 
 
 def test_threshold_zero_stops_after_one_tick_and_bad_max_ticks(model_and_full):

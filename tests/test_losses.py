@@ -1,4 +1,5 @@
 """Certainty losses checked against values worked out with plain Python loops."""
+
 import math
 
 import pytest
@@ -19,7 +20,7 @@ def ce(logits, target):
 
 # Classification: B=2, C=3, T=3.  predictions[b, :, t]
 LOGITS = [
-    [[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.5, 3.0]],   # sample 0, ticks 0..2
+    [[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.5, 3.0]],  # sample 0, ticks 0..2
     [[0.0, 0.0, 0.0], [1.0, -1.0, 2.0], [0.0, 4.0, 0.0]],  # sample 1
 ]
 TARGETS = [0, 1]
@@ -110,7 +111,9 @@ def test_parity_loss_matches_hand_computation():
     targets = torch.tensor(PARITY_TARGETS)
     expected = []
     for b in range(2):
-        per_tick = [sum(ce(PARITY[b][t][p], PARITY_TARGETS[b][p]) for p in range(2)) / 2 for t in range(2)]
+        per_tick = [
+            sum(ce(PARITY[b][t][p], PARITY_TARGETS[b][p]) for p in range(2)) / 2 for t in range(2)
+        ]
         chosen = 1 if PARITY_CERT1[b][1] > PARITY_CERT1[b][0] else 0
         expected.append((min(per_tick) + per_tick[chosen]) / 2)
     loss, tick = parity_loss(preds, cert, targets)
@@ -129,7 +132,11 @@ def _maze_predictions(correct_pattern, targets, wrong_class=4):
         for ti in range(t):
             for si in range(s):
                 target = targets[bi][si]
-                cls = target if correct_pattern[bi][ti][si] else (wrong_class if target != wrong_class else 0)
+                cls = (
+                    target
+                    if correct_pattern[bi][ti][si]
+                    else (wrong_class if target != wrong_class else 0)
+                )
                 preds[bi, si, cls, ti] = 2.0 + 0.1 * (si + ti)  # distinct values per step and tick
     return preds
 
@@ -183,7 +190,10 @@ def test_maze_loss_matches_hand_computation_and_masks_gradient():
         upto = furthest + lookahead
         expected_upto.append(upto)
         n = min(upto, S)
-        per_tick = [sum(ce([P[b][s][c][t] for c in range(5)], Y[b][s]) for s in range(n)) / n for t in range(T)]
+        per_tick = [
+            sum(ce([P[b][s][c][t] for c in range(5)], Y[b][s]) for s in range(n)) / n
+            for t in range(T)
+        ]
         chosen = max(range(T), key=lambda t: C[b][1][t])
         expected.append((min(per_tick) + per_tick[chosen]) / 2)
     assert expected_upto[0] >= 4 and expected_upto[1] == 2
@@ -198,7 +208,9 @@ def test_maze_loss_matches_hand_computation_and_masks_gradient():
     assert torch.all(preds.grad[1, 2:] == 0)
     assert preds.grad[1, :2].abs().sum() > 0
     # Flat model output [B, 5S, T] is accepted too.
-    flat_loss, _, _ = maze_loss(preds.detach().flatten(1, 2), cert, targets, curriculum_lookahead=lookahead)
+    flat_loss, _, _ = maze_loss(
+        preds.detach().flatten(1, 2), cert, targets, curriculum_lookahead=lookahead
+    )
     assert flat_loss.item() == pytest.approx(loss.item(), rel=1e-6)
 
 
@@ -206,5 +218,9 @@ def test_maze_loss_rejects_bad_shapes_and_lookahead():
     with pytest.raises(ValueError, match="multiple"):
         maze_loss(torch.zeros(2, 11, 3), torch.zeros(2, 2, 3), torch.zeros(2, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="lookahead"):
-        maze_loss(torch.zeros(2, 2, 5, 3), torch.zeros(2, 2, 3), torch.zeros(2, 2, dtype=torch.long),
-                  curriculum_lookahead=0)
+        maze_loss(
+            torch.zeros(2, 2, 5, 3),
+            torch.zeros(2, 2, 3),
+            torch.zeros(2, 2, dtype=torch.long),
+            curriculum_lookahead=0,
+        )

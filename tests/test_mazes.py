@@ -1,4 +1,5 @@
 """Maze generator and maze shard writers: perfect mazes, shortest valid routes, reference folders."""
+
 from __future__ import annotations
 
 import os
@@ -7,12 +8,18 @@ from collections import deque
 import numpy as np
 import pytest
 from PIL import Image
+from writers_fixtures import decode, doc, load_script, read_shard_set, shard_bytes
 
-from ctm_dist.data.mazes_gen import (SIZES, draw_solution, generate_maze, pad_route, pixels_for,
-                                     trace_solution)
+from ctm_dist.data.mazes_gen import (
+    SIZES,
+    draw_solution,
+    generate_maze,
+    pad_route,
+    pixels_for,
+    trace_solution,
+)
 from ctm_dist.data.mazes_writer import maze_seed, write_maze_folder_shards, write_maze_shards
 from ctm_dist.storage import Location
-from writers_fixtures import decode, doc, load_script, read_shard_set, shard_bytes
 
 MOVES = {0: (-1, 0), 1: (1, 0), 2: (0, -1), 3: (0, 1)}
 
@@ -25,8 +32,12 @@ def corridor_graph(image):
     """Open pixels (anything not black) and their 4-neighbour edges."""
     open_ = ~colour_mask(image, (0, 0, 0))
     nodes = {tuple(p) for p in np.argwhere(open_)}
-    edges = {(a, (a[0] + dy, a[1] + dx)) for a in nodes for dy, dx in ((1, 0), (0, 1))
-             if (a[0] + dy, a[1] + dx) in nodes}
+    edges = {
+        (a, (a[0] + dy, a[1] + dx))
+        for a in nodes
+        for dy, dx in ((1, 0), (0, 1))
+        if (a[0] + dy, a[1] + dx) in nodes
+    }
     return nodes, edges
 
 
@@ -50,12 +61,18 @@ def check_maze(image, route, route_length):
     assert not colour_mask(image, (0, 0, 255)).any(), "solution must not be drawn"
     colours = {tuple(c) for c in image.reshape(-1, 3)}
     assert colours <= {(0, 0, 0), (255, 255, 255), (255, 0, 0), (0, 255, 0)}
-    reds, greens = np.argwhere(colour_mask(image, (255, 0, 0))), np.argwhere(colour_mask(image, (0, 255, 0)))
+    reds, greens = (
+        np.argwhere(colour_mask(image, (255, 0, 0))),
+        np.argwhere(colour_mask(image, (0, 255, 0))),
+    )
     assert len(reds) == 1 and len(greens) == 1
     start, end = tuple(reds[0]), tuple(greens[0])
     assert start != end and all(v % 2 == 1 for v in start + end), "start and end sit on cells"
     # walls: the border and every even-even pixel; cells: every odd-odd pixel
-    assert colour_mask(image[[0, -1]], (0, 0, 0)).all() and colour_mask(image[:, [0, -1]], (0, 0, 0)).all()
+    assert (
+        colour_mask(image[[0, -1]], (0, 0, 0)).all()
+        and colour_mask(image[:, [0, -1]], (0, 0, 0)).all()
+    )
     assert colour_mask(image[::2, ::2], (0, 0, 0)).all()
     assert not colour_mask(image[1::2, 1::2], (0, 0, 0)).any()
     nodes, edges = corridor_graph(image)
@@ -65,7 +82,7 @@ def check_maze(image, route, route_length):
     # the route: valid steps inside corridors, ending on green, as long as the BFS distance
     assert len(route) == route_length
     moves = [m for m in route if m != 4]
-    assert route[len(moves):] == [4] * (route_length - len(moves)), "Wait only as padding"
+    assert route[len(moves) :] == [4] * (route_length - len(moves)), "Wait only as padding"
     y, x = start
     for m in moves:
         y, x = y + MOVES[m][0], x + MOVES[m][1]
@@ -122,28 +139,57 @@ def test_trace_solution_reads_the_reference_format():
         trace_solution(no_green)
 
 
-def test_generated_shard_set_on_s3_round_trips_and_is_deterministic(object_store, s3_location, tmp_path):
-    index = write_maze_shards(s3_location.child("a"), "train", 23, "small", route_length=30, seed=5,
-                              samples_per_shard=8, progress=False)
+def test_generated_shard_set_on_s3_round_trips_and_is_deterministic(
+    object_store, s3_location, tmp_path
+):
+    index = write_maze_shards(
+        s3_location.child("a"),
+        "train",
+        23,
+        "small",
+        route_length=30,
+        seed=5,
+        samples_per_shard=8,
+        progress=False,
+    )
     assert [s.samples for s in index.shards] == [8, 8, 7]
     index, samples = read_shard_set(s3_location.child("a"), "train")
-    assert index.task == "mazes" and index.meta["image_size"] == 19 and index.meta["route_length"] == 30
+    assert (
+        index.task == "mazes"
+        and index.meta["image_size"] == 19
+        and index.meta["route_length"] == 30
+    )
     assert sorted(samples) == [f"{i:08d}" for i in range(23)]
     for number, (key, sample) in enumerate(samples.items()):
         assert set(sample) == {"png", "json"}
         d = doc(sample)
         image = np.asarray(decode(sample["png"]))
-        assert d["size"] == 19 and d["route_length"] == 30 and d["seed"] == maze_seed(5, "train", number)
+        assert (
+            d["size"] == 19
+            and d["route_length"] == 30
+            and d["seed"] == maze_seed(5, "train", number)
+        )
         check_maze(image, d["route"], 30)
         maze = generate_maze(19, d["seed"])  # the stored seed regenerates the stored maze
         assert np.array_equal(maze.image, image) and d["route"] == pad_route(maze.moves, 30)
         assert d["solution_length"] == len(maze.moves)
     # same inputs, other process count: identical bytes; other split: other mazes
     local = Location.parse(tmp_path)
-    write_maze_shards(local, "train", 23, "small", route_length=30, seed=5, samples_per_shard=8, workers=2,
-                      progress=False)
+    write_maze_shards(
+        local,
+        "train",
+        23,
+        "small",
+        route_length=30,
+        seed=5,
+        samples_per_shard=8,
+        workers=2,
+        progress=False,
+    )
     assert shard_bytes(s3_location.child("a"), "train") == shard_bytes(local, "train")
-    write_maze_shards(local, "test", 23, "small", route_length=30, seed=5, samples_per_shard=8, progress=False)
+    write_maze_shards(
+        local, "test", 23, "small", route_length=30, seed=5, samples_per_shard=8, progress=False
+    )
     assert local.read_bytes("test-000000.tar") != local.read_bytes("train-000000.tar")
 
 
@@ -160,9 +206,20 @@ def test_reference_folder_converts_with_counted_skips(object_store, s3_location,
     Image.fromarray(broken).save(folder / "0" / "broken.png")
     Image.fromarray(draw_solution(generate_maze(19, 1))).save(folder / "1" / "small.png")
 
-    index, skipped = write_maze_folder_shards(s3_location, "train", str(folder), route_length=100, seed=3,
-                                              samples_per_shard=4, progress=False)
-    assert len(skipped) == 2 and any("broken.png" in s for s in skipped) and any("small.png" in s for s in skipped)
+    index, skipped = write_maze_folder_shards(
+        s3_location,
+        "train",
+        str(folder),
+        route_length=100,
+        seed=3,
+        samples_per_shard=4,
+        progress=False,
+    )
+    assert (
+        len(skipped) == 2
+        and any("broken.png" in s for s in skipped)
+        and any("small.png" in s for s in skipped)
+    )
     index, samples = read_shard_set(s3_location, "train")
     assert index.num_samples == 9 and index.meta["image_size"] == 39
     assert sorted(doc(s)["source"] for s in samples.values()) == sorted(expected)
@@ -178,8 +235,28 @@ def test_reference_folder_converts_with_counted_skips(object_store, s3_location,
 def test_cli_writes_to_s3_with_env_credentials(object_store, s3_bucket, s3_env, capsys):
     script = load_script("mazes")
     url = f"s3://{s3_bucket}/cli"
-    assert script.main(["--out", url, "--split", "val", "--count", "5", "--pixels", "21",
-                        "--route-length", "12", "--seed", "9", "--samples-per-shard", "2", "--no-progress"]) == 0
+    assert (
+        script.main(
+            [
+                "--out",
+                url,
+                "--split",
+                "val",
+                "--count",
+                "5",
+                "--pixels",
+                "21",
+                "--route-length",
+                "12",
+                "--seed",
+                "9",
+                "--samples-per-shard",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "wrote 5 samples in 3 shards" in capsys.readouterr().out
     index, samples = read_shard_set(Location.parse(url), "val")
     assert index.meta["image_size"] == 21

@@ -1,4 +1,5 @@
 """Accuracy metrics on small tensors whose answers are counted by hand."""
+
 import pytest
 import torch
 
@@ -37,8 +38,12 @@ def test_accuracy_at_chosen_tick_and_per_tick():
     assert per_tick_accuracy(preds, targets, reduction="sum").tolist() == [1, 3, 2]
     # Masking out sample 3 (padding): tick 1 -> 2/3, tick 2 -> 1/3
     weight = torch.tensor([1, 1, 1, 0])
-    assert per_tick_accuracy(preds, targets, weight=weight).tolist() == pytest.approx([1 / 3, 2 / 3, 1 / 3])
-    assert accuracy_at_most_certain(preds, targets, tick, weight=weight).item() == pytest.approx(2 / 3)
+    assert per_tick_accuracy(preds, targets, weight=weight).tolist() == pytest.approx(
+        [1 / 3, 2 / 3, 1 / 3]
+    )
+    assert accuracy_at_most_certain(preds, targets, tick, weight=weight).item() == pytest.approx(
+        2 / 3
+    )
 
 
 def test_predictions_at_tick_picks_per_sample_slices():
@@ -49,11 +54,13 @@ def test_predictions_at_tick_picks_per_sample_slices():
 
 def test_topk_accuracy():
     # one tick; logits ranked so that the target sits at a known rank
-    logits = torch.tensor([
-        [9.0, 8, 7, 6, 5, 4, 3],  # target 4 is 5th -> top-5 hit, top-1 miss
-        [9.0, 8, 7, 6, 5, 4, 3],  # target 5 is 6th -> miss
-        [1.0, 2, 3, 4, 5, 6, 7],  # target 6 is 1st -> hit
-    ]).unsqueeze(-1)
+    logits = torch.tensor(
+        [
+            [9.0, 8, 7, 6, 5, 4, 3],  # target 4 is 5th -> top-5 hit, top-1 miss
+            [9.0, 8, 7, 6, 5, 4, 3],  # target 5 is 6th -> miss
+            [1.0, 2, 3, 4, 5, 6, 7],  # target 6 is 1st -> hit
+        ]
+    ).unsqueeze(-1)
     targets = torch.tensor([4, 5, 6])
     tick = torch.zeros(3, dtype=torch.long)
     assert topk_accuracy(logits, targets, tick, k=5, reduction="none").tolist() == [1, 0, 1]
@@ -76,10 +83,13 @@ def _sequence_logits(classes, num_classes):
 
 def test_maze_step_and_route_accuracy():
     targets = torch.tensor([[0, 1, 2, 4], [3, 3, 4, 4]])
-    preds = _sequence_logits([
-        [[0, 1, 2, 4], [0, 0, 0, 0]],   # sample 0: tick 0 whole route right
-        [[3, 3, 4, 0], [3, 3, 4, 4]],   # sample 1: tick 0 three of four, tick 1 all
-    ], 5)
+    preds = _sequence_logits(
+        [
+            [[0, 1, 2, 4], [0, 0, 0, 0]],  # sample 0: tick 0 whole route right
+            [[3, 3, 4, 0], [3, 3, 4, 4]],  # sample 1: tick 0 three of four, tick 1 all
+        ],
+        5,
+    )
     tick = torch.tensor([0, 0])
     assert maze_step_accuracy(preds, targets, tick, reduction="none").tolist() == [1.0, 0.75]
     assert maze_route_accuracy(preds, targets, tick, reduction="none").tolist() == [1.0, 0.0]
@@ -88,21 +98,30 @@ def test_maze_step_and_route_accuracy():
     assert maze_step_accuracy(preds, targets, tick, reduction="none").tolist() == [0.25, 1.0]
     assert maze_route_accuracy(preds, targets, tick).item() == pytest.approx(0.5)
     # per-tick accuracy on sequences averages the steps of each sample
-    assert per_tick_accuracy(preds, targets).tolist() == pytest.approx([(1 + 0.75) / 2, (0.25 + 1) / 2])
+    assert per_tick_accuracy(preds, targets).tolist() == pytest.approx(
+        [(1 + 0.75) / 2, (0.25 + 1) / 2]
+    )
 
 
 def test_parity_position_accuracy():
     targets = torch.tensor([[0, 1, 1], [1, 1, 0], [0, 0, 0]])
-    preds = _sequence_logits([
-        [[0, 1, 0]],  # right, right, wrong
-        [[1, 0, 0]],  # right, wrong, right
-        [[0, 0, 1]],  # right, right, wrong
-    ], 2)
+    preds = _sequence_logits(
+        [
+            [[0, 1, 0]],  # right, right, wrong
+            [[1, 0, 0]],  # right, wrong, right
+            [[0, 0, 1]],  # right, right, wrong
+        ],
+        2,
+    )
     tick = torch.zeros(3, dtype=torch.long)
-    assert parity_position_accuracy(preds, targets, tick).tolist() == pytest.approx([1.0, 2 / 3, 1 / 3])
+    assert parity_position_accuracy(preds, targets, tick).tolist() == pytest.approx(
+        [1.0, 2 / 3, 1 / 3]
+    )
     assert parity_position_accuracy(preds, targets, tick, reduction="sum").tolist() == [3, 2, 1]
     weight = torch.tensor([1.0, 0.0, 1.0])
-    assert parity_position_accuracy(preds, targets, tick, weight=weight).tolist() == pytest.approx([1.0, 1.0, 0.0])
+    assert parity_position_accuracy(preds, targets, tick, weight=weight).tolist() == pytest.approx(
+        [1.0, 1.0, 0.0]
+    )
     with pytest.raises(ValueError, match="sequence predictions"):
         parity_position_accuracy(preds[:, 0], targets, tick)
 
@@ -116,10 +135,14 @@ def test_step_lines_carry_time_elapsed_memory_and_an_eta_from_training_steps_onl
     out = io.StringIO()
     display = Display(max_steps=100, interactive=False, stream=out)
     t0 = display.started
-    first = display.line(10, {"train/loss": 1.0, "perf/peak_memory_gib": 1.5}, now=t0 + 50)  # 50 s of start-up
+    first = display.line(
+        10, {"train/loss": 1.0, "perf/peak_memory_gib": 1.5}, now=t0 + 50
+    )  # 50 s of start-up
     later = display.line(20, {"train/loss": 0.9, "perf/peak_memory_gib": 1.5}, now=t0 + 60)
-    assert re.match(r"^step 10/100 \| loss 1\.0000 \| mem 1\.50GiB \| \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \| elapsed 0:00:50$",
-                    first), first
+    assert re.match(
+        r"^step 10/100 \| loss 1\.0000 \| mem 1\.50GiB \| \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \| elapsed 0:00:50$",
+        first,
+    ), first
     # 10 steps took 10 s, 80 remain: 80 s (start-up left out; counting it would say 320 s)
     assert later.endswith("| elapsed 0:01:00 | eta 0:01:20"), later
     display.event({"step": 30, "train/loss": 0.8})

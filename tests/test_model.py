@@ -8,35 +8,52 @@ import torch
 
 from ctm_dist.model import CTM, PRESET_NAMES, CTMConfig, preset
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(**overrides) -> CTMConfig:
-    values = dict(iterations=6, d_model=32, d_input=16, heads=2, n_synch_out=8, n_synch_action=6, synapse_depth=2,
-                  memory_length=4, deep_nlms=True, memory_hidden_dims=3, backbone_type="none",
-                  positional_embedding_type="none", in_channels=5, out_dims=4, dropout=0.3)
+    values = dict(
+        iterations=6,
+        d_model=32,
+        d_input=16,
+        heads=2,
+        n_synch_out=8,
+        n_synch_action=6,
+        synapse_depth=2,
+        memory_length=4,
+        deep_nlms=True,
+        memory_hidden_dims=3,
+        backbone_type="none",
+        positional_embedding_type="none",
+        in_channels=5,
+        out_dims=4,
+        dropout=0.3,
+    )
     values.update(overrides)
     return CTMConfig(**values)
 
 
 # --- config --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(heads=3), "divisible by heads"),
-    (dict(neuron_select_type="pairs"), "neuron_select_type"),
-    (dict(backbone_type="resnet19-2"), "backbone_type"),
-    (dict(positional_embedding_type="learnable-fourier"), "needs a backbone"),
-    (dict(neuron_select_type="first-last", n_synch_out=30), "first-last"),
-    (dict(n_random_pairing_self=6), "n_random_pairing_self"),
-    (dict(iterations=0), "iterations"),
-    (dict(dropout=1.5), "dropout"),
-    (dict(tick_checkpointing=-1), "tick_checkpointing"),
-    (dict(recompute_nlms=1), "recompute_nlms"),
-    (dict(recompute_nlms=True, tick_checkpointing=2), "choose one"),
-    (dict(attention_impl="flash"), "attention_impl"),
-    (dict(prediction_reshaper=[3, 2]), "prediction_reshaper"),
-])
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(heads=3), "divisible by heads"),
+        (dict(neuron_select_type="pairs"), "neuron_select_type"),
+        (dict(backbone_type="resnet19-2"), "backbone_type"),
+        (dict(positional_embedding_type="learnable-fourier"), "needs a backbone"),
+        (dict(neuron_select_type="first-last", n_synch_out=30), "first-last"),
+        (dict(n_random_pairing_self=6), "n_random_pairing_self"),
+        (dict(iterations=0), "iterations"),
+        (dict(dropout=1.5), "dropout"),
+        (dict(tick_checkpointing=-1), "tick_checkpointing"),
+        (dict(recompute_nlms=1), "recompute_nlms"),
+        (dict(recompute_nlms=True, tick_checkpointing=2), "choose one"),
+        (dict(attention_impl="flash"), "attention_impl"),
+        (dict(prediction_reshaper=[3, 2]), "prediction_reshaper"),
+    ],
+)
 def test_config_rejects_bad_values(bad, message):
     with pytest.raises(ValueError, match=message):
         tiny(**bad)
@@ -52,7 +69,11 @@ def test_config_round_trips_and_rejects_unknown_fields():
 def test_presets_follow_reference_scripts():
     imagenet = preset("imagenet")
     assert (imagenet.d_model, imagenet.iterations, imagenet.memory_length) == (4096, 75, 25)
-    assert (imagenet.n_synch_out, imagenet.n_synch_action, imagenet.n_random_pairing_self) == (8192, 2048, 32)
+    assert (imagenet.n_synch_out, imagenet.n_synch_action, imagenet.n_random_pairing_self) == (
+        8192,
+        2048,
+        32,
+    )
     assert imagenet.backbone_type == "resnet152-4" and imagenet.synapse_depth == 8
     mazes = preset("mazes", route_length=50)
     assert (mazes.d_model, mazes.out_dims, mazes.prediction_reshaper) == (2048, 250, [50, 5])
@@ -61,7 +82,12 @@ def test_presets_follow_reference_scripts():
     assert (parity.d_model, parity.out_dims, parity.prediction_reshaper) == (1024, 128, [64, 2])
     assert parity.neuron_select_type == "random" and parity.backbone_type == "parity_backbone"
     cifar = preset("cifar10")
-    assert (cifar.d_model, cifar.iterations, cifar.memory_length, cifar.synapse_depth) == (256, 50, 15, 5)
+    assert (cifar.d_model, cifar.iterations, cifar.memory_length, cifar.synapse_depth) == (
+        256,
+        50,
+        15,
+        5,
+    )
     assert preset("demo", iterations=3).iterations == 3
     assert set(PRESET_NAMES) == {"imagenet", "mazes", "parity", "cifar10", "demo"}
     with pytest.raises(ValueError, match="unknown preset"):
@@ -71,6 +97,7 @@ def test_presets_follow_reference_scripts():
 
 
 # --- structure ------------------------------------------------------------------------------------
+
 
 def test_demo_forward_shapes_and_synch_sizes():
     cfg = preset("demo", iterations=3)
@@ -83,7 +110,9 @@ def test_demo_forward_shapes_and_synch_sizes():
     assert ((certainties >= 0) & (certainties <= 1)).all()
 
 
-@pytest.mark.parametrize("select, out_size", [("first-last", 36), ("random", 36), ("random-pairing", 8)])
+@pytest.mark.parametrize(
+    "select, out_size", [("first-last", 36), ("random", 36), ("random-pairing", 8)]
+)
 def test_synchronisation_sizes(select, out_size):
     model = CTM(tiny(neuron_select_type=select, n_synch_out=8, n_synch_action=6))
     assert model.decay_params_out.shape == (out_size,)
@@ -119,7 +148,9 @@ def test_decays_are_clamped_with_the_gradient_passed_through():
     assert torch.equal(p_outside, p_inside) and torch.equal(c_outside, c_inside)
     assert (outside.decay_params_out == 20).all(), "the stored parameters must not be mutated"
     p_outside.sum().backward()
-    assert outside.decay_params_out.grad is not None and outside.decay_params_out.grad.abs().sum() > 0
+    assert (
+        outside.decay_params_out.grad is not None and outside.decay_params_out.grad.abs().sum() > 0
+    )
 
 
 def test_tracking_shapes():
@@ -134,13 +165,16 @@ def test_tracking_shapes():
 
 # --- tick checkpointing ---------------------------------------------------------------------------------
 
+
 def _loss_and_grads(model, x, seed):
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
     predictions, certainties, sync = model(x)
     loss = predictions.square().mean() + certainties[:, 1].mean() + sync.sum()
     loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), {
+        n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+    }
 
 
 @pytest.mark.parametrize("segment", [1, 4])  # 4 does not divide T=6
@@ -172,17 +206,24 @@ def test_tick_checkpointing_replays_matmuls_and_attention_instead_of_recomputing
     # dropout) the fused attention itself; the output projector runs once, after the ticks
     per_tick = 4 + (1 if dropout == 0 else 0)
     for tape in tapes:
-        assert len(tape.outputs) == 2 * per_tick and tape.replaying and tape.position == len(tape.outputs)
+        assert (
+            len(tape.outputs) == 2 * per_tick
+            and tape.replaying
+            and tape.position == len(tape.outputs)
+        )
 
 
 def _saved_bytes(**overrides) -> int:
     """Bytes of the distinct storages autograd keeps for backward (d_model 64, M 8, hidden 8, T 12)."""
-    model = CTM(tiny(iterations=12, d_model=64, memory_length=8, memory_hidden_dims=8, **overrides)).train()
+    model = CTM(
+        tiny(iterations=12, d_model=64, memory_length=8, memory_hidden_dims=8, **overrides)
+    ).train()
     storages = {}
 
     def pack(t):
         storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
+
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         predictions, _, _ = model(torch.randn(4, 5, 7))
     predictions.sum().backward()
@@ -192,16 +233,21 @@ def _saved_bytes(**overrides) -> int:
 def test_tick_checkpointing_keeps_less_for_backward():
     plain = _saved_bytes()
     assert _saved_bytes(tick_checkpointing=4) < 0.25 * plain
-    assert _saved_bytes(recompute_nlms=True) < 0.6 * plain  # the NLM histories and hidden activations go
+    assert (
+        _saved_bytes(recompute_nlms=True) < 0.6 * plain
+    )  # the NLM histories and hidden activations go
 
 
-@pytest.mark.parametrize("overrides, by_hand", [
-    (dict(dropout=0.0), True),
-    (dict(dropout=0.0, deep_nlms=False, synapse_depth=1), True),
-    (dict(dropout=0.3, dropout_nlm=0.2, neuron_select_type="random"), True),
-    (dict(dropout=0.3, dropout_nlm=0.2, do_layernorm_nlm=True), False),
-    (dict(dropout=0.0, do_layernorm_nlm=True), False),
-])
+@pytest.mark.parametrize(
+    "overrides, by_hand",
+    [
+        (dict(dropout=0.0), True),
+        (dict(dropout=0.0, deep_nlms=False, synapse_depth=1), True),
+        (dict(dropout=0.3, dropout_nlm=0.2, neuron_select_type="random"), True),
+        (dict(dropout=0.3, dropout_nlm=0.2, do_layernorm_nlm=True), False),
+        (dict(dropout=0.0, do_layernorm_nlm=True), False),
+    ],
+)
 def test_recomputed_nlms_give_the_same_gradients(overrides, by_hand, monkeypatch):
     """Written-out backward (without NLM layernorms) and autograd run again (with them)."""
     from ctm_dist.model import nlm
@@ -221,11 +267,14 @@ def test_recomputed_nlms_give_the_same_gradients(overrides, by_hand, monkeypatch
     for name in plain:
         torch.testing.assert_close(recomputed[name], plain[name], atol=1e-6, rtol=0, msg=name)
     if model.cfg.nlm_dropout:
-        _, other_dropout = _loss_and_grads(model, x, seed=12)  # the test would notice different masks
+        _, other_dropout = _loss_and_grads(
+            model, x, seed=12
+        )  # the test would notice different masks
         assert any(not torch.allclose(other_dropout[n], plain[n]) for n in plain)
 
 
 # --- compile and mixed precision -----------------------------------------------------------------------
+
 
 def test_tick_and_read_out_compile_without_graph_breaks():
     model = CTM(tiny()).eval()
@@ -265,8 +314,9 @@ def test_bf16_autocast_forward_and_backward_are_finite():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-@pytest.mark.parametrize("dropout, segment, max_bytes", [(0.0, 0, None), (0.2, 0, None), (0.0, 4, None),
-                                                        (0.0, 0, 1024)])
+@pytest.mark.parametrize(
+    "dropout, segment, max_bytes", [(0.0, 0, None), (0.2, 0, None), (0.0, 4, None), (0.0, 0, 1024)]
+)
 def test_tick_summed_gradients_equal_per_tick_autograd(dropout, segment, max_bytes, monkeypatch):
     """Banked weight and key/value gradients (tick_grads.py) against plain autograd: without and
     with dropout (keys/values then take the plain path), with tick checkpointing, with partial sums."""
@@ -291,8 +341,12 @@ def test_tick_summed_gradients_equal_per_tick_autograd(dropout, segment, max_byt
     for name in plain:
         torch.testing.assert_close(batched[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
     per_tick = len(new_banks(model)) + (2 if dropout == 0 else 0)
-    assert len(adds) == per_tick * model.cfg.iterations  # every banked path was taken, once per tick
-    assert model.q_proj._bank is None and model.attention._bank is None  # switched off after forward
+    assert (
+        len(adds) == per_tick * model.cfg.iterations
+    )  # every banked path was taken, once per tick
+    assert (
+        model.q_proj._bank is None and model.attention._bank is None
+    )  # switched off after forward
 
 
 def test_banked_linear_with_a_reordered_weight_equals_plain_linear():
@@ -305,14 +359,23 @@ def test_banked_linear_with_a_reordered_weight_equals_plain_linear():
         pytest.skip("this torch build has no oneDNN")
     torch.manual_seed(0)
     weight, bias = torch.randn(48, 40), torch.randn(48)
-    x, grad_out = torch.randn(tick_grads.REORDER_MIN_ROWS, 40), torch.randn(tick_grads.REORDER_MIN_ROWS, 48)
+    x, grad_out = (
+        torch.randn(tick_grads.REORDER_MIN_ROWS, 40),
+        torch.randn(tick_grads.REORDER_MIN_ROWS, 48),
+    )
     bank = Bank(weight)
     few_rows = bank.linear(x[:2], weight, bias)
-    assert not bank._reordered and torch.equal(few_rows, torch.nn.functional.linear(x[:2], weight, bias))
+    assert not bank._reordered and torch.equal(
+        few_rows, torch.nn.functional.linear(x[:2], weight, bias)
+    )
     copies = []
     for _ in range(3):
-        torch.testing.assert_close(bank.linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias))
-        torch.testing.assert_close(bank.linear(grad_out, weight, None, transposed=True), grad_out @ weight)
+        torch.testing.assert_close(
+            bank.linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias)
+        )
+        torch.testing.assert_close(
+            bank.linear(grad_out, weight, None, transposed=True), grad_out @ weight
+        )
         copies.append(dict(bank._reordered))
     assert set(copies[0]) == {False, True}  # a reordered weight and a reordered transpose
     assert all(c[k] is copies[0][k] for c in copies for k in c)  # made once, then reused

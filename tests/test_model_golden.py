@@ -28,8 +28,11 @@ def load_case(path: Path):
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata()
     tensors = load_file(str(path))
-    weights = {k.removeprefix("model."): (v.float() if v.is_floating_point() else v)
-               for k, v in tensors.items() if k.startswith("model.")}
+    weights = {
+        k.removeprefix("model."): (v.float() if v.is_floating_point() else v)
+        for k, v in tensors.items()
+        if k.startswith("model.")
+    }
     return json.loads(metadata["config"]), int(metadata["numpy_seed"]), weights, tensors
 
 
@@ -38,8 +41,13 @@ def test_fixtures_cover_every_option():
     assert len(configs) >= 5
     seen = lambda key: {c[key] for c in configs}  # noqa: E731
     assert seen("neuron_select_type") == {"first-last", "random", "random-pairing"}
-    assert seen("positional_embedding_type") == {"none", "learnable-fourier", "multi-learnable-fourier",
-                                                 "custom-rotational", "custom-rotational-1d"}
+    assert seen("positional_embedding_type") == {
+        "none",
+        "learnable-fourier",
+        "multi-learnable-fourier",
+        "custom-rotational",
+        "custom-rotational-1d",
+    }
     assert {"resnet18-2", "parity_backbone"} <= seen("backbone_type")
     assert seen("deep_nlms") == {True, False}
     assert 1 in seen("synapse_depth") and max(seen("synapse_depth")) > 1
@@ -75,4 +83,6 @@ def test_tracking_matches_reference(path):
         predictions, _, _, tracking = model(expected["input"], track=True)
     torch.testing.assert_close(predictions, expected["predictions"], atol=ATOL, rtol=0)
     for name in ("sync_out", "sync_action", "pre_activations", "post_activations", "attention"):
-        torch.testing.assert_close(getattr(tracking, name), expected[name], atol=ATOL_INTERNALS, rtol=0, msg=name)
+        torch.testing.assert_close(
+            getattr(tracking, name), expected[name], atol=ATOL_INTERNALS, rtol=0, msg=name
+        )

@@ -9,13 +9,30 @@ import time
 
 import pytest
 
-from ctm_dist.train.preemption import EXIT_PREEMPTED, PreemptionHandler, Preempted, exit_code_for
+from ctm_dist.train.preemption import EXIT_PREEMPTED, Preempted, PreemptionHandler, exit_code_for
 
-TINY_PARITY = ["data.task=parity", "model.preset=parity", "model.sequence_length=8", "data.batch_size=4",
-               "data.eval_batch_size=4", "scale.workers=1", "deepspeed.zero_stage=0", "deepspeed.precision=fp32",
-               "run.log_every=1", "checkpoint.every=1000", "eval.every=0", "eval.batches=1", "model.iterations=3",
-               "model.d_model=32", "model.d_input=16", "model.heads=2", "model.n_synch_out=16",
-               "model.n_synch_action=16", "model.memory_length=2", "model.memory_hidden_dims=2"]
+TINY_PARITY = [
+    "data.task=parity",
+    "model.preset=parity",
+    "model.sequence_length=8",
+    "data.batch_size=4",
+    "data.eval_batch_size=4",
+    "scale.workers=1",
+    "deepspeed.zero_stage=0",
+    "deepspeed.precision=fp32",
+    "run.log_every=1",
+    "checkpoint.every=1000",
+    "eval.every=0",
+    "eval.batches=1",
+    "model.iterations=3",
+    "model.d_model=32",
+    "model.d_input=16",
+    "model.heads=2",
+    "model.n_synch_out=16",
+    "model.n_synch_action=16",
+    "model.memory_length=2",
+    "model.memory_hidden_dims=2",
+]
 
 
 def test_exit_code_contract():
@@ -43,11 +60,13 @@ def test_signal_only_sets_a_flag_and_the_previous_handler_comes_back():
     assert signal.getsignal(signal.SIGUSR1) is before
 
 
-def test_sigterm_during_fit_commits_that_step_and_the_relaunch_resumes_from_it(tmp_path, monkeypatch):
+def test_sigterm_during_fit_commits_that_step_and_the_relaunch_resumes_from_it(
+    tmp_path, monkeypatch
+):
     """The real loop (DeepSpeed engine, parity data, checkpointer on a local store), signalled after step 3."""
     import torch
-
     from checkpoint_fixtures import init_dist
+
     from ctm_dist.train.checkpointer import Checkpointer
     from ctm_dist.train.config import build_config
     from ctm_dist.train.loop import Trainer
@@ -56,15 +75,25 @@ def test_sigterm_during_fit_commits_that_step_and_the_relaunch_resumes_from_it(t
     storage = tmp_path / "store"
 
     def config(steps):
-        return build_config(None, [f"run.local_dir={tmp_path}", f"run.storage={storage}", "run.name=p",
-                                   f"run.max_steps={steps}", *TINY_PARITY])
+        return build_config(
+            None,
+            [
+                f"run.local_dir={tmp_path}",
+                f"run.storage={storage}",
+                "run.name=p",
+                f"run.max_steps={steps}",
+                *TINY_PARITY,
+            ],
+        )
 
     plain_step = Trainer.train_step
 
     def step_then_signal(self, batches):
         plain_step(self, batches)
         if self.step == 3 and self.resumed_from is None:
-            os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler does; the handler only sets the flag
+            os.kill(
+                os.getpid(), signal.SIGTERM
+            )  # what a scheduler does; the handler only sets the flag
 
     monkeypatch.setattr(Trainer, "train_step", step_then_signal)
     before = signal.getsignal(signal.SIGTERM)
@@ -118,7 +147,9 @@ def test_worker_signals_flag_while_training_and_leave_rays_handler_otherwise():
         assert ray.get(worker.signal_while_training.remote(), timeout=60) == signal.SIGTERM
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(worker.signal_idle.remote(), timeout=60)
-        assert not WorkerSignals("SIGTERM", 1.0).installed  # only unpickling in an actor installs it
+        assert not WorkerSignals(
+            "SIGTERM", 1.0
+        ).installed  # only unpickling in an actor installs it
     finally:
         if started:
             ray.shutdown()

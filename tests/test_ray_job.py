@@ -23,11 +23,31 @@ from ctm_dist.storage import Location
 job_runtime_env = load_script("clusters/ray/runtime_env.py")
 
 UPLOAD_CAP = 100 * 2**20  # ray job submit's working_dir limit
-TINY_PARITY = ["--workers", "1", "--max-steps", "4", "--checkpoint-every", "2", "--batch-size", "8",
-               "--precision", "fp32", "--quiet", "run.log_every=1", "eval.every=0", "eval.batches=1",
-               "data.eval_batch_size=8", "model.iterations=3", "model.d_model=32", "model.d_input=16",
-               "model.heads=2", "model.n_synch_out=16", "model.n_synch_action=16", "model.memory_length=2",
-               "model.memory_hidden_dims=2"]
+TINY_PARITY = [
+    "--workers",
+    "1",
+    "--max-steps",
+    "4",
+    "--checkpoint-every",
+    "2",
+    "--batch-size",
+    "8",
+    "--precision",
+    "fp32",
+    "--quiet",
+    "run.log_every=1",
+    "eval.every=0",
+    "eval.batches=1",
+    "data.eval_batch_size=8",
+    "model.iterations=3",
+    "model.d_model=32",
+    "model.d_input=16",
+    "model.heads=2",
+    "model.n_synch_out=16",
+    "model.n_synch_action=16",
+    "model.memory_length=2",
+    "model.memory_hidden_dims=2",
+]
 
 
 def test_working_dir_package_is_small_and_leaves_out_history(tmp_path):
@@ -44,32 +64,46 @@ def test_working_dir_package_is_small_and_leaves_out_history(tmp_path):
 
 
 def test_runtime_env_never_carries_the_keys(tmp_path):
-    environ = {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": "s3cr3t-canary",
-               "AWS_SESSION_TOKEN": "t0ken-canary", "AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
-               "HOME": "/root", "AWS_REGION": ""}
+    environ = {
+        "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE",
+        "AWS_SECRET_ACCESS_KEY": "s3cr3t-canary",
+        "AWS_SESSION_TOKEN": "t0ken-canary",
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
+        "HOME": "/root",
+        "AWS_REGION": "",
+    }
     env = job_runtime_env.runtime_env(True, environ)
     assert env["env_vars"] == {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000"}
     assert "env_vars" not in job_runtime_env.runtime_env(False, environ)
 
     creds = tmp_path / "creds" / "s3-credentials"
     env = job_runtime_env.runtime_env(True, environ, credentials_file=creds)
-    assert env["env_vars"] == {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
-                               "AWS_SHARED_CREDENTIALS_FILE": str(creds)}
+    assert env["env_vars"] == {
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
+        "AWS_SHARED_CREDENTIALS_FILE": str(creds),
+    }
     assert "canary" not in json.dumps(env)
     assert stat.S_IMODE(creds.stat().st_mode) == 0o600
     import configparser
+
     profile = configparser.ConfigParser()
     profile.read(creds)
-    assert dict(profile["default"]) == {"aws_access_key_id": "AKIAEXAMPLE",
-                                        "aws_secret_access_key": "s3cr3t-canary",
-                                        "aws_session_token": "t0ken-canary"}
+    assert dict(profile["default"]) == {
+        "aws_access_key_id": "AKIAEXAMPLE",
+        "aws_secret_access_key": "s3cr3t-canary",
+        "aws_session_token": "t0ken-canary",
+    }
     # Without keys in the shell, the file must already be there, for its owner only.
     without_keys = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000"}
-    assert job_runtime_env.runtime_env(True, without_keys, credentials_file=creds)["env_vars"] == \
-        env["env_vars"]
+    assert (
+        job_runtime_env.runtime_env(True, without_keys, credentials_file=creds)["env_vars"]
+        == env["env_vars"]
+    )
     creds.chmod(0o644)
-    for make_env in (lambda: job_runtime_env.runtime_env(True, without_keys, credentials_file=creds),
-                     lambda: job_runtime_env.runtime_env(True, {"AWS_SHARED_CREDENTIALS_FILE": str(creds)})):
+    for make_env in (
+        lambda: job_runtime_env.runtime_env(True, without_keys, credentials_file=creds),
+        lambda: job_runtime_env.runtime_env(True, {"AWS_SHARED_CREDENTIALS_FILE": str(creds)}),
+    ):
         try:
             make_env()
         except job_runtime_env.CredentialsError as e:
@@ -107,7 +141,9 @@ def _files_holding(root, secret: bytes) -> list[str]:
 def _committed_steps(run: Location) -> list[int]:
     ckpts = run.child("checkpoints")
     names = [n.rstrip("/").rsplit("/", 1)[-1] for n in ckpts.list()] if ckpts.exists() else []
-    return sorted(int(n.split("-")[1]) for n in names if n.startswith("step-") and ckpts.exists(f"{n}/COMMIT"))
+    return sorted(
+        int(n.split("-")[1]) for n in names if n.startswith("step-") and ckpts.exists(f"{n}/COMMIT")
+    )
 
 
 def test_ray_job_submit_trains_into_object_storage(object_store, s3_bucket, tmp_path):
@@ -119,16 +155,49 @@ def test_ray_job_submit_trains_into_object_storage(object_store, s3_bucket, tmp_
     creds = tmp_path / "s3-credentials"
     with LocalRayHead(num_cpus=2) as head:
         shell = dict(head.env, **object_store.env())  # the submitting shell has the S3 keys
-        runtime_env = subprocess.run([sys.executable, str(REPO / "clusters" / "ray" / "runtime_env.py"),
-                                      "--credentials-file", str(creds)],
-                                     env=shell, capture_output=True, text=True, check=True).stdout
+        runtime_env = subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "clusters" / "ray" / "runtime_env.py"),
+                "--credentials-file",
+                str(creds),
+            ],
+            env=shell,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         assert object_store.secret_key not in runtime_env
         assert stat.S_IMODE(creds.stat().st_mode) == 0o600
         submit = subprocess.run(
-            ["ray", "job", "submit", "--address", head.dashboard_url, "--submission-id", submission_id,
-             "--no-wait", "--working-dir", ".", "--runtime-env-json", runtime_env, "--",
-             "python", "launch/parity.py", "--storage", storage, "--name", "submitted", *TINY_PARITY],
-            cwd=REPO, env=shell, capture_output=True, text=True, timeout=120)
+            [
+                "ray",
+                "job",
+                "submit",
+                "--address",
+                head.dashboard_url,
+                "--submission-id",
+                submission_id,
+                "--no-wait",
+                "--working-dir",
+                ".",
+                "--runtime-env-json",
+                runtime_env,
+                "--",
+                "python",
+                "launch/parity.py",
+                "--storage",
+                storage,
+                "--name",
+                "submitted",
+                *TINY_PARITY,
+            ],
+            cwd=REPO,
+            env=shell,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert submit.returncode == 0, submit.stdout + submit.stderr
 
         client = JobSubmissionClient(head.dashboard_url)
@@ -143,7 +212,9 @@ def test_ray_job_submit_trains_into_object_storage(object_store, s3_bucket, tmp_
         assert status == JobStatus.SUCCEEDED, logs[-5000:]
         info = client.get_job_info(submission_id)
         jobs = client.list_jobs()
-        leaks += _files_holding(head.temp.path, secret)  # every node's logs, runtime_env, spilled objects
+        leaks += _files_holding(
+            head.temp.path, secret
+        )  # every node's logs, runtime_env, spilled objects
         leaks += [where for where, text in _process_texts().items() if secret in text]
         leaks += ["list_jobs"] * (object_store.secret_key in repr(jobs))
         leaks += ["get_job_info"] * (object_store.secret_key in repr(info))
@@ -151,8 +222,12 @@ def test_ray_job_submit_trains_into_object_storage(object_store, s3_bucket, tmp_
     assert not leaks, f"the secret key is in: {sorted(set(leaks))}"
 
     assert "run submitted: 4 steps" in logs
-    run = Location.parse(f"{storage}/submitted", endpoint_url=object_store.endpoint_url,
-                         key=object_store.access_key, secret=object_store.secret_key)
+    run = Location.parse(
+        f"{storage}/submitted",
+        endpoint_url=object_store.endpoint_url,
+        key=object_store.access_key,
+        secret=object_store.secret_key,
+    )
     assert _committed_steps(run)[-1] == 4
     events = [n for n in run.child("tensorboard").list() if "tfevents" in n]
     assert events, "no TensorBoard events in the run's storage"

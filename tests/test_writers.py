@@ -1,4 +1,5 @@
 """Shard writers (demo, CIFAR-10, ImageNet, the shared writer) against the real local S3 server."""
+
 from __future__ import annotations
 
 import io
@@ -21,6 +22,7 @@ from ctm_dist.storage import Location
 
 # ---------------------------------------------------------------- the shared writer and index
 
+
 def test_index_is_written_last_and_stale_shards_go(object_store, s3_location):
     def samples(n, fail_at=None):
         for i in range(n):
@@ -32,7 +34,12 @@ def test_index_is_written_last_and_stale_shards_go(object_store, s3_location):
         for s in samples(7):
             writer.write(s)
     assert read_index(s3_location, "train").num_samples == 7
-    assert s3_location.list() == ["train-000000.tar", "train-000001.tar", "train-000002.tar", "train.json"]
+    assert s3_location.list() == [
+        "train-000000.tar",
+        "train-000001.tar",
+        "train-000002.tar",
+        "train.json",
+    ]
 
     # a failing rewrite: the old index is gone at once, the new one never appears
     with pytest.raises(RuntimeError, match="source broke"):
@@ -68,13 +75,25 @@ def test_writer_refuses_bad_keys_and_empty_sets(tmp_path):
 
 
 def test_index_json_matches_the_contract():
-    index = ShardIndex(task="imagenet", split="train", meta={"num_classes": 10},
-                       shards=[ShardInfo("train-000000.tar", 256), ShardInfo("train-000001.tar", 10)])
+    index = ShardIndex(
+        task="imagenet",
+        split="train",
+        meta={"num_classes": 10},
+        shards=[ShardInfo("train-000000.tar", 256), ShardInfo("train-000001.tar", 10)],
+    )
     text = index.to_json()
     d = json.loads(text)
-    assert d == {"format": FORMAT, "task": "imagenet", "split": "train", "num_samples": 266,
-                 "shards": [{"name": "train-000000.tar", "samples": 256}, {"name": "train-000001.tar", "samples": 10}],
-                 "meta": {"num_classes": 10}}
+    assert d == {
+        "format": FORMAT,
+        "task": "imagenet",
+        "split": "train",
+        "num_samples": 266,
+        "shards": [
+            {"name": "train-000000.tar", "samples": 256},
+            {"name": "train-000001.tar", "samples": 10},
+        ],
+        "meta": {"num_classes": 10},
+    }
     assert ShardIndex.from_json(text) == index
     d["num_samples"] = 5
     with pytest.raises(ValueError, match="inconsistent"):
@@ -82,6 +101,7 @@ def test_index_json_matches_the_contract():
 
 
 # ---------------------------------------------------------------- demo
+
 
 def _nearest_mean_accuracy(train, val):
     def normalise(x):
@@ -93,20 +113,31 @@ def _nearest_mean_accuracy(train, val):
     return ((xv @ means.T).argmax(1) == yv).mean()
 
 
-def test_demo_shards_round_trip_are_learnable_and_deterministic(object_store, s3_location, tmp_path):
+def test_demo_shards_round_trip_are_learnable_and_deterministic(
+    object_store, s3_location, tmp_path
+):
     indexes = write_demo_shards(s3_location.child("a"), seed=0, samples_per_shard=512)
     assert set(indexes) == {"train", "val"}
     sources, data = {}, {}
     for split in ("train", "val"):
         index, samples = read_shard_set(s3_location.child("a"), split)
-        assert index.task == "demo" and index.meta["image_size"] == 32 and index.meta["num_classes"] == 10
+        assert (
+            index.task == "demo"
+            and index.meta["image_size"] == 32
+            and index.meta["num_classes"] == 10
+        )
         assert all(s.samples <= 512 for s in index.shards)
         sources[split] = {doc(s)["source"] for s in samples.values()}
         images = [decode(s["png"]) for s in samples.values()]
         assert all(im.size == (32, 32) and im.mode == "RGB" for im in images)
-        data[split] = (np.stack([np.asarray(im.convert("L")) for im in images]),
-                       np.array([int(s["cls"]) for s in samples.values()]))
-    assert len(sources["train"]) + len(sources["val"]) == 1797 and not sources["train"] & sources["val"]
+        data[split] = (
+            np.stack([np.asarray(im.convert("L")) for im in images]),
+            np.array([int(s["cls"]) for s in samples.values()]),
+        )
+    assert (
+        len(sources["train"]) + len(sources["val"]) == 1797
+        and not sources["train"] & sources["val"]
+    )
     assert 0.75 < len(sources["train"]) / 1797 < 0.85
     assert set(data["train"][1]) == set(data["val"][1]) == set(range(10))
     # the jitter keeps digits learnable: nearest class mean on pixels is far above chance (0.1)
@@ -123,6 +154,7 @@ def test_demo_shards_round_trip_are_learnable_and_deterministic(object_store, s3
 
 # ---------------------------------------------------------------- CIFAR-10
 
+
 def _fake_cifar(folder, per_batch=6):
     rng = np.random.default_rng(0)
     folder.mkdir()
@@ -132,11 +164,21 @@ def _fake_cifar(folder, per_batch=6):
         labels = [int(v) for v in rng.integers(0, 10, size=per_batch)]
         files = [f"{name}_img{i}.png".encode() for i in range(per_batch)]
         with open(folder / name, "wb") as f:
-            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": data, b"filenames": files}, f)
+            pickle.dump(
+                {
+                    b"batch_label": name.encode(),
+                    b"labels": labels,
+                    b"data": data,
+                    b"filenames": files,
+                },
+                f,
+            )
         for i, fn in enumerate(files):
             truth[fn.decode()] = (data[i].reshape(3, 32, 32).transpose(1, 2, 0), labels[i])
     with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": [f"class{i}".encode() for i in range(10)], b"num_vis": 3072}, f)
+        pickle.dump(
+            {b"label_names": [f"class{i}".encode() for i in range(10)], b"num_vis": 3072}, f
+        )
     return truth
 
 
@@ -146,14 +188,20 @@ def test_cifar10_round_trip_lossless(object_store, s3_location, tmp_path):
     write_cifar10_shards(s3_location, source, "train", seed=2, samples_per_shard=8, progress=False)
     write_cifar10_shards(s3_location, source, "test", seed=2, samples_per_shard=8, progress=False)
     index, samples = read_shard_set(s3_location, "train")
-    assert index.num_samples == 30 and index.meta["classes"][3] == "class3" and index.meta["image_size"] == 32
+    assert (
+        index.num_samples == 30
+        and index.meta["classes"][3] == "class3"
+        and index.meta["image_size"] == 32
+    )
     assert {doc(s)["batch"] for s in samples.values()} == {f"data_batch_{i}" for i in range(1, 6)}
     for s in samples.values():
         image, label = truth[doc(s)["source"]]
         assert int(s["cls"]) == label
         assert np.array_equal(np.asarray(decode(s["png"])), image)
     order = [doc(s)["source"] for s in samples.values()]
-    assert order != sorted(order, key=lambda n: (n.split("_img")[0], int(n.split("_img")[1][:-4]))), "shuffled"
+    assert order != sorted(
+        order, key=lambda n: (n.split("_img")[0], int(n.split("_img")[1][:-4]))
+    ), "shuffled"
     index, samples = read_shard_set(s3_location, "test")
     assert index.num_samples == 6 and {doc(s)["batch"] for s in samples.values()} == {"test_batch"}
     before = shard_bytes(s3_location, "train")
@@ -190,8 +238,13 @@ def _write_meta_mat(path, id_order):
 
     rows = [(i + 1, w, 0) for i, w in enumerate(id_order)] + [(len(id_order) + 1, "n00001740", 3)]
     dtype = [("ILSVRC2012_ID", "O"), ("WNID", "O"), ("num_children", "O")]
-    synsets = np.array([(np.array([[i]], np.uint16), np.array([w]), np.array([[c]], np.uint8)) for i, w, c in rows],
-                       dtype=dtype).reshape(-1, 1)
+    synsets = np.array(
+        [
+            (np.array([[i]], np.uint16), np.array([w]), np.array([[c]], np.uint8))
+            for i, w, c in rows
+        ],
+        dtype=dtype,
+    ).reshape(-1, 1)
     savemat(path, {"synsets": synsets})
 
 
@@ -200,8 +253,14 @@ def _fake_imagenet(root):
     for c, wnid in enumerate(WNIDS):
         os.makedirs(root / "train" / wnid)
         for i in range(3):
-            _jpeg(root / "train" / wnid / f"{wnid}_{i}.JPEG", (40 + 8 * i, 24 + 4 * c), (80 * c, 60 * i, 90))
-    _jpeg(root / "train" / WNIDS[0] / f"{WNIDS[0]}_cmyk.JPEG", (30, 20), (0, 50, 100, 0), mode="CMYK")
+            _jpeg(
+                root / "train" / wnid / f"{wnid}_{i}.JPEG",
+                (40 + 8 * i, 24 + 4 * c),
+                (80 * c, 60 * i, 90),
+            )
+    _jpeg(
+        root / "train" / WNIDS[0] / f"{WNIDS[0]}_cmyk.JPEG", (30, 20), (0, 50, 100, 0), mode="CMYK"
+    )
     _jpeg(root / "train" / WNIDS[1] / f"{WNIDS[1]}_png.JPEG", (20, 30), (10, 200, 10), fmt="PNG")
     (root / "train" / WNIDS[2] / f"{WNIDS[2]}_bad.JPEG").write_bytes(b"\xff\xd8 this is not a jpeg")
     os.makedirs(root / "val")
@@ -212,25 +271,34 @@ def _fake_imagenet(root):
     id_order = [WNIDS[2], WNIDS[0], WNIDS[1]]
     os.makedirs(root / "devkit" / "data")
     (root / "devkit" / "data" / "ILSVRC2012_validation_ground_truth.txt").write_text(
-        "".join(f"{id_order.index(WNIDS[c]) + 1}\n" for c in val_labels))
+        "".join(f"{id_order.index(WNIDS[c]) + 1}\n" for c in val_labels)
+    )
     (root / "synsets.txt").write_text("".join(f"{w} some words\n" for w in id_order))
     _write_meta_mat(root / "devkit" / "data" / "meta.mat", id_order)
-    (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "".join(
-        f"ILSVRC2012_val_{i + 1:08d},{WNIDS[c]} 1 2 3 4\n" for i, c in enumerate(val_labels)))
+    (root / "LOC_val_solution.csv").write_text(
+        "ImageId,PredictionString\n"
+        + "".join(
+            f"ILSVRC2012_val_{i + 1:08d},{WNIDS[c]} 1 2 3 4\n" for i, c in enumerate(val_labels)
+        )
+    )
     return val_labels
 
 
 def test_imagenet_train_round_trip_with_skips_and_resize(object_store, s3_location, tmp_path):
     _fake_imagenet(tmp_path)
-    index, skipped = write_imagenet_shards(s3_location.child("a"), str(tmp_path), "train", seed=1,
-                                           samples_per_shard=4, progress=False)
+    index, skipped = write_imagenet_shards(
+        s3_location.child("a"), str(tmp_path), "train", seed=1, samples_per_shard=4, progress=False
+    )
     assert len(skipped) == 1 and "_bad.JPEG" in skipped[0]
     index, samples = read_shard_set(s3_location.child("a"), "train")
     assert index.task == "imagenet" and index.num_samples == 11 and index.meta["skipped"] == 1
     assert index.meta["classes"] == WNIDS and index.meta["num_classes"] == 3
     for key, s in samples.items():
         d = doc(s)
-        assert set(s) == {"jpg", "cls", "json"} and key == os.path.splitext(os.path.basename(d["source"]))[0]
+        assert (
+            set(s) == {"jpg", "cls", "json"}
+            and key == os.path.splitext(os.path.basename(d["source"]))[0]
+        )
         assert int(s["cls"]) == WNIDS.index(d["wnid"]) and d["source"].startswith(d["wnid"] + "/")
         im = decode(s["jpg"])
         assert im.format == "JPEG" and im.mode == "RGB"
@@ -244,8 +312,16 @@ def test_imagenet_train_round_trip_with_skips_and_resize(object_store, s3_locati
     # resized, over two processes; the same call again gives the same bytes
     local = Location.parse(tmp_path / "out")
     for location, workers in ((s3_location.child("b"), 2), (local, 1)):
-        write_imagenet_shards(location, str(tmp_path), "train", seed=1, resize_shorter=16,
-                              samples_per_shard=4, workers=workers, progress=False)
+        write_imagenet_shards(
+            location,
+            str(tmp_path),
+            "train",
+            seed=1,
+            resize_shorter=16,
+            samples_per_shard=4,
+            workers=workers,
+            progress=False,
+        )
     assert shard_bytes(s3_location.child("b"), "train") == shard_bytes(local, "train")
     index, samples = read_shard_set(s3_location.child("b"), "train")
     assert index.meta["image_size"] == 16
@@ -253,7 +329,9 @@ def test_imagenet_train_round_trip_with_skips_and_resize(object_store, s3_locati
         assert min(decode(s["jpg"]).size) == 16
 
 
-@pytest.mark.parametrize("labelling", ["devkit_meta_mat", "devkit_synsets", "val_map", "class_folders"])
+@pytest.mark.parametrize(
+    "labelling", ["devkit_meta_mat", "devkit_synsets", "val_map", "class_folders"]
+)
 def test_imagenet_val_labels(object_store, s3_location, tmp_path, labelling):
     val_labels = _fake_imagenet(tmp_path)
     options = {}
@@ -268,7 +346,9 @@ def test_imagenet_val_labels(object_store, s3_location, tmp_path, labelling):
             name = f"ILSVRC2012_val_{i + 1:08d}.JPEG"
             os.makedirs(tmp_path / "val" / WNIDS[c], exist_ok=True)
             os.rename(tmp_path / "val" / name, tmp_path / "val" / WNIDS[c] / name)
-    write_imagenet_shards(s3_location, str(tmp_path), "val", samples_per_shard=2, progress=False, **options)
+    write_imagenet_shards(
+        s3_location, str(tmp_path), "val", samples_per_shard=2, progress=False, **options
+    )
     index, samples = read_shard_set(s3_location, "val")
     assert index.num_samples == 5 and index.meta["classes"] == WNIDS
     got = {k: int(s["cls"]) for k, s in samples.items()}
@@ -283,18 +363,60 @@ def test_imagenet_flat_val_without_labels_fails_clearly(tmp_path):
 
 # ---------------------------------------------------------------- scripts
 
-def test_scripts_write_to_s3_with_env_credentials(object_store, s3_bucket, s3_env, tmp_path, capsys):
+
+def test_scripts_write_to_s3_with_env_credentials(
+    object_store, s3_bucket, s3_env, tmp_path, capsys
+):
     _fake_imagenet(tmp_path / "imagenet")
     _fake_cifar(tmp_path / "cifar")
     url = f"s3://{s3_bucket}"
     common = ["--seed", "4", "--samples-per-shard", "5", "--no-progress"]
-    assert load_script("imagenet").main(["--root", str(tmp_path / "imagenet"), "--split", "val", "--out", f"{url}/in",
-                                         "--val-map", str(tmp_path / "imagenet" / "LOC_val_solution.csv"),
-                                         "--resize-shorter", "8", *common]) == 0
-    assert load_script("cifar10").main(["--source", str(tmp_path / "cifar"), "--split", "train",
-                                        "--out", f"{url}/c10", *common]) == 0
-    assert load_script("demo").main(["--out", f"{url}/demo", "--split", "val", "--samples-per-shard", "400",
-                                     "--no-progress"]) == 0
+    assert (
+        load_script("imagenet").main(
+            [
+                "--root",
+                str(tmp_path / "imagenet"),
+                "--split",
+                "val",
+                "--out",
+                f"{url}/in",
+                "--val-map",
+                str(tmp_path / "imagenet" / "LOC_val_solution.csv"),
+                "--resize-shorter",
+                "8",
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert (
+        load_script("cifar10").main(
+            [
+                "--source",
+                str(tmp_path / "cifar"),
+                "--split",
+                "train",
+                "--out",
+                f"{url}/c10",
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert (
+        load_script("demo").main(
+            [
+                "--out",
+                f"{url}/demo",
+                "--split",
+                "val",
+                "--samples-per-shard",
+                "400",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "wrote 5 samples in 1 shards" in out and "wrote 30 samples in 6 shards" in out
     assert read_index(Location.parse(f"{url}/in"), "val").meta["image_size"] == 8
@@ -303,19 +425,27 @@ def test_scripts_write_to_s3_with_env_credentials(object_store, s3_bucket, s3_en
     assert s3_env["AWS_SECRET_ACCESS_KEY"] not in out
 
 
-@pytest.mark.parametrize("shards, fragment", [
-    ([ShardInfo("a.tar", -1)], "'a.tar' has samples=-1"),
-    ([ShardInfo("a.tar", 2.5)], "'a.tar' has samples=2.5"),
-    ([ShardInfo("a.tar", True)], "'a.tar' has samples=True"),
-    ([ShardInfo("a.tar", 1), ShardInfo("a.tar", 1)], "lists 'a.tar' twice"),
-])
+@pytest.mark.parametrize(
+    "shards, fragment",
+    [
+        ([ShardInfo("a.tar", -1)], "'a.tar' has samples=-1"),
+        ([ShardInfo("a.tar", 2.5)], "'a.tar' has samples=2.5"),
+        ([ShardInfo("a.tar", True)], "'a.tar' has samples=True"),
+        ([ShardInfo("a.tar", 1), ShardInfo("a.tar", 1)], "lists 'a.tar' twice"),
+    ],
+)
 def test_index_with_impossible_counts_is_neither_written_nor_read(shards, fragment):
     index = ShardIndex(task="demo", split="train", shards=shards)
     with pytest.raises(ValueError, match=fragment):
         index.to_json()
-    doc = {"format": FORMAT, "task": "demo", "split": "train", "meta": {},
-           "shards": [{"name": s.name, "samples": s.samples} for s in shards],
-           "num_samples": sum(s.samples for s in shards)}
+    doc = {
+        "format": FORMAT,
+        "task": "demo",
+        "split": "train",
+        "meta": {},
+        "shards": [{"name": s.name, "samples": s.samples} for s in shards],
+        "num_samples": sum(s.samples for s in shards),
+    }
     with pytest.raises(ValueError, match=fragment):
         ShardIndex.from_json(json.dumps(doc))
 

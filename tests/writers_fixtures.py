@@ -1,4 +1,5 @@
 """Helpers for the shard-writer tests: read a written shard set back with tarfile, load a script."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -31,7 +32,9 @@ def read_shard_set(location, split):
                     keys.append(key)
                     samples[key] = {}
                 samples[key][ext] = tar.extractfile(member).read()
-        assert len(keys) == shard.samples, f"{shard.name}: {len(keys)} samples, index says {shard.samples}"
+        assert len(keys) == shard.samples, (
+            f"{shard.name}: {len(keys)} samples, index says {shard.samples}"
+        )
     assert len(samples) == index.num_samples
     return index, samples
 

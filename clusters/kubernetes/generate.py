@@ -91,7 +91,9 @@ class Params:
     @property
     def preemption_grace_s(self) -> float:
         """The launcher's preemption grace: its `run.preemption_grace_s=` argument or the config default."""
-        given = [a[len(GRACE_OVERRIDE):] for a in self.launcher_args if a.startswith(GRACE_OVERRIDE)]
+        given = [
+            a[len(GRACE_OVERRIDE) :] for a in self.launcher_args if a.startswith(GRACE_OVERRIDE)
+        ]
         return float(given[-1]) if given else RunSection.preemption_grace_s
 
     @property
@@ -105,8 +107,10 @@ class Params:
 
 
 def _metadata(p: Params, name: str) -> dict:
-    meta = {"name": name, "labels": {"app.kubernetes.io/name": "ctm-dist",
-                                     "app.kubernetes.io/instance": p.name}}
+    meta = {
+        "name": name,
+        "labels": {"app.kubernetes.io/name": "ctm-dist", "app.kubernetes.io/instance": p.name},
+    }
     if p.namespace:
         meta["namespace"] = p.namespace
     return meta
@@ -114,14 +118,23 @@ def _metadata(p: Params, name: str) -> dict:
 
 def _s3_env(p: Params) -> list[dict]:
     return [
-        {"name": var, "valueFrom": {"secretKeyRef": {"name": p.s3_secret, "key": var,
-                                                     **({"optional": True} if optional else {})}}}
+        {
+            "name": var,
+            "valueFrom": {
+                "secretKeyRef": {
+                    "name": p.s3_secret,
+                    "key": var,
+                    **({"optional": True} if optional else {}),
+                }
+            },
+        }
         for var, optional in S3_KEYS
     ]
 
 
-def _pod_template(p: Params, container: str, cpus: int, memory: str, gpus: int,
-                  ports: list[dict] | None = None) -> dict:
+def _pod_template(
+    p: Params, container: str, cpus: int, memory: str, gpus: int, ports: list[dict] | None = None
+) -> dict:
     limits = {"cpu": str(cpus), "memory": memory}
     if gpus:
         limits["nvidia.com/gpu"] = str(gpus)
@@ -129,37 +142,54 @@ def _pod_template(p: Params, container: str, cpus: int, memory: str, gpus: int,
         "serviceAccountName": p.name,
         "automountServiceAccountToken": False,
         "terminationGracePeriodSeconds": p.termination_grace_s,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": APP_UID, "runAsGroup": APP_UID,
-                            "fsGroup": APP_UID, "seccompProfile": {"type": "RuntimeDefault"}},
-        "containers": [{
-            "name": container,
-            "image": p.image,
-            "imagePullPolicy": "IfNotPresent",
-            "workingDir": APP_DIR,
-            "env": _s3_env(p),
-            "resources": {"requests": dict(limits), "limits": limits},
-            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
-            # Ray's object store and PyTorch's data loader workers need a large /dev/shm.
-            "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
-        }],
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": APP_UID,
+            "runAsGroup": APP_UID,
+            "fsGroup": APP_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [
+            {
+                "name": container,
+                "image": p.image,
+                "imagePullPolicy": "IfNotPresent",
+                "workingDir": APP_DIR,
+                "env": _s3_env(p),
+                "resources": {"requests": dict(limits), "limits": limits},
+                "securityContext": {
+                    "allowPrivilegeEscalation": False,
+                    "capabilities": {"drop": ["ALL"]},
+                },
+                # Ray's object store and PyTorch's data loader workers need a large /dev/shm.
+                "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+            }
+        ],
         "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": p.shm_size}}],
     }
     if ports:
         spec["containers"][0]["ports"] = ports
     if gpus:
-        spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        spec["tolerations"] = [
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+        ]
     return {"spec": spec}
 
 
 def _cluster_spec(p: Params) -> dict:
-    head_ports = [{"name": "gcs-server", "containerPort": 6379},
-                  {"name": "dashboard", "containerPort": 8265},
-                  {"name": "client", "containerPort": 10001}]
+    head_ports = [
+        {"name": "gcs-server", "containerPort": 6379},
+        {"name": "dashboard", "containerPort": 8265},
+        {"name": "client", "containerPort": 10001},
+    ]
     head = _pod_template(p, "ray-head", p.head_cpus, p.head_memory, 0, head_ports)
     if p.config_file:  # the driver, on the head, reads the training config
-        head["spec"]["volumes"].append({"name": "config", "configMap": {"name": f"{p.name}-config"}})
+        head["spec"]["volumes"].append(
+            {"name": "config", "configMap": {"name": f"{p.name}-config"}}
+        )
         head["spec"]["containers"][0]["volumeMounts"].append(
-            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True})
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}
+        )
     spec = {
         "rayVersion": p.ray_version,
         "headGroupSpec": {
@@ -167,15 +197,18 @@ def _cluster_spec(p: Params) -> dict:
             "rayStartParams": {"num-cpus": "0"},
             "template": head,
         },
-        "workerGroupSpecs": [{
-            "groupName": "gpu" if p.gpus_per_worker else "cpu",
-            "replicas": p.workers,
-            "minReplicas": p.workers,
-            "maxReplicas": p.workers,
-            "rayStartParams": {},
-            "template": _pod_template(p, "ray-worker", p.cpus_per_worker, p.memory_per_worker,
-                                      p.gpus_per_worker),
-        }],
+        "workerGroupSpecs": [
+            {
+                "groupName": "gpu" if p.gpus_per_worker else "cpu",
+                "replicas": p.workers,
+                "minReplicas": p.workers,
+                "maxReplicas": p.workers,
+                "rayStartParams": {},
+                "template": _pod_template(
+                    p, "ray-worker", p.cpus_per_worker, p.memory_per_worker, p.gpus_per_worker
+                ),
+            }
+        ],
     }
     spec["authOptions"] = {"mode": p.auth}
     return spec
@@ -183,8 +216,18 @@ def _cluster_spec(p: Params) -> dict:
 
 def entrypoint(p: Params) -> str:
     """The launcher command; the same on every retry, so retries resume the run."""
-    args = ["python", f"launch/{p.task}.py", "--name", p.name, "--storage", p.storage,
-            "--workers", str(p.train_workers), "--gpus-per-worker", "1" if p.gpus_per_worker else "0"]
+    args = [
+        "python",
+        f"launch/{p.task}.py",
+        "--name",
+        p.name,
+        "--storage",
+        p.storage,
+        "--workers",
+        str(p.train_workers),
+        "--gpus-per-worker",
+        "1" if p.gpus_per_worker else "0",
+    ]
     if p.task != "parity":  # parity generates its data
         args[4:4] = ["--data", p.data]
     if p.config_file:
@@ -193,16 +236,24 @@ def entrypoint(p: Params) -> str:
 
 
 def service_account(p: Params) -> dict:
-    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _metadata(p, p.name),
-            "automountServiceAccountToken": False}
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _metadata(p, p.name),
+        "automountServiceAccountToken": False,
+    }
 
 
 def config_map(p: Params) -> dict:
     with open(p.config_file) as f:
         text = f.read()
     yaml.safe_load(text)  # fail here, not in the pod, on a malformed file
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _metadata(p, f"{p.name}-config"),
-            "data": {"config.yaml": text}}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(p, f"{p.name}-config"),
+        "data": {"config.yaml": text},
+    }
 
 
 def ray_job(p: Params) -> dict:
@@ -221,8 +272,12 @@ def ray_job(p: Params) -> dict:
 
 
 def ray_cluster(p: Params) -> dict:
-    return {"apiVersion": "ray.io/v1", "kind": "RayCluster",
-            "metadata": _metadata(p, p.name), "spec": _cluster_spec(p)}
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayCluster",
+        "metadata": _metadata(p, p.name),
+        "spec": _cluster_spec(p),
+    }
 
 
 def render(kind: str, p: Params) -> list[dict]:
@@ -243,13 +298,15 @@ def to_yaml(objects: list[dict]) -> str:
 def parse_args(argv: list[str]) -> tuple[str, Params]:
     if "--" in argv:
         i = argv.index("--")
-        argv, launcher_args = argv[:i], argv[i + 1:]
+        argv, launcher_args = argv[:i], argv[i + 1 :]
     else:
         launcher_args = []
     d = Params()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("kind", choices=("rayjob", "raycluster"))
-    ap.add_argument("--name", default=d.name, help="run name (also the objects' name); keep it to resume")
+    ap.add_argument(
+        "--name", default=d.name, help="run name (also the objects' name); keep it to resume"
+    )
     ap.add_argument("--task", default=d.task, choices=TASKS)
     ap.add_argument("--image", default=d.image)
     ap.add_argument("--namespace", default=d.namespace)
@@ -257,7 +314,9 @@ def parse_args(argv: list[str]) -> tuple[str, Params]:
     ap.add_argument("--storage", default=d.storage, help="where runs keep checkpoints and logs")
     ap.add_argument("--s3-secret", default=d.s3_secret, help="Secret holding the AWS_* variables")
     ap.add_argument("--workers", type=int, default=d.workers, help="worker pods")
-    ap.add_argument("--gpus-per-worker", type=int, default=d.gpus_per_worker, help="GPUs per worker pod")
+    ap.add_argument(
+        "--gpus-per-worker", type=int, default=d.gpus_per_worker, help="GPUs per worker pod"
+    )
     ap.add_argument("--cpus-per-worker", type=int, default=d.cpus_per_worker)
     ap.add_argument("--memory-per-worker", default=d.memory_per_worker)
     ap.add_argument("--head-cpus", type=int, default=d.head_cpus)
@@ -266,7 +325,9 @@ def parse_args(argv: list[str]) -> tuple[str, Params]:
     ap.add_argument("--backoff-limit", type=int, default=d.backoff_limit, help="RayJob retries")
     ap.add_argument("--ray-version", default=d.ray_version)
     ap.add_argument("--auth", default=d.auth, choices=("token", "disabled"), help="Ray token auth")
-    ap.add_argument("--config-file", default=None, help="training config YAML to ship in a ConfigMap")
+    ap.add_argument(
+        "--config-file", default=None, help="training config YAML to ship in a ConfigMap"
+    )
     a = ap.parse_args(argv)
     kind = a.kind
     del a.kind

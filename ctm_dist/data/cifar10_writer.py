@@ -4,6 +4,7 @@
 ``batches.meta``. The pickles are read with an unpickler that accepts only plain containers and
 numpy arrays. Samples: ``.png`` (32x32 RGB, lossless), ``.cls``, ``.json`` (``source``, ``batch``).
 """
+
 from __future__ import annotations
 
 import os
@@ -16,9 +17,15 @@ from .index import ShardIndex
 from .writer import encode_image, encode_json, write_shard_set
 
 PARTS = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
-_ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-            ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-            ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("_codecs", "encode"),
+}
 
 
 class _SafeUnpickler(pickle.Unpickler):
@@ -52,10 +59,14 @@ def read_part(source: str, part: str) -> tuple[np.ndarray, list[int], list[str],
         doc = load_batch(path)
         data = np.asarray(doc["data"], dtype=np.uint8)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(doc["labels"]) != len(data):
-            raise ValueError(f"{path}: data {data.shape} and {len(doc['labels'])} labels do not form 32x32 RGB images")
+            raise ValueError(
+                f"{path}: data {data.shape} and {len(doc['labels'])} labels do not form 32x32 RGB images"
+            )
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         labels += [int(v) for v in doc["labels"]]
-        names += [_text(n) for n in doc.get("filenames", [f"{batch}_{i}" for i in range(len(data))])]
+        names += [
+            _text(n) for n in doc.get("filenames", [f"{batch}_{i}" for i in range(len(data))])
+        ]
         batches += [batch] * len(data)
     return np.concatenate(images), labels, names, batches
 
@@ -64,9 +75,17 @@ def class_names(source: str) -> list[str]:
     return [_text(n) for n in load_batch(os.path.join(source, "batches.meta"))["label_names"]]
 
 
-def write_cifar10_shards(location, source: str, split: str, *, part: str | None = None, seed: int = 0,
-                         shuffle: bool = True, samples_per_shard: int = 1000,
-                         progress: bool = True) -> ShardIndex:
+def write_cifar10_shards(
+    location,
+    source: str,
+    split: str,
+    *,
+    part: str | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    samples_per_shard: int = 1000,
+    progress: bool = True,
+) -> ShardIndex:
     """Write the ``part`` (default: ``train`` for split train, else ``test``) as shard set ``split``."""
     part = part or ("train" if split == "train" else "test")
     classes = class_names(source)
@@ -74,16 +93,34 @@ def write_cifar10_shards(location, source: str, split: str, *, part: str | None 
     bad = sorted({v for v in labels if not 0 <= v < len(classes)})
     if bad:
         raise ValueError(f"labels {bad} are outside the {len(classes)} classes of batches.meta")
-    order = np.random.default_rng(seed).permutation(len(labels)) if shuffle else np.arange(len(labels))
+    order = (
+        np.random.default_rng(seed).permutation(len(labels)) if shuffle else np.arange(len(labels))
+    )
 
     def samples():
         for number, i in enumerate(order):
-            yield {"__key__": f"{number:08d}",
-                   "png": encode_image(Image.fromarray(images[i], "RGB"), "png"),
-                   "cls": str(labels[i]).encode("ascii"),
-                   "json": encode_json({"source": names[i], "batch": batches[i]})}
+            yield {
+                "__key__": f"{number:08d}",
+                "png": encode_image(Image.fromarray(images[i], "RGB"), "png"),
+                "cls": str(labels[i]).encode("ascii"),
+                "json": encode_json({"source": names[i], "batch": batches[i]}),
+            }
 
-    meta = {"num_classes": len(classes), "classes": classes, "image_size": 32, "source": f"cifar-10 {part}",
-            "seed": seed, "shuffled": shuffle}
-    return write_shard_set(location, split, "cifar10", samples(), samples_per_shard=samples_per_shard,
-                           meta=meta, total=len(labels), progress=progress)
+    meta = {
+        "num_classes": len(classes),
+        "classes": classes,
+        "image_size": 32,
+        "source": f"cifar-10 {part}",
+        "seed": seed,
+        "shuffled": shuffle,
+    }
+    return write_shard_set(
+        location,
+        split,
+        "cifar10",
+        samples(),
+        samples_per_shard=samples_per_shard,
+        meta=meta,
+        total=len(labels),
+        progress=progress,
+    )

@@ -68,8 +68,10 @@ def _open_lazily(data: bytes, max_pixels: int) -> Image.Image:
         raise _undecodable(e) from None
     width, height = img.size
     if width * height > max_pixels:
-        raise ImageTooLarge(f"image of {width}x{height} = {width * height} pixels is over the limit of "
-                            f"{max_pixels} pixels")
+        raise ImageTooLarge(
+            f"image of {width}x{height} = {width * height} pixels is over the limit of "
+            f"{max_pixels} pixels"
+        )
     return img
 
 
@@ -102,7 +104,9 @@ class Decoder:
 
     train: bool
 
-    def __call__(self, sample: dict[str, Any], rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, sample: dict[str, Any], rng: np.random.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def blank(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -126,7 +130,9 @@ class ClassificationDecoder(Decoder):
     def __call__(self, sample, rng):
         label = _label(sample, self.num_classes)
         size = self.image_size
-        img = _open_lazily(_image_bytes(sample), self.max_pixels)  # crops can pick a cheaper JPEG scale
+        img = _open_lazily(
+            _image_bytes(sample), self.max_pixels
+        )  # crops can pick a cheaper JPEG scale
         try:
             if self.task == "cifar10":
                 img = img.convert("RGB")
@@ -168,8 +174,12 @@ class MazeDecoder(Decoder):
             raise BadSample(f"malformed route json: {type(e).__name__}: {e}") from None
         if route.ndim != 1 or route.size == 0 or route.min() < 0 or route.max() > T.WAIT:
             raise BadSample("route moves must be integers in 0..4")
-        route = np.concatenate([route[: self.route_length],
-                                np.full(max(0, self.route_length - route.size), T.WAIT, np.int64)])
+        route = np.concatenate(
+            [
+                route[: self.route_length],
+                np.full(max(0, self.route_length - route.size), T.WAIT, np.int64),
+            ]
+        )
         image = np.asarray(_open_image(sample, self.max_pixels), dtype=np.uint8)
         if image.shape[0] != image.shape[1]:
             raise BadSample(f"maze image is not square: {image.shape[:2]}")
@@ -180,13 +190,21 @@ class MazeDecoder(Decoder):
     def blank(self):
         if not self.image_size:
             return None
-        return (torch.zeros(3, self.image_size, self.image_size),
-                torch.full((self.route_length,), T.WAIT, dtype=torch.long))
+        return (
+            torch.zeros(3, self.image_size, self.image_size),
+            torch.full((self.route_length,), T.WAIT, dtype=torch.long),
+        )
 
 
-def make_decoder(task: str, train: bool, meta: dict[str, Any] | None = None, *,
-                 image_size: int | None = None, route_length: int | None = None,
-                 max_pixels: int | None = None) -> Decoder:
+def make_decoder(
+    task: str,
+    train: bool,
+    meta: dict[str, Any] | None = None,
+    *,
+    image_size: int | None = None,
+    route_length: int | None = None,
+    max_pixels: int | None = None,
+) -> Decoder:
     """The decoder for ``task`` with sizes from the arguments, else the index meta, else defaults.
 
     For ``imagenet`` the meta ``image_size`` is the stored (pre-crop) size and is not used as the
@@ -203,13 +221,31 @@ def make_decoder(task: str, train: bool, meta: dict[str, Any] | None = None, *,
             image_size = meta.get("image_size") if task in ("demo", "cifar10") else None
             image_size = int(image_size or (32 if task == "cifar10" else DEFAULT_IMAGE_SIZE))
         if task == "cifar10":
-            return ClassificationDecoder(train, task, image_size, num_classes, T.CIFAR10_MEAN, T.CIFAR10_STD,
-                                         max_pixels=limit)
-        if task == "demo":  # small digits: milder crops and no flip (digits are not mirror-symmetric)
-            return ClassificationDecoder(train, task, image_size, num_classes, flip=False, crop_scale=(0.35, 1.0),
-                                         max_pixels=limit)
+            return ClassificationDecoder(
+                train,
+                task,
+                image_size,
+                num_classes,
+                T.CIFAR10_MEAN,
+                T.CIFAR10_STD,
+                max_pixels=limit,
+            )
+        if (
+            task == "demo"
+        ):  # small digits: milder crops and no flip (digits are not mirror-symmetric)
+            return ClassificationDecoder(
+                train,
+                task,
+                image_size,
+                num_classes,
+                flip=False,
+                crop_scale=(0.35, 1.0),
+                max_pixels=limit,
+            )
         return ClassificationDecoder(train, task, image_size, num_classes, max_pixels=limit)
     if task == "mazes":
         length = int(route_length or meta.get("route_length") or DEFAULT_ROUTE_LENGTH)
         return MazeDecoder(train, length, image_size or meta.get("image_size"), max_pixels=limit)
-    raise ValueError(f"unknown task {task!r} for shard decoding (known: {', '.join(IMAGE_TASKS)}, mazes)")
+    raise ValueError(
+        f"unknown task {task!r} for shard decoding (known: {', '.join(IMAGE_TASKS)}, mazes)"
+    )

@@ -5,6 +5,7 @@ Each digit is upscaled bilinearly to 28x28, placed at a random offset in the 32x
 ImageNet shard format (``.png``, ``.cls``, ``.json``), meta ``image_size=32``, ``num_classes=10``.
 Writing both splits takes a few seconds at most.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -38,12 +39,14 @@ def digit_images(digits8: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     paper = rng.uniform(0.0, 0.25, size=(n, 1, 1, 3))
     canvas = np.zeros((n, IMAGE_SIZE, IMAGE_SIZE))
     for k, (dy, dx) in enumerate(shifts):
-        canvas[k, dy:dy + 28, dx:dx + 28] = big[k]
+        canvas[k, dy : dy + 28, dx : dx + 28] = big[k]
     rgb = paper + canvas[..., None] * (ink - paper)
     return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
-def demo_samples(seed: int = 0, splits: tuple[str, ...] = ("train", "val")) -> dict[str, list[dict]]:
+def demo_samples(
+    seed: int = 0, splits: tuple[str, ...] = ("train", "val")
+) -> dict[str, list[dict]]:
     """{"train": [...], "val": [...]} samples (those of ``splits``), fixed by ``seed``."""
     from sklearn.datasets import load_digits
 
@@ -58,21 +61,43 @@ def demo_samples(seed: int = 0, splits: tuple[str, ...] = ("train", "val")) -> d
         if split not in splits:
             continue
         out[split] = [
-            {"__key__": f"{n:08d}",
-             "png": encode_image(Image.fromarray(images[i], "RGB"), "png"),
-             "cls": str(int(digits.target[i])).encode("ascii"),
-             "json": encode_json({"source": f"sklearn-digits/{int(i)}"})}
+            {
+                "__key__": f"{n:08d}",
+                "png": encode_image(Image.fromarray(images[i], "RGB"), "png"),
+                "cls": str(int(digits.target[i])).encode("ascii"),
+                "json": encode_json({"source": f"sklearn-digits/{int(i)}"}),
+            }
             for n, i in enumerate(indices)
         ]
     return out
 
 
-def write_demo_shards(location, seed: int = 0, samples_per_shard: int = 256, progress: bool = False,
-                      splits: tuple[str, ...] = ("train", "val")) -> dict[str, ShardIndex]:
+def write_demo_shards(
+    location,
+    seed: int = 0,
+    samples_per_shard: int = 256,
+    progress: bool = False,
+    splits: tuple[str, ...] = ("train", "val"),
+) -> dict[str, ShardIndex]:
     """Write the ``train`` and ``val`` demo shard sets (or some of them) to ``location``; returns their indexes."""
     location = as_location(location)
-    meta = {"num_classes": 10, "classes": [str(d) for d in range(10)], "image_size": IMAGE_SIZE,
-            "source": "sklearn load_digits", "seed": seed}
-    return {split: write_shard_set(location, split, "demo", samples, samples_per_shard=samples_per_shard,
-                                   meta=meta, total=len(samples), progress=progress)
-            for split, samples in demo_samples(seed, splits).items()}
+    meta = {
+        "num_classes": 10,
+        "classes": [str(d) for d in range(10)],
+        "image_size": IMAGE_SIZE,
+        "source": "sklearn load_digits",
+        "seed": seed,
+    }
+    return {
+        split: write_shard_set(
+            location,
+            split,
+            "demo",
+            samples,
+            samples_per_shard=samples_per_shard,
+            meta=meta,
+            total=len(samples),
+            progress=progress,
+        )
+        for split, samples in demo_samples(seed, splits).items()
+    }

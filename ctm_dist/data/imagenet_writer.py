@@ -7,6 +7,7 @@ mapping file of ``name wnid`` lines (spaces or a comma; Kaggle's ``LOC_val_solut
 Class index = position in the sorted wnid list (as torchvision's ``ImageFolder``), taken from
 ``{root}/train`` when it exists. Samples: ``.jpg``, ``.cls``, ``.json`` (``wnid``, ``source``).
 """
+
 from __future__ import annotations
 
 import io
@@ -31,7 +32,9 @@ def _is_image(name: str) -> bool:
 
 
 def class_folders(directory: str) -> list[str]:
-    return sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+    return sorted(
+        e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith(".")
+    )
 
 
 def scan_class_folders(directory: str) -> list[tuple[str, str]]:
@@ -69,7 +72,9 @@ def synsets_from_meta_mat(path: str) -> list[str]:
     from scipy.io import loadmat
 
     synsets = loadmat(path, squeeze_me=True)["synsets"]
-    by_id = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
+    by_id = {
+        int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0
+    }
     return [by_id[i] for i in range(1, len(by_id) + 1)]
 
 
@@ -84,12 +89,20 @@ def devkit_mapping(files: list[str], ground_truth: str, synsets: list[str]) -> d
     with open(ground_truth, encoding="utf-8") as f:
         ids = [int(line) for line in f if line.strip()]
     if len(ids) != len(files):
-        raise ValueError(f"{ground_truth} has {len(ids)} labels but there are {len(files)} validation images")
+        raise ValueError(
+            f"{ground_truth} has {len(ids)} labels but there are {len(files)} validation images"
+        )
     return {_stem(name): synsets[i - 1] for name, i in zip(files, ids)}
 
 
-def scan_split(root: str, split: str, *, mapping: str | None = None, devkit: str | None = None,
-               synsets: str | None = None) -> list[tuple[str, str]]:
+def scan_split(
+    root: str,
+    split: str,
+    *,
+    mapping: str | None = None,
+    devkit: str | None = None,
+    synsets: str | None = None,
+) -> list[tuple[str, str]]:
     """(path relative to ``root/split``, wnid) for every image of the split, sorted by path."""
     directory = os.path.join(root, split)
     if not os.path.isdir(directory):
@@ -104,18 +117,26 @@ def scan_split(root: str, split: str, *, mapping: str | None = None, devkit: str
         truth = os.path.join(data, GROUND_TRUTH) if data else None
         if truth is None or not os.path.exists(truth):
             raise ValueError(f"flat {split} images need {GROUND_TRUTH} under --devkit DIR/data")
-        order = synsets_from_list(synsets) if synsets else synsets_from_meta_mat(os.path.join(data, "meta.mat"))
+        order = (
+            synsets_from_list(synsets)
+            if synsets
+            else synsets_from_meta_mat(os.path.join(data, "meta.mat"))
+        )
         labels = devkit_mapping(files, truth, order)
     else:
-        raise ValueError(f"{directory} holds flat images: give --devkit (with --synsets or the devkit's "
-                         f"meta.mat) or --val-map to label them")
+        raise ValueError(
+            f"{directory} holds flat images: give --devkit (with --synsets or the devkit's "
+            f"meta.mat) or --val-map to label them"
+        )
     missing = [n for n in files if _stem(n) not in labels]
     if missing:
         raise ValueError(f"{len(missing)} images have no label, e.g. {missing[0]}")
     return [(name, labels[_stem(name)]) for name in files]
 
 
-def _encode(item: tuple[str, str, int], *, directory: str, resize_shorter: int | None, quality: int):
+def _encode(
+    item: tuple[str, str, int], *, directory: str, resize_shorter: int | None, quality: int
+):
     relpath, wnid, label = item
     path = os.path.join(directory, relpath)
     try:
@@ -127,23 +148,43 @@ def _encode(item: tuple[str, str, int], *, directory: str, resize_shorter: int |
             if resize_shorter:
                 scale = resize_shorter / min(im.size)
                 size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
-                jpg = encode_image(im.convert("RGB").resize(size, Image.Resampling.BICUBIC), "jpg", quality)
+                jpg = encode_image(
+                    im.convert("RGB").resize(size, Image.Resampling.BICUBIC), "jpg", quality
+                )
             elif is_plain_jpeg:
                 jpg = raw  # unchanged: no second lossy pass
             else:
-                jpg = encode_image(im.convert("RGB"), "jpg", quality)  # CMYK / greyscale / PNG sources
+                jpg = encode_image(
+                    im.convert("RGB"), "jpg", quality
+                )  # CMYK / greyscale / PNG sources
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         return f"{relpath}: {e}"
     key = _stem(relpath).replace(".", "_")
-    return {"__key__": key, "jpg": jpg, "cls": str(label).encode("ascii"),
-            "json": encode_json({"wnid": wnid, "source": relpath})}
+    return {
+        "__key__": key,
+        "jpg": jpg,
+        "cls": str(label).encode("ascii"),
+        "json": encode_json({"wnid": wnid, "source": relpath}),
+    }
 
 
-def write_imagenet_shards(location, root: str, split: str, *, out_split: str | None = None,
-                          resize_shorter: int | None = None, quality: int = 95, seed: int = 0,
-                          shuffle: bool = True, samples_per_shard: int = 1000, workers: int = 1,
-                          mapping: str | None = None, devkit: str | None = None, synsets: str | None = None,
-                          progress: bool = True) -> tuple[ShardIndex, list[str]]:
+def write_imagenet_shards(
+    location,
+    root: str,
+    split: str,
+    *,
+    out_split: str | None = None,
+    resize_shorter: int | None = None,
+    quality: int = 95,
+    seed: int = 0,
+    shuffle: bool = True,
+    samples_per_shard: int = 1000,
+    workers: int = 1,
+    mapping: str | None = None,
+    devkit: str | None = None,
+    synsets: str | None = None,
+    progress: bool = True,
+) -> tuple[ShardIndex, list[str]]:
     """Write ``root/split`` as the shard set ``out_split`` (default ``split``); returns (index, skipped).
 
     Undecodable images are skipped with a warning and counted in ``meta.skipped``.
@@ -153,22 +194,40 @@ def write_imagenet_shards(location, root: str, split: str, *, out_split: str | N
     if not items:
         raise FileNotFoundError(f"no images under {os.path.join(root, split)}")
     train_dir = os.path.join(root, "train")
-    classes = class_folders(train_dir) if os.path.isdir(train_dir) else sorted({w for _, w in items})
+    classes = (
+        class_folders(train_dir) if os.path.isdir(train_dir) else sorted({w for _, w in items})
+    )
     class_index = {w: i for i, w in enumerate(classes)}
     unknown = sorted({w for _, w in items if w not in class_index})
     if unknown:
-        raise ValueError(f"{len(unknown)} wnids of {split} are not classes of {train_dir}: {unknown[:5]}")
+        raise ValueError(
+            f"{len(unknown)} wnids of {split} are not classes of {train_dir}: {unknown[:5]}"
+        )
     if shuffle:
         items = [items[i] for i in np.random.default_rng(seed).permutation(len(items))]
     work = [(p, w, class_index[w]) for p, w in items]
-    encode = partial(_encode, directory=os.path.join(root, split), resize_shorter=resize_shorter, quality=quality)
+    encode = partial(
+        _encode, directory=os.path.join(root, split), resize_shorter=resize_shorter, quality=quality
+    )
     results = parallel_map(encode, work, workers, chunksize=32)
-    meta = {"num_classes": len(classes), "classes": classes, "image_size": resize_shorter,
-            "source": "ILSVRC2012 folders", "seed": seed, "shuffled": shuffle}
+    meta = {
+        "num_classes": len(classes),
+        "classes": classes,
+        "image_size": resize_shorter,
+        "source": "ILSVRC2012 folders",
+        "seed": seed,
+        "shuffled": shuffle,
+    }
     skipped: list[str] = []
     with ShardSetWriter(location, out_split, "imagenet", samples_per_shard, meta) as writer:
-        for result in tqdm(results, total=len(work), desc=f"imagenet/{out_split}", unit="image",
-                           disable=not progress, dynamic_ncols=True):
+        for result in tqdm(
+            results,
+            total=len(work),
+            desc=f"imagenet/{out_split}",
+            unit="image",
+            disable=not progress,
+            dynamic_ncols=True,
+        ):
             if isinstance(result, str):
                 skipped.append(result)
                 print(f"warning: skipped unreadable image {result}", file=sys.stderr)

@@ -5,6 +5,7 @@ Counts are checked on both sides (``ShardIndex.check``): every shard is named on
 whole number of samples >= 0, and ``num_samples`` is their sum. The reader further checks each count
 against the size of its tar and against what the tar really holds.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,10 @@ class ShardIndex:
                 raise ValueError(f"shard index {self.split!r} lists {s.name!r} twice")
             seen.add(s.name)
             if isinstance(s.samples, bool) or not isinstance(s.samples, int) or s.samples < 0:
-                raise ValueError(f"shard index {self.split!r}: {s.name!r} has samples={s.samples!r}, "
-                                 "expected a whole number >= 0")
+                raise ValueError(
+                    f"shard index {self.split!r}: {s.name!r} has samples={s.samples!r}, "
+                    "expected a whole number >= 0"
+                )
         return self
 
     def to_json(self) -> str:
@@ -70,12 +73,16 @@ class ShardIndex:
         return json.dumps(doc, indent=1, sort_keys=False) + "\n"
 
     @classmethod
-    def from_json(cls, text: str) -> "ShardIndex":
+    def from_json(cls, text: str) -> ShardIndex:
         doc = json.loads(text)
         if doc.get("format") != FORMAT:
-            raise ValueError(f"not a shard index of format {FORMAT!r}: format={doc.get('format')!r}")
+            raise ValueError(
+                f"not a shard index of format {FORMAT!r}: format={doc.get('format')!r}"
+            )
         shards = [ShardInfo(name=s["name"], samples=s["samples"]) for s in doc["shards"]]
-        index = cls(task=doc["task"], split=doc["split"], shards=shards, meta=dict(doc.get("meta", {}))).check()
+        index = cls(
+            task=doc["task"], split=doc["split"], shards=shards, meta=dict(doc.get("meta", {}))
+        ).check()
         if doc["num_samples"] != index.num_samples:
             raise ValueError(
                 f"shard index {doc['split']!r} is inconsistent: num_samples={doc['num_samples']} "

@@ -8,6 +8,7 @@ green pixel (both on cells). Released reference mazes also draw the solution in 
 A route is a list of one-pixel moves (Up=0, Down=1, Left=2, Right=3) from red to green, padded with
 Wait=4 to a fixed length and truncated if longer: one move between neighbouring cells is two moves.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -34,7 +35,9 @@ def pixels_for(size: str | int) -> int:
     try:
         pixels = int(size)
     except ValueError:
-        raise ValueError(f"maze size must be one of {sorted(SIZES)} or an odd pixel count, got {size!r}") from None
+        raise ValueError(
+            f"maze size must be one of {sorted(SIZES)} or an odd pixel count, got {size!r}"
+        ) from None
     if pixels < 5 or pixels % 2 == 0:
         raise ValueError(f"maze side in pixels must be odd and >= 5, got {pixels}")
     return pixels
@@ -93,7 +96,9 @@ def generate_maze(pixels: int, seed: int) -> Maze:
     return Maze(image=image, start=start, end=end, path=shortest_path(open_, start, end))
 
 
-def shortest_path(open_: np.ndarray, start: tuple[int, int], end: tuple[int, int]) -> list[tuple[int, int]]:
+def shortest_path(
+    open_: np.ndarray, start: tuple[int, int], end: tuple[int, int]
+) -> list[tuple[int, int]]:
     """Breadth-first search over open pixels; the pixels from ``start`` to ``end`` inclusive."""
     h, w = open_.shape
     parent = {start: None}
@@ -152,10 +157,14 @@ def trace_solution(image: np.ndarray) -> tuple[np.ndarray, list[int]]:
     one green pixel or the blue path does not reach green.
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"expected an RGB uint8 image, got shape {image.shape} dtype {image.dtype}")
+        raise ValueError(
+            f"expected an RGB uint8 image, got shape {image.shape} dtype {image.dtype}"
+        )
     reds, greens = _pixels_of(image, RED), _pixels_of(image, GREEN)
     if len(reds) != 1 or len(greens) != 1:
-        raise ValueError(f"expected one red and one green pixel, found {len(reds)} red and {len(greens)} green")
+        raise ValueError(
+            f"expected one red and one green pixel, found {len(reds)} red and {len(greens)} green"
+        )
     start, end = tuple(int(v) for v in reds[0]), tuple(int(v) for v in greens[0])
     on_path = (image == np.array(BLUE, np.uint8)).all(axis=2)
     on_path[end] = True
@@ -171,7 +180,9 @@ def trace_solution(image: np.ndarray) -> tuple[np.ndarray, list[int]]:
                 y, x = ny, nx
                 break
         else:
-            raise ValueError(f"the blue solution path stops at pixel {(y, x)} before reaching green at {end}")
+            raise ValueError(
+                f"the blue solution path stops at pixel {(y, x)} before reaching green at {end}"
+            )
     clean = image.copy()
     clean[(image == np.array(BLUE, np.uint8)).all(axis=2)] = WHITE
     return clean, moves

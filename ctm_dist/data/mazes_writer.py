@@ -5,6 +5,7 @@ with Wait to ``route_length``), ``route_length``, ``solution_length`` (moves bef
 truncation), ``size`` (pixels per side), ``seed`` (regenerates the maze with ``generate_maze``; null
 for converted folders), ``start`` and ``end`` pixels, and ``source`` for converted folders.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,32 +31,67 @@ def maze_seed(seed: int, split: str, number: int) -> int:
     return int(sequence.generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
-def _sample(key: str, image: np.ndarray, moves: list[int], route_length: int, seed, start, end,
-            **extra) -> dict:
-    doc = {"route": pad_route(moves, route_length), "route_length": route_length,
-           "solution_length": len(moves), "size": int(image.shape[0]), "seed": seed,
-           "start": [int(v) for v in start], "end": [int(v) for v in end], **extra}
-    return {"__key__": key, "png": encode_image(Image.fromarray(image, "RGB"), "png"), "json": encode_json(doc)}
+def _sample(
+    key: str, image: np.ndarray, moves: list[int], route_length: int, seed, start, end, **extra
+) -> dict:
+    doc = {
+        "route": pad_route(moves, route_length),
+        "route_length": route_length,
+        "solution_length": len(moves),
+        "size": int(image.shape[0]),
+        "seed": seed,
+        "start": [int(v) for v in start],
+        "end": [int(v) for v in end],
+        **extra,
+    }
+    return {
+        "__key__": key,
+        "png": encode_image(Image.fromarray(image, "RGB"), "png"),
+        "json": encode_json(doc),
+    }
 
 
-def _generated_sample(number: int, *, split: str, seed: int, pixels: int, route_length: int) -> dict:
+def _generated_sample(
+    number: int, *, split: str, seed: int, pixels: int, route_length: int
+) -> dict:
     sample_seed = maze_seed(seed, split, number)
     maze = generate_maze(pixels, sample_seed)
-    return _sample(f"{number:08d}", maze.image, maze.moves, route_length, sample_seed, maze.start, maze.end)
+    return _sample(
+        f"{number:08d}", maze.image, maze.moves, route_length, sample_seed, maze.start, maze.end
+    )
 
 
-def write_maze_shards(location, split: str, count: int, size: str | int = "medium", *,
-                      route_length: int = DEFAULT_ROUTE_LENGTH, seed: int = 0,
-                      samples_per_shard: int = 1000, workers: int = 1, progress: bool = True) -> ShardIndex:
+def write_maze_shards(
+    location,
+    split: str,
+    count: int,
+    size: str | int = "medium",
+    *,
+    route_length: int = DEFAULT_ROUTE_LENGTH,
+    seed: int = 0,
+    samples_per_shard: int = 1000,
+    workers: int = 1,
+    progress: bool = True,
+) -> ShardIndex:
     """Generate ``count`` perfect mazes of ``size`` (small/medium/large or odd pixels) as a shard set."""
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
     pixels = pixels_for(size)
-    make = partial(_generated_sample, split=split, seed=seed, pixels=pixels, route_length=route_length)
+    make = partial(
+        _generated_sample, split=split, seed=seed, pixels=pixels, route_length=route_length
+    )
     samples = parallel_map(make, list(range(count)), workers, chunksize=64)
     meta = {"image_size": pixels, "route_length": route_length, "source": "generated", "seed": seed}
-    return write_shard_set(location, split, "mazes", samples, samples_per_shard=samples_per_shard,
-                           meta=meta, total=count, progress=progress)
+    return write_shard_set(
+        location,
+        split,
+        "mazes",
+        samples,
+        samples_per_shard=samples_per_shard,
+        meta=meta,
+        total=count,
+        progress=progress,
+    )
 
 
 def _folder_sample(item: tuple[int, str], *, folder: str, route_length: int):
@@ -81,9 +117,18 @@ def list_pngs(folder: str) -> list[str]:
     return sorted(found)
 
 
-def write_maze_folder_shards(location, split: str, folder: str, *, route_length: int = DEFAULT_ROUTE_LENGTH,
-                             seed: int = 0, shuffle: bool = True, samples_per_shard: int = 1000,
-                             workers: int = 1, progress: bool = True) -> tuple[ShardIndex, list[str]]:
+def write_maze_folder_shards(
+    location,
+    split: str,
+    folder: str,
+    *,
+    route_length: int = DEFAULT_ROUTE_LENGTH,
+    seed: int = 0,
+    shuffle: bool = True,
+    samples_per_shard: int = 1000,
+    workers: int = 1,
+    progress: bool = True,
+) -> tuple[ShardIndex, list[str]]:
     """Convert a folder of reference maze PNGs (solution drawn in blue) into a shard set.
 
     The solution is read as the reference's loader reads it and removed from the stored image.
@@ -105,8 +150,16 @@ def write_maze_folder_shards(location, split: str, folder: str, *, route_length:
     meta = {"image_size": None, "route_length": route_length, "source": "folder", "seed": seed}
     results = parallel_map(make, list(enumerate(files)), workers, chunksize=64)
     with ShardSetWriter(location, split, "mazes", samples_per_shard, meta) as writer:
-        for number, result in enumerate(tqdm(results, total=len(files), desc=f"mazes/{split}", unit="maze",
-                                             disable=not progress, dynamic_ncols=True)):
+        for number, result in enumerate(
+            tqdm(
+                results,
+                total=len(files),
+                desc=f"mazes/{split}",
+                unit="maze",
+                disable=not progress,
+                dynamic_ncols=True,
+            )
+        ):
             if isinstance(result, str):
                 skip(result)
                 continue
@@ -114,7 +167,9 @@ def write_maze_folder_shards(location, split: str, folder: str, *, route_length:
             if writer.index.meta["image_size"] is None:
                 writer.index.meta["image_size"] = size
             elif size != writer.index.meta["image_size"]:
-                skip(f"{files[number]}: {size} pixels, the set is {writer.index.meta['image_size']}")
+                skip(
+                    f"{files[number]}: {size} pixels, the set is {writer.index.meta['image_size']}"
+                )
                 continue
             result["__key__"] = f"{writer.written:08d}"
             writer.write(result)

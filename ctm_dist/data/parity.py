@@ -9,7 +9,8 @@ world size: step ``s`` of an ``N``-rank job gives rank ``r`` the samples
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +32,9 @@ def parity_samples(indices: np.ndarray, sequence_length: int, seed: int, epoch: 
     with np.errstate(over="ignore"):
         base = _splitmix64(np.uint64(seed) * np.uint64(0x100000001B3) ^ np.uint64(epoch))
         n = _splitmix64(base ^ _splitmix64(indices.astype(np.uint64)))
-        bits = _splitmix64(n[:, None] + np.arange(sequence_length, dtype=np.uint64)[None, :]) >> np.uint64(63)
+        bits = _splitmix64(
+            n[:, None] + np.arange(sequence_length, dtype=np.uint64)[None, :]
+        ) >> np.uint64(63)
     negatives = bits.astype(np.int64)
     inputs = torch.from_numpy(1.0 - 2.0 * negatives.astype(np.float32))
     targets = torch.from_numpy(np.cumsum(negatives, axis=1) % 2)
@@ -41,8 +44,16 @@ def parity_samples(indices: np.ndarray, sequence_length: int, seed: int, epoch: 
 class ParityLoader:
     """Batches ``dict(input [B, L], target [B, L], valid [B], key)`` of generated parity sequences."""
 
-    def __init__(self, sequence_length: int = 64, *, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, samples_per_epoch: int = 100_000):
+    def __init__(
+        self,
+        sequence_length: int = 64,
+        *,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        samples_per_epoch: int = 100_000,
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self.sequence_length, self.batch_size = sequence_length, batch_size
@@ -76,13 +87,23 @@ class ParityLoader:
             self._consumed += step
             self.stats["samples"] += int(valid.sum())
             self.stats["padding"] += int((~valid).sum())
-            yield {"input": x, "target": y, "valid": valid,
-                   "key": [f"{self.epoch}/{i}" for i in idx.tolist()]}
+            yield {
+                "input": x,
+                "target": y,
+                "valid": valid,
+                "key": [f"{self.epoch}/{i}" for i in idx.tolist()],
+            }
         self.epoch, self._consumed = self.epoch + 1, 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"format": STATE_FORMAT, "seed": self.seed, "epoch": self.epoch, "consumed": self._consumed,
-                "samples_per_epoch": self.samples_per_epoch, "sequence_length": self.sequence_length}
+        return {
+            "format": STATE_FORMAT,
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "consumed": self._consumed,
+            "samples_per_epoch": self.samples_per_epoch,
+            "sequence_length": self.sequence_length,
+        }
 
     def global_state_dict(self) -> dict[str, Any]:
         return self.state_dict()  # identical on every rank
@@ -96,6 +117,8 @@ class ParityLoader:
 
 
 def merge_parity_states(states: list[dict[str, Any]]) -> dict[str, Any]:
-    if any(s["consumed"] != states[0]["consumed"] or s["epoch"] != states[0]["epoch"] for s in states):
+    if any(
+        s["consumed"] != states[0]["consumed"] or s["epoch"] != states[0]["epoch"] for s in states
+    ):
         raise ValueError("parity loader states disagree: take every rank's state at the same step")
     return dict(states[0])

@@ -27,7 +27,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,7 +59,7 @@ class ShardStream:
 
     def __init__(self, location: Location, name: str):
         self.location, self.name = location, name
-        self.read = 0        # samples handed out so far
+        self.read = 0  # samples handed out so far
         self.last_key = None
         self._file = None
         self._it: Iterator[dict] | None = None
@@ -74,6 +75,7 @@ class ShardStream:
             for f in wt.tar_file_iterator(self._file):
                 f["__url__"] = self.name
                 yield f
+
         self._it = wt.group_by_keys(files())
         for _ in range(self.read):
             next(self._it)
@@ -95,14 +97,18 @@ class ShardStream:
                 raise
             except Exception as e:
                 if is_transient(e) and time.monotonic() - start < self.location.retry_deadline:
-                    log.warning("%s: transient read error (%s), reopening", self.url, type(e).__name__)
+                    log.warning(
+                        "%s: transient read error (%s), reopening", self.url, type(e).__name__
+                    )
                     self._it = None
                     time.sleep(0.5)
                     continue
                 if is_transient(e):
                     raise translate_error(e, self.url) from None
-                raise DataError(f"{self.url}: unreadable tar after key {self.last_key!r}: "
-                                f"{type(e).__name__}: {e}") from None
+                raise DataError(
+                    f"{self.url}: unreadable tar after key {self.last_key!r}: "
+                    f"{type(e).__name__}: {e}"
+                ) from None
 
     def skip(self, n: int) -> None:
         for _ in range(n):
@@ -126,9 +132,20 @@ class ShardStream:
 class _SlotDataset(IterableDataset):
     """The slots of one rank; dataloader worker ``w`` reads slot ``(w + offset) % workers``."""
 
-    def __init__(self, location: Location, slots: list[Slot], positions: dict[str, int], offset: int,
-                 decoder: Decoder, *, seed: int, epoch: int, shuffle: bool, strict: bool,
-                 batch_size: int):
+    def __init__(
+        self,
+        location: Location,
+        slots: list[Slot],
+        positions: dict[str, int],
+        offset: int,
+        decoder: Decoder,
+        *,
+        seed: int,
+        epoch: int,
+        shuffle: bool,
+        strict: bool,
+        batch_size: int,
+    ):
         self.location, self.slots, self.positions, self.offset = location, slots, positions, offset
         self.decoder, self.seed, self.epoch, self.shuffle = decoder, seed, epoch, shuffle
         self.strict, self.batch_size = strict, batch_size
@@ -146,15 +163,20 @@ class _SlotDataset(IterableDataset):
         ``notes`` lists ``(stat, count, message)`` of index mismatches found at that sample.
         """
         for group in slot.groups():
-            order = group_order(group, seed=self.seed, epoch=self.epoch, slot_id=slot.slot_id,
-                                shuffle=self.shuffle)
-            done = [min(max(self.positions.get(r.name, 0), r.start), r.stop) - r.start for r in group]
+            order = group_order(
+                group, seed=self.seed, epoch=self.epoch, slot_id=slot.slot_id, shuffle=self.shuffle
+            )
+            done = [
+                min(max(self.positions.get(r.name, 0), r.start), r.stop) - r.start for r in group
+            ]
             consumed = sum(done)
             if consumed >= len(order):
                 continue
             if np.bincount(order[:consumed], minlength=len(group)).tolist() != done:
-                raise RuntimeError(f"reader state does not match the epoch plan of slot {slot.slot_id} "
-                                   "(was it saved with another seed or shard index?)")
+                raise RuntimeError(
+                    f"reader state does not match the epoch plan of slot {slot.slot_id} "
+                    "(was it saved with another seed or shard index?)"
+                )
             nxt = [r.start + d for r, d in zip(group, done)]
             streams: dict[int, ShardStream | None] = {}
             broken: dict[int, str] = {}
@@ -173,16 +195,30 @@ class _SlotDataset(IterableDataset):
                         sample = streams[j].next()
                         if sample is None:
                             broken[j] = "missing"
-                            notes.append(("index_mismatch", 1,
-                                          (f"{loc.name_url(r.name)}: the tar ends after {streams[j].read} "
-                                           f"samples but the shard index lists {r.stop}; the missing "
-                                           f"{r.stop - idx} are skipped")))
+                            notes.append(
+                                (
+                                    "index_mismatch",
+                                    1,
+                                    (
+                                        f"{loc.name_url(r.name)}: the tar ends after {streams[j].read} "
+                                        f"samples but the shard index lists {r.stop}; the missing "
+                                        f"{r.stop - idx} are skipped"
+                                    ),
+                                )
+                            )
                         elif idx + 1 == r.stop:
                             extra = self._unlisted(streams[j])
                             if extra:
-                                notes.append(("index_mismatch", 1,
-                                              (f"{loc.name_url(r.name)}: the tar holds {extra} sample(s) "
-                                               f"past the {r.stop} its shard index lists; they are not read")))
+                                notes.append(
+                                    (
+                                        "index_mismatch",
+                                        1,
+                                        (
+                                            f"{loc.name_url(r.name)}: the tar holds {extra} sample(s) "
+                                            f"past the {r.stop} its shard index lists; they are not read"
+                                        ),
+                                    )
+                                )
                                 notes.append(("skipped", extra, ""))
                                 notes.append(("skipped_unindexed", extra, ""))
                     except DataError as e:
@@ -234,8 +270,10 @@ class _SlotDataset(IterableDataset):
                         raise DataError(msg) from None
                     skips.append(msg)
             elif self.strict:
-                raise DataError(f"{loc.name_url(name)}: sample {idx} is missing (the tar holds fewer "
-                                "samples than its index says)")
+                raise DataError(
+                    f"{loc.name_url(name)}: sample {idx} is missing (the tar holds fewer "
+                    "samples than its index says)"
+                )
             if item is None:
                 stats["skipped"] += 1
                 stats[f"skipped_{reason}"] += 1
@@ -251,17 +289,28 @@ class _SlotDataset(IterableDataset):
 
     def _collate(self, batch, template, local, positions, stats, skips) -> dict[str, Any]:
         if template is None:
-            raise DataError("no sample of this worker's shards could be decoded, so a masked batch "
-                            "has no shape; check the shard set")
+            raise DataError(
+                "no sample of this worker's shards could be decoded, so a masked batch "
+                "has no shape; check the shard set"
+            )
         blank_x, blank_y = torch.zeros_like(template[0]), torch.zeros_like(template[1])
         pad = self.batch_size - len(batch)
-        items = [it if it is not None else (blank_x, blank_y) for _k, it in batch] + [(blank_x, blank_y)] * pad
+        items = [it if it is not None else (blank_x, blank_y) for _k, it in batch] + [
+            (blank_x, blank_y)
+        ] * pad
         valid = [it is not None for _k, it in batch] + [False] * pad
         if pad:
             stats["padding"] += pad
-        return {"input": torch.stack([x for x, _ in items]), "target": torch.stack([y for _, y in items]),
-                "valid": torch.tensor(valid, dtype=torch.bool), "key": [k for k, _ in batch] + [""] * pad,
-                "_slot": local, "_positions": dict(positions), "_stats": dict(stats), "_skips": list(skips)}
+        return {
+            "input": torch.stack([x for x, _ in items]),
+            "target": torch.stack([y for _, y in items]),
+            "valid": torch.tensor(valid, dtype=torch.bool),
+            "key": [k for k, _ in batch] + [""] * pad,
+            "_slot": local,
+            "_positions": dict(positions),
+            "_stats": dict(stats),
+            "_skips": list(skips),
+        }
 
 
 class _GlobalSliceDataset(_SlotDataset):
@@ -271,11 +320,34 @@ class _GlobalSliceDataset(_SlotDataset):
     dataloader worker ``w`` yields global batches ``w, w + workers, ...`` counted from where this
     iteration starts, which is the order the DataLoader hands them out in."""
 
-    def __init__(self, location: Location, slot: Slot, positions: dict[str, int], decoder: Decoder, *,
-                 seed: int, epoch: int, shuffle: bool, strict: bool, batch_size: int, rank: int,
-                 world_size: int, workers: int):
-        super().__init__(location, [slot], positions, 0, decoder, seed=seed, epoch=epoch, shuffle=shuffle,
-                         strict=strict, batch_size=batch_size)
+    def __init__(
+        self,
+        location: Location,
+        slot: Slot,
+        positions: dict[str, int],
+        decoder: Decoder,
+        *,
+        seed: int,
+        epoch: int,
+        shuffle: bool,
+        strict: bool,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        workers: int,
+    ):
+        super().__init__(
+            location,
+            [slot],
+            positions,
+            0,
+            decoder,
+            seed=seed,
+            epoch=epoch,
+            shuffle=shuffle,
+            strict=strict,
+            batch_size=batch_size,
+        )
         self.rank, self.world_size, self.workers = rank, world_size, workers
 
     def __iter__(self):
@@ -322,8 +394,10 @@ class _GlobalSliceDataset(_SlotDataset):
         """(decoded item or None, reason it is None) for one entry of this rank's slice."""
         if sample is None:
             if self.strict:
-                raise DataError(f"{loc.name_url(name)}: sample {idx} is missing (the tar holds fewer "
-                                "samples than its index says)")
+                raise DataError(
+                    f"{loc.name_url(name)}: sample {idx} is missing (the tar holds fewer "
+                    "samples than its index says)"
+                )
             return None, reason
         rng = np.random.default_rng([self.seed, self.epoch, name_hash(name), idx])
         try:
@@ -349,13 +423,29 @@ class ShardLoader:
     epoch starts that epoch from its beginning (with the current one it keeps the position).
     """
 
-    def __init__(self, location: "Location | str", split: str, task: str | None = None, *,
-                 batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                 seed: int = 0, train: bool = True, strict: bool = False, image_size: int | None = None,
-                 route_length: int | None = None, max_pixels: int | None = None,
-                 shuffle: bool | None = None, window: int = 4,
-                 prefetch_factor: int = 2, pin_memory: bool = False, multiprocessing_context=None,
-                 global_order: bool = False):
+    def __init__(
+        self,
+        location: Location | str,
+        split: str,
+        task: str | None = None,
+        *,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+        train: bool = True,
+        strict: bool = False,
+        image_size: int | None = None,
+        route_length: int | None = None,
+        max_pixels: int | None = None,
+        shuffle: bool | None = None,
+        window: int = 4,
+        prefetch_factor: int = 2,
+        pin_memory: bool = False,
+        multiprocessing_context=None,
+        global_order: bool = False,
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         if batch_size < 1:
@@ -372,8 +462,14 @@ class ShardLoader:
         self.index: ShardIndex = read_index(self.location, split)
         self.task = task or self.index.task
         self._check_shards()
-        self.decoder = make_decoder(self.task, train, self.index.meta, image_size=image_size,
-                                    route_length=route_length, max_pixels=max_pixels)
+        self.decoder = make_decoder(
+            self.task,
+            train,
+            self.index.meta,
+            image_size=image_size,
+            route_length=route_length,
+            max_pixels=max_pixels,
+        )
         self.counts = {s.name: s.samples for s in self.index.shards}
         self.stats: Counter = Counter()
         self.skip_log: list[str] = []
@@ -403,8 +499,16 @@ class ShardLoader:
     def _make_plan(self, base: dict[str, int], epoch: int) -> list[Slot]:
         """The epoch plan; with ``global_order`` one slot for the whole job, whatever its topology."""
         world, workers = (1, 1) if self.global_order else (self.world_size, self.workers)
-        return make_plan(self.counts, base, seed=self.seed, epoch=epoch, world_size=world, workers=workers,
-                         shuffle=self.shuffle, window=self.window)
+        return make_plan(
+            self.counts,
+            base,
+            seed=self.seed,
+            epoch=epoch,
+            world_size=world,
+            workers=workers,
+            shuffle=self.shuffle,
+            window=self.window,
+        )
 
     def _plan(self) -> list[Slot]:
         key = (self.epoch, tuple(sorted(self._base.items())))
@@ -436,21 +540,28 @@ class ShardLoader:
             sizes = {}
         missing = [s.name for s in self.index.shards if s.name not in sizes]
         if missing:
-            raise StorageNotFound(f"{self.location.url}: {len(missing)} shard(s) of split {self.split!r} "
-                                  f"are missing, e.g. {', '.join(missing[:3])}")
+            raise StorageNotFound(
+                f"{self.location.url}: {len(missing)} shard(s) of split {self.split!r} "
+                f"are missing, e.g. {', '.join(missing[:3])}"
+            )
         for s in self.index.shards:
             most = sizes[s.name] // TAR_BLOCK
             if s.samples > most:
-                raise DataError(f"{self.location.name_url(s.name)}: the shard index of split {self.split!r} "
-                                f"lists {s.samples} samples, but the tar's {sizes[s.name]} bytes hold at most "
-                                f"{most}; the index is wrong, write the shard set again")
+                raise DataError(
+                    f"{self.location.name_url(s.name)}: the shard index of split {self.split!r} "
+                    f"lists {s.samples} samples, but the tar's {sizes[s.name]} bytes hold at most "
+                    f"{most}; the index is wrong, write the shard set again"
+                )
 
     def _object_sizes(self) -> dict[str, int]:
         loc = self.location
         extra = {"refresh": True} if loc.protocol != "file" else {}
         entries = loc.call(lambda: loc.fs.ls(loc.join(""), detail=True, **extra), "")
-        return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
-                for e in entries if e.get("type") != "directory"}
+        return {
+            e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
+            for e in entries
+            if e.get("type") != "directory"
+        }
 
     # ------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -461,21 +572,45 @@ class ShardLoader:
             plan = self._plan()
             total = self._total_batches(plan)
         if self.global_order:
-            dataset = _GlobalSliceDataset(self.location, plan[0], dict(self._positions), self.decoder,
-                                          seed=self.seed, epoch=self.epoch, shuffle=self.shuffle,
-                                          strict=self.strict, batch_size=self.batch_size, rank=self.rank,
-                                          world_size=self.world_size, workers=self.workers)
+            dataset = _GlobalSliceDataset(
+                self.location,
+                plan[0],
+                dict(self._positions),
+                self.decoder,
+                seed=self.seed,
+                epoch=self.epoch,
+                shuffle=self.shuffle,
+                strict=self.strict,
+                batch_size=self.batch_size,
+                rank=self.rank,
+                world_size=self.world_size,
+                workers=self.workers,
+            )
         else:
-            mine = plan[self.rank * self.workers:(self.rank + 1) * self.workers]
-            dataset = _SlotDataset(self.location, mine, dict(self._positions), self._next_slot,
-                                   self.decoder, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle,
-                                   strict=self.strict, batch_size=self.batch_size)
+            mine = plan[self.rank * self.workers : (self.rank + 1) * self.workers]
+            dataset = _SlotDataset(
+                self.location,
+                mine,
+                dict(self._positions),
+                self._next_slot,
+                self.decoder,
+                seed=self.seed,
+                epoch=self.epoch,
+                shuffle=self.shuffle,
+                strict=self.strict,
+                batch_size=self.batch_size,
+            )
         if self._batches < total:
             if self.num_workers > 0:
-                source = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                                    worker_init_fn=_worker_init, prefetch_factor=self.prefetch_factor,
-                                    pin_memory=self.pin_memory,
-                                    multiprocessing_context=self.multiprocessing_context)
+                source = DataLoader(
+                    dataset,
+                    batch_size=None,
+                    num_workers=self.num_workers,
+                    worker_init_fn=_worker_init,
+                    prefetch_factor=self.prefetch_factor,
+                    pin_memory=self.pin_memory,
+                    multiprocessing_context=self.multiprocessing_context,
+                )
             else:
                 source = dataset
             for raw in source:
@@ -486,7 +621,9 @@ class ShardLoader:
                     if len(self.skip_log) < MAX_LOGGED_SKIPS:
                         self.skip_log.append(msg)
                         log.warning("skipped sample: %s", msg)
-                self._next_slot = (raw.pop("_slot") + 1) % self.workers if not self.global_order else 0
+                self._next_slot = (
+                    (raw.pop("_slot") + 1) % self.workers if not self.global_order else 0
+                )
                 self._batches += 1
                 self._template = raw
                 yield raw
@@ -501,11 +638,17 @@ class ShardLoader:
         if self._template is None:
             blank = self.decoder.blank() or self._probe()
             x, y = blank
-            self._template = {"input": x.expand(self.batch_size, *x.shape),
-                              "target": y.expand(self.batch_size, *y.shape)}
+            self._template = {
+                "input": x.expand(self.batch_size, *x.shape),
+                "target": y.expand(self.batch_size, *y.shape),
+            }
         t = self._template
-        return {"input": torch.zeros_like(t["input"]), "target": torch.zeros_like(t["target"]),
-                "valid": torch.zeros(self.batch_size, dtype=torch.bool), "key": [""] * self.batch_size}
+        return {
+            "input": torch.zeros_like(t["input"]),
+            "target": torch.zeros_like(t["target"]),
+            "valid": torch.zeros(self.batch_size, dtype=torch.bool),
+            "key": [""] * self.batch_size,
+        }
 
     def _probe(self):
         """Decode the split's first good sample, only to learn the shapes of padding batches."""
@@ -524,11 +667,20 @@ class ShardLoader:
     def state_dict(self) -> dict[str, Any]:
         """This rank's position; merge all ranks' with ``merge_states`` before saving."""
         return {
-            "format": STATE_FORMAT, "split": self.split, "seed": self.seed, "epoch": self.epoch,
+            "format": STATE_FORMAT,
+            "split": self.split,
+            "seed": self.seed,
+            "epoch": self.epoch,
             "positions": dict(self._positions),
-            "plan": {"world_size": self.world_size, "num_workers": self.workers,
-                     "batch_size": self.batch_size, "shuffle": self.shuffle, "window": self.window,
-                     "base": dict(self._base), "global_order": self.global_order},
+            "plan": {
+                "world_size": self.world_size,
+                "num_workers": self.workers,
+                "batch_size": self.batch_size,
+                "shuffle": self.shuffle,
+                "window": self.window,
+                "base": dict(self._base),
+                "global_order": self.global_order,
+            },
             "ranks": {str(self.rank): {"batches": self._batches, "next_slot": self._next_slot}},
             "stats": {str(self.rank): dict(self.stats)},
         }
@@ -536,7 +688,11 @@ class ShardLoader:
     def global_state_dict(self) -> dict[str, Any]:
         """``merge_states`` over every rank (a collective when torch.distributed is initialised)."""
         local = self.state_dict()
-        if self.world_size == 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        if (
+            self.world_size == 1
+            or not torch.distributed.is_available()
+            or not torch.distributed.is_initialized()
+        ):
             return merge_states([local])
         states: list = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(states, local)
@@ -549,27 +705,41 @@ class ShardLoader:
             raise ValueError(f"reader state is for split {state['split']!r}, not {self.split!r}")
         plan = state["plan"]
         if len(state["ranks"]) < plan["world_size"]:
-            raise ValueError(f"reader state holds ranks {sorted(state['ranks'])} of a {plan['world_size']}-rank "
-                             "job: merge the states of all ranks with merge_states() before loading")
+            raise ValueError(
+                f"reader state holds ranks {sorted(state['ranks'])} of a {plan['world_size']}-rank "
+                "job: merge the states of all ranks with merge_states() before loading"
+            )
         unknown = [n for n in state["positions"] if n not in self.counts]
         over = [n for n, p in state["positions"].items() if n in self.counts and p > self.counts[n]]
         if unknown or over:
-            raise ValueError(f"reader state does not fit the shard index of {self.location.url}/{self.split}: "
-                             f"unknown shards {unknown[:3]}, positions past the end {over[:3]}")
+            raise ValueError(
+                f"reader state does not fit the shard index of {self.location.url}/{self.split}: "
+                f"unknown shards {unknown[:3]}, positions past the end {over[:3]}"
+            )
         self._start_epoch(int(state["epoch"]))
         self._positions = {n: int(p) for n, p in state["positions"].items()}
-        same_order = (state["seed"] == self.seed and plan.get("shuffle", self.shuffle) == self.shuffle
-                      and plan.get("window", self.window) == self.window
-                      and plan.get("global_order", False) == self.global_order)
+        same_order = (
+            state["seed"] == self.seed
+            and plan.get("shuffle", self.shuffle) == self.shuffle
+            and plan.get("window", self.window) == self.window
+            and plan.get("global_order", False) == self.global_order
+        )
         if self.global_order:  # the order depends on the global batch only, not on the topology
             same = same_order and plan["batch_size"] * plan["world_size"] == self.global_batch
         else:
-            same = (same_order and plan["world_size"] == self.world_size and plan["num_workers"] == self.workers
-                    and plan["batch_size"] == self.batch_size)
+            same = (
+                same_order
+                and plan["world_size"] == self.world_size
+                and plan["num_workers"] == self.workers
+                and plan["batch_size"] == self.batch_size
+            )
         if same:  # continue the interrupted plan: same order, same batches
             self._base = {n: int(p) for n, p in plan["base"].items()}
             mine = state["ranks"].get(str(self.rank)) or next(iter(state["ranks"].values()))
-            self._batches, self._next_slot = int(mine["batches"]), int(mine["next_slot"]) % self.workers
+            self._batches, self._next_slot = (
+                int(mine["batches"]),
+                int(mine["next_slot"]) % self.workers,
+            )
         else:  # another topology: a fresh plan over what is left of the epoch
             self._base = dict(self._positions)
 
@@ -584,7 +754,9 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
     for s in states[1:]:
         for field in ("format", "split", "seed", "epoch"):
             if s[field] != first[field]:
-                raise ValueError(f"reader states disagree on {field}: {s[field]!r} vs {first[field]!r}")
+                raise ValueError(
+                    f"reader states disagree on {field}: {s[field]!r} vs {first[field]!r}"
+                )
         if s["plan"] != first["plan"]:
             raise ValueError("reader states come from different epoch plans")
     positions: dict[str, int] = {}
@@ -597,6 +769,8 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
         stats.update(s.get("stats", {}))
     batches = {r["batches"] for r in ranks.values()}
     if len(batches) > 1:
-        raise ValueError(f"ranks consumed different numbers of batches {sorted(batches)}: "
-                         "take every rank's state at the same step")
+        raise ValueError(
+            f"ranks consumed different numbers of batches {sorted(batches)}: "
+            "take every rank's state at the same step"
+        )
     return {**first, "positions": positions, "ranks": ranks, "stats": stats}

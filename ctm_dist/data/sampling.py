@@ -19,7 +19,7 @@ import numpy as np
 class ShardRange:
     name: str
     start: int  # first sample index this plan reads
-    stop: int   # one past the last
+    stop: int  # one past the last
 
 
 @dataclass(frozen=True)
@@ -39,20 +39,32 @@ class Slot:
 
     def groups(self) -> list[tuple[ShardRange, ...]]:
         w = max(1, self.window)
-        return [self.ranges[i:i + w] for i in range(0, len(self.ranges), w)]
+        return [self.ranges[i : i + w] for i in range(0, len(self.ranges), w)]
 
 
 def name_hash(name: str) -> int:
     return zlib.crc32(name.encode("utf-8"))
 
 
-def make_plan(counts: dict[str, int], base: dict[str, int], *, seed: int, epoch: int,
-              world_size: int, workers: int, shuffle: bool, window: int) -> list[Slot]:
+def make_plan(
+    counts: dict[str, int],
+    base: dict[str, int],
+    *,
+    seed: int,
+    epoch: int,
+    world_size: int,
+    workers: int,
+    shuffle: bool,
+    window: int,
+) -> list[Slot]:
     """Slots ``rank * workers + w`` for every rank and worker; ``counts`` is in index order."""
     n_slots = world_size * workers
     names = list(counts)
-    order = (np.random.default_rng([seed, epoch, 0x5A4D]).permutation(len(names))
-             if shuffle else np.arange(len(names)))
+    order = (
+        np.random.default_rng([seed, epoch, 0x5A4D]).permutation(len(names))
+        if shuffle
+        else np.arange(len(names))
+    )
     loads = [0] * n_slots
     ranges: list[list[ShardRange]] = [[] for _ in range(n_slots)]
     for i in order:
@@ -66,8 +78,9 @@ def make_plan(counts: dict[str, int], base: dict[str, int], *, seed: int, epoch:
     return [Slot(s, tuple(r), window if shuffle else 1) for s, r in enumerate(ranges)]
 
 
-def group_order(group: tuple[ShardRange, ...], *, seed: int, epoch: int, slot_id: int,
-                shuffle: bool) -> np.ndarray:
+def group_order(
+    group: tuple[ShardRange, ...], *, seed: int, epoch: int, slot_id: int, shuffle: bool
+) -> np.ndarray:
     """For each position in the group's stream, the index (into ``group``) of the shard it reads."""
     sizes = [r.stop - r.start for r in group]
     seq = np.repeat(np.arange(len(group)), sizes)
@@ -78,5 +91,7 @@ def group_order(group: tuple[ShardRange, ...], *, seed: int, epoch: int, slot_id
 
 
 def batches_per_rank(plan: list[Slot], world_size: int, workers: int, batch_size: int) -> list[int]:
-    return [sum(plan[r * workers + w].num_batches(batch_size) for w in range(workers))
-            for r in range(world_size)]
+    return [
+        sum(plan[r * workers + w].num_batches(batch_size) for w in range(workers))
+        for r in range(world_size)
+    ]

@@ -19,8 +19,9 @@ CIFAR10_STD = (0.24703233, 0.24348505, 0.26158768)
 
 
 # ---------------------------------------------------------------- geometry
-def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
-                            scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+def random_resized_crop_box(
+    width: int, height: int, rng: np.random.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
     """(left, top, w, h) of a random area fraction in ``scale`` with aspect ratio in ``ratio``."""
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -54,8 +55,9 @@ def draft(img: Image.Image, reduce: float) -> tuple[float, float]:
     return width / img.size[0], height / img.size[1]
 
 
-def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator,
-                        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> Image.Image:
+def random_resized_crop(
+    img: Image.Image, size: int, rng: np.random.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
+) -> Image.Image:
     """Crop a random area fraction in ``scale`` with aspect ratio in ``ratio``, resize to size x size.
     ``img`` may be a lazily opened JPEG: it is then decoded at the smallest sufficient scale."""
     left, top, w, h = random_resized_crop_box(*img.size, rng, scale, ratio)
@@ -88,7 +90,7 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
 
 def to_tensor(img: Image.Image, mean, std) -> torch.Tensor:
     """uint8 HWC image -> normalised float CHW tensor (numpy: no torch thread pool per sample)."""
-    scale = (1.0 / (255.0 * np.asarray(std, dtype=np.float32)))
+    scale = 1.0 / (255.0 * np.asarray(std, dtype=np.float32))
     offset = -np.asarray(mean, dtype=np.float32) / np.asarray(std, dtype=np.float32)
     arr = np.asarray(img, dtype=np.uint8).astype(np.float32) * scale + offset
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
@@ -125,8 +127,17 @@ CIFAR10_POLICY = (
     (("TranslateY", 0.7, 9), ("AutoContrast", 0.9, None)),
 )
 _BINS = 10
-_SIGNED = {"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate",
-           "Brightness", "Color", "Contrast", "Sharpness"}
+_SIGNED = {
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Rotate",
+    "Brightness",
+    "Color",
+    "Contrast",
+    "Sharpness",
+}
 
 
 def _magnitude(op: str, level: int, width: int, height: int) -> float:
@@ -151,13 +162,21 @@ def _magnitude(op: str, level: int, width: int, height: int) -> float:
 def _apply(img: Image.Image, op: str, m: float) -> Image.Image:
     affine = Image.Transform.AFFINE
     if op == "ShearX":
-        return img.transform(img.size, affine, (1, m, 0, 0, 1, 0), Image.Resampling.NEAREST, fillcolor=0)
+        return img.transform(
+            img.size, affine, (1, m, 0, 0, 1, 0), Image.Resampling.NEAREST, fillcolor=0
+        )
     if op == "ShearY":
-        return img.transform(img.size, affine, (1, 0, 0, m, 1, 0), Image.Resampling.NEAREST, fillcolor=0)
+        return img.transform(
+            img.size, affine, (1, 0, 0, m, 1, 0), Image.Resampling.NEAREST, fillcolor=0
+        )
     if op == "TranslateX":
-        return img.transform(img.size, affine, (1, 0, -int(m), 0, 1, 0), Image.Resampling.NEAREST, fillcolor=0)
+        return img.transform(
+            img.size, affine, (1, 0, -int(m), 0, 1, 0), Image.Resampling.NEAREST, fillcolor=0
+        )
     if op == "TranslateY":
-        return img.transform(img.size, affine, (1, 0, 0, 0, 1, -int(m)), Image.Resampling.NEAREST, fillcolor=0)
+        return img.transform(
+            img.size, affine, (1, 0, 0, 0, 1, -int(m)), Image.Resampling.NEAREST, fillcolor=0
+        )
     if op == "Rotate":
         return img.rotate(m, resample=Image.Resampling.NEAREST, fillcolor=0)
     if op == "Brightness":

@@ -5,6 +5,7 @@ mtime, owner and mode. Each shard is built in a local temporary file and uploade
 ``ctm_dist.storage.Location`` (so an upload can be retried and never leaves half an object), and the
 index ``{split}.json`` is written after every shard, so a partial shard set has no index.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,7 @@ TAR_MTIME = 0  # an int: a float mtime makes tarfile add a PAX header to every m
 TAR_OWNER = "ctm"
 
 
-def as_location(location: "Location | str | os.PathLike") -> Location:
+def as_location(location: Location | str | os.PathLike) -> Location:
     return Location.parse(location)
 
 
@@ -55,8 +56,14 @@ class ShardSetWriter:
     Use as a context manager: on an exception the index is not written.
     """
 
-    def __init__(self, location, split: str, task: str, samples_per_shard: int,
-                 meta: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        location,
+        split: str,
+        task: str,
+        samples_per_shard: int,
+        meta: dict[str, Any] | None = None,
+    ):
         if samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
         self.location = as_location(location)
@@ -82,7 +89,9 @@ class ShardSetWriter:
     def write(self, sample: dict[str, Any]) -> None:
         key = sample["__key__"]
         if "." in key:
-            raise ValueError(f"sample key {key!r} contains a dot (webdataset splits field names on it)")
+            raise ValueError(
+                f"sample key {key!r} contains a dot (webdataset splits field names on it)"
+            )
         if key in self._keys:
             raise ValueError(f"duplicate sample key {key!r} in split {self.index.split!r}")
         self._keys.add(key)
@@ -98,8 +107,14 @@ class ShardSetWriter:
         import webdataset as wds  # imports torch: only where tars are written, not in sample workers
 
         self._tar_path = os.path.join(self._tmpdir.name, "shard.tar")
-        self._tar = wds.TarWriter(self._tar_path, user=TAR_OWNER, group=TAR_OWNER, mtime=TAR_MTIME,
-                                  encoder=False, compress=False)
+        self._tar = wds.TarWriter(
+            self._tar_path,
+            user=TAR_OWNER,
+            group=TAR_OWNER,
+            mtime=TAR_MTIME,
+            encoder=False,
+            compress=False,
+        )
         self._in_shard = 0
 
     def _close_shard(self) -> None:
@@ -116,7 +131,9 @@ class ShardSetWriter:
         if not self.index.shards:
             raise ValueError(f"no samples were written for split {self.index.split!r}")
         self._remove_stale_shards()
-        self.location.write_bytes(index_name(self.index.split), self.index.to_json().encode("utf-8"))
+        self.location.write_bytes(
+            index_name(self.index.split), self.index.to_json().encode("utf-8")
+        )
         self._tmpdir.cleanup()
         return self.index
 
@@ -133,7 +150,7 @@ class ShardSetWriter:
             self._tar = None
         self._tmpdir.cleanup()
 
-    def __enter__(self) -> "ShardSetWriter":
+    def __enter__(self) -> ShardSetWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -143,13 +160,27 @@ class ShardSetWriter:
             self.abort()
 
 
-def write_shard_set(location, split: str, task: str, samples: Iterable[dict[str, Any]], *,
-                    samples_per_shard: int, meta: dict[str, Any] | None = None,
-                    total: int | None = None, progress: bool = True) -> ShardIndex:
+def write_shard_set(
+    location,
+    split: str,
+    task: str,
+    samples: Iterable[dict[str, Any]],
+    *,
+    samples_per_shard: int,
+    meta: dict[str, Any] | None = None,
+    total: int | None = None,
+    progress: bool = True,
+) -> ShardIndex:
     """Write every sample of ``samples`` as a shard set; returns its index (already stored)."""
     with ShardSetWriter(location, split, task, samples_per_shard, meta) as writer:
-        for sample in tqdm(samples, total=total, desc=f"{task}/{split}", unit="sample",
-                           disable=not progress, dynamic_ncols=True):
+        for sample in tqdm(
+            samples,
+            total=total,
+            desc=f"{task}/{split}",
+            unit="sample",
+            disable=not progress,
+            dynamic_ncols=True,
+        ):
             writer.write(sample)
     return writer.index
 
@@ -165,7 +196,7 @@ def parallel_map(fn: Callable, items: list, workers: int, chunksize: int = 16) -
         return map(fn, items)
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     pool = multiprocessing.get_context(method).Pool(workers)
-    chunks = [items[i:i + chunksize] for i in range(0, len(items), chunksize)]
+    chunks = [items[i : i + chunksize] for i in range(0, len(items), chunksize)]
     return _results(pool, fn, chunks, ahead=2 * workers)
 
 
@@ -190,14 +221,30 @@ def _results(pool, fn: Callable, chunks: list[list], ahead: int) -> Iterator:
         pool.join()
 
 
-def add_common_args(parser: argparse.ArgumentParser, default_split: str = "train",
-                    default_samples_per_shard: int = 1000, workers: bool = True) -> None:
+def add_common_args(
+    parser: argparse.ArgumentParser,
+    default_split: str = "train",
+    default_samples_per_shard: int = 1000,
+    workers: bool = True,
+) -> None:
     """Options every shard-writing script takes. Endpoint and keys come from the AWS_* variables."""
-    parser.add_argument("--out", required=True,
-                        help="where the shard set goes: s3://bucket/prefix, file:///dir or a path "
-                             "(S3 endpoint and keys from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
-    parser.add_argument("--split", default=default_split, help="split name: shards {split}-000000.tar, index {split}.json")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (shuffle order, generation)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="where the shard set goes: s3://bucket/prefix, file:///dir or a path "
+        "(S3 endpoint and keys from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)",
+    )
+    parser.add_argument(
+        "--split",
+        default=default_split,
+        help="split name: shards {split}-000000.tar, index {split}.json",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of every random choice (shuffle order, generation)",
+    )
     parser.add_argument("--samples-per-shard", type=int, default=default_samples_per_shard)
     if workers:
         parser.add_argument("--workers", type=int, default=1, help="processes that prepare samples")
@@ -206,8 +253,10 @@ def add_common_args(parser: argparse.ArgumentParser, default_split: str = "train
 
 def print_summary(index: ShardIndex, location: Location, skipped: int = 0) -> None:
     extra = f", {skipped} skipped (see warnings above)" if skipped else ""
-    print(f"wrote {index.num_samples} samples in {len(index.shards)} shards to {location.url}/"
-          f"{index_name(index.split)}{extra}")
+    print(
+        f"wrote {index.num_samples} samples in {len(index.shards)} shards to {location.url}/"
+        f"{index_name(index.split)}{extra}"
+    )
 
 
 def run_script(main: Callable[[], int]) -> None:

@@ -6,8 +6,14 @@ checkpoint), ``export`` (ZeRO -> safetensors / reference), ``plots``, ``animate`
 ``pictures`` (PNG/GIF), ``report`` (JSON + PNG + TensorBoard), ``cli`` (the launch/ commands).
 """
 
-_LAZY = {"load": "loading", "load_model": "loading", "EvalRequest": "evaluate",
-         "export_run": "export", "save_consolidated": "export", "make_pictures": "pictures"}
+_LAZY = {
+    "load": "loading",
+    "load_model": "loading",
+    "EvalRequest": "evaluate",
+    "export_run": "export",
+    "save_consolidated": "export",
+    "make_pictures": "pictures",
+}
 
 
 def __getattr__(name):

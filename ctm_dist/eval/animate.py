@@ -41,8 +41,18 @@ def write_gif(fig, draw, n_frames: int, path: str | Path, fps: float = FPS, dpi:
     return path
 
 
-def attention_gif(image, attention, path: str | Path, predicted=None, certainty=None, class_names=None,
-                  target: int | None = None, alpha: float = 0.55, fps: float = FPS, dpi: int = 100) -> Path:
+def attention_gif(
+    image,
+    attention,
+    path: str | Path,
+    predicted=None,
+    certainty=None,
+    class_names=None,
+    target: int | None = None,
+    alpha: float = 0.55,
+    fps: float = FPS,
+    dpi: int = 100,
+) -> Path:
     """One frame per tick: the input, the input with that tick's attention [T, h, w] laid over it (one
     colour scale for all ticks, colour bar), and the certainty per tick with the current tick marked.
     The title names the tick (1-based), the class predicted at it (``predicted`` [T]) and its certainty."""
@@ -52,14 +62,29 @@ def attention_gif(image, attention, path: str | Path, predicted=None, certainty=
     certainty = None if certainty is None else _np(certainty)
     H, W = image.shape[:2]
     panels = 3 if certainty is not None else 2
-    fig, axes = plt.subplots(1, panels, figsize=(3.4 * panels, 3.7), layout="constrained",
-                             width_ratios=(1, 1.2, 1.3)[:panels])
+    fig, axes = plt.subplots(
+        1,
+        panels,
+        figsize=(3.4 * panels, 3.7),
+        layout="constrained",
+        width_ratios=(1, 1.2, 1.3)[:panels],
+    )
     axes[0].imshow(image, interpolation="nearest")
-    axes[0].set_title("input" + (f" (label {class_label(int(target), class_names)})" if target is not None else ""),
-                      fontsize=10)
+    axes[0].set_title(
+        "input"
+        + (f" (label {class_label(int(target), class_names)})" if target is not None else ""),
+        fontsize=10,
+    )
     axes[1].imshow(image, interpolation="nearest")
-    heat = axes[1].imshow(attention[0], cmap="inferno", alpha=alpha, vmin=0, vmax=float(attention.max()) or 1.0,
-                          extent=(-0.5, W - 0.5, H - 0.5, -0.5), interpolation="bilinear")
+    heat = axes[1].imshow(
+        attention[0],
+        cmap="inferno",
+        alpha=alpha,
+        vmin=0,
+        vmax=float(attention.max()) or 1.0,
+        extent=(-0.5, W - 0.5, H - 0.5, -0.5),
+        interpolation="bilinear",
+    )
     axes[1].set_title("attention", fontsize=10)
     for ax in axes[:2]:
         ax.axis("off")
@@ -70,7 +95,7 @@ def attention_gif(image, attention, path: str | Path, predicted=None, certainty=
     if certainty is not None:
         ax = axes[2]
         ax.plot(ticks_axis(T), certainty, color="tab:blue", marker="o", ms=3)
-        marker, = ax.plot([1], [certainty[0]], "o", color="tab:red", ms=9)
+        (marker,) = ax.plot([1], [certainty[0]], "o", color="tab:red", ms=9)
         ax.set_ylim(-0.02, 1.02)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("tick")
@@ -99,7 +124,9 @@ def maze_route_image(maze_rgb: np.ndarray, route, colour=(0.2, 0.4, 1.0)) -> np.
     return img
 
 
-def _image_gif(images: list[np.ndarray], titles: list[str], path: str | Path, fps: float, dpi: int) -> Path:
+def _image_gif(
+    images: list[np.ndarray], titles: list[str], path: str | Path, fps: float, dpi: int
+) -> Path:
     fig, ax = plt.subplots(figsize=(4.8, 5.0), layout="constrained")
     shown = ax.imshow(images[0], interpolation="nearest")
     ax.axis("off")
@@ -112,8 +139,14 @@ def _image_gif(images: list[np.ndarray], titles: list[str], path: str | Path, fp
     return write_gif(fig, draw, len(images), path, fps=fps, dpi=dpi)
 
 
-def maze_route_gif(maze_rgb: np.ndarray, moves_per_tick: np.ndarray, path: str | Path, target=None,
-                   fps: float = FPS, dpi: int = 100) -> Path:
+def maze_route_gif(
+    maze_rgb: np.ndarray,
+    moves_per_tick: np.ndarray,
+    path: str | Path,
+    target=None,
+    fps: float = FPS,
+    dpi: int = 100,
+) -> Path:
     """One frame per tick: the route predicted at that tick ([T, L] moves) drawn on the maze; with
     ``target`` a first frame shows the true route (green)."""
     moves_per_tick = np.asarray(moves_per_tick)

@@ -91,7 +91,9 @@ class ClassificationStats:
             self.calib_most_certain = zeros(self.n_bins, 3)
 
     @torch.no_grad()
-    def update(self, predictions: torch.Tensor, certainties: torch.Tensor, targets: torch.Tensor) -> None:
+    def update(
+        self, predictions: torch.Tensor, certainties: torch.Tensor, targets: torch.Tensor
+    ) -> None:
         predictions = predictions.float().cpu()
         certainties = certainties.float().cpu()
         targets = targets.long().cpu().view(-1)
@@ -101,7 +103,9 @@ class ClassificationStats:
         for name, logits in readout_logits(predictions, certainties).items():
             for k in TOPK:
                 self.hits[f"{name}/top{k}"] += topk_hits(logits, targets, k).sum(0).double().numpy()
-        loss = F.cross_entropy(predictions, targets[:, None].expand(B, T), reduction="none")  # [B, T]
+        loss = F.cross_entropy(
+            predictions, targets[:, None].expand(B, T), reduction="none"
+        )  # [B, T]
         self.loss_sum += loss.sum(0).double().numpy()
         self.certainty_sum += certainties[:, 1].sum(0).double().numpy()
         best = certainties[:, 1].argmax(-1)
@@ -112,17 +116,21 @@ class ClassificationStats:
         for t in range(T):
             self.calib_per_tick[t] += calibration_bins(conf[:, t], correct[:, t], self.n_bins)
         rows = torch.arange(B)
-        self.calib_most_certain += calibration_bins(conf[rows, best], correct[rows, best], self.n_bins)
+        self.calib_most_certain += calibration_bins(
+            conf[rows, best], correct[rows, best], self.n_bins
+        )
         self.n += B
 
-    def merge(self, other: "ClassificationStats") -> "ClassificationStats":
+    def merge(self, other: ClassificationStats) -> ClassificationStats:
         if other.ticks != self.ticks or other.n_bins != self.n_bins:
             raise ValueError("cannot merge statistics of different shapes")
         for key in self.hits:
             self.hits[key] = self.hits[key] + other.hits[key]
         self.loss_sum = self.loss_sum + other.loss_sum
         self.certainty_sum = self.certainty_sum + other.certainty_sum
-        self.most_certain_tick_counts = self.most_certain_tick_counts + other.most_certain_tick_counts
+        self.most_certain_tick_counts = (
+            self.most_certain_tick_counts + other.most_certain_tick_counts
+        )
         self.calib_per_tick = self.calib_per_tick + other.calib_per_tick
         self.calib_most_certain = self.calib_most_certain + other.calib_most_certain
         self.n += other.n
@@ -157,6 +165,13 @@ def reliability(bins: np.ndarray) -> list[dict]:
     rows = []
     for i, (count, conf, corr) in enumerate(bins):
         if count > 0:
-            rows.append({"low": i / n_bins, "high": (i + 1) / n_bins, "count": int(count),
-                         "confidence": float(conf / count), "accuracy": float(corr / count)})
+            rows.append(
+                {
+                    "low": i / n_bins,
+                    "high": (i + 1) / n_bins,
+                    "count": int(count),
+                    "confidence": float(conf / count),
+                    "accuracy": float(corr / count),
+                }
+            )
     return rows

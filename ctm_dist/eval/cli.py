@@ -36,7 +36,14 @@ from .inputs import image_files, input_spec, shard_samples
 from .loading import load_model
 
 # Errors that mean bad input rather than a bug: reported in one line, exit 2.
-INPUT_ERRORS = (ValueError, OSError, StorageError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile)
+INPUT_ERRORS = (
+    ValueError,
+    OSError,
+    StorageError,
+    pickle.UnpicklingError,
+    EOFError,
+    zipfile.BadZipFile,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,6 +54,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _ranged(kind, low=None, high=None, what: str = "value"):
     """An argparse type: ``kind`` within [low, high]."""
+
     def parse(text: str):
         try:
             value = kind(text)
@@ -56,6 +64,7 @@ def _ranged(kind, low=None, high=None, what: str = "value"):
             bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
             raise argparse.ArgumentTypeError(f"{what} must be {bounds}, got {text}")
         return value
+
     return parse
 
 
@@ -84,12 +93,15 @@ def _storage_client_errors() -> tuple:
 
 def command(main):
     """Run a ``*_main``: bad input ends in one ``error:`` line and exit 2, never a traceback."""
+
     @functools.wraps(main)
     def wrapped(argv: list[str] | None = None) -> int:
         try:
             return main(argv)
         except CheckpointError as e:  # names the file inside the checkpoint; say which checkpoint
-            given = next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), "")
+            given = next(
+                (a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), ""
+            )
             print(f"error: {given}: {_one_line(e)}", file=sys.stderr)
             return 2
         except INPUT_ERRORS + _storage_client_errors() as e:
@@ -98,24 +110,34 @@ def command(main):
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
+
     return wrapped
 
 
 def _checkpoint_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="consolidated export (dir or .safetensors), run URL ({storage}/{run}) "
-                                      "or reference checkpoint (.pt); local path or s3://, gs://, file:// URL")
-    p.add_argument("--step", type=NON_NEGATIVE, default=None, help="a run's step (default: newest committed)")
+    p.add_argument(
+        "checkpoint",
+        help="consolidated export (dir or .safetensors), run URL ({storage}/{run}) "
+        "or reference checkpoint (.pt); local path or s3://, gs://, file:// URL",
+    )
+    p.add_argument(
+        "--step", type=NON_NEGATIVE, default=None, help="a run's step (default: newest committed)"
+    )
     _local_dir_arg(p)
 
 
 def _local_dir_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--local-dir", default=None,
-                   help=f"training's local directory whose embedded object store holds the run (started for this "
-                        f"command); default: {EMBEDDED_LOCAL_DIR} when a URL is under s3://{EMBEDDED_BUCKET}/ and "
-                        "AWS_ENDPOINT_URL is not set")
+    p.add_argument(
+        "--local-dir",
+        default=None,
+        help=f"training's local directory whose embedded object store holds the run (started for this "
+        f"command); default: {EMBEDDED_LOCAL_DIR} when a URL is under s3://{EMBEDDED_BUCKET}/ and "
+        "AWS_ENDPOINT_URL is not set",
+    )
 
 
 # ------------------------------------------------------------------------------------- the embedded store
+
 
 def _in_embedded_bucket(url: str | None) -> bool:
     return bool(url) and str(url).startswith(f"s3://{EMBEDDED_BUCKET}/")
@@ -132,12 +154,16 @@ def embedded_store_for(urls: list[str | None], local_dir: str | None = None):
             yield None
             return
         if not default.is_dir():
-            raise FileNotFoundError(f"{next(u for u in urls if _in_embedded_bucket(u))} is in the embedded store of a "
-                                    f"training run, and there is no {default} here: run from the directory you "
-                                    "trained in, or pass --local-dir DIR (or AWS_ENDPOINT_URL and keys)")
+            raise FileNotFoundError(
+                f"{next(u for u in urls if _in_embedded_bucket(u))} is in the embedded store of a "
+                f"training run, and there is no {default} here: run from the directory you "
+                "trained in, or pass --local-dir DIR (or AWS_ENDPOINT_URL and keys)"
+            )
         local_dir = EMBEDDED_LOCAL_DIR
     elif not Path(local_dir, "object-store").is_dir():
-        raise FileNotFoundError(f"--local-dir {local_dir}: no embedded object store ({local_dir}/object-store)")
+        raise FileNotFoundError(
+            f"--local-dir {local_dir}: no embedded object store ({local_dir}/object-store)"
+        )
     store = embedded_store(local_dir)
     saved = {k: os.environ.get(k) for k in store.env()}
     with store:
@@ -175,41 +201,92 @@ def _load(checkpoint: str, step: int | None, **overrides):
 
 # ------------------------------------------------------------------------------------- evaluate
 
+
 @command
 def evaluate_main(argv: list[str] | None = None) -> int:
     from .report import write_report
 
     p = _Parser(description="Evaluate a CTM checkpoint: JSON report, PNG plots, TensorBoard.")
     _checkpoint_args(p)
-    p.add_argument("--data", default="", help="shard set URL (default: the one a run or its export trained on; "
-                                              "none for parity)")
+    p.add_argument(
+        "--data",
+        default="",
+        help="shard set URL (default: the one a run or its export trained on; none for parity)",
+    )
     p.add_argument("--split", default="val")
-    p.add_argument("--task", default=None, help="imagenet, demo, cifar10, mazes or parity (default: the shard set's)")
-    p.add_argument("--out", default="eval-out", help="directory for report.json, PNGs and tensorboard/")
-    p.add_argument("--workers", type=POSITIVE, default=1, help="Ray workers, each evaluating its part (1 = in-process)")
+    p.add_argument(
+        "--task",
+        default=None,
+        help="imagenet, demo, cifar10, mazes or parity (default: the shard set's)",
+    )
+    p.add_argument(
+        "--out", default="eval-out", help="directory for report.json, PNGs and tensorboard/"
+    )
+    p.add_argument(
+        "--workers",
+        type=POSITIVE,
+        default=1,
+        help="Ray workers, each evaluating its part (1 = in-process)",
+    )
     p.add_argument("--batch-size", type=POSITIVE, default=64)
-    p.add_argument("--max-batches", type=NON_NEGATIVE, default=0, help="per worker; 0 = whole split")
-    p.add_argument("--image-size", type=POSITIVE, default=None, help="default: the size the model was trained at")
-    p.add_argument("--iterations", type=POSITIVE, default=None, help="ticks to run (default: as trained)")
-    p.add_argument("--thresholds", type=SWEEP_THRESHOLD, nargs="+", default=list(DEFAULT_THRESHOLDS),
-                   help="certainty thresholds of the halting sweep (above 1: the full run)")
-    p.add_argument("--timing-batches", type=NON_NEGATIVE, default=4,
-                   help="batches for measuring halting wall time (classification; 0 = skip)")
-    p.add_argument("--generalise", default="", help="shard set of (larger) mazes for re-application")
+    p.add_argument(
+        "--max-batches", type=NON_NEGATIVE, default=0, help="per worker; 0 = whole split"
+    )
+    p.add_argument(
+        "--image-size",
+        type=POSITIVE,
+        default=None,
+        help="default: the size the model was trained at",
+    )
+    p.add_argument(
+        "--iterations", type=POSITIVE, default=None, help="ticks to run (default: as trained)"
+    )
+    p.add_argument(
+        "--thresholds",
+        type=SWEEP_THRESHOLD,
+        nargs="+",
+        default=list(DEFAULT_THRESHOLDS),
+        help="certainty thresholds of the halting sweep (above 1: the full run)",
+    )
+    p.add_argument(
+        "--timing-batches",
+        type=NON_NEGATIVE,
+        default=4,
+        help="batches for measuring halting wall time (classification; 0 = skip)",
+    )
+    p.add_argument(
+        "--generalise", default="", help="shard set of (larger) mazes for re-application"
+    )
     p.add_argument("--generalise-split", default="test")
     p.add_argument("--generalise-mazes", type=POSITIVE, default=20, help="per worker")
     p.add_argument("--max-reapplications", type=POSITIVE, default=20)
     p.add_argument("--parity-samples", type=POSITIVE, default=1024)
     a = p.parse_args(argv)
 
-    req = EvalRequest(checkpoint=a.checkpoint, data=a.data, split=a.split, task=a.task, step=a.step,
-                      batch_size=a.batch_size, max_batches=a.max_batches, workers=a.workers,
-                      image_size=a.image_size, thresholds=tuple(a.thresholds), iterations=a.iterations,
-                      generalise_data=a.generalise, generalise_split=a.generalise_split,
-                      generalise_mazes=a.generalise_mazes, max_reapplications=a.max_reapplications,
-                      parity_samples=a.parity_samples)
-    with embedded_store_for([a.checkpoint, a.data or _recorded_data(a.checkpoint), a.generalise], a.local_dir), \
-            _quiet():
+    req = EvalRequest(
+        checkpoint=a.checkpoint,
+        data=a.data,
+        split=a.split,
+        task=a.task,
+        step=a.step,
+        batch_size=a.batch_size,
+        max_batches=a.max_batches,
+        workers=a.workers,
+        image_size=a.image_size,
+        thresholds=tuple(a.thresholds),
+        iterations=a.iterations,
+        generalise_data=a.generalise,
+        generalise_split=a.generalise_split,
+        generalise_mazes=a.generalise_mazes,
+        max_reapplications=a.max_reapplications,
+        parity_samples=a.parity_samples,
+    )
+    with (
+        embedded_store_for(
+            [a.checkpoint, a.data or _recorded_data(a.checkpoint), a.generalise], a.local_dir
+        ),
+        _quiet(),
+    ):
         report = evaluate(req)
         report["request"] = request_dict(req)
         if "halting" in report and a.timing_batches > 0:
@@ -225,8 +302,13 @@ def measure_halting_time(req, n_batches: int, report: dict | None = None) -> dic
     report = report or {}
     overrides = {"iterations": req.iterations} if req.iterations else {}
     model = _load(req.checkpoint, req.step, **overrides).model.eval()
-    x, _, _ = shard_samples(report.get("data") or req.data, req.split, n_batches * req.batch_size,
-                            task=report.get("task") or req.task, image_size=report.get("image_size") or req.image_size)
+    x, _, _ = shard_samples(
+        report.get("data") or req.data,
+        req.split,
+        n_batches * req.batch_size,
+        task=report.get("task") or req.task,
+        image_size=report.get("image_size") or req.image_size,
+    )
     batches = list(x.float().split(req.batch_size))
     return time_halting(model, batches, req.thresholds, repeats=2)
 
@@ -235,45 +317,64 @@ def format_summary(report: dict) -> str:
     lines = [f"task {report['task']} ({report['checkpoint_kind']} {report.get('source', {})})"]
     c = report.get("classification")
     if c:
-        lines.append(f"samples {c['samples']}  top-1 most certain {100 * c['most_certain_top1']:.2f}%  "
-                     f"top-5 {100 * c['most_certain_top5']:.2f}%  last tick {100 * c['instant_top1']:.2f}%  "
-                     f"mean logits {100 * c['mean_logits_top1']:.2f}%  certainty-weighted "
-                     f"{100 * c['certainty_weighted_top1']:.2f}%  ECE {c['ece_most_certain']:.4f}")
+        lines.append(
+            f"samples {c['samples']}  top-1 most certain {100 * c['most_certain_top1']:.2f}%  "
+            f"top-5 {100 * c['most_certain_top5']:.2f}%  last tick {100 * c['instant_top1']:.2f}%  "
+            f"mean logits {100 * c['mean_logits_top1']:.2f}%  certainty-weighted "
+            f"{100 * c['certainty_weighted_top1']:.2f}%  ECE {c['ece_most_certain']:.4f}"
+        )
     h = report.get("halting")
     if h:
-        timing = {r["threshold"]: r for r in report.get("halting_timing", {}).get("per_threshold", [])}
-        lines.append("threshold  top-1    drop(pt)  mean ticks  tick saving  wall saving  (after backbone)  "
-                     "cpu saving  (after backbone)")
+        timing = {
+            r["threshold"]: r for r in report.get("halting_timing", {}).get("per_threshold", [])
+        }
+        lines.append(
+            "threshold  top-1    drop(pt)  mean ticks  tick saving  wall saving  (after backbone)  "
+            "cpu saving  (after backbone)"
+        )
         for r in h["sweep"]:
             t = timing.get(r["threshold"])
-            cols = [f"{100 * t[k]:.1f}%" if t else "-" for k in
-                    ("saving", "tick_loop_saving", "cpu_saving", "cpu_tick_loop_saving")]
-            lines.append(f"{r['threshold']:<9g}  {100 * r['top1']:6.2f}%  {r['top1_drop_points']:7.2f}  "
-                         f"{r['mean_ticks']:10.2f}  {100 * r['tick_saving']:10.1f}%  {cols[0]:>11}  {cols[1]:>16}  "
-                         f"{cols[2]:>10}  {cols[3]:>16}")
+            cols = [
+                f"{100 * t[k]:.1f}%" if t else "-"
+                for k in ("saving", "tick_loop_saving", "cpu_saving", "cpu_tick_loop_saving")
+            ]
+            lines.append(
+                f"{r['threshold']:<9g}  {100 * r['top1']:6.2f}%  {r['top1_drop_points']:7.2f}  "
+                f"{r['mean_ticks']:10.2f}  {100 * r['tick_saving']:10.1f}%  {cols[0]:>11}  {cols[1]:>16}  "
+                f"{cols[2]:>10}  {cols[3]:>16}"
+            )
         if report.get("halting_timing"):
             ht = report["halting_timing"]
-            lines.append(f"full run {ht['full_s']:.3f} s wall / {ht['full_cpu_s']:.3f} s cpu, of which before the "
-                         f"first tick (backbone) {ht['start_s']:.3f} s / {ht['start_cpu_s']:.3f} s")
+            lines.append(
+                f"full run {ht['full_s']:.3f} s wall / {ht['full_cpu_s']:.3f} s cpu, of which before the "
+                f"first tick (backbone) {ht['start_s']:.3f} s / {ht['start_cpu_s']:.3f} s"
+            )
         best = best_threshold(h)
         if best:
-            lines.append(f"best within 1 point: threshold {best['threshold']:g}, "
-                         f"{100 * best['tick_saving']:.1f}% fewer ticks, top-1 drop {best['top1_drop_points']:.2f} pt")
+            lines.append(
+                f"best within 1 point: threshold {best['threshold']:g}, "
+                f"{100 * best['tick_saving']:.1f}% fewer ticks, top-1 drop {best['top1_drop_points']:.2f} pt"
+            )
     m = report.get("mazes")
     if m:
-        lines.append(f"mazes {m['samples']}: step accuracy {100 * m['step_accuracy']:.2f}%  route accuracy "
-                     f"{100 * m['route_accuracy']:.2f}%  solved {100 * m['solved']:.2f}%")
+        lines.append(
+            f"mazes {m['samples']}: step accuracy {100 * m['step_accuracy']:.2f}%  route accuracy "
+            f"{100 * m['route_accuracy']:.2f}%  solved {100 * m['solved']:.2f}%"
+        )
     g = report.get("generalisation")
     if g:
         lines.append(f"generalisation: {g['mazes']} mazes, solved {100 * g['solved']:.1f}%")
     par = report.get("parity")
     if par:
-        lines.append(f"parity {par['samples']}: accuracy {100 * par['accuracy']:.2f}%  "
-                     f"sequences {100 * par['sequence_accuracy']:.2f}%")
+        lines.append(
+            f"parity {par['samples']}: accuracy {100 * par['accuracy']:.2f}%  "
+            f"sequences {100 * par['sequence_accuracy']:.2f}%"
+        )
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------- pictures
+
 
 def _inputs(a, loaded, count: int):
     """(x, targets or None, task, names) from --images or --data (default: the shard set it trained on),
@@ -288,11 +389,19 @@ def _inputs(a, loaded, count: int):
         return image_files(a.images, spec), None, task, list(a.images)
     data = a.data or (loaded.source or {}).get("data")
     if not data:
-        raise ValueError("give --images FILE... or --data SHARD_SET_URL (the checkpoint records no training data)")
+        raise ValueError(
+            "give --images FILE... or --data SHARD_SET_URL (the checkpoint records no training data)"
+        )
     spec = input_spec(loaded, task, a.image_size) if task else None
     route_length = loaded.cfg.out_dims // 5 if task == "mazes" else None
-    x, y, task = shard_samples(data, a.split, count, task=task, image_size=spec.image_size if spec else a.image_size,
-                               route_length=route_length)
+    x, y, task = shard_samples(
+        data,
+        a.split,
+        count,
+        task=task,
+        image_size=spec.image_size if spec else a.image_size,
+        route_length=route_length,
+    )
     return x, y, task, [f"{a.split}[{i}]" for i in range(len(x))]
 
 
@@ -303,16 +412,37 @@ def visualize_main(argv: list[str] | None = None) -> int:
     p = _Parser(description="Pictures of a CTM on a few inputs (PNG and GIF).")
     _checkpoint_args(p)
     p.add_argument("--images", nargs="*", default=[], help="image files")
-    p.add_argument("--data", default="", help="shard set URL (first --count samples of --split; default: the one "
-                                              "the model trained on)")
+    p.add_argument(
+        "--data",
+        default="",
+        help="shard set URL (first --count samples of --split; default: the one "
+        "the model trained on)",
+    )
     p.add_argument("--split", default="val")
     p.add_argument("--count", type=POSITIVE, default=16, help="inputs in the batch")
-    p.add_argument("--per-input", type=NON_NEGATIVE, default=4, help="inputs that get attention/neuron/maze pictures")
+    p.add_argument(
+        "--per-input",
+        type=NON_NEGATIVE,
+        default=4,
+        help="inputs that get attention/neuron/maze pictures",
+    )
     p.add_argument("--task", default=None)
-    p.add_argument("--image-size", type=POSITIVE, default=None, help="default: the size the model was trained at")
-    p.add_argument("--threshold", type=CERTAINTY, default=0.8, help="certainty threshold for the ticks-used histogram")
+    p.add_argument(
+        "--image-size",
+        type=POSITIVE,
+        default=None,
+        help="default: the size the model was trained at",
+    )
+    p.add_argument(
+        "--threshold",
+        type=CERTAINTY,
+        default=0.8,
+        help="certainty threshold for the ticks-used histogram",
+    )
     p.add_argument("--out", default="pictures")
-    p.add_argument("--tensorboard", action="store_true", help="also write the figures to {out}/tensorboard")
+    p.add_argument(
+        "--tensorboard", action="store_true", help="also write the figures to {out}/tensorboard"
+    )
     a = p.parse_args(argv)
 
     with embedded_store_for([a.checkpoint, a.data or _recorded_data(a.checkpoint)], a.local_dir):
@@ -324,8 +454,17 @@ def visualize_main(argv: list[str] | None = None) -> int:
 
         tb = SummaryWriter(str(Path(a.out) / "tensorboard"))
     try:
-        written = make_pictures(loaded.model, x, task, a.out, targets=y, threshold=a.threshold,
-                                per_input=a.per_input, tb=tb, meta=loaded.meta)
+        written = make_pictures(
+            loaded.model,
+            x,
+            task,
+            a.out,
+            targets=y,
+            threshold=a.threshold,
+            per_input=a.per_input,
+            tb=tb,
+            meta=loaded.meta,
+        )
     finally:
         if tb is not None:
             tb.close()
@@ -336,6 +475,7 @@ def visualize_main(argv: list[str] | None = None) -> int:
 
 # ------------------------------------------------------------------------------------- predict
 
+
 @command
 def predict_main(argv: list[str] | None = None) -> int:
     from .pictures import summary_lines
@@ -343,9 +483,20 @@ def predict_main(argv: list[str] | None = None) -> int:
     p = _Parser(description="Classify image files with adaptive halting: class, tick, certainty.")
     _checkpoint_args(p)
     p.add_argument("images", nargs="+")
-    p.add_argument("--threshold", type=CERTAINTY, default=0.8, help="stop once certainty (0..1) reaches this")
-    p.add_argument("--task", default=None, help="input transform (default: the checkpoint's task, else imagenet)")
-    p.add_argument("--image-size", type=POSITIVE, default=None, help="default: the size the model was trained at")
+    p.add_argument(
+        "--threshold", type=CERTAINTY, default=0.8, help="stop once certainty (0..1) reaches this"
+    )
+    p.add_argument(
+        "--task",
+        default=None,
+        help="input transform (default: the checkpoint's task, else imagenet)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=POSITIVE,
+        default=None,
+        help="default: the size the model was trained at",
+    )
     a = p.parse_args(argv)
 
     with embedded_store_for([a.checkpoint], a.local_dir):
@@ -361,20 +512,30 @@ def predict_main(argv: list[str] | None = None) -> int:
 
 # ------------------------------------------------------------------------------------- export
 
+
 @command
 def export_main(argv: list[str] | None = None) -> int:
-    p = _Parser(description="Export a run's ZeRO checkpoint to one safetensors file + JSON config "
-                            "(or to the reference's .pt format).")
+    p = _Parser(
+        description="Export a run's ZeRO checkpoint to one safetensors file + JSON config "
+        "(or to the reference's .pt format)."
+    )
     p.add_argument("run", help="run URL: {storage}/{run_name}")
-    p.add_argument("out", help="output directory (or .pt file with --reference-dataset); path or URL")
+    p.add_argument(
+        "out", help="output directory (or .pt file with --reference-dataset); path or URL"
+    )
     p.add_argument("--step", type=NON_NEGATIVE, default=None)
-    p.add_argument("--reference-dataset", default=None,
-                   help="write the reference's checkpoint format for this dataset (cifar10, imagenet, mazes-medium, parity...)")
+    p.add_argument(
+        "--reference-dataset",
+        default=None,
+        help="write the reference's checkpoint format for this dataset (cifar10, imagenet, mazes-medium, parity...)",
+    )
     _local_dir_arg(p)
     a = p.parse_args(argv)
     with embedded_store_for([a.run, a.out], a.local_dir):
         if Location.parse(a.run).exists(MODEL_FILE):
-            raise ValueError(f"{a.run} is already an export ({MODEL_FILE}); export takes a run URL ({{storage}}/{{run}})")
+            raise ValueError(
+                f"{a.run} is already an export ({MODEL_FILE}); export takes a run URL ({{storage}}/{{run}})"
+            )
         with _quiet():
             where = export_run(a.run, a.out, step=a.step, reference_dataset=a.reference_dataset)
     print(json.dumps({"exported": where}))

@@ -32,7 +32,9 @@ CLASSIFICATION_TASKS = ("imagenet", "demo", "cifar10")
 @dataclass
 class EvalRequest:
     checkpoint: str  # export dir/file, run URL or reference .pt
-    data: str = ""  # shard set URL; default: the one a run (or its export) trained on; none for parity
+    data: str = (
+        ""  # shard set URL; default: the one a run (or its export) trained on; none for parity
+    )
     split: str = "val"
     task: str | None = None  # default: the shard set's task (parity: "parity")
     step: int | None = None  # a run's step; default the newest committed
@@ -51,7 +53,9 @@ class EvalRequest:
     # parity (generated)
     parity_samples: int = 1024
     parity_seed: int = 12345
-    locations: dict = field(default_factory=dict)  # Location dicts (credentials) for workers; in memory only
+    locations: dict = field(
+        default_factory=dict
+    )  # Location dicts (credentials) for workers; in memory only
 
 
 def _location(req: EvalRequest, name: str) -> Location:
@@ -73,7 +77,9 @@ def with_trained_defaults(req: EvalRequest, loaded: Loaded) -> tuple[EvalRequest
     if task != "parity" and not req.data:
         data = (loaded.source or {}).get("data")
         if not data:
-            raise ValueError(f"{req.checkpoint}: no shard set given (--data) and the checkpoint records none")
+            raise ValueError(
+                f"{req.checkpoint}: no shard set given (--data) and the checkpoint records none"
+            )
         req = replace(req, data=data)
     if not req.image_size:
         spec = input_spec(loaded, task)
@@ -115,18 +121,36 @@ def evaluate_part(req: EvalRequest, rank: int = 0, world_size: int = 1) -> dict[
     stats: dict[str, Any] = {}
     start = time.perf_counter()
     if task == "parity":
-        L = model.cfg.prediction_reshaper[0] if model.cfg.prediction_reshaper[0] > 0 else model.cfg.out_dims // 2
-        loader = ParityLoader(L, batch_size=req.batch_size, rank=rank, world_size=world_size,
-                              seed=req.parity_seed, samples_per_epoch=req.parity_samples)
+        L = (
+            model.cfg.prediction_reshaper[0]
+            if model.cfg.prediction_reshaper[0] > 0
+            else model.cfg.out_dims // 2
+        )
+        loader = ParityLoader(
+            L,
+            batch_size=req.batch_size,
+            rank=rank,
+            world_size=world_size,
+            seed=req.parity_seed,
+            samples_per_epoch=req.parity_samples,
+        )
         stats["parity"] = ParityStats(T, L)
         for x, y in _batches(loader, req.max_batches):
             p, c, _ = model(x.float())
             stats["parity"].update(p, c, y)
     else:
         route_length = model.cfg.out_dims // 5 if task == "mazes" else None
-        loader = ShardLoader(_location(req, "data"), req.split, task=task, batch_size=req.batch_size,
-                             rank=rank, world_size=world_size, train=False, image_size=req.image_size,
-                             route_length=route_length)
+        loader = ShardLoader(
+            _location(req, "data"),
+            req.split,
+            task=task,
+            batch_size=req.batch_size,
+            rank=rank,
+            world_size=world_size,
+            train=False,
+            image_size=req.image_size,
+            route_length=route_length,
+        )
         if task in CLASSIFICATION_TASKS:
             stats["classification"] = ClassificationStats(T)
             stats["halting"] = HaltingStats(T, tuple(req.thresholds))
@@ -144,23 +168,41 @@ def evaluate_part(req: EvalRequest, rank: int = 0, world_size: int = 1) -> dict[
         stats["skipped"] = dict(loader.stats)
         if task == "mazes" and req.generalise_data:
             stats["generalisation"] = generalise(model, req, rank, world_size)
-    return {"task": task, "stats": stats, "seconds": time.perf_counter() - start,
-            "model": model.cfg.to_dict(), "kind": loaded.kind, "source": loaded.source, "meta": loaded.meta,
-            "data": req.data, "image_size": req.image_size}
+    return {
+        "task": task,
+        "stats": stats,
+        "seconds": time.perf_counter() - start,
+        "model": model.cfg.to_dict(),
+        "kind": loaded.kind,
+        "source": loaded.source,
+        "meta": loaded.meta,
+        "data": req.data,
+        "image_size": req.image_size,
+    }
 
 
 def generalise(model, req: EvalRequest, rank: int = 0, world_size: int = 1) -> GeneralisationStats:
     """Re-application on (larger) mazes of another shard set; success by optimal route length."""
     location = _location(req, "generalise_data")
     meta = read_index(location, req.generalise_split).meta
-    loader = ShardLoader(location, req.generalise_split, task="mazes", batch_size=1, rank=rank,
-                         world_size=world_size, train=False, route_length=int(meta.get("route_length") or 1000))
+    loader = ShardLoader(
+        location,
+        req.generalise_split,
+        task="mazes",
+        batch_size=1,
+        rank=rank,
+        world_size=world_size,
+        train=False,
+        route_length=int(meta.get("route_length") or 1000),
+    )
     out = GeneralisationStats()
     done = 0
     for x, y in _batches(loader, 0):
         if done >= req.generalise_mazes:
             break
-        result = solve_by_reapplication(model, x[0].float(), req.max_reapplications, req.fault_tolerance)
+        result = solve_by_reapplication(
+            model, x[0].float(), req.max_reapplications, req.fault_tolerance
+        )
         out.add(int((y[0] != 4).sum()), result)
         done += 1
     return out
@@ -180,9 +222,15 @@ def merge_parts(parts: list[dict]) -> dict:
 
 
 def summarise(merged: dict) -> dict:
-    report = {"task": merged["task"], "model": merged["model"], "checkpoint_kind": merged["kind"],
-              "source": merged["source"], "seconds": merged["seconds"], "data": merged.get("data"),
-              "image_size": merged.get("image_size")}
+    report = {
+        "task": merged["task"],
+        "model": merged["model"],
+        "checkpoint_kind": merged["kind"],
+        "source": merged["source"],
+        "seconds": merged["seconds"],
+        "data": merged.get("data"),
+        "image_size": merged.get("image_size"),
+    }
     for name, s in merged["stats"].items():
         report[name] = s if name == "skipped" else s.summary()
     return report

@@ -35,7 +35,9 @@ CONFIG_FILE = "config.json"
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 
 
-def zero_state_dict(checkpoint_dir: str | os.PathLike, tag: str | None = None) -> dict[str, torch.Tensor]:
+def zero_state_dict(
+    checkpoint_dir: str | os.PathLike, tag: str | None = None
+) -> dict[str, torch.Tensor]:
     """Float32 full state dict merged from a DeepSpeed (ZeRO 1/2/3) checkpoint directory on local disk.
 
     ``checkpoint_dir`` is DeepSpeed's save directory or any directory above it (e.g. a committed step).
@@ -44,7 +46,9 @@ def zero_state_dict(checkpoint_dir: str | os.PathLike, tag: str | None = None) -
 
     if tag is None:
         checkpoint_dir, tag = runs.find_deepspeed_checkpoint(checkpoint_dir)
-    check_loadable(Path(checkpoint_dir) / tag, what=tag)  # before DeepSpeed's unrestricted torch.load sees them
+    check_loadable(
+        Path(checkpoint_dir) / tag, what=tag
+    )  # before DeepSpeed's unrestricted torch.load sees them
     state = get_fp32_state_dict_from_zero_checkpoint(os.fspath(checkpoint_dir), tag=tag)
     return {k: v.detach().cpu() for k, v in state.items()}
 
@@ -57,7 +61,7 @@ def fit_keys(state: dict[str, torch.Tensor], model: CTM) -> dict[str, torch.Tens
             break
         for prefix in WRAPPER_PREFIXES:
             if all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
+                state = {k[len(prefix) :]: v for k, v in state.items()}
                 break
         else:
             break
@@ -71,7 +75,9 @@ def load_weights(model: CTM, state: dict[str, torch.Tensor]) -> CTM:
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
-        raise ValueError(f"weights do not fit the CTM: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        raise ValueError(
+            f"weights do not fit the CTM: missing {missing[:8]}, unexpected {unexpected[:8]}"
+        )
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
     return model
 
@@ -85,17 +91,34 @@ def _unwrap(model: torch.nn.Module) -> CTM:
     return model
 
 
-def export_document(cfg: CTMConfig, task: str | None = None, meta: dict | None = None,
-                    source: dict | None = None, inputs: dict | None = None) -> dict[str, Any]:
-    document = {"format": FORMAT, "model": cfg.to_dict(), "task": task, "meta": meta or {}, "source": source or {}}
+def export_document(
+    cfg: CTMConfig,
+    task: str | None = None,
+    meta: dict | None = None,
+    source: dict | None = None,
+    inputs: dict | None = None,
+) -> dict[str, Any]:
+    document = {
+        "format": FORMAT,
+        "model": cfg.to_dict(),
+        "task": task,
+        "meta": meta or {},
+        "source": source or {},
+    }
     if inputs:
         document["inputs"] = inputs  # the input pipeline the model was trained with
     return document
 
 
-def save_consolidated(model_or_state, out: str | os.PathLike | Location, cfg: CTMConfig | None = None,
-                      task: str | None = None, meta: dict | None = None, source: dict | None = None,
-                      inputs: dict | None = None) -> str:
+def save_consolidated(
+    model_or_state,
+    out: str | os.PathLike | Location,
+    cfg: CTMConfig | None = None,
+    task: str | None = None,
+    meta: dict | None = None,
+    source: dict | None = None,
+    inputs: dict | None = None,
+) -> str:
     """Write ``model.safetensors`` + ``config.json`` under ``out`` (a path or a storage URL).
 
     Pass a CTM (its config is used) or a state dict with ``cfg``. Returns the URL written.
@@ -110,20 +133,28 @@ def save_consolidated(model_or_state, out: str | os.PathLike | Location, cfg: CT
         if cfg is None:
             raise ValueError("a state dict needs cfg")
         state = model_or_state
-    state = {k: (v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()).contiguous()
-             for k, v in state.items()}
+    state = {
+        k: (
+            v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
+        ).contiguous()
+        for k, v in state.items()
+    }
     document = export_document(cfg, task, meta, source, inputs)
     text = json.dumps(document, indent=2, sort_keys=True)
     location = Location.parse(out)
     with tempfile.TemporaryDirectory(prefix="ctm-export-") as tmp:
         save_file(state, os.path.join(tmp, MODEL_FILE), metadata={"format": FORMAT, "config": text})
         Path(tmp, CONFIG_FILE).write_text(text + "\n")
-        location.put_file(os.path.join(tmp, MODEL_FILE), MODEL_FILE)  # weights first: config.json marks it whole
+        location.put_file(
+            os.path.join(tmp, MODEL_FILE), MODEL_FILE
+        )  # weights first: config.json marks it whole
         location.put_file(os.path.join(tmp, CONFIG_FILE), CONFIG_FILE)
     return location.url
 
 
-def run_state(run: str | Location, step: int | None = None, work_dir: str | os.PathLike | None = None):
+def run_state(
+    run: str | Location, step: int | None = None, work_dir: str | os.PathLike | None = None
+):
     """(state dict, CTMConfig or None, step, COMMIT document) of a run's committed checkpoint."""
     run = Location.parse(run)
 
@@ -137,8 +168,13 @@ def run_state(run: str | Location, step: int | None = None, work_dir: str | os.P
     return state, cfg, step, commit
 
 
-def export_run(run: str | Location, out: str | os.PathLike | Location, step: int | None = None,
-               cfg: CTMConfig | None = None, reference_dataset: str | None = None) -> str:
+def export_run(
+    run: str | Location,
+    out: str | os.PathLike | Location,
+    step: int | None = None,
+    cfg: CTMConfig | None = None,
+    reference_dataset: str | None = None,
+) -> str:
     """Consolidate a run's committed ZeRO checkpoint (newest, or ``step``) into ``out``.
 
     With ``reference_dataset`` (e.g. ``cifar10``, ``mazes-medium``, ``parity``) ``out`` is instead
@@ -152,7 +188,6 @@ def export_run(run: str | Location, out: str | os.PathLike | Location, step: int
     model = load_weights(CTM(cfg), state).eval()
     task = commit.get("task") or (commit.get("config") or {}).get("data", {}).get("task")
     if reference_dataset:
-
         export_reference_checkpoint(model, out, reference_dataset)
         return os.fspath(out)
     return save_consolidated(model, out, task=task, **_trained_with(commit, run, step))
@@ -163,5 +198,8 @@ def _trained_with(commit: dict, run: Location, step: int) -> dict:
 
     meta = runs.data_meta(commit)
     inputs = trained_inputs(commit, meta)
-    return {"meta": model_meta(meta, inputs), "inputs": inputs,
-            "source": {"run": run.url, "step": step, "data": trained_data(commit)}}
+    return {
+        "meta": model_meta(meta, inputs),
+        "inputs": inputs,
+        "source": {"run": run.url, "step": step, "data": trained_data(commit)},
+    }

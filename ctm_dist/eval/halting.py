@@ -24,7 +24,11 @@ def halting_ticks(certainty: torch.Tensor, threshold: float) -> torch.Tensor:
     """[B] index of the first tick with certainty >= threshold, else the last tick."""
     reached = certainty >= threshold  # [B, T]
     T = certainty.shape[-1]
-    first = torch.where(reached.any(-1), reached.float().argmax(-1), torch.full_like(reached[:, 0], T - 1, dtype=torch.long))
+    first = torch.where(
+        reached.any(-1),
+        reached.float().argmax(-1),
+        torch.full_like(reached[:, 0], T - 1, dtype=torch.long),
+    )
     return first.long()
 
 
@@ -49,7 +53,9 @@ class HaltingStats:
             self.ticks_hist = np.zeros((k, self.ticks))
 
     @torch.no_grad()
-    def update(self, predictions: torch.Tensor, certainties: torch.Tensor, targets: torch.Tensor) -> None:
+    def update(
+        self, predictions: torch.Tensor, certainties: torch.Tensor, targets: torch.Tensor
+    ) -> None:
         """Classification outputs [B, C, T], [B, 2, T] and targets [B]."""
         predictions = predictions.float().cpu()
         certainty = certainties[:, 1].float().cpu()
@@ -65,7 +71,7 @@ class HaltingStats:
         self.full_correct += float((answers[:, -1] == targets).sum())
         self.n += B
 
-    def merge(self, other: "HaltingStats") -> "HaltingStats":
+    def merge(self, other: HaltingStats) -> HaltingStats:
         if other.thresholds != self.thresholds or other.ticks != self.ticks:
             raise ValueError("cannot merge halting sweeps over different thresholds or ticks")
         self.correct = self.correct + other.correct
@@ -81,15 +87,22 @@ class HaltingStats:
         rows = []
         for i, thr in enumerate(self.thresholds):
             mean_ticks = self.ticks_sum[i] / n
-            rows.append({
-                "threshold": thr,
-                "top1": float(self.correct[i] / n),
-                "top1_drop_points": float(100 * (full - self.correct[i] / n)),
-                "mean_ticks": float(mean_ticks),
-                "tick_saving": float(1 - mean_ticks / self.ticks),
-                "ticks_histogram": self.ticks_hist[i].astype(int).tolist(),
-            })
-        return {"samples": self.n, "ticks": self.ticks, "top1_all_ticks": float(full), "sweep": rows}
+            rows.append(
+                {
+                    "threshold": thr,
+                    "top1": float(self.correct[i] / n),
+                    "top1_drop_points": float(100 * (full - self.correct[i] / n)),
+                    "mean_ticks": float(mean_ticks),
+                    "tick_saving": float(1 - mean_ticks / self.ticks),
+                    "ticks_histogram": self.ticks_hist[i].astype(int).tolist(),
+                }
+            )
+        return {
+            "samples": self.n,
+            "ticks": self.ticks,
+            "top1_all_ticks": float(full),
+            "sweep": rows,
+        }
 
 
 def best_threshold(summary: dict, max_drop_points: float = 1.0) -> dict | None:
@@ -98,8 +111,9 @@ def best_threshold(summary: dict, max_drop_points: float = 1.0) -> dict | None:
     return max(ok, key=lambda r: r["tick_saving"]) if ok else None
 
 
-def time_halting(model, batches: list[torch.Tensor], thresholds, max_ticks: int | None = None,
-                 repeats: int = 1) -> dict:
+def time_halting(
+    model, batches: list[torch.Tensor], thresholds, max_ticks: int | None = None, repeats: int = 1
+) -> dict:
     """Wall time of full runs versus ``predict`` at each threshold on the same batches.
 
     Settings are timed in rounds (each round runs them all) and the best of ``repeats`` rounds is
@@ -110,6 +124,7 @@ def time_halting(model, batches: list[torch.Tensor], thresholds, max_ticks: int 
     Returns {"full_s", "start_s", "full_cpu_s", "start_cpu_s", "repeats", "per_threshold": [{"threshold",
     "seconds", "saving", "tick_loop_saving", "cpu_seconds", "cpu_saving", "cpu_tick_loop_saving"}]}.
     """
+
     def once(fn) -> tuple[float, float]:
         wall, cpu = time.perf_counter(), time.process_time()
         with torch.inference_mode():
@@ -119,7 +134,9 @@ def time_halting(model, batches: list[torch.Tensor], thresholds, max_ticks: int 
 
     runs = {"full": lambda x: model(x), "start": lambda x: model.start(x)}
     for thr in thresholds:
-        runs[float(thr)] = lambda x, thr=thr: predict(model, x, certainty_threshold=thr, max_ticks=max_ticks)
+        runs[float(thr)] = lambda x, thr=thr: predict(
+            model, x, certainty_threshold=thr, max_ticks=max_ticks
+        )
     with torch.inference_mode():  # warm-up: allocator, kernels
         model(batches[0][:2])
     wall = {name: float("inf") for name in runs}
@@ -138,7 +155,22 @@ def time_halting(model, batches: list[torch.Tensor], thresholds, max_ticks: int 
         if thr in ("full", "start"):
             continue
         (s, ls), (cs, cls) = saving(wall, thr), saving(cpu, thr)
-        rows.append({"threshold": thr, "seconds": wall[thr], "saving": s, "tick_loop_saving": ls,
-                     "cpu_seconds": cpu[thr], "cpu_saving": cs, "cpu_tick_loop_saving": cls})
-    return {"full_s": wall["full"], "start_s": wall["start"], "full_cpu_s": cpu["full"],
-            "start_cpu_s": cpu["start"], "repeats": repeats, "per_threshold": rows}
+        rows.append(
+            {
+                "threshold": thr,
+                "seconds": wall[thr],
+                "saving": s,
+                "tick_loop_saving": ls,
+                "cpu_seconds": cpu[thr],
+                "cpu_saving": cs,
+                "cpu_tick_loop_saving": cls,
+            }
+        )
+    return {
+        "full_s": wall["full"],
+        "start_s": wall["start"],
+        "full_cpu_s": cpu["full"],
+        "start_cpu_s": cpu["start"],
+        "repeats": repeats,
+        "per_threshold": rows,
+    }

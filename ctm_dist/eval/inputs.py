@@ -36,17 +36,29 @@ class InputSpec:
     channels: int = 3
 
     def to_dict(self) -> dict:
-        return {"task": self.task, "image_size": self.image_size, "mean": list(self.mean),
-                "std": list(self.std), "channels": self.channels}
+        return {
+            "task": self.task,
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "channels": self.channels,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "InputSpec":
+    def from_dict(cls, d: dict) -> InputSpec:
         size = d.get("image_size")
-        return cls(d["task"], int(size) if size else None, tuple(d["mean"]), tuple(d["std"]),
-                   int(d.get("channels", 3)))
+        return cls(
+            d["task"],
+            int(size) if size else None,
+            tuple(d["mean"]),
+            tuple(d["std"]),
+            int(d.get("channels", 3)),
+        )
 
 
-def task_inputs(task: str | None, meta: dict | None = None, image_size: int | None = None) -> InputSpec | None:
+def task_inputs(
+    task: str | None, meta: dict | None = None, image_size: int | None = None
+) -> InputSpec | None:
     """The pipeline the trainer's decoder uses for ``task`` (sizes from ``image_size``, else the shard
     set's ``meta``, else the task's default); None for tasks without images (parity)."""
     if task not in (*CLASSIFICATION_TASKS, "mazes"):
@@ -91,7 +103,9 @@ def input_spec(loaded, task: str | None = None, image_size: int | None = None) -
 
 
 def norm_stats(task: str) -> tuple[tuple, tuple]:
-    return (T.CIFAR10_MEAN, T.CIFAR10_STD) if task == "cifar10" else (T.IMAGENET_MEAN, T.IMAGENET_STD)
+    return (
+        (T.CIFAR10_MEAN, T.CIFAR10_STD) if task == "cifar10" else (T.IMAGENET_MEAN, T.IMAGENET_STD)
+    )
 
 
 def image_file_tensor(path: str | os.PathLike, spec: InputSpec) -> torch.Tensor:
@@ -107,27 +121,46 @@ def image_file_tensor(path: str | os.PathLike, spec: InputSpec) -> torch.Tensor:
                 return T.maze_to_tensor(np.asarray(img.convert("RGB"), dtype=np.uint8))
         except Exception as e:  # PIL raises many types for files it cannot read
             raise ValueError(f"{path}: not an image ({type(e).__name__})") from None
-    decoder = ClassificationDecoder(train=False, task=spec.task, image_size=spec.image_size, mean=spec.mean,
-                                    std=spec.std)
+    decoder = ClassificationDecoder(
+        train=False, task=spec.task, image_size=spec.image_size, mean=spec.mean, std=spec.std
+    )
     try:  # the trainer's own evaluation decoder, fed the file as a sample
-        x, _ = decoder({"__key__": os.fspath(path), "jpg": data, "cls": b"0"}, np.random.default_rng(0))
+        x, _ = decoder(
+            {"__key__": os.fspath(path), "jpg": data, "cls": b"0"}, np.random.default_rng(0)
+        )
     except BadSample:
         raise ValueError(f"{path}: not an image that can be decoded") from None
     return x
 
 
-def image_files(paths: list[str], spec: InputSpec | str, image_size: int | None = None) -> torch.Tensor:
+def image_files(
+    paths: list[str], spec: InputSpec | str, image_size: int | None = None
+) -> torch.Tensor:
     """Image files as a batch; ``spec`` may be a task name (its default pipeline at ``image_size``)."""
     if isinstance(spec, str):
         spec = task_inputs(spec, image_size=image_size)
     return torch.stack([image_file_tensor(p, spec) for p in paths])
 
 
-def shard_samples(url: str, split: str, count: int, task: str | None = None, image_size: int | None = None,
-                  route_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
+def shard_samples(
+    url: str,
+    split: str,
+    count: int,
+    task: str | None = None,
+    image_size: int | None = None,
+    route_length: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(inputs, targets, task) of the first ``count`` valid samples of a split, evaluation transform."""
-    loader = ShardLoader(url, split, task=task, batch_size=count, train=False, shuffle=False,
-                         image_size=image_size, route_length=route_length)
+    loader = ShardLoader(
+        url,
+        split,
+        task=task,
+        batch_size=count,
+        train=False,
+        shuffle=False,
+        image_size=image_size,
+        route_length=route_length,
+    )
     xs, ys = [], []
     for batch in loader:
         valid = batch["valid"].bool()
@@ -158,5 +191,7 @@ def attention_maps(attention: torch.Tensor, image_hw: tuple[int, int]) -> torch.
     H, W = image_hw
     h = max(1, round((L * H / W) ** 0.5))
     if L % h:
-        raise ValueError(f"cannot lay {L} attention tokens on a grid of the image's shape {image_hw}")
+        raise ValueError(
+            f"cannot lay {L} attention tokens on a grid of the image's shape {image_hw}"
+        )
     return att.reshape(att.shape[0], att.shape[1], h, L // h)

@@ -30,7 +30,9 @@ class Loaded:
     task: str | None = None
     meta: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)
-    inputs: dict | None = None  # the input pipeline it was trained with (ctm_dist.eval.inputs.InputSpec)
+    inputs: dict | None = (
+        None  # the input pipeline it was trained with (ctm_dist.eval.inputs.InputSpec)
+    )
 
     @property
     def cfg(self) -> CTMConfig:
@@ -56,12 +58,20 @@ def _load_safetensors(location: Location, name: str, overrides: dict) -> Loaded:
             metadata = f.metadata() or {}
         state = load_file(local)
     if metadata.get("format") != export.FORMAT or "config" not in metadata:
-        raise ValueError(f"{location.name_url(name)}: not a ctm-dist export (no '{export.FORMAT}' metadata)")
+        raise ValueError(
+            f"{location.name_url(name)}: not a ctm-dist export (no '{export.FORMAT}' metadata)"
+        )
     document = json.loads(metadata["config"])
     cfg = CTMConfig.from_dict({**document["model"], **overrides})
     model = export.load_weights(CTM(cfg), state).eval()
-    return Loaded(model, "export", document.get("task"), document.get("meta") or {}, document.get("source") or {},
-                  document.get("inputs"))
+    return Loaded(
+        model,
+        "export",
+        document.get("task"),
+        document.get("meta") or {},
+        document.get("source") or {},
+        document.get("inputs"),
+    )
 
 
 def _run_loaded(model: CTM, task: str | None, commit: dict, run: Location, step: int) -> Loaded:
@@ -73,8 +83,12 @@ def _run_loaded(model: CTM, task: str | None, commit: dict, run: Location, step:
     return Loaded(model, "run", task, model_meta(meta, inputs), source, inputs)
 
 
-def load_model(path: str | os.PathLike | Location, step: int | None = None, map_location: str = "cpu",
-               **overrides) -> Loaded:
+def load_model(
+    path: str | os.PathLike | Location,
+    step: int | None = None,
+    map_location: str = "cpu",
+    **overrides,
+) -> Loaded:
     """Load any supported checkpoint (see the module docstring). ``overrides`` replace CTMConfig fields
     that do not change weights (e.g. ``iterations``, ``attention_impl``)."""
     location = Location.parse(path)
@@ -92,7 +106,6 @@ def load_model(path: str | os.PathLike | Location, step: int | None = None, map_
         parent, name = _parent_and_name(location)
         loaded = _load_safetensors(parent, name, overrides)
     elif location.exists():
-
         if location.protocol == "file":
             model = load_reference_checkpoint(location.path, **overrides)
         else:
@@ -105,6 +118,8 @@ def load_model(path: str | os.PathLike | Location, step: int | None = None, map_
     return loaded
 
 
-def load(path: str | os.PathLike, step: int | None = None, map_location: str = "cpu", **overrides) -> CTM:
+def load(
+    path: str | os.PathLike, step: int | None = None, map_location: str = "cpu", **overrides
+) -> CTM:
     """A CTM in eval mode from a consolidated export, a run of ours or a reference checkpoint."""
     return load_model(path, step=step, map_location=map_location, **overrides).model

@@ -119,7 +119,9 @@ class MazeStats:
         T, L = self.ticks, self.route_len
         self.step_hits = np.zeros((T, L)) if self.step_hits is None else self.step_hits
         self.route_hits = np.zeros(T) if self.route_hits is None else self.route_hits
-        self.step_hits_certain = np.zeros(L) if self.step_hits_certain is None else self.step_hits_certain
+        self.step_hits_certain = (
+            np.zeros(L) if self.step_hits_certain is None else self.step_hits_certain
+        )
         if self.most_certain_tick_counts is None:
             self.most_certain_tick_counts = np.zeros(T)
 
@@ -145,7 +147,7 @@ class MazeStats:
                 self.solved_certain += float(walk_route(rgb, route, fault_tolerance=0).solved)
         self.n += B
 
-    def merge(self, other: "MazeStats") -> "MazeStats":
+    def merge(self, other: MazeStats) -> MazeStats:
         for name in ("step_hits", "route_hits", "step_hits_certain", "most_certain_tick_counts"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.route_hits_certain += other.route_hits_certain
@@ -170,8 +172,13 @@ class MazeStats:
 
 
 @torch.no_grad()
-def solve_by_reapplication(model, maze: torch.Tensor, max_reapplications: int = 20,
-                           fault_tolerance: int = 2, keep_frames: bool = False) -> dict:
+def solve_by_reapplication(
+    model,
+    maze: torch.Tensor,
+    max_reapplications: int = 20,
+    fault_tolerance: int = 2,
+    keep_frames: bool = False,
+) -> dict:
     """Solves one maze [3, H, W] by applying the model repeatedly from the last position reached.
 
     Returns {"solved", "reapplications", "route_length", "path"} where ``path`` is the list of cells
@@ -193,7 +200,9 @@ def solve_by_reapplication(model, maze: torch.Tensor, max_reapplications: int = 
         best = int(certainties[0, 1].argmax())
         route = moves[:, best].numpy()
         if keep_frames:
-            applications.append({"maze": current.copy(), "moves": moves.T.numpy(), "chosen_tick": best})
+            applications.append(
+                {"maze": current.copy(), "moves": moves.T.numpy(), "chosen_tick": best}
+            )
         start = find_cell(current, START)
         walk = walk_route(current, route, fault_tolerance, exclusions)
         cells = route_cells(current, route, stop_at_goal=True)
@@ -215,7 +224,9 @@ def solve_by_reapplication(model, maze: torch.Tensor, max_reapplications: int = 
 class GeneralisationStats:
     """Success and re-applications needed, by optimal route length; merges across workers."""
 
-    by_length: dict = field(default_factory=dict)  # length -> [count, solved, reapplications on success]
+    by_length: dict = field(
+        default_factory=dict
+    )  # length -> [count, solved, reapplications on success]
 
     def add(self, route_length: int, result: dict) -> None:
         row = self.by_length.setdefault(int(route_length), [0, 0, 0])
@@ -223,7 +234,7 @@ class GeneralisationStats:
         row[1] += int(result["solved"])
         row[2] += result["reapplications"] if result["solved"] else 0
 
-    def merge(self, other: "GeneralisationStats") -> "GeneralisationStats":
+    def merge(self, other: GeneralisationStats) -> GeneralisationStats:
         for length, (c, s, r) in other.by_length.items():
             row = self.by_length.setdefault(length, [0, 0, 0])
             row[0] += c
@@ -239,10 +250,14 @@ class GeneralisationStats:
             "mazes": total,
             "solved": solved / total if total else float("nan"),
             "by_route_length": [
-                {"route_length": k, "mazes": self.by_length[k][0],
-                 "solved": self.by_length[k][1] / self.by_length[k][0],
-                 "mean_reapplications_when_solved":
-                     self.by_length[k][2] / self.by_length[k][1] if self.by_length[k][1] else None}
+                {
+                    "route_length": k,
+                    "mazes": self.by_length[k][0],
+                    "solved": self.by_length[k][1] / self.by_length[k][0],
+                    "mean_reapplications_when_solved": self.by_length[k][2] / self.by_length[k][1]
+                    if self.by_length[k][1]
+                    else None,
+                }
                 for k in lengths
             ],
         }

@@ -29,7 +29,9 @@ class ParityStats:
         answers = predictions.float().cpu().reshape(B, D // 2, 2, T).argmax(2)  # [B, L, T]
         targets = targets.long().cpu().reshape(B, -1)
         if answers.shape[1:] != (self.length, self.ticks):
-            raise ValueError(f"expected {self.length} positions x {self.ticks} ticks, got {tuple(answers.shape[1:])}")
+            raise ValueError(
+                f"expected {self.length} positions x {self.ticks} ticks, got {tuple(answers.shape[1:])}"
+            )
         correct = answers == targets[:, :, None]
         self.hits += correct.sum(0).double().numpy()
         best = certainties[:, 1].float().cpu().argmax(-1)
@@ -38,7 +40,7 @@ class ParityStats:
         self.sequences_certain += float(chosen.all(1).sum())
         self.n += B
 
-    def merge(self, other: "ParityStats") -> "ParityStats":
+    def merge(self, other: ParityStats) -> ParityStats:
         self.hits = self.hits + other.hits
         self.hits_certain = self.hits_certain + other.hits_certain
         self.sequences_certain += other.sequences_certain

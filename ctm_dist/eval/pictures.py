@@ -37,9 +37,19 @@ def per_tick_loss(predictions: torch.Tensor, targets: torch.Tensor, task: str) -
 
 
 @torch.no_grad()
-def make_pictures(model, x: torch.Tensor, task: str, out_dir: str | Path, targets: torch.Tensor | None = None,
-                  threshold: float = 0.8, per_input: int = 4, tb=None, step: int = 0,
-                  meta: dict | None = None, n_neurons: int = 16) -> list[Path]:
+def make_pictures(
+    model,
+    x: torch.Tensor,
+    task: str,
+    out_dir: str | Path,
+    targets: torch.Tensor | None = None,
+    threshold: float = 0.8,
+    per_input: int = 4,
+    tb=None,
+    step: int = 0,
+    meta: dict | None = None,
+    n_neurons: int = 16,
+) -> list[Path]:
     """Write every picture for inputs ``x`` into ``out_dir``; returns the files written.
     ``tb`` (a SummaryWriter) also receives each figure under ``pictures/``; ``meta["classes"]``
     (the shard set's class names), when given, names the predicted classes."""
@@ -58,8 +68,12 @@ def make_pictures(model, x: torch.Tensor, task: str, out_dir: str | Path, target
     loss = per_tick_loss(predictions, targets, task) if targets is not None else None
     figure(plots.certainty_and_loss(certainties[:, 1], loss), "certainty_loss")
     halted = predict(model, x, certainty_threshold=threshold)
-    figure(plots.ticks_histogram(halted.tick + 1, model.cfg.iterations,
-                                 f"ticks used at certainty >= {threshold:g}"), "ticks_used")
+    figure(
+        plots.ticks_histogram(
+            halted.tick + 1, model.cfg.iterations, f"ticks used at certainty >= {threshold:g}"
+        ),
+        "ticks_used",
+    )
 
     spatial = x.dim() == 4
     maps = attention_maps(tracking.attention, tuple(x.shape[-2:])) if spatial else None
@@ -71,12 +85,19 @@ def make_pictures(model, x: torch.Tensor, task: str, out_dir: str | Path, target
         target = int(targets[i]) if classify and targets is not None else None
         if spatial:
             image = display_rgb(x[i], task)
-            words = {"predicted": predicted, "certainty": certainty, "class_names": classes, "target": target}
+            words = {
+                "predicted": predicted,
+                "certainty": certainty,
+                "class_names": classes,
+                "target": target,
+            }
             figure(plots.attention_grid(image, maps[:, i], **words), f"attention_{i}")
-            written.append(animate.attention_gif(image, maps[:, i], out / f"attention_{i}.gif", **words))
+            written.append(
+                animate.attention_gif(image, maps[:, i], out / f"attention_{i}.gif", **words)
+            )
         if task == "mazes":
             rgb, _ = maze_rgb(x[i])
-            moves = split_route(predictions[i:i + 1]).argmax(2)[0].T.numpy()  # [T, L]
+            moves = split_route(predictions[i : i + 1]).argmax(2)[0].T.numpy()  # [T, L]
             route = targets[i].numpy() if targets is not None else None
             written.append(animate.maze_route_gif(rgb, moves, out / f"maze_{i}.gif", target=route))
         post = tracking.post_activations[:, i].float()  # [T, D]
@@ -91,14 +112,17 @@ def class_name(meta: dict, index: int) -> str:
     return str(classes[index]) if classes and 0 <= index < len(classes) else str(index)
 
 
-def summary_lines(model, x: torch.Tensor, threshold: float, names: list[str], meta: dict | None = None) -> list[str]:
+def summary_lines(
+    model, x: torch.Tensor, threshold: float, names: list[str], meta: dict | None = None
+) -> list[str]:
     """One line per input: the class, the tick it stopped at and its certainty (adaptive halting)."""
     model.eval()
     result = predict(model, x.float(), certainty_threshold=threshold)
     lines = []
     for name, logits, tick, cert in zip(names, result.predictions, result.tick, result.certainty):
         k = int(logits.argmax())
-        lines.append(f"{name}\tclass={class_name(meta, k)}\ttick={int(tick) + 1}/{model.cfg.iterations}"
-                     f"\tcertainty={float(cert):.3f}")
+        lines.append(
+            f"{name}\tclass={class_name(meta, k)}\ttick={int(tick) + 1}/{model.cfg.iterations}"
+            f"\tcertainty={float(cert):.3f}"
+        )
     return lines
-

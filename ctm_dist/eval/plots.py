@@ -51,7 +51,11 @@ def sample_neurons(n_total: int, n: int, seed: int = 0) -> np.ndarray:
 
 
 def class_label(index: int, class_names=None) -> str:
-    return str(class_names[index]) if class_names is not None and 0 <= index < len(class_names) else str(index)
+    return (
+        str(class_names[index])
+        if class_names is not None and 0 <= index < len(class_names)
+        else str(index)
+    )
 
 
 def accuracy_per_tick(summary: dict):
@@ -60,7 +64,11 @@ def accuracy_per_tick(summary: dict):
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharex=True)
     for ax, k in zip(axes, (1, 5)):
         for r in READOUTS:
-            ax.plot(ticks_axis(T), 100 * np.asarray(summary[f"{r}_top{k}_per_tick"]), label=r.replace("_", " "))
+            ax.plot(
+                ticks_axis(T),
+                100 * np.asarray(summary[f"{r}_top{k}_per_tick"]),
+                label=r.replace("_", " "),
+            )
         tick_xaxis(ax)
         ax.set_ylabel(f"top-{k} accuracy (%)")
         ax.grid(alpha=0.3)
@@ -70,7 +78,9 @@ def accuracy_per_tick(summary: dict):
     return fig
 
 
-def reliability_diagram(rows: list[dict], ece: float, title: str = "calibration at the most certain tick"):
+def reliability_diagram(
+    rows: list[dict], ece: float, title: str = "calibration at the most certain tick"
+):
     """Accuracy against confidence per confidence bin, and below it the number of samples in each bin.
 
     ``rows`` are ``classification.reliability`` rows (bins holding samples): ``confidence`` and
@@ -87,8 +97,16 @@ def reliability_diagram(rows: list[dict], ece: float, title: str = "calibration 
         conf = [r["confidence"] for r in rows]
         acc = [r["accuracy"] for r in rows]
         if has_bins:
-            ax.bar([r["low"] for r in rows], acc, width=[r["high"] - r["low"] for r in rows], align="edge",
-                   color="tab:blue", alpha=0.35, edgecolor="tab:blue", label="accuracy in bin")
+            ax.bar(
+                [r["low"] for r in rows],
+                acc,
+                width=[r["high"] - r["low"] for r in rows],
+                align="edge",
+                color="tab:blue",
+                alpha=0.35,
+                edgecolor="tab:blue",
+                label="accuracy in bin",
+            )
         ax.plot(conf, acc, marker="o", color="tab:blue", lw=1.2, label="mean confidence, accuracy")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
@@ -119,7 +137,9 @@ def certainty_and_loss(certainty, loss=None):
     panels = [(certainty, "certainty (1 - normalised entropy)")]
     if loss is not None:
         panels.append((loss, "cross-entropy loss"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(5 * len(panels), 3.6), sharex=True, squeeze=False
+    )
     axes = axes[0]
     for ax, (values, name) in zip(axes, panels):
         for row in values:
@@ -156,7 +176,9 @@ def tick_histogram_from_counts(counts, title: str):
     return fig
 
 
-def _label_without_overlap(ax, points: list[tuple[float, float]], texts: list[str], fontsize: float = 7) -> list:
+def _label_without_overlap(
+    ax, points: list[tuple[float, float]], texts: list[str], fontsize: float = 7
+) -> list:
     """Annotate points, merging points that coincide into one label and leaving out a label that
     would overlap one already placed (the colour of the point still tells its threshold)."""
     merged: dict[tuple, list[str]] = {}
@@ -167,7 +189,9 @@ def _label_without_overlap(ax, points: list[tuple[float, float]], texts: list[st
     placed, boxes = [], []
     for (x, y), group in merged.items():
         text = group[0] if len(group) == 1 else f"{group[0]}..{group[-1]}"
-        ann = ax.annotate(text, (x, y), fontsize=fontsize, xytext=(4, 4), textcoords="offset points")
+        ann = ax.annotate(
+            text, (x, y), fontsize=fontsize, xytext=(4, 4), textcoords="offset points"
+        )
         box = ann.get_window_extent(renderer).padded(2)
         if any(box.overlaps(b) for b in boxes):
             ann.remove()
@@ -183,7 +207,9 @@ def halting_sweep(summary: dict, timing: dict | None = None):
     Points are coloured by threshold (colour bar); thresholds that land on the same point share one
     label ("0.3..0.9"), and a label that would overlap another is left out."""
     rows = summary["sweep"]
-    fig, axes = plt.subplots(1, 2 if timing else 1, figsize=(11 if timing else 5.6, 4), squeeze=False)
+    fig, axes = plt.subplots(
+        1, 2 if timing else 1, figsize=(11 if timing else 5.6, 4), squeeze=False
+    )
     ax = axes[0, 0]
     x = [r["mean_ticks"] for r in rows]
     y = [100 * r["top1"] for r in rows]
@@ -199,18 +225,34 @@ def halting_sweep(summary: dict, timing: dict | None = None):
     ax.margins(x=0.12, y=0.15)
     fig.colorbar(points, ax=ax, label="certainty threshold", fraction=0.05)
     if timing:
-        axes[0, 1].set_ylabel("saving against all ticks (%)")  # before the layout, which makes room for it
+        axes[0, 1].set_ylabel(
+            "saving against all ticks (%)"
+        )  # before the layout, which makes room for it
     fig.tight_layout(w_pad=2.5)
     _label_without_overlap(ax, list(zip(x, y)), [f"{t:g}" for t in thr])
     if timing:
         ax = axes[0, 1]
         t_thr = [r["threshold"] for r in timing["per_threshold"]]
-        ax.plot(t_thr, [100 * r["saving"] for r in timing["per_threshold"]], marker="o", label="wall time")
+        ax.plot(
+            t_thr,
+            [100 * r["saving"] for r in timing["per_threshold"]],
+            marker="o",
+            label="wall time",
+        )
         if all("cpu_saving" in r for r in timing["per_threshold"]):
-            ax.plot(t_thr, [100 * r["cpu_saving"] for r in timing["per_threshold"]], marker="^", label="cpu time")
+            ax.plot(
+                t_thr,
+                [100 * r["cpu_saving"] for r in timing["per_threshold"]],
+                marker="^",
+                label="cpu time",
+            )
         by_thr = {r["threshold"]: r for r in rows}
-        ax.plot(t_thr, [100 * by_thr[t]["tick_saving"] if t in by_thr else np.nan for t in t_thr], marker="s",
-                label="ticks")
+        ax.plot(
+            t_thr,
+            [100 * by_thr[t]["tick_saving"] if t in by_thr else np.nan for t in t_thr],
+            marker="s",
+            label="ticks",
+        )
         ax.set_xlabel("certainty threshold")
         ax.set_ylabel("saving against all ticks (%)")
         ax.set_title("what halting saves", fontsize=10)
@@ -227,17 +269,29 @@ def shown_ticks(T: int, max_ticks: int) -> np.ndarray:
 
 
 def tick_title(t: int, T: int, predicted=None, certainty=None, class_names=None) -> str:
-    """"tick t/T" (t 0-based in, 1-based out), with the class predicted at that tick and its certainty."""
+    """ "tick t/T" (t 0-based in, 1-based out), with the class predicted at that tick and its certainty."""
     text = f"tick {t + 1}/{T}"
     if predicted is not None:
         text += f"\n{class_label(int(predicted[t]), class_names)}"
     if certainty is not None:
-        text += f" ({float(certainty[t]):.2f})" if predicted is not None else f"\ncertainty {float(certainty[t]):.2f}"
+        text += (
+            f" ({float(certainty[t]):.2f})"
+            if predicted is not None
+            else f"\ncertainty {float(certainty[t]):.2f}"
+        )
     return text
 
 
-def attention_grid(image, attention, max_ticks: int = 32, alpha: float = 0.55, predicted=None, certainty=None,
-                   class_names=None, target: int | None = None):
+def attention_grid(
+    image,
+    attention,
+    max_ticks: int = 32,
+    alpha: float = 0.55,
+    predicted=None,
+    certainty=None,
+    class_names=None,
+    target: int | None = None,
+):
     """Attention over the input per tick: the input alone, then its [T, h, w] maps (heads averaged)
     laid over it on one colour scale (colour bar). ``predicted`` [T] classes and ``certainty`` [T]
     go in each tick's title; ``target`` (a class index) under the input."""
@@ -249,28 +303,41 @@ def attention_grid(image, attention, max_ticks: int = 32, alpha: float = 0.55, p
     n = len(ticks) + 1
     cols = min(n, 8)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols + 0.8, 2.15 * rows), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(1.9 * cols + 0.8, 2.15 * rows), squeeze=False, layout="constrained"
+    )
     H, W = image.shape[:2]
     vmax = float(attention[ticks].max()) or 1.0
     for ax in axes.flat:
         ax.axis("off")
     first = axes.flat[0]
     first.imshow(image, interpolation="nearest")
-    first.set_title("input" + (f"\nlabel {class_label(int(target), class_names)}" if target is not None else ""),
-                    fontsize=8)
+    first.set_title(
+        "input"
+        + (f"\nlabel {class_label(int(target), class_names)}" if target is not None else ""),
+        fontsize=8,
+    )
     heat = None
     for ax, t in zip(list(axes.flat)[1:], ticks):
         ax.imshow(image, interpolation="nearest")
-        heat = ax.imshow(attention[t], cmap="inferno", alpha=alpha, vmin=0, vmax=vmax,
-                         extent=(-0.5, W - 0.5, H - 0.5, -0.5), interpolation="bilinear")
+        heat = ax.imshow(
+            attention[t],
+            cmap="inferno",
+            alpha=alpha,
+            vmin=0,
+            vmax=vmax,
+            extent=(-0.5, W - 0.5, H - 0.5, -0.5),
+            interpolation="bilinear",
+        )
         ax.set_title(tick_title(t, T, predicted, certainty, class_names), fontsize=8)
     bar = fig.colorbar(heat, ax=axes.ravel().tolist(), fraction=0.025, pad=0.01)
     bar.set_label("attention weight (heads averaged)", fontsize=8)
     bar.solids.set_alpha(1)
     title = "attention over the input, tick by tick"
     if predicted is not None or certainty is not None:
-        title += ("; predicted class" if predicted is not None else "") + (" (certainty)" if certainty is not None else "")
+        title += ("; predicted class" if predicted is not None else "") + (
+            " (certainty)" if certainty is not None else ""
+        )
     fig.suptitle(title, fontsize=9)
     return fig
 
@@ -283,21 +350,29 @@ def neuron_traces(post, n_neurons: int = 16, seed: int = 0, neurons=None):
     idx = sample_neurons(D, n_neurons, seed) if neurons is None else np.asarray(neurons)
     cols = 4
     rows = math.ceil(len(idx) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 1.7 * rows + 0.6), sharex=True, squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        rows,
+        cols,
+        figsize=(2.6 * cols, 1.7 * rows + 0.6),
+        sharex=True,
+        squeeze=False,
+        layout="constrained",
+    )
     for ax, n in zip(axes.flat, idx):
         ax.plot(ticks_axis(T), post[:, n], lw=1.2, marker="o", ms=2)
         ax.set_title(f"neuron {n}", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(idx):]:
+    for ax in list(axes.flat)[len(idx) :]:
         ax.axis("off")
     for ax in axes[-1]:
         ax.set_xlabel("tick", fontsize=8)
     for ax in axes[:, 0]:
         ax.set_ylabel("post-activation", fontsize=8)
-    fig.suptitle(f"post-activations over ticks 1..{T} (the neurons of the synchronisation plot)", fontsize=9)
+    fig.suptitle(
+        f"post-activations over ticks 1..{T} (the neurons of the synchronisation plot)", fontsize=9
+    )
     return fig
 
 
@@ -328,8 +403,12 @@ def synchronisation_figure(post, n_neurons: int = 16, seed: int = 0, neurons=Non
 def maze_accuracy_per_tick(summary: dict):
     T = summary["ticks"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    axes[0].plot(ticks_axis(T), 100 * np.asarray(summary["step_accuracy_per_tick"]), label="per step")
-    axes[0].plot(ticks_axis(T), 100 * np.asarray(summary["route_accuracy_per_tick"]), label="whole route")
+    axes[0].plot(
+        ticks_axis(T), 100 * np.asarray(summary["step_accuracy_per_tick"]), label="per step"
+    )
+    axes[0].plot(
+        ticks_axis(T), 100 * np.asarray(summary["route_accuracy_per_tick"]), label="whole route"
+    )
     tick_xaxis(axes[0])
     axes[0].set_ylabel("accuracy (%)")
     axes[0].legend()
@@ -351,7 +430,9 @@ def generalisation(summary: dict):
     axes[0].set_xlabel("optimal route length")
     axes[0].set_ylabel("solved (%)")
     reapp = [r["mean_reapplications_when_solved"] for r in rows]
-    axes[1].plot(lengths, [np.nan if v is None else v for v in reapp], marker="o", color="tab:orange")
+    axes[1].plot(
+        lengths, [np.nan if v is None else v for v in reapp], marker="o", color="tab:orange"
+    )
     axes[1].set_xlabel("optimal route length")
     axes[1].set_ylabel("re-applications (solved mazes)")
     for ax in axes:
@@ -363,8 +444,15 @@ def generalisation(summary: dict):
 def parity_accuracy(summary: dict):
     per = 100 * np.asarray(summary["accuracy_per_position_per_tick"])  # [L, T]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    im = axes[0].imshow(per, aspect="auto", cmap="viridis", vmin=0, vmax=100, origin="lower",
-                        extent=(0.5, per.shape[1] + 0.5, 0.5, per.shape[0] + 0.5))
+    im = axes[0].imshow(
+        per,
+        aspect="auto",
+        cmap="viridis",
+        vmin=0,
+        vmax=100,
+        origin="lower",
+        extent=(0.5, per.shape[1] + 0.5, 0.5, per.shape[0] + 0.5),
+    )
     tick_xaxis(axes[0])
     axes[0].set_ylabel("position")
     fig.colorbar(im, ax=axes[0], label="accuracy (%)")

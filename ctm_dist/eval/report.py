@@ -16,9 +16,12 @@ def report_figures(report: dict) -> dict:
     if "classification" in report:
         c = report["classification"]
         figs["accuracy_per_tick"] = plots.accuracy_per_tick(c)
-        figs["calibration"] = plots.reliability_diagram(c["reliability_most_certain"], c["ece_most_certain"])
-        figs["most_certain_tick"] = plots.tick_histogram_from_counts(c["most_certain_tick_histogram"],
-                                                                     "most certain tick")
+        figs["calibration"] = plots.reliability_diagram(
+            c["reliability_most_certain"], c["ece_most_certain"]
+        )
+        figs["most_certain_tick"] = plots.tick_histogram_from_counts(
+            c["most_certain_tick_histogram"], "most certain tick"
+        )
     if "halting" in report:
         figs["halting_sweep"] = plots.halting_sweep(report["halting"], report.get("halting_timing"))
     if "mazes" in report:
@@ -33,11 +36,22 @@ def report_figures(report: dict) -> dict:
 def headline(report: dict) -> dict[str, float]:
     """Scalars worth a TensorBoard line."""
     out = {}
-    for section, keys in (("classification", ("most_certain_top1", "most_certain_top5", "instant_top1",
-                                              "mean_logits_top1", "certainty_weighted_top1", "ece_most_certain")),
-                          ("mazes", ("step_accuracy", "route_accuracy", "solved")),
-                          ("parity", ("accuracy", "sequence_accuracy")),
-                          ("generalisation", ("solved",))):
+    for section, keys in (
+        (
+            "classification",
+            (
+                "most_certain_top1",
+                "most_certain_top5",
+                "instant_top1",
+                "mean_logits_top1",
+                "certainty_weighted_top1",
+                "ece_most_certain",
+            ),
+        ),
+        ("mazes", ("step_accuracy", "route_accuracy", "solved")),
+        ("parity", ("accuracy", "sequence_accuracy")),
+        ("generalisation", ("solved",)),
+    ):
         for k in keys:
             v = report.get(section, {}).get(k)
             if isinstance(v, (int, float)) and not math.isnan(v):
@@ -47,12 +61,18 @@ def headline(report: dict) -> dict[str, float]:
 
 # The training run's names for the same numbers (``ctm_dist.train``'s ``eval/...`` scalars): written
 # under both names, an evaluation's points fall on the training run's curves in TensorBoard.
-TRAINING_TAGS = {"classification/most_certain_top1": "top1", "classification/most_certain_top5": "top5",
-                 "mazes/step_accuracy": "step_accuracy", "mazes/route_accuracy": "route_accuracy",
-                 "parity/sequence_accuracy": "sequence_accuracy"}
+TRAINING_TAGS = {
+    "classification/most_certain_top1": "top1",
+    "classification/most_certain_top5": "top5",
+    "mazes/step_accuracy": "step_accuracy",
+    "mazes/route_accuracy": "route_accuracy",
+    "parity/sequence_accuracy": "sequence_accuracy",
+}
 
 
-def write_report(report: dict, out_dir: str | Path, step: int = 0, tensorboard: bool = True) -> list[Path]:
+def write_report(
+    report: dict, out_dir: str | Path, step: int = 0, tensorboard: bool = True
+) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.json"

@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from ctm_dist.data.index import read_index
 from ctm_dist.model import CTMConfig
 from ctm_dist.storage import Location
 from ctm_dist.storage import checkpoints as fmt
-from ctm_dist.storage.checkpoints import (COMMIT, STEP_DIR, CheckpointError, NoCheckpoint,  # noqa: F401 - re-exported
-                                          NotACheckpoint, UnsafeCheckpoint, step_name)
+from ctm_dist.storage.checkpoints import (
+    NoCheckpoint,  # noqa: F401 - re-exported
+    NotACheckpoint,
+    UnsafeCheckpoint,
+    step_name,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -57,7 +62,9 @@ def choose_step(run: Location, step: int | None = None) -> int:
     if step is None:
         return steps[-1]
     if step not in steps:
-        raise NoCheckpoint(f"{run.url}: step {step} has no committed checkpoint; committed: {steps}")
+        raise NoCheckpoint(
+            f"{run.url}: step {step} has no committed checkpoint; committed: {steps}"
+        )
     return step
 
 
@@ -66,7 +73,9 @@ def read_commit(run: Location, step: int) -> dict:
     return fmt.read_commit(checkpoints(run), step)
 
 
-def download_step(run: Location, step: int, local_dir: str | os.PathLike, commit: dict | None = None) -> tuple[Path, str]:
+def download_step(
+    run: Location, step: int, local_dir: str | os.PathLike, commit: dict | None = None
+) -> tuple[Path, str]:
     """Copy the DeepSpeed files of a committed step into ``local_dir``, each checked against COMMIT
     (size, SHA-256) and opened weights-only; returns (DeepSpeed checkpoint dir, tag)."""
     commit = commit or read_commit(run, step)
@@ -78,7 +87,9 @@ def download_step(run: Location, step: int, local_dir: str | os.PathLike, commit
     return Path(local_dir), tag
 
 
-def with_loadable_step(run: Location, step: int | None, use: Callable[[int, dict], T]) -> tuple[int, dict, T]:
+def with_loadable_step(
+    run: Location, step: int | None, use: Callable[[int, dict], T]
+) -> tuple[int, dict, T]:
     """``use(step, commit)`` on ``step``, or on the newest committed step, falling back to older ones
     (with a warning) while a step's files fail their checks. Returns (step, commit, result)."""
     if step is not None:
@@ -95,8 +106,13 @@ def with_loadable_step(run: Location, step: int | None, use: Callable[[int, dict
         except (NotACheckpoint, UnsafeCheckpoint) as e:
             if i + 1 == len(steps):
                 raise
-            log.warning("cannot load %s of %s (%s); using the previous committed step %s",
-                        step_name(candidate), run.url, e, step_name(steps[-i - 2]))
+            log.warning(
+                "cannot load %s of %s (%s); using the previous committed step %s",
+                step_name(candidate),
+                run.url,
+                e,
+                step_name(steps[-i - 2]),
+            )
     raise AssertionError("unreachable")
 
 

@@ -1,4 +1,5 @@
 """Certainty losses of the CTM (classification, parity, mazes with auto-curriculum) and metrics."""
+
 from .certainty import (
     as_sequence_predictions,
     certainty_loss,

@@ -12,9 +12,10 @@ Shapes (T = internal ticks):
     mazes:          predictions [B, S, 5, T],     targets [B, S]   (or flat [B, 5S, T])
     certainties:    [B, 2, T]
 """
+
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,13 +43,17 @@ def per_tick_cross_entropy(predictions: torch.Tensor, targets: torch.Tensor) -> 
     """Cross-entropy at every tick: predictions [B, C, T] or [B, S, C, T] -> [B, T] or [B, S, T]."""
     ticks = predictions.size(-1)
     if predictions.dim() == 3:
-        return F.cross_entropy(predictions, targets.long().unsqueeze(-1).expand(-1, ticks), reduction="none")
+        return F.cross_entropy(
+            predictions, targets.long().unsqueeze(-1).expand(-1, ticks), reduction="none"
+        )
     if predictions.dim() == 4:
         b, s = predictions.shape[:2]
         flat = predictions.flatten(0, 1)  # [B*S, C, T]
         flat_targets = targets.long().reshape(b * s, 1).expand(-1, ticks)
         return F.cross_entropy(flat, flat_targets, reduction="none").reshape(b, s, ticks)
-    raise ValueError(f"predictions must be [B, C, T] or [B, S, C, T], got shape {tuple(predictions.shape)}")
+    raise ValueError(
+        f"predictions must be [B, C, T] or [B, S, C, T], got shape {tuple(predictions.shape)}"
+    )
 
 
 def as_sequence_predictions(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -62,15 +67,21 @@ def as_sequence_predictions(predictions: torch.Tensor, targets: torch.Tensor) ->
     b, flat, ticks = predictions.shape
     steps = targets.size(1)
     if flat % steps:
-        raise ValueError(f"prediction width {flat} is not a multiple of the sequence length {steps}")
+        raise ValueError(
+            f"prediction width {flat} is not a multiple of the sequence length {steps}"
+        )
     return predictions.reshape(b, steps, flat // steps, ticks)
 
 
-def _reduce(per_sample: torch.Tensor, weight: Optional[torch.Tensor], reduction: Reduction) -> torch.Tensor:
+def _reduce(
+    per_sample: torch.Tensor, weight: torch.Tensor | None, reduction: Reduction
+) -> torch.Tensor:
     if weight is not None:
         weight = weight.to(per_sample.dtype)
         if weight.shape != per_sample.shape:
-            raise ValueError(f"weight must have shape {tuple(per_sample.shape)}, got {tuple(weight.shape)}")
+            raise ValueError(
+                f"weight must have shape {tuple(per_sample.shape)}, got {tuple(weight.shape)}"
+            )
         per_sample = per_sample * weight
     if reduction == "none":
         return per_sample
@@ -86,10 +97,10 @@ def _reduce(per_sample: torch.Tensor, weight: Optional[torch.Tensor], reduction:
 
 def certainty_loss(
     tick_losses: torch.Tensor,
-    certainties: Optional[torch.Tensor],
+    certainties: torch.Tensor | None,
     *,
     use_most_certain: bool = True,
-    weight: Optional[torch.Tensor] = None,
+    weight: torch.Tensor | None = None,
     reduction: Reduction = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine per-tick losses [B, T] into the CTM objective.
@@ -116,13 +127,16 @@ def image_classification_loss(
     targets: torch.Tensor,
     *,
     use_most_certain: bool = True,
-    weight: Optional[torch.Tensor] = None,
+    weight: torch.Tensor | None = None,
     reduction: Reduction = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Certainty loss for classification: predictions [B, C, T], targets [B] -> (loss, tick [B])."""
     return certainty_loss(
-        per_tick_cross_entropy(predictions, targets), certainties,
-        use_most_certain=use_most_certain, weight=weight, reduction=reduction,
+        per_tick_cross_entropy(predictions, targets),
+        certainties,
+        use_most_certain=use_most_certain,
+        weight=weight,
+        reduction=reduction,
     )
 
 
@@ -132,7 +146,7 @@ def parity_loss(
     targets: torch.Tensor,
     *,
     use_most_certain: bool = True,
-    weight: Optional[torch.Tensor] = None,
+    weight: torch.Tensor | None = None,
     reduction: Reduction = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Certainty loss for parity: the cross-entropy is averaged over positions before picking ticks.
@@ -142,11 +156,17 @@ def parity_loss(
     predictions = as_sequence_predictions(predictions, targets)
     tick_losses = per_tick_cross_entropy(predictions, targets).mean(dim=1)  # [B, T]
     return certainty_loss(
-        tick_losses, certainties, use_most_certain=use_most_certain, weight=weight, reduction=reduction
+        tick_losses,
+        certainties,
+        use_most_certain=use_most_certain,
+        weight=weight,
+        reduction=reduction,
     )
 
 
-def maze_curriculum_mask(predictions: torch.Tensor, targets: torch.Tensor, lookahead: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+def maze_curriculum_mask(
+    predictions: torch.Tensor, targets: torch.Tensor, lookahead: int = 5
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Auto-curriculum of the maze loss.
 
     At each tick find the last step of the longest correctly predicted prefix of the
@@ -167,12 +187,12 @@ def maze_curriculum_mask(predictions: torch.Tensor, targets: torch.Tensor, looka
 
 def maze_loss(
     predictions: torch.Tensor,
-    certainties: Optional[torch.Tensor],
+    certainties: torch.Tensor | None,
     targets: torch.Tensor,
     *,
     curriculum_lookahead: int = 5,
     use_most_certain: bool = True,
-    weight: Optional[torch.Tensor] = None,
+    weight: torch.Tensor | None = None,
     reduction: Reduction = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Certainty loss for maze routes with the auto-extending curriculum.
@@ -188,6 +208,10 @@ def maze_loss(
     mask = mask.unsqueeze(-1)
     tick_losses = (step_losses * mask).sum(dim=1) / mask.sum(dim=1)  # [B, T]
     loss, tick = certainty_loss(
-        tick_losses, certainties, use_most_certain=use_most_certain, weight=weight, reduction=reduction
+        tick_losses,
+        certainties,
+        use_most_certain=use_most_certain,
+        weight=weight,
+        reduction=reduction,
     )
     return loss, tick, upto

@@ -7,9 +7,8 @@ Every metric takes an optional ``weight`` [B] (0 for padded samples) and a ``red
 Shapes (T = internal ticks): classification predictions [B, C, T] with targets [B];
 sequence tasks (mazes, parity) predictions [B, S, C, T] with targets [B, S].
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 
@@ -41,7 +40,7 @@ def accuracy_at_most_certain(
     targets: torch.Tensor,
     tick: torch.Tensor,
     *,
-    weight: Optional[torch.Tensor] = None,
+    weight: torch.Tensor | None = None,
     reduction: Reduction = "mean",
 ) -> torch.Tensor:
     """Top-1 accuracy of classification predictions [B, C, T] at ``tick`` [B]."""
@@ -55,7 +54,7 @@ def topk_accuracy(
     tick: torch.Tensor,
     k: int = 5,
     *,
-    weight: Optional[torch.Tensor] = None,
+    weight: torch.Tensor | None = None,
     reduction: Reduction = "mean",
 ) -> torch.Tensor:
     """Whether the target is among the ``k`` highest logits at ``tick`` [B]."""
@@ -70,7 +69,7 @@ def per_tick_accuracy(
     predictions: torch.Tensor,
     targets: torch.Tensor,
     *,
-    weight: Optional[torch.Tensor] = None,
+    weight: torch.Tensor | None = None,
     reduction: Reduction = "mean",
 ) -> torch.Tensor:
     """Top-1 accuracy at every tick: [T] (or [B, T] with ``reduction="none"``).
@@ -84,25 +83,37 @@ def per_tick_accuracy(
     return _reduce_rows(correct, weight, reduction)
 
 
-
-def _reduce_rows(correct: torch.Tensor, weight: torch.Tensor | None, reduction: str) -> torch.Tensor:
+def _reduce_rows(
+    correct: torch.Tensor, weight: torch.Tensor | None, reduction: str
+) -> torch.Tensor:
     """Reduce per-sample rows ``[B, X]`` over the batch, each sample weighted by ``weight`` [B]."""
     if weight is not None:
         if weight.shape != correct.shape[:1]:
-            raise ValueError(f"weight must have shape {(correct.size(0),)}, got {tuple(weight.shape)}")
+            raise ValueError(
+                f"weight must have shape {(correct.size(0),)}, got {tuple(weight.shape)}"
+            )
         correct = correct * weight.to(correct.dtype).unsqueeze(1)
     if reduction == "none":
         return correct
     if reduction == "sum":
         return correct.sum(dim=0)
     if reduction == "mean":
-        total = weight.to(correct.dtype).sum().clamp_min(1e-12) if weight is not None else correct.size(0)
+        total = (
+            weight.to(correct.dtype).sum().clamp_min(1e-12)
+            if weight is not None
+            else correct.size(0)
+        )
         return correct.sum(dim=0) / total
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
-def _steps_correct(predictions: torch.Tensor, targets: torch.Tensor, tick: torch.Tensor) -> torch.Tensor:
+
+def _steps_correct(
+    predictions: torch.Tensor, targets: torch.Tensor, tick: torch.Tensor
+) -> torch.Tensor:
     if predictions.dim() != 4:
-        raise ValueError(f"sequence predictions must be [B, S, C, T], got shape {tuple(predictions.shape)}")
+        raise ValueError(
+            f"sequence predictions must be [B, S, C, T], got shape {tuple(predictions.shape)}"
+        )
     return predictions_at_tick(predictions, tick).argmax(dim=2) == targets  # [B, S]
 
 
@@ -111,11 +122,13 @@ def sequence_step_accuracy(
     targets: torch.Tensor,
     tick: torch.Tensor,
     *,
-    weight: Optional[torch.Tensor] = None,
+    weight: torch.Tensor | None = None,
     reduction: Reduction = "mean",
 ) -> torch.Tensor:
     """Fraction of correct steps per sample at ``tick``, then reduced over samples."""
-    return _reduce(_steps_correct(predictions, targets, tick).float().mean(dim=1), weight, reduction)
+    return _reduce(
+        _steps_correct(predictions, targets, tick).float().mean(dim=1), weight, reduction
+    )
 
 
 def sequence_all_correct(
@@ -123,7 +136,7 @@ def sequence_all_correct(
     targets: torch.Tensor,
     tick: torch.Tensor,
     *,
-    weight: Optional[torch.Tensor] = None,
+    weight: torch.Tensor | None = None,
     reduction: Reduction = "mean",
 ) -> torch.Tensor:
     """Whether every step of a sample is correct at ``tick`` (a solved maze / parity sequence)."""
@@ -135,7 +148,7 @@ def per_position_accuracy(
     targets: torch.Tensor,
     tick: torch.Tensor,
     *,
-    weight: Optional[torch.Tensor] = None,
+    weight: torch.Tensor | None = None,
     reduction: Reduction = "mean",
 ) -> torch.Tensor:
     """Accuracy of each sequence position at ``tick``: [S] (``"sum"``: correct counts; ``"none"``: [B, S])."""

@@ -1,7 +1,29 @@
 """The Continuous Thought Machine model: config, presets, module and its parts."""
 
 from .config import EXECUTION_FIELDS, OUR_FIELDS, PRESET_NAMES, CTMConfig, preset
-from .ctm import CTM, Readout, ReadoutState, TickContext, TickOutput, TickState, Tracking, normalised_entropy
+from .ctm import (
+    CTM,
+    Readout,
+    ReadoutState,
+    TickContext,
+    TickOutput,
+    TickState,
+    Tracking,
+    normalised_entropy,
+)
 
-__all__ = ["CTM", "CTMConfig", "EXECUTION_FIELDS", "OUR_FIELDS", "PRESET_NAMES", "Readout", "ReadoutState", "TickContext", "TickOutput", "TickState",
-           "Tracking", "normalised_entropy", "preset"]
+__all__ = [
+    "CTM",
+    "CTMConfig",
+    "EXECUTION_FIELDS",
+    "OUR_FIELDS",
+    "PRESET_NAMES",
+    "Readout",
+    "ReadoutState",
+    "TickContext",
+    "TickOutput",
+    "TickState",
+    "Tracking",
+    "normalised_entropy",
+    "preset",
+]

@@ -41,12 +41,12 @@ class _BankedSingleQuery(Function):
         q, k, v = ctx.saved_tensors
         k_bank, v_bank = ctx.banks
         scale = 1.0 / math.sqrt(q.size(-1))
-        scaled = q * scale                                                    # [B, H, 1, hd]
-        weights = torch.softmax(scaled @ k.transpose(-2, -1), dim=-1)         # [B, H, 1, L]
+        scaled = q * scale  # [B, H, 1, hd]
+        weights = torch.softmax(scaled @ k.transpose(-2, -1), dim=-1)  # [B, H, 1, L]
         grad_w = grad_out @ v.transpose(-2, -1)
         grad_scores = weights * (grad_w - (grad_w * weights).sum(-1, keepdim=True))
-        v_bank.add(weights, grad_out)                              # dV = sum_t w_t^T g_t
-        k_bank.add(grad_scores, scaled)                            # dK = sum_t ds_t^T (q_t * scale)
+        v_bank.add(weights, grad_out)  # dV = sum_t w_t^T g_t
+        k_bank.add(grad_scores, scaled)  # dK = sum_t ds_t^T (q_t * scale)
         return (grad_scores @ k) * scale, None, None, None, None
 
 
@@ -63,26 +63,34 @@ class TickAttention(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def bank_weight(self) -> torch.Tensor:
-        return self.in_proj_weight[:self.d_input]
+        return self.in_proj_weight[: self.d_input]
 
     def query_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight, bias) of the query projection: the first third of the packed projection."""
-        return self.in_proj_weight[:self.d_input], self.in_proj_bias[:self.d_input]
+        return self.in_proj_weight[: self.d_input], self.in_proj_bias[: self.d_input]
 
-    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, E] -> [B, heads, L, E / heads]
+    def _split_heads(
+        self, x: torch.Tensor
+    ) -> torch.Tensor:  # [B, L, E] -> [B, heads, L, E / heads]
         return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
     def project_kv(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the input tokens [B, L, E], each [B, heads, L, E / heads] and contiguous
         (the ticks' matmuls would otherwise copy them every time)."""
         e = self.d_input
-        k = F.linear(tokens, self.in_proj_weight[e:2 * e], self.in_proj_bias[e:2 * e])
-        v = F.linear(tokens, self.in_proj_weight[2 * e:], self.in_proj_bias[2 * e:])
+        k = F.linear(tokens, self.in_proj_weight[e : 2 * e], self.in_proj_bias[e : 2 * e])
+        v = F.linear(tokens, self.in_proj_weight[2 * e :], self.in_proj_bias[2 * e :])
         return self._split_heads(k).contiguous(), self._split_heads(v).contiguous()
 
-    def forward(self, query: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                query_weight: tuple[torch.Tensor, torch.Tensor] | None = None, need_weights: bool = False,
-                kv_banks: tuple[Bank, Bank] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self,
+        query: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        query_weight: tuple[torch.Tensor, torch.Tensor] | None = None,
+        need_weights: bool = False,
+        kv_banks: tuple[Bank, Bank] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One query per sample [B, E] -> output [B, E] and, if asked, weights [B, heads, 1, L].
 
         ``query_weight`` is ``query_weight()`` taken once per forward (cast, under autocast). With
@@ -91,7 +99,12 @@ class TickAttention(nn.Module):
         q = self._split_heads(q.unsqueeze(1))
         dropout = self.dropout if self.training else 0.0
         weights = None
-        if kv_banks is not None and not need_weights and dropout == 0.0 and not torch.compiler.is_compiling():
+        if (
+            kv_banks is not None
+            and not need_weights
+            and dropout == 0.0
+            and not torch.compiler.is_compiling()
+        ):
             out = _BankedSingleQuery.apply(q, k, v, *kv_banks)
         elif need_weights or self.impl == "reference":
             scores = (q * (1.0 / math.sqrt(q.size(-1)))) @ k.transpose(-2, -1)
@@ -99,5 +112,5 @@ class TickAttention(nn.Module):
             out = F.dropout(weights, dropout, self.training) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-        out = out.transpose(1, 2).flatten(1)                       # [B, 1, heads, hd] -> [B, E]
+        out = out.transpose(1, 2).flatten(1)  # [B, 1, heads, hd] -> [B, E]
         return self.out_proj(out), (weights if need_weights else None)

@@ -23,7 +23,9 @@ def _conv1x1(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, c_in: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+    def __init__(
+        self, c_in: int, planes: int, stride: int = 1, downsample: nn.Module | None = None
+    ):
         super().__init__()
         self.conv1 = _conv3x3(c_in, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -42,7 +44,9 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, c_in: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+    def __init__(
+        self, c_in: int, planes: int, stride: int = 1, downsample: nn.Module | None = None
+    ):
         super().__init__()
         self.conv1 = _conv1x1(c_in, planes)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -88,8 +92,10 @@ class ResNetFeatures(nn.Module):
             stride = 1 if index == 0 else 2
             downsample = None
             if stride != 1 or c_in != planes * block.expansion:
-                downsample = nn.Sequential(_conv1x1(c_in, planes * block.expansion, stride),
-                                           nn.BatchNorm2d(planes * block.expansion))
+                downsample = nn.Sequential(
+                    _conv1x1(c_in, planes * block.expansion, stride),
+                    nn.BatchNorm2d(planes * block.expansion),
+                )
             layers = [block(c_in, planes, stride, downsample)]
             c_in = planes * block.expansion
             layers += [block(c_in, planes) for _ in range(1, blocks_per_stage[index])]
@@ -156,7 +162,9 @@ def backbone_channels(backbone_type: str, d_input: int, in_channels: int) -> int
 def build_backbone(backbone_type: str, d_input: int, in_channels: int) -> nn.Module:
     if backbone_type.startswith("resnet"):
         depth, stages = parse_resnet(backbone_type)
-        return ResNetFeatures(depth, stages, in_channels=3)  # the 1x1 'initial_rgb' conv maps inputs to 3 channels
+        return ResNetFeatures(
+            depth, stages, in_channels=3
+        )  # the 1x1 'initial_rgb' conv maps inputs to 3 channels
     if backbone_type == "shallow-wide":
         return ShallowWide(in_channels)
     if backbone_type == "parity_backbone":

@@ -25,7 +25,9 @@ def cast_once(tensors: tuple, dtype: torch.dtype | None) -> tuple | None:
     """``tensors`` (nested tuples) detached and cast to ``dtype``; ``None`` when ``dtype`` is."""
     if dtype is None:
         return None
-    return tuple(cast_once(t, dtype) if isinstance(t, tuple) else t.detach().to(dtype) for t in tensors)
+    return tuple(
+        cast_once(t, dtype) if isinstance(t, tuple) else t.detach().to(dtype) for t in tensors
+    )
 
 
 class _TickAlias(Function):
@@ -45,4 +47,7 @@ def per_tick(tensors: tuple, casts: tuple | None) -> tuple:
     """What one tick reads: ``tensors`` themselves, or their copies from ``cast_once`` (same nesting)."""
     if casts is None:
         return tensors
-    return tuple(per_tick(t, c) if isinstance(t, tuple) else _TickAlias.apply(t, c) for t, c in zip(tensors, casts))
+    return tuple(
+        per_tick(t, c) if isinstance(t, tuple) else _TickAlias.apply(t, c)
+        for t, c in zip(tensors, casts)
+    )

@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 NEURON_SELECT_TYPES = ("first-last", "random", "random-pairing")
-RESNET_BACKBONES = tuple(f"resnet{depth}-{stages}" for depth in (18, 34, 50, 101, 152) for stages in (1, 2, 3, 4))
+RESNET_BACKBONES = tuple(
+    f"resnet{depth}-{stages}" for depth in (18, 34, 50, 101, 152) for stages in (1, 2, 3, 4)
+)
 BACKBONE_TYPES = RESNET_BACKBONES + ("shallow-wide", "parity_backbone", "none")
 POSITIONAL_EMBEDDING_TYPES = (
     "none",
@@ -35,8 +37,19 @@ POSITIONAL_EMBEDDING_TYPES = (
     "custom-rotational-1d",
 )
 ATTENTION_IMPLS = ("sdpa", "reference")
-EXECUTION_FIELDS = ("tick_checkpointing", "recompute_nlms", "attention_impl", "compile", "cpu_kernels", "channels_last")
-AUTO_FIELDS = ("compile", "cpu_kernels", "channels_last")  # true, false or "auto" (decided per device)
+EXECUTION_FIELDS = (
+    "tick_checkpointing",
+    "recompute_nlms",
+    "attention_impl",
+    "compile",
+    "cpu_kernels",
+    "channels_last",
+)
+AUTO_FIELDS = (
+    "compile",
+    "cpu_kernels",
+    "channels_last",
+)  # true, false or "auto" (decided per device)
 OUR_FIELDS = ("in_channels",) + EXECUTION_FIELDS  # not among the reference constructor's arguments
 
 
@@ -105,68 +118,126 @@ class CTMConfig:
             if not ok:
                 raise ValueError(f"CTMConfig: {message}")
 
-        for name in ("iterations", "d_model", "d_input", "heads", "memory_length", "out_dims",
-                     "n_synch_out", "n_synch_action", "synapse_depth"):
+        for name in (
+            "iterations",
+            "d_model",
+            "d_input",
+            "heads",
+            "memory_length",
+            "out_dims",
+            "n_synch_out",
+            "n_synch_action",
+            "synapse_depth",
+        ):
             value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                 f"{name} must be a positive integer, got {value!r}")
-        need(self.d_input % self.heads == 0,
-             f"d_input ({self.d_input}) must be divisible by heads ({self.heads})")
-        need(not self.deep_nlms or self.memory_hidden_dims >= 1,
-             f"memory_hidden_dims must be >= 1 with deep_nlms, got {self.memory_hidden_dims}")
-        need(self.neuron_select_type in NEURON_SELECT_TYPES,
-             f"neuron_select_type must be one of {NEURON_SELECT_TYPES}, got {self.neuron_select_type!r}")
-        need(self.backbone_type in BACKBONE_TYPES,
-             f"backbone_type must be one of {BACKBONE_TYPES}, got {self.backbone_type!r}")
-        need(self.positional_embedding_type in POSITIONAL_EMBEDDING_TYPES,
-             f"positional_embedding_type must be one of {POSITIONAL_EMBEDDING_TYPES}, "
-             f"got {self.positional_embedding_type!r}")
-        need(not (self.backbone_type == "none" and self.positional_embedding_type != "none"),
-             "a positional embedding needs a backbone (backbone_type='none' takes positional_embedding_type='none')")
+            need(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                f"{name} must be a positive integer, got {value!r}",
+            )
+        need(
+            self.d_input % self.heads == 0,
+            f"d_input ({self.d_input}) must be divisible by heads ({self.heads})",
+        )
+        need(
+            not self.deep_nlms or self.memory_hidden_dims >= 1,
+            f"memory_hidden_dims must be >= 1 with deep_nlms, got {self.memory_hidden_dims}",
+        )
+        need(
+            self.neuron_select_type in NEURON_SELECT_TYPES,
+            f"neuron_select_type must be one of {NEURON_SELECT_TYPES}, got {self.neuron_select_type!r}",
+        )
+        need(
+            self.backbone_type in BACKBONE_TYPES,
+            f"backbone_type must be one of {BACKBONE_TYPES}, got {self.backbone_type!r}",
+        )
+        need(
+            self.positional_embedding_type in POSITIONAL_EMBEDDING_TYPES,
+            f"positional_embedding_type must be one of {POSITIONAL_EMBEDDING_TYPES}, "
+            f"got {self.positional_embedding_type!r}",
+        )
+        need(
+            not (self.backbone_type == "none" and self.positional_embedding_type != "none"),
+            "a positional embedding needs a backbone (backbone_type='none' takes positional_embedding_type='none')",
+        )
         for name in ("n_synch_out", "n_synch_action"):
-            need(getattr(self, name) <= self.d_model or self.neuron_select_type != "first-last",
-                 f"{name} must be <= d_model")
+            need(
+                getattr(self, name) <= self.d_model or self.neuron_select_type != "first-last",
+                f"{name} must be <= d_model",
+            )
         if self.neuron_select_type == "first-last":
-            need(self.d_model >= self.n_synch_out + self.n_synch_action,
-                 f"first-last selection needs d_model ({self.d_model}) >= n_synch_out + n_synch_action "
-                 f"({self.n_synch_out} + {self.n_synch_action})")
+            need(
+                self.d_model >= self.n_synch_out + self.n_synch_action,
+                f"first-last selection needs d_model ({self.d_model}) >= n_synch_out + n_synch_action "
+                f"({self.n_synch_out} + {self.n_synch_action})",
+            )
         if self.neuron_select_type == "random-pairing":
-            need(0 <= self.n_random_pairing_self < min(self.n_synch_out, self.n_synch_action),
-                 f"n_random_pairing_self ({self.n_random_pairing_self}) must be >= 0 and smaller than "
-                 f"n_synch_out and n_synch_action")
+            need(
+                0 <= self.n_random_pairing_self < min(self.n_synch_out, self.n_synch_action),
+                f"n_random_pairing_self ({self.n_random_pairing_self}) must be >= 0 and smaller than "
+                f"n_synch_out and n_synch_action",
+            )
         for name in ("dropout", "dropout_nlm"):
             value = getattr(self, name)
-            need(value is None and name == "dropout_nlm" or (value is not None and 0.0 <= value < 1.0),
-                 f"{name} must be in [0, 1), got {value!r}")
-        need(isinstance(self.tick_checkpointing, int) and self.tick_checkpointing >= 0,
-             f"tick_checkpointing must be an integer >= 0, got {self.tick_checkpointing!r}")
-        need(isinstance(self.recompute_nlms, bool), f"recompute_nlms must be true or false, got {self.recompute_nlms!r}")
-        need(not (self.recompute_nlms and self.tick_checkpointing),
-             "recompute_nlms and tick_checkpointing are two ways to recompute in backward: choose one")
-        need(self.attention_impl in ATTENTION_IMPLS,
-             f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+            need(
+                value is None
+                and name == "dropout_nlm"
+                or (value is not None and 0.0 <= value < 1.0),
+                f"{name} must be in [0, 1), got {value!r}",
+            )
+        need(
+            isinstance(self.tick_checkpointing, int) and self.tick_checkpointing >= 0,
+            f"tick_checkpointing must be an integer >= 0, got {self.tick_checkpointing!r}",
+        )
+        need(
+            isinstance(self.recompute_nlms, bool),
+            f"recompute_nlms must be true or false, got {self.recompute_nlms!r}",
+        )
+        need(
+            not (self.recompute_nlms and self.tick_checkpointing),
+            "recompute_nlms and tick_checkpointing are two ways to recompute in backward: choose one",
+        )
+        need(
+            self.attention_impl in ATTENTION_IMPLS,
+            f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}",
+        )
         for name in AUTO_FIELDS:
             value = getattr(self, name)
-            need(isinstance(value, bool) or value == "auto", f"{name} must be true, false or \"auto\", got {value!r}")
-        need(not (self.compile is True and self.cpu_kernels is True),
-             "cpu_kernels (Python-side gradient banks) cannot run inside a compiled forward: "
-             "set compile or cpu_kernels to false")
-        need(not (self.compile is True and (self.tick_checkpointing or self.recompute_nlms)),
-             "tick_checkpointing and recompute_nlms run eager only: set compile to false or \"auto\"")
+            need(
+                isinstance(value, bool) or value == "auto",
+                f'{name} must be true, false or "auto", got {value!r}',
+            )
+        need(
+            not (self.compile is True and self.cpu_kernels is True),
+            "cpu_kernels (Python-side gradient banks) cannot run inside a compiled forward: "
+            "set compile or cpu_kernels to false",
+        )
+        need(
+            not (self.compile is True and (self.tick_checkpointing or self.recompute_nlms)),
+            'tick_checkpointing and recompute_nlms run eager only: set compile to false or "auto"',
+        )
         need(self.in_channels >= 1, f"in_channels must be >= 1, got {self.in_channels}")
-        need(len(self.prediction_reshaper) >= 1 and self.prediction_reshaper.count(-1) <= 1,
-             f"prediction_reshaper must be a non-empty shape with at most one -1, got {self.prediction_reshaper}")
+        need(
+            len(self.prediction_reshaper) >= 1 and self.prediction_reshaper.count(-1) <= 1,
+            f"prediction_reshaper must be a non-empty shape with at most one -1, got {self.prediction_reshaper}",
+        )
         known = [v for v in self.prediction_reshaper if v != -1]
         product = 1
         for v in known:
-            need(v >= 1, f"prediction_reshaper entries must be positive or -1, got {self.prediction_reshaper}")
+            need(
+                v >= 1,
+                f"prediction_reshaper entries must be positive or -1, got {self.prediction_reshaper}",
+            )
             product *= v
         if -1 in self.prediction_reshaper:
-            need(self.out_dims % product == 0,
-                 f"out_dims ({self.out_dims}) does not fit prediction_reshaper {self.prediction_reshaper}")
+            need(
+                self.out_dims % product == 0,
+                f"out_dims ({self.out_dims}) does not fit prediction_reshaper {self.prediction_reshaper}",
+            )
         else:
-            need(product == self.out_dims,
-                 f"prediction_reshaper {self.prediction_reshaper} has {product} elements, out_dims is {self.out_dims}")
+            need(
+                product == self.out_dims,
+                f"prediction_reshaper {self.prediction_reshaper} has {product} elements, out_dims is {self.out_dims}",
+            )
 
     # --- serialisation ---------------------------------------------------------------------
 
@@ -174,64 +245,148 @@ class CTMConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "CTMConfig":
+    def from_dict(cls, values: dict[str, Any]) -> CTMConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"CTMConfig: unknown fields {unknown}")
         return cls(**values)
 
-    def replace(self, **changes: Any) -> "CTMConfig":
+    def replace(self, **changes: Any) -> CTMConfig:
         return dataclasses.replace(self, **changes)
 
 
 # --- presets -----------------------------------------------------------------------------------
 
+
 def _imagenet() -> dict[str, Any]:
     # tasks/image_classification/scripts/train_imagenet.sh (the log name says synch=8192)
-    return dict(iterations=75, d_model=4096, d_input=1024, heads=16, n_synch_out=8192, n_synch_action=2048,
-                n_random_pairing_self=32, neuron_select_type="random-pairing", synapse_depth=8, memory_length=25,
-                deep_nlms=True, memory_hidden_dims=64, dropout=0.2, dropout_nlm=0.0, do_layernorm_nlm=False,
-                positional_embedding_type="none", backbone_type="resnet152-4", out_dims=1000,
-                prediction_reshaper=[-1])
+    return dict(
+        iterations=75,
+        d_model=4096,
+        d_input=1024,
+        heads=16,
+        n_synch_out=8192,
+        n_synch_action=2048,
+        n_random_pairing_self=32,
+        neuron_select_type="random-pairing",
+        synapse_depth=8,
+        memory_length=25,
+        deep_nlms=True,
+        memory_hidden_dims=64,
+        dropout=0.2,
+        dropout_nlm=0.0,
+        do_layernorm_nlm=False,
+        positional_embedding_type="none",
+        backbone_type="resnet152-4",
+        out_dims=1000,
+        prediction_reshaper=[-1],
+    )
 
 
 def _mazes(route_length: int = 100) -> dict[str, Any]:
     # tasks/mazes/scripts/train_ctm.sh
-    return dict(iterations=75, d_model=2048, d_input=512, heads=16, n_synch_out=64, n_synch_action=32,
-                neuron_select_type="first-last", synapse_depth=8, memory_length=25, deep_nlms=True,
-                memory_hidden_dims=32, dropout=0.1, do_layernorm_nlm=False, positional_embedding_type="none",
-                backbone_type="resnet34-2", out_dims=route_length * 5, prediction_reshaper=[route_length, 5])
+    return dict(
+        iterations=75,
+        d_model=2048,
+        d_input=512,
+        heads=16,
+        n_synch_out=64,
+        n_synch_action=32,
+        neuron_select_type="first-last",
+        synapse_depth=8,
+        memory_length=25,
+        deep_nlms=True,
+        memory_hidden_dims=32,
+        dropout=0.1,
+        do_layernorm_nlm=False,
+        positional_embedding_type="none",
+        backbone_type="resnet34-2",
+        out_dims=route_length * 5,
+        prediction_reshaper=[route_length, 5],
+    )
 
 
 def _parity(sequence_length: int = 64) -> dict[str, Any]:
     # tasks/parity/scripts/train_ctm_75_25.sh
-    return dict(iterations=75, d_model=1024, d_input=512, heads=8, n_synch_out=32, n_synch_action=32,
-                neuron_select_type="random", synapse_depth=1, memory_length=25, deep_nlms=True,
-                memory_hidden_dims=16, dropout=0.0, do_layernorm_nlm=False,
-                positional_embedding_type="custom-rotational-1d", backbone_type="parity_backbone",
-                out_dims=sequence_length * 2, prediction_reshaper=[sequence_length, 2])
+    return dict(
+        iterations=75,
+        d_model=1024,
+        d_input=512,
+        heads=8,
+        n_synch_out=32,
+        n_synch_action=32,
+        neuron_select_type="random",
+        synapse_depth=1,
+        memory_length=25,
+        deep_nlms=True,
+        memory_hidden_dims=16,
+        dropout=0.0,
+        do_layernorm_nlm=False,
+        positional_embedding_type="custom-rotational-1d",
+        backbone_type="parity_backbone",
+        out_dims=sequence_length * 2,
+        prediction_reshaper=[sequence_length, 2],
+    )
 
 
 def _cifar10() -> dict[str, Any]:
     # tasks/image_classification/scripts/train_cifar10.sh
-    return dict(iterations=50, d_model=256, d_input=64, heads=16, n_synch_out=256, n_synch_action=512,
-                n_random_pairing_self=0, neuron_select_type="random-pairing", synapse_depth=5, memory_length=15,
-                deep_nlms=True, memory_hidden_dims=64, dropout=0.0, dropout_nlm=0.0, do_layernorm_nlm=False,
-                positional_embedding_type="none", backbone_type="resnet18-1", out_dims=10,
-                prediction_reshaper=[-1])
+    return dict(
+        iterations=50,
+        d_model=256,
+        d_input=64,
+        heads=16,
+        n_synch_out=256,
+        n_synch_action=512,
+        n_random_pairing_self=0,
+        neuron_select_type="random-pairing",
+        synapse_depth=5,
+        memory_length=15,
+        deep_nlms=True,
+        memory_hidden_dims=64,
+        dropout=0.0,
+        dropout_nlm=0.0,
+        do_layernorm_nlm=False,
+        positional_embedding_type="none",
+        backbone_type="resnet18-1",
+        out_dims=10,
+        prediction_reshaper=[-1],
+    )
 
 
 def _demo() -> dict[str, Any]:
     # Small enough to learn 10-class 32x32 digits on two CPU cores in minutes.
-    return dict(iterations=8, d_model=128, d_input=64, heads=4, n_synch_out=64, n_synch_action=64,
-                n_random_pairing_self=0, neuron_select_type="random-pairing", synapse_depth=1, memory_length=4,
-                deep_nlms=True, memory_hidden_dims=8, dropout=0.0, dropout_nlm=0.0, do_layernorm_nlm=False,
-                positional_embedding_type="none", backbone_type="resnet18-1", out_dims=10,
-                prediction_reshaper=[-1])
+    return dict(
+        iterations=8,
+        d_model=128,
+        d_input=64,
+        heads=4,
+        n_synch_out=64,
+        n_synch_action=64,
+        n_random_pairing_self=0,
+        neuron_select_type="random-pairing",
+        synapse_depth=1,
+        memory_length=4,
+        deep_nlms=True,
+        memory_hidden_dims=8,
+        dropout=0.0,
+        dropout_nlm=0.0,
+        do_layernorm_nlm=False,
+        positional_embedding_type="none",
+        backbone_type="resnet18-1",
+        out_dims=10,
+        prediction_reshaper=[-1],
+    )
 
 
-_PRESETS = {"imagenet": _imagenet, "mazes": _mazes, "parity": _parity, "cifar10": _cifar10, "demo": _demo}
+_PRESETS = {
+    "imagenet": _imagenet,
+    "mazes": _mazes,
+    "parity": _parity,
+    "cifar10": _cifar10,
+    "demo": _demo,
+}
 PRESET_NAMES = tuple(_PRESETS)
 
 

@@ -58,60 +58,70 @@ def _clamped(decay: torch.Tensor) -> torch.Tensor:
     """
     return decay + (decay.clamp(*DECAY_CLAMP) - decay).detach()
 
+
 class TickState(NamedTuple):
     """What one tick hands to the next."""
-    trace: torch.Tensor          # [D, M, B] pre-activation history (neuron-major, see nlm.py)
-    activated: torch.Tensor      # [B, D] post-activations
-    alpha_action: torch.Tensor   # [B, pairs] running sums of the action synchronisation
-    beta_action: torch.Tensor    # [pairs]: the same for every sample
-    columns: tuple | None = None  # trace's M columns [D, B] while the NLMs are recomputed in backward
+
+    trace: torch.Tensor  # [D, M, B] pre-activation history (neuron-major, see nlm.py)
+    activated: torch.Tensor  # [B, D] post-activations
+    alpha_action: torch.Tensor  # [B, pairs] running sums of the action synchronisation
+    beta_action: torch.Tensor  # [pairs]: the same for every sample
+    columns: tuple | None = (
+        None  # trace's M columns [D, B] while the NLMs are recomputed in backward
+    )
 
 
 class ReadoutState(NamedTuple):
     """Running sums of the out synchronisation, carried between calls of ``read_out``."""
-    alpha: torch.Tensor          # [B, pairs] (or [pairs] before the first tick)
-    beta: torch.Tensor           # [pairs]
+
+    alpha: torch.Tensor  # [B, pairs] (or [pairs] before the first tick)
+    beta: torch.Tensor  # [pairs]
 
 
 class TickContext(NamedTuple):
     """What every tick reads but never changes."""
-    keys: torch.Tensor           # [B, heads, L, d_input / heads]
+
+    keys: torch.Tensor  # [B, heads, L, d_input / heads]
     values: torch.Tensor
-    r_action: torch.Tensor       # per-pair decay factors exp(-decay)
+    r_action: torch.Tensor  # per-pair decay factors exp(-decay)
     r_out: torch.Tensor
-    action_left: torch.Tensor    # neuron index on each side of every tracked pair
+    action_left: torch.Tensor  # neuron index on each side of every tracked pair
     action_right: torch.Tensor
     out_left: torch.Tensor
     out_right: torch.Tensor
-    nlm_weights: tuple           # (weight, bias) per NLM layer, permuted and scaled once per forward
-    query_weight: tuple          # (weight, bias) of the attention's query projection
-    casts: tuple | None          # (nlm_weights, query_weight) cast once under autocast (casts.py), else None
+    nlm_weights: tuple  # (weight, bias) per NLM layer, permuted and scaled once per forward
+    query_weight: tuple  # (weight, bias) of the attention's query projection
+    casts: (
+        tuple | None
+    )  # (nlm_weights, query_weight) cast once under autocast (casts.py), else None
     kv_banks: tuple[Bank, Bank] | None = None  # gradient banks of keys and values (tick_grads.py)
 
 
 class TickOutput(NamedTuple):
-    sync_action: torch.Tensor      # [B, synch_size_action]
-    pre_activation: torch.Tensor   # [B, D]
+    sync_action: torch.Tensor  # [B, synch_size_action]
+    pre_activation: torch.Tensor  # [B, D]
     post_activation: torch.Tensor  # [B, D]
     attention: torch.Tensor | None
 
 
 class Readout(NamedTuple):
     """The out side of ``ticks`` ticks, ticks first."""
-    predictions: torch.Tensor    # [ticks, B, out_dims]
-    certainties: torch.Tensor    # [ticks, B, 2]
-    sync_out: torch.Tensor       # [ticks, B, synch_size_out]
+
+    predictions: torch.Tensor  # [ticks, B, out_dims]
+    certainties: torch.Tensor  # [ticks, B, 2]
+    sync_out: torch.Tensor  # [ticks, B, synch_size_out]
     state: ReadoutState
 
 
 @dataclass
 class Tracking:
     """Per-tick internals (``forward(x, track=True)``), detached, stacked over ticks first."""
-    sync_out: torch.Tensor         # [T, B, synch_size_out]
-    sync_action: torch.Tensor      # [T, B, synch_size_action]
+
+    sync_out: torch.Tensor  # [T, B, synch_size_out]
+    sync_action: torch.Tensor  # [T, B, synch_size_action]
     pre_activations: torch.Tensor  # [T, B, D]
     post_activations: torch.Tensor  # [T, B, D]
-    attention: torch.Tensor        # [T, B, heads, 1, L]
+    attention: torch.Tensor  # [T, B, heads, 1, L]
 
 
 def normalised_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -138,34 +148,52 @@ class CTM(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.tick_region = True  # compiled, the tick is one region reused by every tick (execution.py)
+        self.tick_region = (
+            True  # compiled, the tick is one region reused by every tick (execution.py)
+        )
         d_model, d_input = cfg.d_model, cfg.d_input
 
         # --- input: backbone features -> tokens -> attention keys/values
         d_backbone = backbone_channels(cfg.backbone_type, d_input, cfg.in_channels)
         is_resnet = cfg.backbone_type.startswith("resnet")
-        self.initial_rgb = nn.Conv2d(cfg.in_channels, 3, kernel_size=1) if is_resnet else nn.Identity()
+        self.initial_rgb = (
+            nn.Conv2d(cfg.in_channels, 3, kernel_size=1) if is_resnet else nn.Identity()
+        )
         self.backbone = build_backbone(cfg.backbone_type, d_input, cfg.in_channels)
-        self.positional_embedding = build_positional_embedding(cfg.positional_embedding_type, d_backbone)
+        self.positional_embedding = build_positional_embedding(
+            cfg.positional_embedding_type, d_backbone
+        )
         self.kv_proj = nn.Sequential(nn.Linear(d_backbone, d_input), nn.LayerNorm(d_input))
         self.q_proj = TickLinear(cfg.synch_size_action, d_input)
         self.attention = TickAttention(d_input, cfg.heads, cfg.dropout, cfg.attention_impl)
 
         # --- core: synapses and neuron-level models
         self.synapses = build_synapses(d_input + d_model, d_model, cfg.synapse_depth, cfg.dropout)
-        self.trace_processor = NeuronLevelModels(d_model, cfg.memory_length, cfg.deep_nlms, cfg.memory_hidden_dims,
-                                                 cfg.do_layernorm_nlm, cfg.nlm_dropout)
+        self.trace_processor = NeuronLevelModels(
+            d_model,
+            cfg.memory_length,
+            cfg.deep_nlms,
+            cfg.memory_hidden_dims,
+            cfg.do_layernorm_nlm,
+            cfg.nlm_dropout,
+        )
 
         # --- learned start state
         bound = math.sqrt(1 / d_model)
         self.start_activated_state = nn.Parameter(torch.empty(d_model).uniform_(-bound, bound))
         bound = math.sqrt(1 / (d_model + cfg.memory_length))
-        self.start_trace = nn.Parameter(torch.empty(d_model, cfg.memory_length).uniform_(-bound, bound))
+        self.start_trace = nn.Parameter(
+            torch.empty(d_model, cfg.memory_length).uniform_(-bound, bound)
+        )
 
         # --- synchronisation: neuron indices (action drawn first) and learned decays
-        for kind, n_synch, size in (("action", cfg.n_synch_action, cfg.synch_size_action),
-                                    ("out", cfg.n_synch_out, cfg.synch_size_out)):
-            left, right = select_neurons(cfg.neuron_select_type, kind, d_model, n_synch, cfg.n_random_pairing_self)
+        for kind, n_synch, size in (
+            ("action", cfg.n_synch_action, cfg.synch_size_action),
+            ("out", cfg.n_synch_out, cfg.synch_size_out),
+        ):
+            left, right = select_neurons(
+                cfg.neuron_select_type, kind, d_model, n_synch, cfg.n_random_pairing_self
+            )
             self.register_buffer(f"{kind}_neuron_indices_left", left)
             self.register_buffer(f"{kind}_neuron_indices_right", right)
             self.register_parameter(f"decay_params_{kind}", nn.Parameter(torch.zeros(size)))
@@ -186,39 +214,64 @@ class CTM(nn.Module):
 
     def compute_certainty(self, prediction: torch.Tensor) -> torch.Tensor:
         """[B, out_dims] -> [B, 2]: (normalised entropy, 1 - normalised entropy)."""
-        entropy = normalised_entropy(prediction.reshape([prediction.size(0)] + self.cfg.prediction_reshaper))
+        entropy = normalised_entropy(
+            prediction.reshape([prediction.size(0)] + self.cfg.prediction_reshaper)
+        )
         return torch.stack((entropy, 1 - entropy), dim=-1)
 
     # --- the tick ------------------------------------------------------------------------------
 
-    def tick(self, state: TickState, ctx: TickContext, need_weights: bool = False) -> tuple[TickState, TickOutput]:
+    def tick(
+        self, state: TickState, ctx: TickContext, need_weights: bool = False
+    ) -> tuple[TickState, TickOutput]:
         """Steps 1-3 of one tick (the read-out is ``read_out``)."""
         sync_action, alpha_action, beta_action = update_synchronisation(
-            state.activated, state.alpha_action, state.beta_action, ctx.r_action, ctx.action_left, ctx.action_right)
+            state.activated,
+            state.alpha_action,
+            state.beta_action,
+            ctx.r_action,
+            ctx.action_left,
+            ctx.action_right,
+        )
 
         nlm_weights, query_weight = per_tick((ctx.nlm_weights, ctx.query_weight), ctx.casts)
-        attended, weights = self.attention(self.q_proj(sync_action), ctx.keys, ctx.values, query_weight,
-                                           need_weights, ctx.kv_banks)
+        attended, weights = self.attention(
+            self.q_proj(sync_action), ctx.keys, ctx.values, query_weight, need_weights, ctx.kv_banks
+        )
         pre_activation = self.synapses(torch.cat((attended, state.activated), dim=-1))
         if state.columns is None:
-            trace, columns = torch.cat((state.trace[:, 1:], pre_activation.t().unsqueeze(1)), dim=1), None
+            trace, columns = (
+                torch.cat((state.trace[:, 1:], pre_activation.t().unsqueeze(1)), dim=1),
+                None,
+            )
             activated = self.trace_processor(trace, nlm_weights)
         else:
             column = pre_activation.t().contiguous()
-            trace, columns = torch.cat((state.trace[:, 1:], column.unsqueeze(1)), dim=1), state.columns[1:] + (column,)
+            trace, columns = (
+                torch.cat((state.trace[:, 1:], column.unsqueeze(1)), dim=1),
+                state.columns[1:] + (column,),
+            )
             activated = recomputed_nlms(self.trace_processor, trace, columns, nlm_weights)
-        return (TickState(trace, activated, alpha_action, beta_action, columns),
-                TickOutput(sync_action, pre_activation, activated, weights))
+        return (
+            TickState(trace, activated, alpha_action, beta_action, columns),
+            TickOutput(sync_action, pre_activation, activated, weights),
+        )
 
-    def read_out(self, activations: torch.Tensor, ctx: TickContext, state: ReadoutState | None = None) -> Readout:
+    def read_out(
+        self, activations: torch.Tensor, ctx: TickContext, state: ReadoutState | None = None
+    ) -> Readout:
         """Out synchronisation, predictions and certainties of post-activations ``[ticks, B, D]``.
 
         ``state`` is what the previous call returned (``None``: start after the learned start state).
         """
         if state is None:
             start = self.start_activated_state
-            state = ReadoutState(start[ctx.out_left] * start[ctx.out_right], torch.ones_like(ctx.r_out))
-        products = activations[..., ctx.out_left] * activations[..., ctx.out_right]   # [ticks, B, pairs]
+            state = ReadoutState(
+                start[ctx.out_left] * start[ctx.out_right], torch.ones_like(ctx.r_out)
+            )
+        products = (
+            activations[..., ctx.out_left] * activations[..., ctx.out_right]
+        )  # [ticks, B, pairs]
         alpha, beta = state
         alphas, betas = [], []
         for product in products.unbind(0):
@@ -228,15 +281,22 @@ class CTM(nn.Module):
             betas.append(beta)
         sync_out = torch.stack(alphas) / torch.sqrt(torch.stack(betas)).unsqueeze(1)
         predictions = self.output_projector(sync_out)
-        certainties = self.compute_certainty(predictions.flatten(0, 1)).unflatten(0, predictions.shape[:2])
+        certainties = self.compute_certainty(predictions.flatten(0, 1)).unflatten(
+            0, predictions.shape[:2]
+        )
         return Readout(predictions, certainties, sync_out, ReadoutState(alpha, beta))
 
     # --- set-up shared by forward and adaptive inference ----------------------------------------------
 
     def _pairs(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
         rows, cols = getattr(self, f"_{kind}_triangle")
-        return pair_indices(self.cfg.neuron_select_type, getattr(self, f"{kind}_neuron_indices_left"),
-                            getattr(self, f"{kind}_neuron_indices_right"), rows, cols)
+        return pair_indices(
+            self.cfg.neuron_select_type,
+            getattr(self, f"{kind}_neuron_indices_left"),
+            getattr(self, f"{kind}_neuron_indices_right"),
+            rows,
+            cols,
+        )
 
     def start(self, x: torch.Tensor) -> tuple[TickState, TickContext]:
         """Featurise the input and build the state before the first tick."""
@@ -244,13 +304,25 @@ class CTM(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         keys, values = self.attention.project_kv(self.compute_features(x))
         b = keys.size(0)
-        nlm_weights, query_weight = self.trace_processor.neuron_major_weights(), self.attention.query_weight()
+        nlm_weights, query_weight = (
+            self.trace_processor.neuron_major_weights(),
+            self.attention.query_weight(),
+        )
         action_left, action_right = self._pairs("action")
         out_left, out_right = self._pairs("out")
-        ctx = TickContext(keys, values, torch.exp(-_clamped(self.decay_params_action)),
-                          torch.exp(-_clamped(self.decay_params_out)),
-                          action_left, action_right, out_left, out_right,
-                          nlm_weights, query_weight, cast_once((nlm_weights, query_weight), autocast_dtype(x.device)))
+        ctx = TickContext(
+            keys,
+            values,
+            torch.exp(-_clamped(self.decay_params_action)),
+            torch.exp(-_clamped(self.decay_params_out)),
+            action_left,
+            action_right,
+            out_left,
+            out_right,
+            nlm_weights,
+            query_weight,
+            cast_once((nlm_weights, query_weight), autocast_dtype(x.device)),
+        )
 
         activated = self.start_activated_state.unsqueeze(0).expand(b, -1)
         trace = self.start_trace.unsqueeze(-1).expand(-1, -1, b)
@@ -259,17 +331,23 @@ class CTM(nn.Module):
         columns = None
         if self.cfg.recompute_nlms and torch.is_grad_enabled():
             columns = tuple(column.detach().contiguous() for column in trace.unbind(1))
-        return TickState(trace, activated, alpha_action, alpha_action.new_zeros(action_left.numel()), columns), ctx
+        return TickState(
+            trace, activated, alpha_action, alpha_action.new_zeros(action_left.numel()), columns
+        ), ctx
 
     # --- forward ---------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, track: bool = False):
         state, ctx = self.start(x)
         if track:
+
             def tick(s, c):
                 return self.tick(s, c, need_weights=True)
+
             state, outputs = run_ticks(tick, state, ctx, self.cfg.iterations, segment=0)
-        elif torch.compiler.is_compiling() and not (self.cfg.tick_checkpointing or self.cfg.recompute_nlms):
+        elif torch.compiler.is_compiling() and not (
+            self.cfg.tick_checkpointing or self.cfg.recompute_nlms
+        ):
             outputs = []
             tick = compiled_tick if self.tick_region else CTM.tick
             for _ in range(self.cfg.iterations):
@@ -280,8 +358,14 @@ class CTM(nn.Module):
             banks = new_banks(self, autocast_dtype(x.device)) if use_banks else None
             if use_banks:
                 ctx = with_banks(ctx)
-            state, outputs = run_ticks(self.tick, state, ctx, self.cfg.iterations, self.cfg.tick_checkpointing,
-                                       around_segment=lambda: using_banks(banks))
+            state, outputs = run_ticks(
+                self.tick,
+                state,
+                ctx,
+                self.cfg.iterations,
+                self.cfg.tick_checkpointing,
+                around_segment=lambda: using_banks(banks),
+            )
 
         readout = self.read_out(torch.stack([o.post_activation for o in outputs]), ctx)
         predictions = readout.predictions.permute(1, 2, 0).float().contiguous()
@@ -292,8 +376,12 @@ class CTM(nn.Module):
 
         def stacked(name: str) -> torch.Tensor:
             return torch.stack([getattr(o, name).detach() for o in outputs])
-        tracking = Tracking(sync_out=readout.sync_out.detach(), sync_action=stacked("sync_action"),
-                            pre_activations=stacked("pre_activation"),
-                            post_activations=stacked("post_activation"),
-                            attention=stacked("attention"))
+
+        tracking = Tracking(
+            sync_out=readout.sync_out.detach(),
+            sync_action=stacked("sync_action"),
+            pre_activations=stacked("pre_activation"),
+            post_activations=stacked("post_activation"),
+            attention=stacked("attention"),
+        )
         return predictions, certainties, sync_out, tracking

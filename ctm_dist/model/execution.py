@@ -47,7 +47,9 @@ def compiles(cfg: CTMConfig, device: torch.device) -> bool:
 
 def uses_cpu_kernels(cfg: CTMConfig, device: torch.device) -> bool:
     """Whether the ticks route weight gradients through banks (``tick_grads.py``) on ``device``."""
-    return _setting(cfg.cpu_kernels, torch.device(device).type == "cpu" and not compiles(cfg, device))
+    return _setting(
+        cfg.cpu_kernels, torch.device(device).type == "cpu" and not compiles(cfg, device)
+    )
 
 
 def uses_channels_last(cfg: CTMConfig, device: torch.device) -> bool:

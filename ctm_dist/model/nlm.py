@@ -39,7 +39,14 @@ from torch.nn import functional as F
 class PerNeuronLinear(nn.Module):
     """``D`` independent linear maps, one per neuron (the reference calls it ``SuperLinear``)."""
 
-    def __init__(self, in_dims: int, out_dims: int, n_neurons: int, do_norm: bool = False, dropout: float = 0.0):
+    def __init__(
+        self,
+        in_dims: int,
+        out_dims: int,
+        n_neurons: int,
+        do_norm: bool = False,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.layernorm = nn.LayerNorm(in_dims) if do_norm else nn.Identity()
@@ -52,7 +59,9 @@ class PerNeuronLinear(nn.Module):
         """(``w1 / T`` as ``[D, out, in]``, contiguous; ``b1 / T`` as ``[D, out, 1]``)."""
         return (self.w1 / self.T).permute(2, 1, 0).contiguous(), (self.b1 / self.T).permute(1, 2, 0)
 
-    def forward(self, x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """[D, in, B] -> [D, out, B]; ``weight`` is ``neuron_major_weight()`` computed ahead."""
         x = self.dropout(x)
         if not isinstance(self.layernorm, nn.Identity):
@@ -68,12 +77,23 @@ class NeuronLevelModels(nn.Module):
     reference's parameter names (``trace_processor.0.0.w1``, ``trace_processor.0.2.w1``).
     """
 
-    def __init__(self, d_model: int, memory_length: int, deep: bool, hidden_dims: int,
-                 do_layernorm: bool, dropout: float):
+    def __init__(
+        self,
+        d_model: int,
+        memory_length: int,
+        deep: bool,
+        hidden_dims: int,
+        do_layernorm: bool,
+        dropout: float,
+    ):
         super().__init__()
         if deep:
-            layers = [PerNeuronLinear(memory_length, 2 * hidden_dims, d_model, do_layernorm, dropout), nn.GLU(),
-                      PerNeuronLinear(hidden_dims, 2, d_model, do_layernorm, dropout), nn.GLU()]
+            layers = [
+                PerNeuronLinear(memory_length, 2 * hidden_dims, d_model, do_layernorm, dropout),
+                nn.GLU(),
+                PerNeuronLinear(hidden_dims, 2, d_model, do_layernorm, dropout),
+                nn.GLU(),
+            ]
         else:
             layers = [PerNeuronLinear(memory_length, 2, d_model, do_layernorm, dropout), nn.GLU()]
         self.add_module("0", nn.Sequential(*layers))
@@ -84,9 +104,12 @@ class NeuronLevelModels(nn.Module):
 
     def direct_parameters(self) -> dict[str, nn.Parameter]:
         """The parameters ``forward`` reads itself when given ``weights``: the layernorms'."""
-        return {f"0.{i}.layernorm.{name}": p for i, linear in enumerate(self._modules["0"])
-                if isinstance(linear, PerNeuronLinear) and isinstance(linear.layernorm, nn.LayerNorm)
-                for name, p in (("weight", linear.layernorm.weight), ("bias", linear.layernorm.bias))}
+        return {
+            f"0.{i}.layernorm.{name}": p
+            for i, linear in enumerate(self._modules["0"])
+            if isinstance(linear, PerNeuronLinear) and isinstance(linear.layernorm, nn.LayerNorm)
+            for name, p in (("weight", linear.layernorm.weight), ("bias", linear.layernorm.bias))
+        }
 
     @property
     def linears(self) -> list[PerNeuronLinear]:
@@ -117,13 +140,17 @@ class _RecomputedNLMs(Function):
     def forward(ctx, nlms, columns, direct, trace, *tensors):
         device = trace.device
         ctx.nlms, ctx.n_columns, ctx.direct = nlms, len(columns), direct
-        ctx.autocast = (device.type, torch.get_autocast_dtype(device.type), torch.is_autocast_enabled(device.type))
+        ctx.autocast = (
+            device.type,
+            torch.get_autocast_dtype(device.type),
+            torch.is_autocast_enabled(device.type),
+        )
         ctx.rng = _rng_state(device) if nlms.training and nlms.uses_dropout else None
         # layernorms and autocast go through autograd again in backward; otherwise it is written out
         ctx.by_hand = not direct and not ctx.autocast[2]
         ctx.save_for_backward(*columns, *tensors)
         with torch.no_grad():
-            return nlms(trace, _pairs(tensors[:len(tensors) - len(direct)]))
+            return nlms(trace, _pairs(tensors[: len(tensors) - len(direct)]))
 
     @staticmethod
     def backward(ctx, grad):
@@ -132,8 +159,11 @@ class _RecomputedNLMs(Function):
         trace = torch.stack(saved[:n], dim=1)
         device = trace.device
         dropout_rng = ctx.rng is not None
-        with torch.random.fork_rng([device] if dropout_rng and device.type != "cpu" else [], enabled=dropout_rng,
-                                   device_type=device.type):
+        with torch.random.fork_rng(
+            [device] if dropout_rng and device.type != "cpu" else [],
+            enabled=dropout_rng,
+            device_type=device.type,
+        ):
             if dropout_rng:
                 _set_rng_state(device, ctx.rng)
             if ctx.by_hand:
@@ -142,17 +172,29 @@ class _RecomputedNLMs(Function):
                 return (None, None, None, grad_trace, *(g for pair in weight_grads for g in pair))
             trace.requires_grad_()
             tensors = [t.detach().requires_grad_(t.requires_grad) for t in saved[n:]]
-            weights, direct_values = _pairs(tensors[:len(tensors) - len(direct)]), tensors[len(tensors) - len(direct):]
-            with torch.enable_grad(), torch.autocast(ctx.autocast[0], dtype=ctx.autocast[1], enabled=ctx.autocast[2]):
-                out = (torch.func.functional_call(ctx.nlms, dict(zip(direct, direct_values)), (trace, weights))
-                       if direct else ctx.nlms(trace, weights))
+            weights, direct_values = (
+                _pairs(tensors[: len(tensors) - len(direct)]),
+                tensors[len(tensors) - len(direct) :],
+            )
+            with (
+                torch.enable_grad(),
+                torch.autocast(ctx.autocast[0], dtype=ctx.autocast[1], enabled=ctx.autocast[2]),
+            ):
+                out = (
+                    torch.func.functional_call(
+                        ctx.nlms, dict(zip(direct, direct_values)), (trace, weights)
+                    )
+                    if direct
+                    else ctx.nlms(trace, weights)
+                )
         # backward(inputs=...) rather than autograd.grad: module hooks (e.g. FlopCounterMode's) refuse leaves in .grad
         torch.autograd.backward(out, grad, inputs=[trace] + [t for t in tensors if t.requires_grad])
         return (None, None, None, trace.grad, *(t.grad for t in tensors))
 
 
-def _nlm_backward(trace: torch.Tensor, weights: tuple, grad: torch.Tensor,
-                  dropouts: list[nn.Module] | None = None) -> tuple[torch.Tensor, list]:
+def _nlm_backward(
+    trace: torch.Tensor, weights: tuple, grad: torch.Tensor, dropouts: list[nn.Module] | None = None
+) -> tuple[torch.Tensor, list]:
     """Gradients of ``NeuronLevelModels.forward(trace, weights)`` (no layernorm) w.r.t. the trace and each
     layer's (weight, bias), from ``grad`` of its ``[B, D]`` output; runs the layers again.
 
@@ -170,8 +212,9 @@ def _nlm_backward(trace: torch.Tensor, weights: tuple, grad: torch.Tensor,
         x = F.glu(pre_glus[-1], dim=1)
     grad_x = grad.t().unsqueeze(1)
     weight_grads = []
-    for (weight, bias), x, noise, pre_glu in zip(reversed(weights), reversed(inputs), reversed(noises),
-                                                 reversed(pre_glus)):
+    for (weight, bias), x, noise, pre_glu in zip(
+        reversed(weights), reversed(inputs), reversed(noises), reversed(pre_glus)
+    ):
         grad_pre = torch.ops.aten.glu_backward(grad_x, pre_glu, 1)
         weight_grads.append((torch.bmm(grad_pre, x.transpose(1, 2)), grad_pre.sum(2, keepdim=True)))
         grad_x = torch.bmm(weight.transpose(1, 2), grad_pre)
@@ -194,11 +237,18 @@ def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
         torch.cuda.set_rng_state(state, device)
 
 
-def recomputed_nlms(nlms: NeuronLevelModels, trace: torch.Tensor, columns: tuple[torch.Tensor, ...],
-                    weights: tuple) -> torch.Tensor:
+def recomputed_nlms(
+    nlms: NeuronLevelModels, trace: torch.Tensor, columns: tuple[torch.Tensor, ...], weights: tuple
+) -> torch.Tensor:
     """``nlms(trace, weights)``, run again in backward instead of keeping its activations.
 
     ``columns``: the ``M`` columns ``[D, B]`` of ``trace``, oldest first, each contiguous."""
     direct = nlms.direct_parameters()
-    return _RecomputedNLMs.apply(nlms, columns, tuple(direct), trace, *(t for pair in weights for t in pair),
-                                 *direct.values())
+    return _RecomputedNLMs.apply(
+        nlms,
+        columns,
+        tuple(direct),
+        trace,
+        *(t for pair in weights for t in pair),
+        *direct.values(),
+    )

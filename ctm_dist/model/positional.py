@@ -24,11 +24,13 @@ def _grid_coordinates(h: int, w: int, device, dtype) -> torch.Tensor:
 class LearnableFourierEmbedding(nn.Module):
     """Learnable Fourier features of 2-d coordinates (Li et al. 2021, arXiv:2106.02795, Algorithm 1)."""
 
-    def __init__(self, d_model: int, gamma: float = 1 / 2.5, fourier_dims: int = 256, hidden_dims: int = 128):
+    def __init__(
+        self, d_model: int, gamma: float = 1 / 2.5, fourier_dims: int = 256, hidden_dims: int = 128
+    ):
         super().__init__()
         self.fourier_dims = fourier_dims
         self.Wr = nn.Linear(2, fourier_dims // 2, bias=False)
-        nn.init.normal_(self.Wr.weight, mean=0.0, std=gamma ** -2)
+        nn.init.normal_(self.Wr.weight, mean=0.0, std=gamma**-2)
         self.mlp = nn.Sequential(
             nn.Linear(fourier_dims, hidden_dims),
             nn.GLU(),
@@ -39,7 +41,9 @@ class LearnableFourierEmbedding(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         angles = self.Wr(_grid_coordinates(h, w, x.device, x.dtype))
-        features = torch.cat((torch.cos(angles), torch.sin(angles)), dim=-1) / math.sqrt(self.fourier_dims)
+        features = torch.cat((torch.cos(angles), torch.sin(angles)), dim=-1) / math.sqrt(
+            self.fourier_dims
+        )
         return self.mlp(features).permute(2, 0, 1).unsqueeze(0).expand(b, -1, -1, -1)
 
 
@@ -48,8 +52,10 @@ class MultiLearnableFourierEmbedding(nn.Module):
 
     def __init__(self, d_model: int, gamma_range: tuple[float, float] = (1.0, 0.1), n: int = 10):
         super().__init__()
-        self.embedders = nn.ModuleList(LearnableFourierEmbedding(d_model, float(g))
-                                       for g in np.linspace(gamma_range[0], gamma_range[1], n))
+        self.embedders = nn.ModuleList(
+            LearnableFourierEmbedding(d_model, float(g))
+            for g in np.linspace(gamma_range[0], gamma_range[1], n)
+        )
         self.combination = nn.Parameter(torch.ones(n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,11 +82,15 @@ class RotationalEmbedding2D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         if h != w:
-            raise ValueError(f"custom-rotational positional embedding needs square feature maps, got {h}x{w}")
-        rotated = _rotations(w, self.start_vector)                              # [W, 2]
-        grid = torch.cat((rotated.unsqueeze(1).expand(w, w, 2), rotated.unsqueeze(0).expand(w, w, 2)), dim=-1)
-        grid = grid.to(self.projection[0].weight.dtype)                         # the table is built in fp32
-        return self.projection(grid).permute(2, 0, 1).unsqueeze(0)              # [1, d, W, W]
+            raise ValueError(
+                f"custom-rotational positional embedding needs square feature maps, got {h}x{w}"
+            )
+        rotated = _rotations(w, self.start_vector)  # [W, 2]
+        grid = torch.cat(
+            (rotated.unsqueeze(1).expand(w, w, 2), rotated.unsqueeze(0).expand(w, w, 2)), dim=-1
+        )
+        grid = grid.to(self.projection[0].weight.dtype)  # the table is built in fp32
+        return self.projection(grid).permute(2, 0, 1).unsqueeze(0)  # [1, d, W, W]
 
 
 class RotationalEmbedding1D(nn.Module):
@@ -93,7 +103,7 @@ class RotationalEmbedding1D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         start = torch.tensor([0.0, 1.0], device=x.device)
         table = _rotations(x.size(2), start).to(self.projection.weight.dtype)  # built in fp32
-        embedding = self.projection(table)                                     # [L, d]
+        embedding = self.projection(table)  # [L, d]
         return embedding.t().unsqueeze(0).expand(x.size(0), -1, -1)
 
 

@@ -17,16 +17,31 @@ UNET_MIN_WIDTH = 16
 
 
 def _block(dropout: float, width_in: int, width_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Dropout(dropout), TickLinear(width_in, width_out), nn.LayerNorm(width_out), nn.SiLU())
+    return nn.Sequential(
+        nn.Dropout(dropout), TickLinear(width_in, width_out), nn.LayerNorm(width_out), nn.SiLU()
+    )
 
 
 class SynapseUNet(nn.Module):
-    def __init__(self, in_dims: int, d_model: int, depth: int, dropout: float = 0.0, min_width: int = UNET_MIN_WIDTH):
+    def __init__(
+        self,
+        in_dims: int,
+        d_model: int,
+        depth: int,
+        dropout: float = 0.0,
+        min_width: int = UNET_MIN_WIDTH,
+    ):
         super().__init__()
         widths = [int(w) for w in np.linspace(d_model, min_width, depth)]
-        self.first_projection = nn.Sequential(TickLinear(in_dims, widths[0]), nn.LayerNorm(widths[0]), nn.SiLU())
-        self.down_projections = nn.ModuleList(_block(dropout, widths[i], widths[i + 1]) for i in range(depth - 1))
-        self.up_projections = nn.ModuleList(_block(dropout, widths[i + 1], widths[i]) for i in range(depth - 1))
+        self.first_projection = nn.Sequential(
+            TickLinear(in_dims, widths[0]), nn.LayerNorm(widths[0]), nn.SiLU()
+        )
+        self.down_projections = nn.ModuleList(
+            _block(dropout, widths[i], widths[i + 1]) for i in range(depth - 1)
+        )
+        self.up_projections = nn.ModuleList(
+            _block(dropout, widths[i + 1], widths[i]) for i in range(depth - 1)
+        )
         self.skip_lns = nn.ModuleList(nn.LayerNorm(widths[i]) for i in range(depth - 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -41,5 +56,7 @@ class SynapseUNet(nn.Module):
 
 def build_synapses(in_dims: int, d_model: int, depth: int, dropout: float) -> nn.Module:
     if depth == 1:
-        return nn.Sequential(nn.Dropout(dropout), TickLinear(in_dims, 2 * d_model), nn.GLU(), nn.LayerNorm(d_model))
+        return nn.Sequential(
+            nn.Dropout(dropout), TickLinear(in_dims, 2 * d_model), nn.GLU(), nn.LayerNorm(d_model)
+        )
     return SynapseUNet(in_dims, d_model, depth, dropout)

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 
-def select_neurons(select_type: str, synch_type: str, d_model: int, n_synch: int,
-                   n_self: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def select_neurons(
+    select_type: str, synch_type: str, d_model: int, n_synch: int, n_self: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Left and right neuron indices (int64) for one synchronisation representation."""
     if select_type == "first-last":
         first = 0 if synch_type == "out" else d_model - n_synch
@@ -48,16 +49,27 @@ def upper_triangle(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, cols
 
 
-def pair_indices(select_type: str, left: torch.Tensor, right: torch.Tensor,
-                 tri_rows: torch.Tensor, tri_cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_indices(
+    select_type: str,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    tri_rows: torch.Tensor,
+    tri_cols: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Neuron index of each side of every tracked pair."""
     if select_type == "random-pairing":
         return left, right
     return left[tri_rows], right[tri_cols]
 
 
-def update_synchronisation(activated: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, r: torch.Tensor,
-                           left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def update_synchronisation(
+    activated: torch.Tensor,
+    alpha: torch.Tensor,
+    beta: torch.Tensor,
+    r: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One recurrent step; returns (synchronisation, alpha, beta)."""
     product = activated[:, left] * activated[:, right]
     alpha = r * alpha + product

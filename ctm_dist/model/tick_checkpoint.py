@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Callable, ContextManager
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -73,8 +74,14 @@ def _recording(tape: Tape | None):
         _active.tape = previous
 
 
-def _run_segment(tick: Callable, state: Any, context: Any, n_ticks: int,
-                 around: Callable[[], ContextManager], tape: Tape | None = None) -> tuple[Any, list]:
+def _run_segment(
+    tick: Callable,
+    state: Any,
+    context: Any,
+    n_ticks: int,
+    around: Callable[[], contextlib.AbstractContextManager],
+    tape: Tape | None = None,
+) -> tuple[Any, list]:
     outputs = []
     with around(), _recording(tape):
         for _ in range(n_ticks):
@@ -95,8 +102,14 @@ def collecting_tapes():
         _active.collect = previous
 
 
-def run_ticks(tick: Callable, state: Any, context: Any, n_ticks: int, segment: int = 0,
-              around_segment: Callable[[], ContextManager] = contextlib.nullcontext) -> tuple[Any, list]:
+def run_ticks(
+    tick: Callable,
+    state: Any,
+    context: Any,
+    n_ticks: int,
+    segment: int = 0,
+    around_segment: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> tuple[Any, list]:
     """Apply ``tick(state, context) -> (state, output)`` ``n_ticks`` times; return final state, outputs.
 
     ``around_segment()`` is entered around every run of a segment, recomputations included.
@@ -108,7 +121,15 @@ def run_ticks(tick: Callable, state: Any, context: Any, n_ticks: int, segment: i
         tape = Tape()
         if getattr(_active, "collect", None) is not None:
             _active.collect.append(tape)
-        state, segment_outputs = checkpoint(_run_segment, tick, state, context, min(segment, n_ticks - start),
-                                            around_segment, tape, use_reentrant=False)
+        state, segment_outputs = checkpoint(
+            _run_segment,
+            tick,
+            state,
+            context,
+            min(segment, n_ticks - start),
+            around_segment,
+            tape,
+            use_reentrant=False,
+        )
         outputs.extend(segment_outputs)
     return state, outputs

@@ -36,7 +36,7 @@ autocast a bank casts its weight once per forward, so the ticks do not cast it a
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -44,7 +44,6 @@ from torch.autograd import Function
 from torch.nn import functional as F
 
 from .tick_checkpoint import replayable
-
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -54,8 +53,14 @@ REORDER_MIN_ROWS = 8
 
 def _reordered(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``x @ weight.T`` should use a weight reordered for oneDNN."""
-    return (_ONEDNN and x.device.type == "cpu" and x.dim() == 2 and x.size(0) >= REORDER_MIN_ROWS
-            and x.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"))
+    return (
+        _ONEDNN
+        and x.device.type == "cpu"
+        and x.dim() == 2
+        and x.size(0) >= REORDER_MIN_ROWS
+        and x.dtype == weight.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+    )
 
 
 class Bank:
@@ -74,16 +79,24 @@ class Bank:
             self.tensor = self.tensor.to(dtype)
         self._reordered: dict[bool, torch.Tensor] = {}
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               transposed: bool = False) -> torch.Tensor:
+    def linear(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        transposed: bool = False,
+    ) -> torch.Tensor:
         """``F.linear(x, weight, bias)`` (``x @ weight`` with ``transposed``), ``weight`` being this bank's."""
         if not _reordered(x, weight):
             return x @ weight if transposed else F.linear(x, weight, bias)
         if transposed not in self._reordered:
             w = weight.detach()
             self._reordered[transposed] = torch.ops.mkldnn._reorder_linear_weight(
-                w.t().contiguous() if transposed else w, x.size(0))
-        return torch.ops.mkldnn._linear_pointwise(x, self._reordered[transposed], bias, "none", [], "")
+                w.t().contiguous() if transposed else w, x.size(0)
+            )
+        return torch.ops.mkldnn._linear_pointwise(
+            x, self._reordered[transposed], bias, "none", [], ""
+        )
 
     def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Record one tick's contribution ``a^T @ b`` (both ``[..., rows, *]``, contracted over rows)."""
@@ -141,14 +154,18 @@ class _BankedLinear(Function):
         x, weight = ctx.saved_tensors
         grad_rows = grad_out.reshape(-1, grad_out.size(-1))
         ctx.bank.add(grad_rows, x.reshape(-1, x.size(-1)))  # dW = g^T x
-        grad_x = ctx.bank.linear(grad_out, weight.to(grad_out.dtype), None, transposed=True) \
-            if ctx.needs_input_grad[0] else None
+        grad_x = (
+            ctx.bank.linear(grad_out, weight.to(grad_out.dtype), None, transposed=True)
+            if ctx.needs_input_grad[0]
+            else None
+        )
         grad_bias = grad_rows.sum(0) if ctx.has_bias else None
         return grad_x, None, grad_bias, None
 
 
-def banked_linear(x: torch.Tensor, bank: Bank | None, weight: torch.Tensor,
-                  bias: torch.Tensor | None) -> torch.Tensor:
+def banked_linear(
+    x: torch.Tensor, bank: Bank | None, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, with the weight gradient through ``bank`` when there is one."""
     if bank is None or torch.compiler.is_compiling():
         return F.linear(x, weight, bias)
@@ -176,7 +193,9 @@ def new_banks(module: nn.Module, dtype: torch.dtype | None = None) -> dict[nn.Mo
     """
     banks = {}
     for layer in module.modules():
-        if hasattr(layer, "bank_weight") and not any(hasattr(p, "ds_id") for p in layer.parameters(recurse=False)):
+        if hasattr(layer, "bank_weight") and not any(
+            hasattr(p, "ds_id") for p in layer.parameters(recurse=False)
+        ):
             banks[layer] = Bank(layer.bank_weight(), dtype)
     return banks
 

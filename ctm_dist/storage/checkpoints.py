@@ -29,8 +29,9 @@ import os
 import pickle
 import posixpath
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -84,9 +85,11 @@ def extra_name(rank: int) -> str:
 def check_file_name(name: str, where: str) -> str:
     """``name`` if it is a plain file name; :class:`UnsafeCheckpoint` for paths (``..``, ``/x``, ``a/b``)."""
     if not isinstance(name, str) or not _FILE_NAME.fullmatch(name):
-        raise UnsafeCheckpoint(f"{where}: refused the file name {str(name)[:120]!r}: a checkpoint file must "
-                               "be a plain name (no '/', '..' or leading '.'), else it could be written "
-                               "outside the checkpoint directory")
+        raise UnsafeCheckpoint(
+            f"{where}: refused the file name {str(name)[:120]!r}: a checkpoint file must "
+            "be a plain name (no '/', '..' or leading '.'), else it could be written "
+            "outside the checkpoint directory"
+        )
     return name
 
 
@@ -100,12 +103,15 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 # ---------------------------------------------------------------------------------- safe loading
 
+
 def deepspeed_safe_globals() -> list:
     """DeepSpeed classes its checkpoint files pickle; plain data, allowed for weights-only loading."""
     found = []
-    for module, names in (("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler")),
-                          ("deepspeed.runtime.zero.config", ("ZeroStageEnum",)),
-                          ("deepspeed.utils.tensor_fragment", ("fragment_address",))):
+    for module, names in (
+        ("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler")),
+        ("deepspeed.runtime.zero.config", ("ZeroStageEnum",)),
+        ("deepspeed.utils.tensor_fragment", ("fragment_address",)),
+    ):
         try:
             mod = __import__(module, fromlist=list(names))
         except ImportError:
@@ -124,10 +130,14 @@ def safe_load(path: str | os.PathLike, what: str | None = None) -> Any:
         lines = str(e).strip().splitlines()
         unsafe = [ln for ln in lines if "GLOBAL" in ln or "Unsupported global" in ln]
         if isinstance(e, pickle.UnpicklingError) and unsafe:
-            raise UnsafeCheckpoint(f"{what}: refused to unpickle (it needs code to load, which could run "
-                                   f"arbitrary commands; nothing was executed): {unsafe[0].strip()[:300]}") from None
+            raise UnsafeCheckpoint(
+                f"{what}: refused to unpickle (it needs code to load, which could run "
+                f"arbitrary commands; nothing was executed): {unsafe[0].strip()[:300]}"
+            ) from None
         msg = " ".join(str(e).split())[:200]
-        raise NotACheckpoint(f"{what}: not a torch checkpoint file ({type(e).__name__}: {msg})") from None
+        raise NotACheckpoint(
+            f"{what}: not a torch checkpoint file ({type(e).__name__}: {msg})"
+        ) from None
 
 
 def check_loadable(directory: str | os.PathLike, what: str | None = None) -> None:
@@ -138,6 +148,7 @@ def check_loadable(directory: str | os.PathLike, what: str | None = None) -> Non
 
 
 # ---------------------------------------------------------------------------------- COMMIT
+
 
 def parse_commit(raw: bytes, step: int, where: str) -> dict:
     """The COMMIT document of ``step`` with ``files`` ({name: size}) and ``sha256`` ({name: hex} or
@@ -158,7 +169,10 @@ def parse_commit(raw: bytes, step: int, where: str) -> dict:
         raise NotACheckpoint(f"{where}: not a ctm-dist commit marker ({e})") from None
     for name in files:
         check_file_name(name, where)
-    commit["files"], commit["sha256"] = files, (sums if commit["format"] != READABLE_FORMATS[0] else None)
+    commit["files"], commit["sha256"] = (
+        files,
+        (sums if commit["format"] != READABLE_FORMATS[0] else None),
+    )
     return commit
 
 
@@ -186,13 +200,17 @@ def read_commit(checkpoints: Location, step: int) -> dict:
     try:
         raw = checkpoints.read_bytes(marker)
     except FileNotFoundError:
-        raise NoCheckpoint(f"{checkpoints.name_url(name)} is not committed (no {COMMIT} marker)") from None
+        raise NoCheckpoint(
+            f"{checkpoints.name_url(name)} is not committed (no {COMMIT} marker)"
+        ) from None
     commit = parse_commit(raw, step, checkpoints.name_url(marker))
     present = stored_sizes(checkpoints, name)
     for fname, size in commit["files"].items():
         if present.get(fname) != size:
-            raise NotACheckpoint(f"{checkpoints.name_url(name + '/' + fname)}: listed in {COMMIT} "
-                                 f"with {size} bytes but the store has {present.get(fname, 'no file')}")
+            raise NotACheckpoint(
+                f"{checkpoints.name_url(name + '/' + fname)}: listed in {COMMIT} "
+                f"with {size} bytes but the store has {present.get(fname, 'no file')}"
+            )
     return commit
 
 
@@ -221,7 +239,9 @@ def committed_steps(checkpoints: Location, on_invalid=None) -> list[int]:
     return steps
 
 
-def fetch_files(checkpoints: Location, commit: dict, names: Iterable[str], dest: str | os.PathLike) -> list[Path]:
+def fetch_files(
+    checkpoints: Location, commit: dict, names: Iterable[str], dest: str | os.PathLike
+) -> list[Path]:
     """Download the listed ``names`` of ``commit``'s step into ``dest`` and check each one's size and
     SHA-256 against COMMIT; a mismatch is :class:`NotACheckpoint` (the step is unusable)."""
     name = step_name(commit["step"])
@@ -236,9 +256,13 @@ def fetch_files(checkpoints: Location, commit: dict, names: Iterable[str], dest:
         checkpoints.get_file(f"{name}/{fname}", target)
         size = target.stat().st_size
         if size != commit["files"][fname]:
-            raise NotACheckpoint(f"{where}: downloaded {size} bytes, {COMMIT} lists {commit['files'][fname]}")
+            raise NotACheckpoint(
+                f"{where}: downloaded {size} bytes, {COMMIT} lists {commit['files'][fname]}"
+            )
         if commit.get("sha256") is not None and sha256_file(target) != commit["sha256"][fname]:
-            raise NotACheckpoint(f"{where}: its SHA-256 differs from the one in {COMMIT} (the file changed "
-                                 "or was damaged after it was committed); this step is unusable")
+            raise NotACheckpoint(
+                f"{where}: its SHA-256 differs from the one in {COMMIT} (the file changed "
+                "or was damaged after it was committed); this step is unusable"
+            )
         out.append(target)
     return out

@@ -49,16 +49,31 @@ TLS_DIR = "tls"
 # JWT keys: writes and reads on the volume servers, writes and reads on the filer.
 _JWT_SECTIONS = ("jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read")
 # weed's gRPC servers and clients (security.toml [grpc.<name>]) and HTTPS servers ([https.<name>]).
-_GRPC_PARTS = ("master", "volume", "filer", "s3", "admin", "worker", "msg_broker", "msg_agent", "mq")
+_GRPC_PARTS = (
+    "master",
+    "volume",
+    "filer",
+    "s3",
+    "admin",
+    "worker",
+    "msg_broker",
+    "msg_agent",
+    "mq",
+)
 _HTTPS_PARTS = ("master", "volume", "filer")
 _CERT_DAYS = 3650  # the CA and certificate are made anew at every start
 # Listeners weed mini opens; each gets a free port so instances never collide.
 _PORT_FLAGS = (
-    "master.port", "master.port.grpc",
-    "volume.port", "volume.port.grpc",
-    "filer.port", "filer.port.grpc",
-    "s3.port", "s3.port.grpc",
-    "admin.port", "admin.port.grpc",
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "s3.port",
+    "s3.port.grpc",
+    "admin.port",
+    "admin.port.grpc",
 )
 
 
@@ -127,8 +142,13 @@ class LocalObjectStore:
     variables) tell clients how to reach it.
     """
 
-    def __init__(self, data_dir: str | os.PathLike, access_key: str | None = None,
-                 secret_key: str | None = None, start_timeout: float = 60.0):
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        start_timeout: float = 60.0,
+    ):
         self.data_dir = Path(data_dir).resolve()
         self.access_key = access_key or "ctm" + secrets.token_hex(8)
         self.secret_key = secret_key or secrets.token_urlsafe(30)
@@ -137,7 +157,9 @@ class LocalObjectStore:
         self.endpoint_url = ""
         self._proc: subprocess.Popen | None = None
         self._log = None
-        self._tls_name = "ctm-dist-store-" + secrets.token_hex(4)  # the only name weed's ports accept
+        self._tls_name = "ctm-dist-store-" + secrets.token_hex(
+            4
+        )  # the only name weed's ports accept
 
     def __repr__(self) -> str:
         return f"LocalObjectStore({str(self.data_dir)!r}, endpoint_url={self.endpoint_url!r})"
@@ -176,38 +198,70 @@ class LocalObjectStore:
         valid = (now - datetime.timedelta(hours=1), now + datetime.timedelta(days=_CERT_DAYS))
 
         def build(subject: str, issuer: x509.Name, public_key) -> x509.CertificateBuilder:
-            return (x509.CertificateBuilder().subject_name(_x509_name(subject)).issuer_name(issuer)
-                    .public_key(public_key).serial_number(x509.random_serial_number())
-                    .not_valid_before(valid[0]).not_valid_after(valid[1]))
+            return (
+                x509.CertificateBuilder()
+                .subject_name(_x509_name(subject))
+                .issuer_name(issuer)
+                .public_key(public_key)
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(valid[0])
+                .not_valid_after(valid[1])
+            )
 
         ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca = (build("ctm-dist local store CA", _x509_name("ctm-dist local store CA"), ca_key.public_key())
-              .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-              .sign(ca_key, hashes.SHA256()))
+        ca = (
+            build(
+                "ctm-dist local store CA",
+                _x509_name("ctm-dist local store CA"),
+                ca_key.public_key(),
+            )
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .sign(ca_key, hashes.SHA256())
+        )
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = (build(self._tls_name, ca.subject, key.public_key())
-                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                .add_extension(x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(HOST))]), critical=False)
-                .add_extension(x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-                .sign(ca_key, hashes.SHA256()))
+        cert = (
+            build(self._tls_name, ca.subject, key.public_key())
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(HOST))]
+                ),
+                critical=False,
+            )
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
         paths = (tls / "ca.crt", tls / "node.crt", tls / "node.key")
         self._write_private(paths[0], ca.public_bytes(serialization.Encoding.PEM).decode())
         self._write_private(paths[1], cert.public_bytes(serialization.Encoding.PEM).decode())
-        self._write_private(paths[2], key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()).decode())
+        self._write_private(
+            paths[2],
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ).decode(),
+        )
         return paths
 
     def _write_security(self) -> None:
         """security.toml: mutual TLS on the internal ports, JWT keys for the filer and volume servers."""
         ca, cert, key = self._write_tls()
         pair = f'cert = "{cert}"\nkey = "{key}"\n'
-        parts = [f'[{section}]\nkey = "{secrets.token_urlsafe(32)}"\nexpires_after_seconds = 10\n'
-                 for section in _JWT_SECTIONS]
+        parts = [
+            f'[{section}]\nkey = "{secrets.token_urlsafe(32)}"\nexpires_after_seconds = 10\n'
+            for section in _JWT_SECTIONS
+        ]
         parts.append(f'[grpc]\nca = "{ca}"\n')
-        parts += [f'[grpc.{name}]\n{pair}allowed_commonNames = "{self._tls_name}"\n' for name in _GRPC_PARTS]
+        parts += [
+            f'[grpc.{name}]\n{pair}allowed_commonNames = "{self._tls_name}"\n'
+            for name in _GRPC_PARTS
+        ]
         parts.append(f"[grpc.client]\n{pair}")
         parts += [f'[https.{name}]\n{pair}ca = "{ca}"\n' for name in _HTTPS_PARTS]
         parts.append(f'[https.client]\nenabled = true\n{pair}ca = "{ca}"\n')
@@ -215,32 +269,43 @@ class LocalObjectStore:
         self._write_private(self.security_file, "\n".join(parts))
 
     def _write_identities(self) -> None:
-        config = {"identities": [{
-            "name": "ctm-dist",
-            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
-            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-        }]}
+        config = {
+            "identities": [
+                {
+                    "name": "ctm-dist",
+                    "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+                    "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+                }
+            ]
+        }
         self._write_private(self.keys_file, json.dumps(config))
 
     def _command(self) -> list[str]:
         cmd = [
-            _weed_binary(), f"-config_dir={self.data_dir}", "mini",
+            _weed_binary(),
+            f"-config_dir={self.data_dir}",
+            "mini",
             f"-dir={self.data_dir / 'weed'}",
-            f"-ip={HOST}", f"-ip.bind={HOST}",
+            f"-ip={HOST}",
+            f"-ip.bind={HOST}",
             "-master.telemetry=false",
-            "-admin.ui=false", "-webdav=false",
-            "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-admin.ui=false",
+            "-webdav=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
             f"-s3.config={self.keys_file}",
             "-s3.autoCreateBucket=false",
         ]
         # Unix sockets default to /tmp/seaweedfs-*-<port>.sock; keep ours in data_dir.
         if len(str(self.data_dir)) < 80:
-            cmd += [f"-s3.localSocket={self.data_dir / 's3.sock'}",
-                    f"-filer.localSocket={self.data_dir / 'filer.sock'}"]
+            cmd += [
+                f"-s3.localSocket={self.data_dir / 's3.sock'}",
+                f"-filer.localSocket={self.data_dir / 'filer.sock'}",
+            ]
         cmd += [f"-{flag}={port}" for flag, port in self.ports.items()]
         return cmd
 
-    def start(self) -> "LocalObjectStore":
+    def start(self) -> LocalObjectStore:
         if self._proc is not None:
             return self
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -264,10 +329,17 @@ class LocalObjectStore:
     def _launch(self) -> None:
         self._log = open(self.data_dir / "weed.log", "ab")
         self._proc = subprocess.Popen(
-            self._command(), stdout=self._log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, cwd=self.data_dir, start_new_session=True,
+            self._command(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=self.data_dir,
+            start_new_session=True,
             # the kernel's parent-death signal follows the thread that forks: only the main thread's lasts
-            preexec_fn=_die_with_parent if threading.current_thread() is threading.main_thread() else None)
+            preexec_fn=_die_with_parent
+            if threading.current_thread() is threading.main_thread()
+            else None,
+        )
 
     def restart(self) -> None:
         """Stop and start again on the same S3 port and data (clients' endpoint stays valid).
@@ -279,10 +351,14 @@ class LocalObjectStore:
         self.stop()
         last_error: Exception | None = None
         for attempt in range(3):
-            if attempt:  # another process may hold an internal port by now; only the S3 port must stay
+            if (
+                attempt
+            ):  # another process may hold an internal port by now; only the S3 port must stay
                 s3_port = self.ports["s3.port"]
                 fresh = iter(p for p in free_ports(len(_PORT_FLAGS)) if p != s3_port)
-                self.ports = {flag: s3_port if flag == "s3.port" else next(fresh) for flag in _PORT_FLAGS}
+                self.ports = {
+                    flag: s3_port if flag == "s3.port" else next(fresh) for flag in _PORT_FLAGS
+                }
             self._launch()
             try:
                 self._wait_ready()
@@ -296,26 +372,36 @@ class LocalObjectStore:
         """A botocore S3 client signed with this server's keys."""
         import botocore.config
         import botocore.session
+
         return botocore.session.get_session().create_client(
-            "s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
-            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
-            config=botocore.config.Config(retries={"max_attempts": 1},
-                                          connect_timeout=2, read_timeout=10))
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name="us-east-1",
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            config=botocore.config.Config(
+                retries={"max_attempts": 1}, connect_timeout=2, read_timeout=10
+            ),
+        )
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.start_timeout
         client = self.client()
         while True:
             if self._proc.poll() is not None:
-                raise StorageError(f"exited with code {self._proc.returncode}; see "
-                                   f"{self.data_dir / 'weed.log'}:{_log_tail(self.data_dir / 'weed.log')}")
+                raise StorageError(
+                    f"exited with code {self._proc.returncode}; see "
+                    f"{self.data_dir / 'weed.log'}:{_log_tail(self.data_dir / 'weed.log')}"
+                )
             try:
                 client.list_buckets()
                 return
             except Exception as e:  # not listening yet, or filer not up yet
                 if time.monotonic() > deadline:
-                    raise StorageError(f"not ready after {self.start_timeout:.0f}s "
-                                       f"({type(e).__name__}); see {self.data_dir / 'weed.log'}")
+                    raise StorageError(
+                        f"not ready after {self.start_timeout:.0f}s "
+                        f"({type(e).__name__}); see {self.data_dir / 'weed.log'}"
+                    )
             time.sleep(0.1)
 
     def create_bucket(self, name: str) -> None:
@@ -343,7 +429,7 @@ class LocalObjectStore:
             for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
                 sock.unlink(missing_ok=True)
 
-    def __enter__(self) -> "LocalObjectStore":
+    def __enter__(self) -> LocalObjectStore:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -408,8 +494,12 @@ def lock_directory(directory: str | os.PathLike, name: str = "launcher.lock"):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", required=True, help="data directory (keys file is written here, 0600)")
-    parser.add_argument("--bucket", action="append", default=[], help="bucket to create (repeatable)")
+    parser.add_argument(
+        "--dir", required=True, help="data directory (keys file is written here, 0600)"
+    )
+    parser.add_argument(
+        "--bucket", action="append", default=[], help="bucket to create (repeatable)"
+    )
     args = parser.parse_args(argv)
     store = LocalObjectStore(args.dir)
     stop = False

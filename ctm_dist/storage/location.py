@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 import posixpath
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from .errors import StorageError
 from .retry import DEFAULT_DEADLINE, call_with_retry, translate_error
@@ -32,8 +33,8 @@ def _env(*names: str) -> str | None:
 
 @dataclass
 class Location:
-    protocol: str                       # "s3", "gs" or "file"
-    path: str                           # root inside the filesystem: "bucket/prefix" or "/abs/dir"
+    protocol: str  # "s3", "gs" or "file"
+    path: str  # root inside the filesystem: "bucket/prefix" or "/abs/dir"
     endpoint_url: str | None = None
     key: str | None = None
     secret: str | None = field(default=None, repr=False)
@@ -43,9 +44,15 @@ class Location:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def parse(cls, url: "str | os.PathLike | Location", endpoint_url: str | None = None,
-              key: str | None = None, secret: str | None = None, region: str | None = None,
-              retry_deadline: float | None = None) -> "Location":
+    def parse(
+        cls,
+        url: str | os.PathLike | Location,
+        endpoint_url: str | None = None,
+        key: str | None = None,
+        secret: str | None = None,
+        region: str | None = None,
+        retry_deadline: float | None = None,
+    ) -> Location:
         if isinstance(url, Location):
             return url
         url = os.fspath(url)
@@ -55,23 +62,29 @@ class Location:
             if not path:
                 raise StorageError(f"{url}: no bucket in the URL")
             return cls(
-                "s3", path,
+                "s3",
+                path,
                 endpoint_url=endpoint_url or _env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
                 key=key or _env("AWS_ACCESS_KEY_ID"),
                 secret=secret or _env("AWS_SECRET_ACCESS_KEY"),
                 region=region or _env("AWS_REGION", "AWS_DEFAULT_REGION"),
-                retry_deadline=deadline)
+                retry_deadline=deadline,
+            )
         if url.startswith("gs://") or url.startswith("gcs://"):
             try:
                 import gcsfs  # noqa: F401
             except ImportError:
-                raise StorageError(f"{url}: gs:// needs the gcsfs package (pip install gcsfs)") from None
+                raise StorageError(
+                    f"{url}: gs:// needs the gcsfs package (pip install gcsfs)"
+                ) from None
             path = url.split("://", 1)[1].strip("/")
             return cls("gs", path, retry_deadline=deadline)
         if url.startswith("file://"):
-            url = url[len("file://"):]
+            url = url[len("file://") :]
         elif "://" in url:
-            raise StorageError(f"{url}: unsupported URL scheme (use s3://, gs://, file:// or a path)")
+            raise StorageError(
+                f"{url}: unsupported URL scheme (use s3://, gs://, file:// or a path)"
+            )
         return cls("file", os.path.abspath(os.path.expanduser(url)), retry_deadline=deadline)
 
     def to_dict(self) -> dict[str, Any]:
@@ -79,15 +92,24 @@ class Location:
 
         Meant for in-memory hand-over (e.g. to Ray workers); never write it to disk.
         """
-        return {"protocol": self.protocol, "path": self.path, "endpoint_url": self.endpoint_url,
-                "key": self.key, "secret": self.secret, "region": self.region,
-                "retry_deadline": self.retry_deadline}
+        return {
+            "protocol": self.protocol,
+            "path": self.path,
+            "endpoint_url": self.endpoint_url,
+            "key": self.key,
+            "secret": self.secret,
+            "region": self.region,
+            "retry_deadline": self.retry_deadline,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Location":
-        return cls(**{k: d.get(k) for k in ("protocol", "path", "endpoint_url", "key",
-                                              "secret", "region")},
-                   retry_deadline=d.get("retry_deadline", DEFAULT_DEADLINE))
+    def from_dict(cls, d: dict[str, Any]) -> Location:
+        return cls(
+            **{
+                k: d.get(k) for k in ("protocol", "path", "endpoint_url", "key", "secret", "region")
+            },
+            retry_deadline=d.get("retry_deadline", DEFAULT_DEADLINE),
+        )
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -114,7 +136,7 @@ class Location:
         name = name.strip("/")
         return posixpath.join(self.path, name) if name else self.path
 
-    def child(self, name: str) -> "Location":
+    def child(self, name: str) -> Location:
         return replace(self, path=self.join(name), _fs=self._fs)
 
     def name_url(self, name: str) -> str:
@@ -130,29 +152,42 @@ class Location:
     def _make_fs(self):
         if self.protocol == "file":
             from fsspec.implementations.local import LocalFileSystem
+
             return LocalFileSystem(auto_mkdir=True)
         if self.protocol == "s3":
             import s3fs
+
             client_kwargs: dict[str, Any] = {"region_name": self.region or "us-east-1"}
             if self.endpoint_url:
                 client_kwargs["endpoint_url"] = self.endpoint_url
             fs = s3fs.S3FileSystem(
-                key=self.key, secret=self.secret, client_kwargs=client_kwargs,
-                config_kwargs={"retries": {"max_attempts": 2, "mode": "standard"},
-                               "connect_timeout": 5, "read_timeout": 60},
-                skip_instance_cache=True)
+                key=self.key,
+                secret=self.secret,
+                client_kwargs=client_kwargs,
+                config_kwargs={
+                    "retries": {"max_attempts": 2, "mode": "standard"},
+                    "connect_timeout": 5,
+                    "read_timeout": 60,
+                },
+                skip_instance_cache=True,
+            )
             # Few quick inner retries; the outer loop (self.call) owns the deadline.
             fs.retries = 3
             return fs
         if self.protocol == "gs":
             import gcsfs
+
             return gcsfs.GCSFileSystem()
         raise StorageError(f"unknown protocol {self.protocol!r}")
 
     def call(self, fn: Callable[[], T], what: str) -> T:
         """Run ``fn`` retrying transient errors until the deadline; clear errors otherwise."""
-        return call_with_retry(fn, self.name_url(what) if what else self.url,
-                               deadline=self.retry_deadline, secrets=self._secrets())
+        return call_with_retry(
+            fn,
+            self.name_url(what) if what else self.url,
+            deadline=self.retry_deadline,
+            secrets=self._secrets(),
+        )
 
     def _secrets(self) -> tuple[str, ...]:
         return tuple(s for s in (self.secret,) if s)
@@ -162,8 +197,11 @@ class Location:
         path = self.join(name)
         if "r" in mode:
             return self.call(lambda: self.fs.open(path, mode, **kwargs), name)
-        return _TranslatingWriter(self.call(lambda: self.fs.open(path, mode, **kwargs), name),
-                                  self.name_url(name), self._secrets())
+        return _TranslatingWriter(
+            self.call(lambda: self.fs.open(path, mode, **kwargs), name),
+            self.name_url(name),
+            self._secrets(),
+        )
 
     def exists(self, name: str = "") -> bool:
         return self.call(lambda: self.fs.exists(self.join(name)), name)
@@ -171,8 +209,14 @@ class Location:
     def list(self, name: str = "") -> list[str]:
         """Names directly under ``name``, relative to it, sorted."""
         base = self.join(name)
-        entries = self.call(lambda: self.fs.ls(base, detail=False, refresh=True)
-                            if self.protocol != "file" else self.fs.ls(base, detail=False), name)
+        entries = self.call(
+            lambda: (
+                self.fs.ls(base, detail=False, refresh=True)
+                if self.protocol != "file"
+                else self.fs.ls(base, detail=False)
+            ),
+            name,
+        )
         return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
 
     def read_bytes(self, name: str) -> bytes:
@@ -221,10 +265,14 @@ class Location:
         for path in files:
             rel = posixpath.relpath(path, base)
             parts = rel.split("/")
-            if path.startswith("/") != base.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            if path.startswith("/") != base.startswith("/") or any(
+                p in ("", ".", "..") for p in parts
+            ):
                 # a store that accepts such keys would otherwise let its writers place files anywhere here
-                raise StorageError(f"{self.name_url(name)}: refused the object key {path[:200]!r}: it would "
-                                   f"be written outside {os.fspath(local_dir)}")
+                raise StorageError(
+                    f"{self.name_url(name)}: refused the object key {path[:200]!r}: it would "
+                    f"be written outside {os.fspath(local_dir)}"
+                )
             target = os.path.join(os.fspath(local_dir), *parts)
             os.makedirs(os.path.dirname(target), exist_ok=True)
             self.call(lambda p=path, t=target: self.fs.get_file(p, t), posixpath.join(name, rel))

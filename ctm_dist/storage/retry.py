@@ -7,19 +7,37 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Callable, Iterable, TypeVar
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 from .errors import StorageAccessDenied, StorageError, StorageNotFound
 
 T = TypeVar("T")
 DEFAULT_DEADLINE = 60.0
 
-_DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403",
-                 "InvalidToken", "ExpiredToken", "AuthorizationHeaderMalformed"}
+_DENIED_CODES = {
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "403",
+    "InvalidToken",
+    "ExpiredToken",
+    "AuthorizationHeaderMalformed",
+}
 _MISSING_BUCKET_CODES = {"NoSuchBucket"}
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
-_TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout",
-                    "RequestTimeTooSkewed", "500", "502", "503", "504", "Throttling"}
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "ServiceUnavailable",
+    "InternalError",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "500",
+    "502",
+    "503",
+    "504",
+    "Throttling",
+}
 _CREDENTIALS_HINT = "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
 
 
@@ -49,11 +67,23 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 def _is_connection_problem(exc: BaseException) -> bool:
     names = {type(e).__name__ for e in _chain(exc)}
-    connection_names = {"EndpointConnectionError", "ConnectionClosedError", "ConnectTimeoutError",
-                        "ReadTimeoutError", "ClientConnectorError", "ServerDisconnectedError",
-                        "ClientOSError", "ClientPayloadError", "ConnectionError",
-                        "ConnectionRefusedError", "ConnectionResetError", "TimeoutError",
-                        "IncompleteReadError", "ResponseStreamingError", "ProtocolError"}
+    connection_names = {
+        "EndpointConnectionError",
+        "ConnectionClosedError",
+        "ConnectTimeoutError",
+        "ReadTimeoutError",
+        "ClientConnectorError",
+        "ServerDisconnectedError",
+        "ClientOSError",
+        "ClientPayloadError",
+        "ConnectionError",
+        "ConnectionRefusedError",
+        "ConnectionResetError",
+        "TimeoutError",
+        "IncompleteReadError",
+        "ResponseStreamingError",
+        "ProtocolError",
+    }
     return bool(names & connection_names)
 
 
@@ -64,8 +94,17 @@ def is_transient(exc: BaseException) -> bool:
     code = _error_code(exc)
     if code is not None:
         return code in _TRANSIENT_CODES
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError,
-                        NotADirectoryError, ValueError, KeyError)):
+    if isinstance(
+        exc,
+        (
+            FileNotFoundError,
+            PermissionError,
+            IsADirectoryError,
+            NotADirectoryError,
+            ValueError,
+            KeyError,
+        ),
+    ):
         return False
     return _is_connection_problem(exc)
 
@@ -86,21 +125,31 @@ def translate_error(exc: BaseException, url: str, secrets: Iterable[str] = ()) -
     if code in _DENIED_CODES or (code is None and isinstance(exc, PermissionError)):
         detail = f" [{code}]" if code else ""
         return StorageAccessDenied(f"{url}: access denied{detail} ({_CREDENTIALS_HINT})")
-    if code in _MISSING_BUCKET_CODES or (code is None and "NoSuchBucket" in text) \
-            or (code is None and "bucket does not exist" in text.lower()):
+    if (
+        code in _MISSING_BUCKET_CODES
+        or (code is None and "NoSuchBucket" in text)
+        or (code is None and "bucket does not exist" in text.lower())
+    ):
         return StorageNotFound(f"{url}: bucket does not exist")
     if code in _MISSING_CODES or (code is None and isinstance(exc, FileNotFoundError)):
         return StorageNotFound(f"{url}: not found")
     if _is_connection_problem(exc):
-        return StorageError(f"{url}: endpoint unreachable ({type(exc).__name__}); "
-                            "check AWS_ENDPOINT_URL and that the server is running")
+        return StorageError(
+            f"{url}: endpoint unreachable ({type(exc).__name__}); "
+            "check AWS_ENDPOINT_URL and that the server is running"
+        )
     detail = f"{code}: " if code else f"{type(exc).__name__}: "
     return StorageError(_scrub(f"{url}: {detail}{text}"[:500], secrets))
 
 
-def call_with_retry(fn: Callable[[], T], url: str, deadline: float = DEFAULT_DEADLINE,
-                    secrets: Iterable[str] = (), base_delay: float = 0.2,
-                    max_delay: float = 5.0) -> T:
+def call_with_retry(
+    fn: Callable[[], T],
+    url: str,
+    deadline: float = DEFAULT_DEADLINE,
+    secrets: Iterable[str] = (),
+    base_delay: float = 0.2,
+    max_delay: float = 5.0,
+) -> T:
     """``fn()``, retried with jittered exponential backoff while errors are transient and
     ``deadline`` seconds have not passed; other errors become clear StorageErrors."""
     secrets = tuple(secrets)
@@ -112,7 +161,7 @@ def call_with_retry(fn: Callable[[], T], url: str, deadline: float = DEFAULT_DEA
         except Exception as exc:
             if not is_transient(exc) or time.monotonic() - start >= deadline:
                 raise translate_error(exc, url, secrets) from None
-            delay = min(max_delay, base_delay * 2 ** attempt) * (0.5 + random.random())
+            delay = min(max_delay, base_delay * 2**attempt) * (0.5 + random.random())
             delay = min(delay, max(0.0, deadline - (time.monotonic() - start)))
             attempt += 1
             time.sleep(delay)

@@ -43,38 +43,77 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from ctm_dist.storage import Location, StorageError
 from ctm_dist.storage import checkpoints as fmt
-from ctm_dist.storage.checkpoints import (COMMIT, FORMAT, READABLE_FORMATS, CheckpointError, ConfigMismatch,
-                                          NoCheckpoint, NotACheckpoint, RunLocked, UnsafeCheckpoint, extra_name,
-                                          safe_load, step_name)
+from ctm_dist.storage.checkpoints import (
+    COMMIT,
+    FORMAT,
+    READABLE_FORMATS,
+    CheckpointError,
+    ConfigMismatch,
+    NoCheckpoint,
+    NotACheckpoint,
+    RunLocked,
+    UnsafeCheckpoint,
+    extra_name,
+    safe_load,
+    step_name,
+)
 from ctm_dist.train.lease import DEFAULT_TTL, RunLease
 
-__all__ = ["COMMIT", "FORMAT", "Checkpointer", "CheckpointError", "ConfigMismatch", "NoCheckpoint",
-           "NotACheckpoint", "RunLocked", "UnsafeCheckpoint", "extra_name", "redact", "safe_load", "step_name"]
+__all__ = [
+    "COMMIT",
+    "FORMAT",
+    "Checkpointer",
+    "CheckpointError",
+    "ConfigMismatch",
+    "NoCheckpoint",
+    "NotACheckpoint",
+    "RunLocked",
+    "UnsafeCheckpoint",
+    "extra_name",
+    "redact",
+    "safe_load",
+    "step_name",
+]
 
 log = logging.getLogger(__name__)
 
-_SECRET_KEY = re.compile(r"secret|password|passwd|token|credential|access_key|private_key|api_key",
-                         re.IGNORECASE)
+_SECRET_KEY = re.compile(
+    r"secret|password|passwd|token|credential|access_key|private_key|api_key", re.IGNORECASE
+)
 # Failures of a step's files that make it unusable but leave the engine untouched: fall back.
 _UNUSABLE = (NotACheckpoint, UnsafeCheckpoint)
-_ERRORS = {cls.__name__: cls for cls in (CheckpointError, NoCheckpoint, ConfigMismatch, NotACheckpoint,
-                                         UnsafeCheckpoint, RunLocked)}
+_ERRORS = {
+    cls.__name__: cls
+    for cls in (
+        CheckpointError,
+        NoCheckpoint,
+        ConfigMismatch,
+        NotACheckpoint,
+        UnsafeCheckpoint,
+        RunLocked,
+    )
+}
 
 
 def redact(config: Any, secrets: tuple[str, ...] = ()) -> Any:
     """A JSON-friendly copy of ``config``: values under secret-looking keys, and any occurrence
     of ``secrets``, replaced by ``***``."""
     if isinstance(config, dict):
-        return {str(k): ("***" if _SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v, secrets))
-                for k, v in config.items()}
+        return {
+            str(k): (
+                "***" if _SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v, secrets)
+            )
+            for k, v in config.items()
+        }
     if isinstance(config, (list, tuple)):
         return [redact(v, secrets) for v in config]
     if isinstance(config, (int, float, bool)) or config is None:
@@ -97,9 +136,18 @@ class Checkpointer:
     ``lease_ttl`` is how long a silent holder keeps it.
     """
 
-    def __init__(self, run_location, keep_last: int = 3, rank: int = 0, world_size: int = 1,
-                 local_dir: str | os.PathLike | None = None, barrier: Callable[[], None] | None = None,
-                 retry_deadline: float | None = None, owner: str | None = None, lease_ttl: float = DEFAULT_TTL):
+    def __init__(
+        self,
+        run_location,
+        keep_last: int = 3,
+        rank: int = 0,
+        world_size: int = 1,
+        local_dir: str | os.PathLike | None = None,
+        barrier: Callable[[], None] | None = None,
+        retry_deadline: float | None = None,
+        owner: str | None = None,
+        lease_ttl: float = DEFAULT_TTL,
+    ):
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         run_location = Location.parse(run_location)
@@ -109,15 +157,23 @@ class Checkpointer:
         self.location = run_location.child("checkpoints")
         self.keep_last, self.rank, self.world_size = keep_last, rank, world_size
         self._own_local_dir = not local_dir
-        self.local_dir = Path(local_dir) if local_dir else Path(tempfile.gettempdir()) / f"ctm-dist-ckpt-{os.getpid()}"
+        self.local_dir = (
+            Path(local_dir)
+            if local_dir
+            else Path(tempfile.gettempdir()) / f"ctm-dist-ckpt-{os.getpid()}"
+        )
         self._barrier = barrier
         self.loaded_step: int | None = None
-        self.verified: set[int] = set()  # steps this checkpointer committed or loaded after checking every file
+        self.verified: set[int] = (
+            set()
+        )  # steps this checkpointer committed or loaded after checking every file
         self.lease = RunLease(self.location, owner=owner, ttl=lease_ttl) if rank == 0 else None
         self._lease_taken = False
 
     def __repr__(self) -> str:
-        return f"Checkpointer({self.location.url!r}, rank={self.rank}, world_size={self.world_size})"
+        return (
+            f"Checkpointer({self.location.url!r}, rank={self.rank}, world_size={self.world_size})"
+        )
 
     # ------------------------------------------------------------------ the run's lease
     def acquire(self) -> None:
@@ -145,7 +201,9 @@ class Checkpointer:
 
     def committed_steps(self) -> list[int]:
         """Steps whose COMMIT marker exists and whose files are all present; ascending."""
-        return fmt.committed_steps(self.location, on_invalid=lambda step, e: log.warning("ignoring checkpoint: %s", e))
+        return fmt.committed_steps(
+            self.location, on_invalid=lambda step, e: log.warning("ignoring checkpoint: %s", e)
+        )
 
     def latest_committed(self) -> int | None:
         steps = self.committed_steps()
@@ -175,18 +233,33 @@ class Checkpointer:
         shutil.rmtree(work, ignore_errors=True)
         try:
             # 1. DeepSpeed's own shards (collective), then our extra state, locally.
-            engine.save_checkpoint(os.fspath(work), tag=name, client_state={"ctm_dist_step": step},
-                                   save_latest=False)
+            engine.save_checkpoint(
+                os.fspath(work), tag=name, client_state={"ctm_dist_step": step}, save_latest=False
+            )
             error = None
             try:
                 extra_path = work / name / extra_name(self.rank)
-                torch.save({"format": FORMAT, "step": step, "rank": self.rank, "world_size": self.world_size,
-                            "state": extra_state}, extra_path)
-                safe_load(extra_path, "extra_state")  # fail now, not at resume, if it is not plain data
+                torch.save(
+                    {
+                        "format": FORMAT,
+                        "step": step,
+                        "rank": self.rank,
+                        "world_size": self.world_size,
+                        "state": extra_state,
+                    },
+                    extra_path,
+                )
+                safe_load(
+                    extra_path, "extra_state"
+                )  # fail now, not at resume, if it is not plain data
                 if self.rank == 0 and self.location.exists(name):
-                    if "foreign" in states:  # e.g. a newer step that failed its checks and was skipped at resume
-                        log.warning("replacing %s, committed but neither written nor loaded by this run",
-                                    self.location.name_url(name))
+                    if (
+                        "foreign" in states
+                    ):  # e.g. a newer step that failed its checks and was skipped at resume
+                        log.warning(
+                            "replacing %s, committed but neither written nor loaded by this run",
+                            self.location.name_url(name),
+                        )
                         with contextlib.suppress(FileNotFoundError):
                             self.location.rm(f"{name}/{COMMIT}")  # invisible first, then gone
                     self._remove_dir(name)  # debris of an earlier attempt at this step
@@ -217,7 +290,10 @@ class Checkpointer:
         if self.rank == 0:
             try:
                 self.prune()
-            except (StorageError, CheckpointError) as e:  # the commit stands; pruning retries next time
+            except (
+                StorageError,
+                CheckpointError,
+            ) as e:  # the commit stands; pruning retries next time
                 log.warning("could not prune old checkpoints: %s", e)
         return commit if commit is not None else self.read_commit(step)
 
@@ -231,22 +307,31 @@ class Checkpointer:
                 merged[fname] = entry
         missing = [extra_name(r) for r in range(self.world_size) if extra_name(r) not in merged]
         if missing:  # with a custom barrier rank 0 learns only its own files
-            raise CheckpointError(f"the files of ranks' extra states are unknown to rank 0: {missing[:5]} "
-                                  "(saving with several ranks needs torch.distributed)")
+            raise CheckpointError(
+                f"the files of ranks' extra states are unknown to rank 0: {missing[:5]} "
+                "(saving with several ranks needs torch.distributed)"
+            )
         present = fmt.stored_sizes(self.location, name)
         bad = [f for f, (size, _) in merged.items() if present.get(f) != size]
         if bad:
             raise CheckpointError(f"uploaded files are missing or short in the store: {bad[:5]}")
         others = sorted(set(present) - set(merged))
         if others:
-            log.warning("%s holds files this save did not write; they are not part of the checkpoint: %s",
-                        self.location.name_url(name), others[:5])
-        commit = {"format": FORMAT, "step": step, "world_size": self.world_size,
-                  "zero_stage": int(engine.zero_optimization_stage()),
-                  "files": {f: size for f, (size, _) in sorted(merged.items())},
-                  "sha256": {f: digest for f, (_, digest) in sorted(merged.items())},
-                  "config": redact(config or {}, self._secrets()),
-                  "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+            log.warning(
+                "%s holds files this save did not write; they are not part of the checkpoint: %s",
+                self.location.name_url(name),
+                others[:5],
+            )
+        commit = {
+            "format": FORMAT,
+            "step": step,
+            "world_size": self.world_size,
+            "zero_stage": int(engine.zero_optimization_stage()),
+            "files": {f: size for f, (size, _) in sorted(merged.items())},
+            "sha256": {f: digest for f, (_, digest) in sorted(merged.items())},
+            "config": redact(config or {}, self._secrets()),
+            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
         if self.lease is not None:
             self.lease.check()
         self.location.write_bytes(f"{name}/{COMMIT}", json.dumps(commit, indent=1).encode())
@@ -258,7 +343,7 @@ class Checkpointer:
         committed = self.committed_steps()
         if not committed:
             return []
-        keep = set(committed[-self.keep_last:])
+        keep = set(committed[-self.keep_last :])
         good = sorted(self.verified & set(committed))
         if good:
             keep.add(good[-1])
@@ -275,8 +360,14 @@ class Checkpointer:
         return deleted
 
     # ------------------------------------------------------------------ load
-    def load(self, engine, step: int | None = None, config: dict | None = None,
-             all_ranks: bool = False, load_optimizer_states: bool = True) -> dict | list[dict]:
+    def load(
+        self,
+        engine,
+        step: int | None = None,
+        config: dict | None = None,
+        all_ranks: bool = False,
+        load_optimizer_states: bool = True,
+    ) -> dict | list[dict]:
         """Load ``step`` (default: the newest committed step whose files pass the checks, falling back
         to older ones with a warning) into ``engine``; return this rank's extra state, or with
         ``all_ranks=True`` the list of every saved rank's extra state.
@@ -296,12 +387,17 @@ class Checkpointer:
                 older = steps[-i - 2] if i + 1 < len(steps) else None
                 if older is None:
                     raise
-                log.warning("cannot load %s (%s); falling back to the previous committed step %s",
-                            step_name(candidate), e, step_name(older))
+                log.warning(
+                    "cannot load %s (%s); falling back to the previous committed step %s",
+                    step_name(candidate),
+                    e,
+                    step_name(older),
+                )
         raise AssertionError("unreachable")
 
-    def _load_step(self, engine, step: int, config: dict | None, all_ranks: bool,
-                   load_optimizer_states: bool) -> dict | list[dict]:
+    def _load_step(
+        self, engine, step: int, config: dict | None, all_ranks: bool, load_optimizer_states: bool
+    ) -> dict | list[dict]:
         name = step_name(step)
         commit = self.read_commit(step)
         if config is not None:
@@ -310,12 +406,16 @@ class Checkpointer:
         stage = int(engine.zero_optimization_stage())
         resized = saved_ws != self.world_size or saved_stage != stage
         if resized and not all_ranks:
-            raise CheckpointError(f"{name} was saved by {saved_ws} ranks (ZeRO stage {saved_stage}) and this run "
-                                  f"has {self.world_size} (stage {stage}): load it with all_ranks=True and "
-                                  "merge the data positions")
+            raise CheckpointError(
+                f"{name} was saved by {saved_ws} ranks (ZeRO stage {saved_stage}) and this run "
+                f"has {self.world_size} (stage {stage}): load it with all_ranks=True and "
+                "merge the data positions"
+            )
         if resized and saved_stage == 0 and stage != 0:
-            raise CheckpointError(f"{name} was saved without ZeRO (stage 0); loading it under ZeRO stage "
-                                  f"{stage} is not supported")
+            raise CheckpointError(
+                f"{name} was saved without ZeRO (stage 0); loading it under ZeRO stage "
+                f"{stage} is not supported"
+            )
         universal = resized and saved_stage > 0
 
         work = self.local_dir / f"load-{name}-rank{self.rank}"
@@ -338,18 +438,30 @@ class Checkpointer:
                     shards.append(fname)
                 fmt.fetch_files(self.location, commit, extras, extra_dir)
                 fmt.fetch_files(self.location, commit, shards, ds_dir)
-                for path in sorted(ds_dir.iterdir()):  # before DeepSpeed's own (unsafe) loader sees them
+                for path in sorted(
+                    ds_dir.iterdir()
+                ):  # before DeepSpeed's own (unsafe) loader sees them
                     safe_load(path, self.location.name_url(f"{name}/{path.name}"))
                 for e in extras:
                     data = safe_load(extra_dir / e, self.location.name_url(f"{name}/{e}"))
-                    if not isinstance(data, dict) or data.get("format") not in READABLE_FORMATS or "state" not in data:
-                        raise NotACheckpoint(f"{self.location.name_url(name + '/' + e)}: not a ctm-dist extra state")
+                    if (
+                        not isinstance(data, dict)
+                        or data.get("format") not in READABLE_FORMATS
+                        or "state" not in data
+                    ):
+                        raise NotACheckpoint(
+                            f"{self.location.name_url(name + '/' + e)}: not a ctm-dist extra state"
+                        )
                     states.append(data["state"])
             except Exception as e:
                 error = e
             # every rank loads the same step or none does (a fallback must happen everywhere)
-            self._sync_or_raise(error, f"reading checkpoint {name}", keep=_UNUSABLE + (StorageError,),
-                                after="the engine was not changed")
+            self._sync_or_raise(
+                error,
+                f"reading checkpoint {name}",
+                keep=_UNUSABLE + (StorageError,),
+                after="the engine was not changed",
+            )
             tag = name
             if universal:
                 tag = self._to_universal(ds_dir)
@@ -368,30 +480,46 @@ class Checkpointer:
         return self.loaded_step, state
 
     # ------------------------------------------------------------------ internals
-    def _engine_load(self, engine, load_dir: Path, tag: str, universal: bool, load_optimizer_states: bool):
+    def _engine_load(
+        self, engine, load_dir: Path, tag: str, universal: bool, load_optimizer_states: bool
+    ):
         cfg = engine._config
         previous = cfg.load_universal_checkpoint
         cfg.load_universal_checkpoint = universal  # read by load_checkpoint at call time
         try:
-            path, _client = engine.load_checkpoint(os.fspath(load_dir), tag=tag, load_module_strict=True,
-                                                   load_optimizer_states=load_optimizer_states,
-                                                   load_lr_scheduler_states=load_optimizer_states)
+            path, _client = engine.load_checkpoint(
+                os.fspath(load_dir),
+                tag=tag,
+                load_module_strict=True,
+                load_optimizer_states=load_optimizer_states,
+                load_lr_scheduler_states=load_optimizer_states,
+            )
         except (RuntimeError, KeyError, AssertionError) as e:
-            raise CheckpointError(f"DeepSpeed could not load {tag}: {type(e).__name__}: "
-                                  f"{' '.join(str(e).split())[:400]}") from e
+            raise CheckpointError(
+                f"DeepSpeed could not load {tag}: {type(e).__name__}: "
+                f"{' '.join(str(e).split())[:400]}"
+            ) from e
         finally:
             cfg.load_universal_checkpoint = previous
         if path is None:
-            raise NotACheckpoint(f"DeepSpeed found no checkpoint for tag {tag} in the downloaded files")
+            raise NotACheckpoint(
+                f"DeepSpeed found no checkpoint for tag {tag} in the downloaded files"
+            )
 
     def _to_universal(self, ds_dir: Path) -> str:
         """Convert the downloaded ZeRO checkpoint with DeepSpeed's ds_to_universal; return the new tag."""
         from deepspeed.checkpoint import ds_to_universal
 
         tag = ds_dir.name + "-universal"
-        args = argparse.Namespace(input_folder=os.fspath(ds_dir), output_folder=os.fspath(ds_dir.parent / tag),
-                                  num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
-                                  strict=True, inject_missing_state=True)
+        args = argparse.Namespace(
+            input_folder=os.fspath(ds_dir),
+            output_folder=os.fspath(ds_dir.parent / tag),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=True,
+        )
         with contextlib.redirect_stdout(io.StringIO()):
             ds_to_universal.main(args)
         return tag
@@ -402,11 +530,20 @@ class Checkpointer:
         if saved is None or current is None:
             return
         if saved != current:
-            keys = sorted(set(saved) | set(current)) if isinstance(saved, dict) and isinstance(current, dict) else []
-            diff = [f"{k}: {saved.get(k)!r} (checkpoint) != {current.get(k)!r} (now)"
-                    for k in keys if saved.get(k) != current.get(k)]
-            raise ConfigMismatch(f"{self.location.name_url(name)} was saved for another model config: "
-                                 + ("; ".join(diff[:8]) or f"{saved!r} != {current!r}"))
+            keys = (
+                sorted(set(saved) | set(current))
+                if isinstance(saved, dict) and isinstance(current, dict)
+                else []
+            )
+            diff = [
+                f"{k}: {saved.get(k)!r} (checkpoint) != {current.get(k)!r} (now)"
+                for k in keys
+                if saved.get(k) != current.get(k)
+            ]
+            raise ConfigMismatch(
+                f"{self.location.name_url(name)} was saved for another model config: "
+                + ("; ".join(diff[:8]) or f"{saved!r} != {current!r}")
+            )
 
     def _clean(self, work: Path) -> None:
         shutil.rmtree(work, ignore_errors=True)
@@ -416,8 +553,16 @@ class Checkpointer:
 
     def _secrets(self) -> tuple[str, ...]:
         loc = self.run_location
-        return tuple(s for s in (loc.secret, loc.key, os.environ.get("AWS_SECRET_ACCESS_KEY"),
-                                 os.environ.get("AWS_SESSION_TOKEN")) if s)
+        return tuple(
+            s
+            for s in (
+                loc.secret,
+                loc.key,
+                os.environ.get("AWS_SECRET_ACCESS_KEY"),
+                os.environ.get("AWS_SESSION_TOKEN"),
+            )
+            if s
+        )
 
     def _remove_dir(self, name: str) -> None:
         loc = self.location
@@ -426,7 +571,9 @@ class Checkpointer:
         if loc.protocol == "s3":  # SeaweedFS keeps a "dir/" marker object that rm leaves behind
             bucket, _, key = loc.join(name).partition("/")
             with contextlib.suppress(FileNotFoundError):
-                loc.call(lambda: loc.fs.call_s3("delete_object", Bucket=bucket, Key=key + "/"), name)
+                loc.call(
+                    lambda: loc.fs.call_s3("delete_object", Bucket=bucket, Key=key + "/"), name
+                )
 
     def _has_valid_commit(self, step: int) -> bool:
         try:
@@ -438,9 +585,14 @@ class Checkpointer:
     def _sizes(self, name: str) -> dict[str, int]:
         return fmt.stored_sizes(self.location, name)
 
-    def _sync_or_raise(self, error: BaseException | None, what: str, payload: Any = None,
-                       keep: tuple[type[BaseException], ...] = (),
-                       after: str = "nothing was committed and the previous committed checkpoint stays valid") -> list:
+    def _sync_or_raise(
+        self,
+        error: BaseException | None,
+        what: str,
+        payload: Any = None,
+        keep: tuple[type[BaseException], ...] = (),
+        after: str = "nothing was committed and the previous committed checkpoint stays valid",
+    ) -> list:
         """Barrier that also tells every rank whether any rank failed; returns all ranks' payloads.
 
         A failure is re-raised as a :class:`CheckpointError` saying nothing was committed, except
@@ -449,7 +601,12 @@ class Checkpointer:
         kind = type(error).__name__ if error is not None else None
         import torch.distributed as dist
 
-        if self._barrier is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if (
+            self._barrier is None
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size() > 1
+        ):
             gathered: list = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, (message, kind, payload))
             failures = [(m, k) for m, k, _ in gathered if m]
@@ -458,8 +615,10 @@ class Checkpointer:
             if self._barrier is not None:
                 self._barrier()
             elif self.world_size > 1:
-                raise CheckpointError(f"{self.world_size} ranks but no barrier: initialise torch.distributed "
-                                      "or pass barrier=")
+                raise CheckpointError(
+                    f"{self.world_size} ranks but no barrier: initialise torch.distributed "
+                    "or pass barrier="
+                )
             failures, payloads = ([(message, kind)] if message else []), [payload]
         if not failures:
             return payloads
@@ -468,4 +627,6 @@ class Checkpointer:
         kept = [(m, _ERRORS.get(k)) for m, k in failures]
         if keep and all(cls is not None and issubclass(cls, keep) for _, cls in kept):
             raise kept[0][1]("; ".join(m for m, _ in kept)[:600])
-        raise CheckpointError(f"{what} failed ({'; '.join(m for m, _ in failures)[:600]}); {after}") from error
+        raise CheckpointError(
+            f"{what} failed ({'; '.join(m for m, _ in failures)[:600]}); {after}"
+        ) from error

@@ -27,7 +27,13 @@ TASK_DEFAULTS: dict[str, dict] = {
     "demo": {"data": {"image_size": 8}, "model": {"tick_checkpointing": 4}},
     "imagenet": {
         "run": {"name": "imagenet", "max_steps": 500_000, "log_every": 100},
-        "data": {"task": "imagenet", "batch_size": 64, "eval_batch_size": 64, "num_workers": 8, "image_size": 224},
+        "data": {
+            "task": "imagenet",
+            "batch_size": 64,
+            "eval_batch_size": 64,
+            "num_workers": 8,
+            "image_size": 224,
+        },
         "model": {"preset": "imagenet"},
         "optim": {"lr": 5e-4, "warmup_steps": 10_000, "min_lr": 1e-7, "warmup_start_lr": 1e-20},
         "deepspeed": {"gradient_clipping": 20.0},
@@ -61,9 +67,11 @@ TASK_DEFAULTS: dict[str, dict] = {
     },
 }
 
-CONFIG_DOCS = ("Every config field, its default and meaning: ctm_dist/train/config.py (one dataclass per "
-               "section; model fields: ctm_dist/model/config.py); full-scale examples per task: configs/*.yaml; "
-               "--print-config shows the resolved values")
+CONFIG_DOCS = (
+    "Every config field, its default and meaning: ctm_dist/train/config.py (one dataclass per "
+    "section; model fields: ctm_dist/model/config.py); full-scale examples per task: configs/*.yaml; "
+    "--print-config shows the resolved values"
+)
 # loggers whose INFO lines are start-up chatter unless --verbose
 CHATTY_LOGGERS = ("ray", "ray.train", "ray.data", "DeepSpeed", "deepspeed", "torch.distributed")
 
@@ -98,51 +106,92 @@ def make_parser(prog: str, task: str) -> argparse.ArgumentParser:
             value = base.model.overrides.get(name, "the preset's")
         else:
             value = getattr(getattr(base, section), name)
-        shown = {"data": "the embedded demo (which has its own defaults)" if task == "imagenet" else "(required)" if task != "parity" else
-                 "generated parity sequences", "storage": "an embedded local object store under run.local_dir"}
+        shown = {
+            "data": "the embedded demo (which has its own defaults)"
+            if task == "imagenet"
+            else "(required)"
+            if task != "parity"
+            else "generated parity sequences",
+            "storage": "an embedded local object store under run.local_dir",
+        }
         return f"{FLAGS[flag]}; default: {shown.get(flag, value)!s}"
 
-    p = _Parser(prog=prog, description=f"Train the CTM ({task}) with Ray Train + DeepSpeed.",
-                formatter_class=argparse.RawDescriptionHelpFormatter,
-                epilog="Any config field can be set as section.field=value, e.g. model.d_model=256 optim.lr=1e-3; "
-                       "later layers win: task defaults < --config FILE < flags and overrides.\n" + CONFIG_DOCS + ".")
-    p.add_argument("--data", metavar="URL", help=f"shard set URL (s3://, file://, a path) [{default('data')}]")
+    p = _Parser(
+        prog=prog,
+        description=f"Train the CTM ({task}) with Ray Train + DeepSpeed.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Any config field can be set as section.field=value, e.g. model.d_model=256 optim.lr=1e-3; "
+        "later layers win: task defaults < --config FILE < flags and overrides.\n"
+        + CONFIG_DOCS
+        + ".",
+    )
+    p.add_argument(
+        "--data", metavar="URL", help=f"shard set URL (s3://, file://, a path) [{default('data')}]"
+    )
     p.add_argument("--storage", metavar="URL", help=f"where runs live [{default('storage')}]")
-    p.add_argument("--name", metavar="RUN", help=f"run name; relaunching a name resumes it [{default('name')}]")
+    p.add_argument(
+        "--name", metavar="RUN", help=f"run name; relaunching a name resumes it [{default('name')}]"
+    )
     p.add_argument("--workers", metavar="N", help=f"training workers [{default('workers')}]")
-    p.add_argument("--gpus-per-worker", metavar="G", help=f"0 trains on CPU [{default('gpus_per_worker')}]")
+    p.add_argument(
+        "--gpus-per-worker", metavar="G", help=f"0 trains on CPU [{default('gpus_per_worker')}]"
+    )
     p.add_argument("--zero-stage", metavar="S", help=f"0, 1, 2 or 3 [{default('zero_stage')}]")
     p.add_argument("--precision", metavar="P", help=f"bf16, fp16 or fp32 [{default('precision')}]")
-    p.add_argument("--tick-checkpointing", metavar="K",
-                   help=f"recompute ticks in segments of K (0 = off) [{default('tick_checkpointing')}]")
-    p.add_argument("--batch-size", metavar="B",
-                   help=f"global batch (micro-batch * workers * accumulation) [{default('batch_size')}]")
+    p.add_argument(
+        "--tick-checkpointing",
+        metavar="K",
+        help=f"recompute ticks in segments of K (0 = off) [{default('tick_checkpointing')}]",
+    )
+    p.add_argument(
+        "--batch-size",
+        metavar="B",
+        help=f"global batch (micro-batch * workers * accumulation) [{default('batch_size')}]",
+    )
     p.add_argument("--max-steps", metavar="N", help=f"[{default('max_steps')}]")
     p.add_argument("--checkpoint-every", metavar="N", help=f"steps [{default('checkpoint_every')}]")
-    p.add_argument("--config", metavar="FILE.yaml", help="config file (sections as in --print-config)")
-    p.add_argument("--ray-address", metavar="ADDR",
-                   help="Ray cluster to join, e.g. 'auto' or HOST:PORT (default: $RAY_ADDRESS, else a new "
-                        "local one); 'local' always starts a new one")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument(
+        "--config", metavar="FILE.yaml", help="config file (sections as in --print-config)"
+    )
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="Ray cluster to join, e.g. 'auto' or HOST:PORT (default: $RAY_ADDRESS, else a new "
+        "local one); 'local' always starts a new one",
+    )
+    p.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as YAML and exit"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar; log lines only")
-    p.add_argument("--verbose", action="store_true",
-                   help="also show Ray's, Ray Train's and DeepSpeed's own output (worker logs, warnings)")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show Ray's, Ray Train's and DeepSpeed's own output (worker logs, warnings)",
+    )
     p.add_argument("overrides", nargs="*", metavar="section.field=value")
     return p
 
 
 def config_from_args(task: str, args: argparse.Namespace):
-    overrides = [f"{field}={getattr(args, flag)}" for flag, field in FLAGS.items()
-                 if getattr(args, flag) is not None]
+    overrides = [
+        f"{field}={getattr(args, flag)}"
+        for flag, field in FLAGS.items()
+        if getattr(args, flag) is not None
+    ]
     overrides += list(args.overrides)
-    if task == "imagenet" and not build_config(args.config, overrides, TASK_DEFAULTS[task], validate=False).data.url:
+    if (
+        task == "imagenet"
+        and not build_config(args.config, overrides, TASK_DEFAULTS[task], validate=False).data.url
+    ):
         task = "demo"  # no data given: the embedded demo instead
     return build_config(args.config, overrides, base=TASK_DEFAULTS[task])
 
 
 def _quiet_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     logging.getLogger("ctm_dist").setLevel(logging.INFO)
     if not verbose:
         for name in CHATTY_LOGGERS:
@@ -162,27 +211,44 @@ def main(task: str, argv: list[str] | None = None, prog: str | None = None) -> i
         print(config_text(cfg), end="")
         return 0
     _quiet_logging(args.verbose)
-    from ctm_dist.train.driver import LaunchRefused, summary_lines, train  # Ray: not imported for --help
+    from ctm_dist.train.driver import (
+        LaunchRefused,
+        summary_lines,
+        train,
+    )  # Ray: not imported for --help
 
     try:
-        summary = train(cfg, ray_address=args.ray_address, interactive=False if args.quiet else None,
-                        verbose=args.verbose)
+        summary = train(
+            cfg,
+            ray_address=args.ray_address,
+            interactive=False if args.quiet else None,
+            verbose=args.verbose,
+        )
     except LaunchRefused as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"interrupted without a checkpoint; run the same command again to resume run {cfg.run.name} "
-              f"from its last committed checkpoint", file=sys.stderr)
+        print(
+            f"interrupted without a checkpoint; run the same command again to resume run {cfg.run.name} "
+            f"from its last committed checkpoint",
+            file=sys.stderr,
+        )
         return 130
     except Exception as e:
         stopped = _preempted(e)
         if stopped is not None:
             if stopped.signum == signal.SIGINT:
-                print(f"stopped by Ctrl-C at step {stopped.step}; checkpoint committed. Run the same command "
-                      f"again to resume run {cfg.run.name}", file=sys.stderr)
+                print(
+                    f"stopped by Ctrl-C at step {stopped.step}; checkpoint committed. Run the same command "
+                    f"again to resume run {cfg.run.name}",
+                    file=sys.stderr,
+                )
                 return 130
-            print(f"run {cfg.run.name} was preempted at step {stopped.step} (checkpoint committed); relaunch "
-                  f"with --name {cfg.run.name} to resume", file=sys.stderr)
+            print(
+                f"run {cfg.run.name} was preempted at step {stopped.step} (checkpoint committed); relaunch "
+                f"with --name {cfg.run.name} to resume",
+                file=sys.stderr,
+            )
             return _preempted_code(e)
         print(f"error: training failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
@@ -207,8 +273,11 @@ def run() -> None:
     tasks = [t for t in TASK_DEFAULTS if t != "demo"]
     if len(sys.argv) < 2 or sys.argv[1] not in tasks:
         asked = len(sys.argv) == 2 and sys.argv[1] in ("-h", "--help")
-        print(f"usage: ctm-train {{{','.join(tasks)}}} [options]  (ctm-train TASK --help lists the options; "
-              f"imagenet without --data trains the embedded demo)", file=sys.stdout if asked else sys.stderr)
+        print(
+            f"usage: ctm-train {{{','.join(tasks)}}} [options]  (ctm-train TASK --help lists the options; "
+            f"imagenet without --data trains the embedded demo)",
+            file=sys.stdout if asked else sys.stderr,
+        )
         raise SystemExit(0 if asked else 2)
     raise SystemExit(main(sys.argv[1], sys.argv[2:], prog=f"ctm-train {sys.argv[1]}"))
 

@@ -23,7 +23,9 @@ import yaml
 from ctm_dist.model import CTMConfig, preset
 
 TASKS = ("demo", "imagenet", "cifar10", "mazes", "parity")
-SEED_LIMIT = 2**32  # run.seed is in [0, 2**32): numpy seeds take it whole, and offsets per rank stay in 64 bits
+SEED_LIMIT = (
+    2**32
+)  # run.seed is in [0, 2**32): numpy seeds take it whole, and offsets per rank stay in 64 bits
 INT_LIMIT = 2**63  # every integer field fits in a signed 64-bit integer (torch, numpy, DeepSpeed)
 UNCATCHABLE_SIGNALS = ("SIGKILL", "SIGSTOP")
 # preset arguments that size the output, accepted under model.* beside CTMConfig's fields
@@ -44,7 +46,9 @@ class RunSection:
     max_steps: int = 450
     log_every: int = 25
     local_dir: str = ".ctm-dist"  # scratch: Ray results, embedded store, local TensorBoard copy
-    storage_retry_deadline: float = 60.0  # seconds a storage call retries transient errors before failing
+    storage_retry_deadline: float = (
+        60.0  # seconds a storage call retries transient errors before failing
+    )
     preemption_signals: str = "SIGTERM,SIGUSR1"  # signals that mean "checkpoint and exit 75"
     preemption_grace_s: float = 60.0  # time the preemption checkpoint is expected to fit in
 
@@ -57,7 +61,9 @@ class DataSection:
     eval_batch_size: int = 128  # global, split over workers
     num_workers: int = 0  # dataloader processes per training worker
     image_size: int = 0  # model input size for image tasks; 0 = the shard set's / task's default
-    global_order: bool = False  # the same global batches for any worker count (every rank reads every shard)
+    global_order: bool = (
+        False  # the same global batches for any worker count (every rank reads every shard)
+    )
 
 
 @dataclass
@@ -106,7 +112,9 @@ class ScaleSection:
     workers: int = 2
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
-    max_failures: int = 2  # worker-group restarts Ray may do (a bound: Ray's -1, "forever", is refused)
+    max_failures: int = (
+        2  # worker-group restarts Ray may do (a bound: Ray's -1, "forever", is refused)
+    )
 
 
 @dataclass
@@ -128,12 +136,12 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "TrainConfig":
+    def from_dict(cls, raw: dict) -> TrainConfig:
         cfg = cls()
         _merge(cfg, raw, "")
         return cfg
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         _validate(self)
         return self
 
@@ -148,7 +156,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
-        for arg in args[:-1]:  # the first type that takes the value, e.g. ``bool | str``: true, false or "auto"
+        for arg in args[
+            :-1
+        ]:  # the first type that takes the value, e.g. ``bool | str``: true, false or "auto"
             try:
                 return _coerce(value, arg, where)
             except ConfigError:
@@ -157,7 +167,16 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if hint is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+        if isinstance(value, str) and value.lower() in (
+            "true",
+            "yes",
+            "on",
+            "1",
+            "false",
+            "no",
+            "off",
+            "0",
+        ):
             return value.lower() in ("true", "yes", "on", "1")
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if hint is int:
@@ -274,8 +293,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     continue
                 if earlier is not key_node.start_mark:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {key!r} (first given on line {earlier.line + 1})",
-                        key_node.start_mark)
+                        None,
+                        None,
+                        f"duplicate key {key!r} (first given on line {earlier.line + 1})",
+                        key_node.start_mark,
+                    )
         return super().construct_mapping(node, deep=deep)
 
 
@@ -293,12 +315,18 @@ def load_yaml(path: str) -> dict:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(
+            f"config file {path} must hold a mapping of sections, got {type(raw).__name__}"
+        )
     return raw
 
 
-def build_config(yaml_path: str | None = None, overrides: list[str] = (), base: dict | None = None,
-                 validate: bool = True) -> TrainConfig:
+def build_config(
+    yaml_path: str | None = None,
+    overrides: list[str] = (),
+    base: dict | None = None,
+    validate: bool = True,
+) -> TrainConfig:
     """Defaults <- ``base`` (a launcher's task defaults) <- YAML file <- dotted overrides; validated."""
     cfg = TrainConfig()
     if base:
@@ -336,61 +364,122 @@ def _numbers_fit(value: Any, where: str) -> None:
 
 def _validate_signals(names: str) -> None:
     wanted = [name.strip() for name in names.split(",")]
-    _check(all(name in signal.Signals.__members__ for name in wanted),
-           f"run.preemption_signals must be signal names such as SIGTERM,SIGUSR1, got {names!r}")
-    blocked = [name for name in wanted if name in UNCATCHABLE_SIGNALS
-               or signal.Signals[name] not in signal.valid_signals()]
-    _check(not blocked, f"run.preemption_signals: {', '.join(blocked)} cannot be caught, so it cannot ask "
-                        f"for a checkpoint; use signals such as SIGTERM,SIGUSR1, got {names!r}")
+    _check(
+        all(name in signal.Signals.__members__ for name in wanted),
+        f"run.preemption_signals must be signal names such as SIGTERM,SIGUSR1, got {names!r}",
+    )
+    blocked = [
+        name
+        for name in wanted
+        if name in UNCATCHABLE_SIGNALS or signal.Signals[name] not in signal.valid_signals()
+    ]
+    _check(
+        not blocked,
+        f"run.preemption_signals: {', '.join(blocked)} cannot be caught, so it cannot ask "
+        f"for a checkpoint; use signals such as SIGTERM,SIGUSR1, got {names!r}",
+    )
 
 
 def _validate(cfg: TrainConfig) -> None:
-    r, d, o, ds, ck, ev, sc = cfg.run, cfg.data, cfg.optim, cfg.deepspeed, cfg.checkpoint, cfg.eval, cfg.scale
+    r, d, o, ds, ck, ev, sc = (
+        cfg.run,
+        cfg.data,
+        cfg.optim,
+        cfg.deepspeed,
+        cfg.checkpoint,
+        cfg.eval,
+        cfg.scale,
+    )
     _check(0 <= r.seed < SEED_LIMIT, f"run.seed must be in [0, 2**32), got {r.seed}")
     for section in dataclasses.fields(cfg):
         for f in dataclasses.fields(getattr(cfg, section.name)):
-            where = "model" if section.name == "model" and f.name == "overrides" else f"{section.name}.{f.name}"
+            where = (
+                "model"
+                if section.name == "model" and f.name == "overrides"
+                else f"{section.name}.{f.name}"
+            )
             _numbers_fit(getattr(getattr(cfg, section.name), f.name), where)
-    _check(bool(r.name) and "/" not in r.name and r.name not in (".", ".."),
-           f"run.name must be a non-empty name without '/', got {r.name!r}")
+    _check(
+        bool(r.name) and "/" not in r.name and r.name not in (".", ".."),
+        f"run.name must be a non-empty name without '/', got {r.name!r}",
+    )
     _check(r.max_steps > 0, f"run.max_steps must be > 0, got {r.max_steps}")
     _check(r.log_every > 0, f"run.log_every must be > 0, got {r.log_every}")
-    _check(r.storage_retry_deadline > 0, f"run.storage_retry_deadline must be > 0, got {r.storage_retry_deadline}")
-    _check(r.preemption_grace_s > 0, f"run.preemption_grace_s must be > 0, got {r.preemption_grace_s}")
+    _check(
+        r.storage_retry_deadline > 0,
+        f"run.storage_retry_deadline must be > 0, got {r.storage_retry_deadline}",
+    )
+    _check(
+        r.preemption_grace_s > 0, f"run.preemption_grace_s must be > 0, got {r.preemption_grace_s}"
+    )
     _validate_signals(r.preemption_signals)
     _check(d.task in TASKS, f"data.task must be one of {', '.join(TASKS)}, got {d.task!r}")
-    _check(d.url != "" or d.task in ("demo", "parity"),
-           f"data.url is required for task {d.task!r} (only demo and parity have built-in data)")
+    _check(
+        d.url != "" or d.task in ("demo", "parity"),
+        f"data.url is required for task {d.task!r} (only demo and parity have built-in data)",
+    )
     _check(sc.workers >= 1, f"scale.workers must be >= 1, got {sc.workers}")
     _check(sc.gpus_per_worker >= 0, f"scale.gpus_per_worker must be >= 0, got {sc.gpus_per_worker}")
     _check(sc.cpus_per_worker > 0, f"scale.cpus_per_worker must be > 0, got {sc.cpus_per_worker}")
-    _check(sc.max_failures >= 0,
-           f"scale.max_failures must be >= 0 (worker-group restarts; unlimited restarts would repeat a "
-           f"failure that happens every time without end), got {sc.max_failures}")
-    _check(ds.grad_accumulation >= 1, f"deepspeed.grad_accumulation must be >= 1, got {ds.grad_accumulation}")
+    _check(
+        sc.max_failures >= 0,
+        f"scale.max_failures must be >= 0 (worker-group restarts; unlimited restarts would repeat a "
+        f"failure that happens every time without end), got {sc.max_failures}",
+    )
+    _check(
+        ds.grad_accumulation >= 1,
+        f"deepspeed.grad_accumulation must be >= 1, got {ds.grad_accumulation}",
+    )
     _check(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
     per_step = sc.workers * ds.grad_accumulation
-    _check(d.batch_size % per_step == 0,
-           f"data.batch_size={d.batch_size} is not divisible by scale.workers*deepspeed.grad_accumulation="
-           f"{sc.workers}*{ds.grad_accumulation}={per_step}")
-    _check(d.eval_batch_size >= sc.workers and d.eval_batch_size % sc.workers == 0,
-           f"data.eval_batch_size={d.eval_batch_size} must be a positive multiple of scale.workers={sc.workers}")
+    _check(
+        d.batch_size % per_step == 0,
+        f"data.batch_size={d.batch_size} is not divisible by scale.workers*deepspeed.grad_accumulation="
+        f"{sc.workers}*{ds.grad_accumulation}={per_step}",
+    )
+    _check(
+        d.eval_batch_size >= sc.workers and d.eval_batch_size % sc.workers == 0,
+        f"data.eval_batch_size={d.eval_batch_size} must be a positive multiple of scale.workers={sc.workers}",
+    )
     _check(d.image_size >= 0, f"data.image_size must be >= 0 (0 = default), got {d.image_size}")
     _check(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
-    _check(ds.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {ds.zero_stage}")
-    _check(ds.precision in PRECISIONS, f"deepspeed.precision must be one of {', '.join(PRECISIONS)}, got {ds.precision!r}")
-    _check(not ds.offload_optimizer or ds.zero_stage >= 1,
-           "deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
-    _check(not ds.offload_params or ds.zero_stage == 3, "deepspeed.offload_params needs deepspeed.zero_stage=3")
-    _check(ds.gradient_clipping >= 0, f"deepspeed.gradient_clipping must be >= 0 (0 = off), got {ds.gradient_clipping}")
+    _check(
+        ds.zero_stage in (0, 1, 2, 3),
+        f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {ds.zero_stage}",
+    )
+    _check(
+        ds.precision in PRECISIONS,
+        f"deepspeed.precision must be one of {', '.join(PRECISIONS)}, got {ds.precision!r}",
+    )
+    _check(
+        not ds.offload_optimizer or ds.zero_stage >= 1,
+        "deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1",
+    )
+    _check(
+        not ds.offload_params or ds.zero_stage == 3,
+        "deepspeed.offload_params needs deepspeed.zero_stage=3",
+    )
+    _check(
+        ds.gradient_clipping >= 0,
+        f"deepspeed.gradient_clipping must be >= 0 (0 = off), got {ds.gradient_clipping}",
+    )
     _check(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     _check(o.eps > 0, f"optim.eps must be > 0, got {o.eps}")
     _check(o.warmup_start_lr >= 0, f"optim.warmup_start_lr must be >= 0, got {o.warmup_start_lr}")
     _check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
-    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+    _check(
+        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+        f"optim.betas must be two numbers in [0, 1), got {o.betas}",
+    )
     _check(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
-    _check(o.decay_steps >= 0, f"optim.decay_steps must be >= 0 (0 = run.max_steps), got {o.decay_steps}")
-    _check(o.schedule in SCHEDULES, f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {o.schedule!r}")
+    _check(
+        o.decay_steps >= 0,
+        f"optim.decay_steps must be >= 0 (0 = run.max_steps), got {o.decay_steps}",
+    )
+    _check(
+        o.schedule in SCHEDULES,
+        f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {o.schedule!r}",
+    )
     _check(0 <= o.min_lr <= o.lr, f"optim.min_lr must be in [0, optim.lr], got {o.min_lr}")
     _check(ck.every >= 1, f"checkpoint.every must be >= 1, got {ck.every}")
     _check(ck.keep >= 1, f"checkpoint.keep must be >= 1, got {ck.keep}")
@@ -405,7 +494,10 @@ def _validate_model(m: ModelSection) -> None:
         where = f"model.{key}"
         _check(isinstance(key, str), f"{where}: field names are strings")
         hint = _model_hint(key)
-        _check(_coerce(value, hint, where) == value, f"{where}: expected {_type_name(hint)}, got {value!r}")
+        _check(
+            _coerce(value, hint, where) == value,
+            f"{where}: expected {_type_name(hint)}, got {value!r}",
+        )
     try:
         preset(m.preset, **m.overrides)
     except (KeyError, ValueError, TypeError) as e:

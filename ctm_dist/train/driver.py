@@ -51,8 +51,15 @@ from ctm_dist.train.tasks import preflight
 log = logging.getLogger("ctm_dist.train")
 
 DEMO_DATA = "demo-data"
-CREDENTIAL_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                   "AWS_REGION", "AWS_DEFAULT_REGION", "GOOGLE_APPLICATION_CREDENTIALS")
+CREDENTIAL_VARS = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+)
 EMBEDDED_PROFILE = "ctm-dist-embedded"  # the profile in the embedded store's credentials file
 CONFIG_FILE = "config.yaml"  # the resolved config, saved beside the run's checkpoints
 
@@ -95,33 +102,43 @@ def check_data_access(cfg: TrainConfig) -> None:
         raise LaunchRefused(
             f"--data {url} is read with your own S3 endpoint and keys, but without --storage the runs go to "
             f"the embedded object store, whose endpoint and keys would replace yours: pass --storage "
-            f"s3://BUCKET/runs (on the same S3 as the data)")
+            f"s3://BUCKET/runs (on the same S3 as the data)"
+        )
 
 
 def check_resources(cfg: TrainConfig, available: dict, where: str) -> None:
     """Refuse a worker group that ``available`` (Ray's resource totals) cannot hold."""
     sc = cfg.scale
-    for resource, per_worker, knob in (("CPU", sc.cpus_per_worker, "scale.cpus_per_worker"),
-                                       ("GPU", sc.gpus_per_worker, "--gpus-per-worker")):
+    for resource, per_worker, knob in (
+        ("CPU", sc.cpus_per_worker, "scale.cpus_per_worker"),
+        ("GPU", sc.gpus_per_worker, "--gpus-per-worker"),
+    ):
         need, have = sc.workers * per_worker, float(available.get(resource, 0))
         if need > have:
-            raise LaunchRefused(f"--workers {sc.workers} x {per_worker:g} {resource} per worker needs {need:g} "
-                                f"{resource}s, but {where} has {have:g}; lower --workers or {knob}")
+            raise LaunchRefused(
+                f"--workers {sc.workers} x {per_worker:g} {resource} per worker needs {need:g} "
+                f"{resource}s, but {where} has {have:g}; lower --workers or {knob}"
+            )
 
 
 def local_resources() -> dict:
     """What a private local Ray started by :func:`connect_ray` will have."""
     from ray._private.utils import get_num_cpus
 
-    return {"CPU": get_num_cpus(), "GPU": torch.cuda.device_count() if torch.cuda.is_available() else 0}
+    return {
+        "CPU": get_num_cpus(),
+        "GPU": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+    }
 
 
 def _write_credentials_file(store: LocalObjectStore, directory: str) -> str:
     path = os.path.join(directory, "aws-credentials")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(f"[{EMBEDDED_PROFILE}]\naws_access_key_id = {store.access_key}\n"
-                f"aws_secret_access_key = {store.secret_key}\n")
+        f.write(
+            f"[{EMBEDDED_PROFILE}]\naws_access_key_id = {store.access_key}\n"
+            f"aws_secret_access_key = {store.secret_key}\n"
+        )
     os.chmod(path, 0o600)
     return path
 
@@ -132,10 +149,16 @@ def embedded_env(store: LocalObjectStore, directory: str) -> dict[str, str]:
     The user's own keys are blanked (botocore treats empty variables as unset) since they would
     win over the credentials file.
     """
-    return {"AWS_ENDPOINT_URL": store.endpoint_url, "AWS_ENDPOINT_URL_S3": store.endpoint_url,
-            "AWS_REGION": "us-east-1", "AWS_SHARED_CREDENTIALS_FILE": _write_credentials_file(store, directory),
-            "AWS_PROFILE": EMBEDDED_PROFILE, "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "",
-            "AWS_SESSION_TOKEN": ""}
+    return {
+        "AWS_ENDPOINT_URL": store.endpoint_url,
+        "AWS_ENDPOINT_URL_S3": store.endpoint_url,
+        "AWS_REGION": "us-east-1",
+        "AWS_SHARED_CREDENTIALS_FILE": _write_credentials_file(store, directory),
+        "AWS_PROFILE": EMBEDDED_PROFILE,
+        "AWS_ACCESS_KEY_ID": "",
+        "AWS_SECRET_ACCESS_KEY": "",
+        "AWS_SESSION_TOKEN": "",
+    }
 
 
 @contextlib.contextmanager
@@ -148,8 +171,10 @@ def prepared_storage(cfg: TrainConfig, local_dir_name: str | None = None):
             try:
                 stack.enter_context(lock_directory(local_dir))
             except DirectoryLocked as e:
-                raise LaunchRefused(f"another launcher (pid {e.pid}) is using {local_dir_name or local_dir}; "
-                                    f"wait for it to finish, or pass --storage") from None
+                raise LaunchRefused(
+                    f"another launcher (pid {e.pid}) is using {local_dir_name or local_dir}; "
+                    f"wait for it to finish, or pass --storage"
+                ) from None
             data_dir = os.path.join(local_dir, "object-store")
             store = stack.enter_context(LocalObjectStore(data_dir))
             store.create_bucket(EMBEDDED_BUCKET)
@@ -161,7 +186,9 @@ def prepared_storage(cfg: TrainConfig, local_dir_name: str | None = None):
             # beside the runs: {storage}/demo-data/ (no run may take that name then)
             cfg.data.url = Location.parse(cfg.run.storage).child(DEMO_DATA).url
             if cfg.run.name == DEMO_DATA:
-                raise ValueError(f"run.name {DEMO_DATA!r} is where the demo shards go; choose another name")
+                raise ValueError(
+                    f"run.name {DEMO_DATA!r} is where the demo shards go; choose another name"
+                )
             ensure_demo_shards(cfg.data.url)
         yield cfg, env
 
@@ -171,20 +198,26 @@ def refuse_a_second_writer(cfg: TrainConfig) -> None:
     checkpoints = Location.parse(cfg.run.storage).child(cfg.run.name).child("checkpoints")
     doc = live_writer(checkpoints)
     if doc is not None:
-        raise LaunchRefused(f"run {cfg.run.name} is being trained by another job (host {doc.get('host', '?')}, "
-                            f"pid {doc.get('pid', '?')}); wait for it to finish, or choose another --name")
+        raise LaunchRefused(
+            f"run {cfg.run.name} is being trained by another job (host {doc.get('host', '?')}, "
+            f"pid {doc.get('pid', '?')}); wait for it to finish, or choose another --name"
+        )
 
 
 def completed_step(cfg: TrainConfig) -> int | None:
     """The newest committed step when it is already at ``run.max_steps`` (nothing left to train)."""
-    location = Location.parse(cfg.run.storage, retry_deadline=cfg.run.storage_retry_deadline).child(cfg.run.name)
+    location = Location.parse(cfg.run.storage, retry_deadline=cfg.run.storage_retry_deadline).child(
+        cfg.run.name
+    )
     latest = Checkpointer(location).latest_committed()
     return latest if latest is not None and latest >= cfg.run.max_steps else None
 
 
 def save_config(cfg: TrainConfig) -> None:
     """``{storage}/{run}/config.yaml``: the resolved config (URLs without credentials) for whoever reads the run."""
-    location = Location.parse(cfg.run.storage, retry_deadline=cfg.run.storage_retry_deadline).child(cfg.run.name)
+    location = Location.parse(cfg.run.storage, retry_deadline=cfg.run.storage_retry_deadline).child(
+        cfg.run.name
+    )
     location.write_bytes(CONFIG_FILE, config_text(cfg).encode())
 
 
@@ -246,23 +279,31 @@ def _trainer(cfg: TrainConfig, progress, env: dict[str, str]):
         resources["GPU"] = sc.gpus_per_worker
     return TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.to_dict(), "progress": progress,
-                           "credentials": ray.put(env),  # a reference: the values stay in memory
-                           "signals": WorkerSignals(cfg.run.preemption_signals, cfg.run.preemption_grace_s)},
-        scaling_config=ScalingConfig(num_workers=sc.workers, use_gpu=sc.gpus_per_worker > 0,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=cfg.run.name,
-                             storage_path=os.path.join(os.path.abspath(cfg.run.local_dir), "ray"),
-                             failure_config=FailureConfig(max_failures=sc.max_failures)),
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "progress": progress,
+            "credentials": ray.put(env),  # a reference: the values stay in memory
+            "signals": WorkerSignals(cfg.run.preemption_signals, cfg.run.preemption_grace_s),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=sc.workers, use_gpu=sc.gpus_per_worker > 0, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=os.path.join(os.path.abspath(cfg.run.local_dir), "ray"),
+            failure_config=FailureConfig(max_failures=sc.max_failures),
+        ),
     )
 
 
 # ---------------------------------------------------------------- progress display
 
 
-TICK_NOTE = ("tick: the mean internal tick (of model.iterations) at which the model was most certain; "
-             "eta: from the training steps' rate so far (start-up left out); mem: peak memory of rank 0 "
-             "(CUDA when on GPU, else the process's RSS)")
+TICK_NOTE = (
+    "tick: the mean internal tick (of model.iterations) at which the model was most certain; "
+    "eta: from the training steps' rate so far (start-up left out); mem: peak memory of rank 0 "
+    "(CUDA when on GPU, else the process's RSS)"
+)
 
 
 def _clock(seconds: float) -> str:
@@ -303,8 +344,12 @@ class Display:
         now = time.monotonic() if now is None else now
         eta = self.eta(step, now) if "train/loss" in values else None
         stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
-        tail = f" | {stamp} | elapsed {_clock(now - self.started)}" + (f" | eta {_clock(eta)}" if eta is not None else "")
-        return format_line(step, self.max_steps, values) + tail  # starts with "step N/M", as scripts expect
+        tail = f" | {stamp} | elapsed {_clock(now - self.started)}" + (
+            f" | eta {_clock(eta)}" if eta is not None else ""
+        )
+        return (
+            format_line(step, self.max_steps, values) + tail
+        )  # starts with "step N/M", as scripts expect
 
     def event(self, e: dict) -> None:
         step = int(e.get("step", 0))
@@ -324,9 +369,13 @@ class Display:
         if self.bar is not None:
             self.bar.n = step
             post = {}
-            for key, label, fmt in (("train/loss", "loss", "{:.3f}"), ("train/accuracy", "acc", "{:.3f}"),
-                                    ("perf/samples_per_s", "samples/s", "{:.0f}"), ("eval/top1", "val", "{:.3f}"),
-                                    ("perf/peak_memory_gib", "mem GiB", "{:.2f}")):
+            for key, label, fmt in (
+                ("train/loss", "loss", "{:.3f}"),
+                ("train/accuracy", "acc", "{:.3f}"),
+                ("perf/samples_per_s", "samples/s", "{:.0f}"),
+                ("eval/top1", "val", "{:.3f}"),
+                ("perf/peak_memory_gib", "mem GiB", "{:.2f}"),
+            ):
                 if key in e:
                     post[label] = fmt.format(e[key])
             self.bar.set_postfix(post, refresh=False)
@@ -350,8 +399,14 @@ class Display:
 # ---------------------------------------------------------------- entry point
 
 
-def train(cfg: TrainConfig, *, ray_address: str | None = None, interactive: bool | None = None,
-          stream=None, verbose: bool = True) -> dict:
+def train(
+    cfg: TrainConfig,
+    *,
+    ray_address: str | None = None,
+    interactive: bool | None = None,
+    stream=None,
+    verbose: bool = True,
+) -> dict:
     """Run a validated config to the end; returns the summary of rank 0 (plus wall time).
 
     Raises :class:`LaunchRefused` for input that cannot work (nothing started or left behind) and
@@ -361,10 +416,15 @@ def train(cfg: TrainConfig, *, ray_address: str | None = None, interactive: bool
     started = time.perf_counter()
     embedded = not cfg.run.storage
     local_dir_name = cfg.run.local_dir
-    cfg.run.local_dir = os.path.abspath(cfg.run.local_dir)  # workers run in Ray's own working directory
+    cfg.run.local_dir = os.path.abspath(
+        cfg.run.local_dir
+    )  # workers run in Ray's own working directory
     if cfg.scale.gpus_per_worker == 0 and torch.cuda.is_available():
-        print("warning: this machine has CUDA GPUs but --gpus-per-worker is 0: the run trains on CPU",
-              file=stream or sys.stderr, flush=True)
+        print(
+            "warning: this machine has CUDA GPUs but --gpus-per-worker is 0: the run trains on CPU",
+            file=stream or sys.stderr,
+            flush=True,
+        )
     check_data_access(cfg)
     joining = cluster_address(ray_address)
     if not joining and not ray.is_initialized():
@@ -372,9 +432,17 @@ def train(cfg: TrainConfig, *, ray_address: str | None = None, interactive: bool
     with prepared_storage(cfg, local_dir_name) as (cfg, env):
         done = completed_step(cfg)
         if done is not None:
-            return {"run": cfg.run.name, "step": done, "already_complete": True, "max_steps": cfg.run.max_steps,
-                    "checkpoints": Location.parse(cfg.run.storage).child(cfg.run.name).child("checkpoints").url,
-                    "wall_s": time.perf_counter() - started}
+            return {
+                "run": cfg.run.name,
+                "step": done,
+                "already_complete": True,
+                "max_steps": cfg.run.max_steps,
+                "checkpoints": Location.parse(cfg.run.storage)
+                .child(cfg.run.name)
+                .child("checkpoints")
+                .url,
+                "wall_s": time.perf_counter() - started,
+            }
         preflight(cfg)
         refuse_a_second_writer(cfg)
         save_config(cfg)
@@ -419,8 +487,11 @@ def train(cfg: TrainConfig, *, ray_address: str | None = None, interactive: bool
     summary = dict(summary)
     summary["wall_s"] = time.perf_counter() - started
     summary["run"] = cfg.run.name
-    summary["next_commands"] = next_commands(Location.parse(cfg.run.storage).child(cfg.run.name).url, cfg.data.task,
-                                             local_dir_name if embedded else None)
+    summary["next_commands"] = next_commands(
+        Location.parse(cfg.run.storage).child(cfg.run.name).url,
+        cfg.data.task,
+        local_dir_name if embedded else None,
+    )
     if summary.get("preempted"):
         raise Preempted(summary.get("step"), summary.get("signal"))
     return summary
@@ -439,14 +510,23 @@ def _relay_signals(progress, signals: str):
         if signum == signal.SIGINT and received:
             raise KeyboardInterrupt
         received.append(signum)
-        log.warning("got %s: asking the workers to checkpoint and stop%s", signal.Signals(signum).name,
-                    " (Ctrl-C again to stop at once, without a checkpoint)" if signum == signal.SIGINT else "")
+        log.warning(
+            "got %s: asking the workers to checkpoint and stop%s",
+            signal.Signals(signum).name,
+            " (Ctrl-C again to stop at once, without a checkpoint)"
+            if signum == signal.SIGINT
+            else "",
+        )
         progress.request_stop.remote(signum)
 
-    return handle_signals(tuple(dict.fromkeys(parse_signals(signals) + (signal.SIGINT,))), on_signal)
+    return handle_signals(
+        tuple(dict.fromkeys(parse_signals(signals) + (signal.SIGINT,))), on_signal
+    )
 
 
-def next_commands(run_url: str, task: str | None = None, local_dir: str | os.PathLike | None = None) -> list[str]:
+def next_commands(
+    run_url: str, task: str | None = None, local_dir: str | os.PathLike | None = None
+) -> list[str]:
     """The commands to run after training ``run_url``: evaluate, visualize (image tasks) and export.
 
     ``local_dir`` is the trainer's ``run.local_dir`` when the run lives in its embedded store; the
@@ -467,21 +547,35 @@ def next_commands(run_url: str, task: str | None = None, local_dir: str | os.Pat
 def summary_lines(summary: dict) -> list[str]:
     """The short end-of-run report."""
     if summary.get("already_complete"):
-        return [f"run {summary.get('run')} is already complete at step {summary.get('step')} "
-                f"(run.max_steps={summary.get('max_steps')}); raise --max-steps to train it further",
-                f"  checkpoints: {summary.get('checkpoints')}"]
-    lines = [f"run {summary.get('run')}: {summary.get('step')} steps in {summary.get('wall_s', 0):.0f}s "
-             f"({summary.get('steps_per_s', 0):.2f} steps/s while training)"]
-    for key, label in (("eval/top1", "val top-1"), ("eval/top5", "val top-5"),
-                       ("eval/step_accuracy", "val per-step accuracy"), ("eval/route_accuracy", "val route accuracy"),
-                       ("eval/sequence_accuracy", "val sequence accuracy"),
-                       ("eval/most_certain_tick_mean", "mean most-certain tick")):
+        return [
+            f"run {summary.get('run')} is already complete at step {summary.get('step')} "
+            f"(run.max_steps={summary.get('max_steps')}); raise --max-steps to train it further",
+            f"  checkpoints: {summary.get('checkpoints')}",
+        ]
+    lines = [
+        f"run {summary.get('run')}: {summary.get('step')} steps in {summary.get('wall_s', 0):.0f}s "
+        f"({summary.get('steps_per_s', 0):.2f} steps/s while training)"
+    ]
+    for key, label in (
+        ("eval/top1", "val top-1"),
+        ("eval/top5", "val top-5"),
+        ("eval/step_accuracy", "val per-step accuracy"),
+        ("eval/route_accuracy", "val route accuracy"),
+        ("eval/sequence_accuracy", "val sequence accuracy"),
+        ("eval/most_certain_tick_mean", "mean most-certain tick"),
+    ):
         if summary.get(key) is not None:
-            lines.append(f"  {label}: {summary[key]:.4f}" if "tick" not in key else f"  {label}: {summary[key]:.2f}")
+            lines.append(
+                f"  {label}: {summary[key]:.4f}"
+                if "tick" not in key
+                else f"  {label}: {summary[key]:.2f}"
+            )
     if summary.get("resumed_from"):
         lines.append(f"  resumed from step {summary['resumed_from']}")
     lines.append(f"  checkpoints: {summary.get('checkpoints')}")
-    lines.append(f"  TensorBoard: {summary.get('tensorboard_local')} (synced to {summary.get('tensorboard')})")
+    lines.append(
+        f"  TensorBoard: {summary.get('tensorboard_local')} (synced to {summary.get('tensorboard')})"
+    )
     if summary.get("next_commands"):
         lines.append("  next:")
         lines.extend(f"    {command}" for command in summary["next_commands"])

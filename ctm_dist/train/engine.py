@@ -30,13 +30,21 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
 
 
 def model_dtype(cfg: TrainConfig) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.deepspeed.precision]
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        cfg.deepspeed.precision
+    ]
 
 
 def lr_schedule(cfg: TrainConfig) -> WarmupCosine:
     o = cfg.optim
-    return WarmupCosine(o.lr, o.warmup_steps, o.decay_steps or cfg.run.max_steps, o.warmup_start_lr,
-                        o.min_lr, cosine=o.schedule == "cosine")
+    return WarmupCosine(
+        o.lr,
+        o.warmup_steps,
+        o.decay_steps or cfg.run.max_steps,
+        o.warmup_start_lr,
+        o.min_lr,
+        cosine=o.schedule == "cosine",
+    )
 
 
 def gather_once_per_pass(engine) -> None:
@@ -84,22 +92,31 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig):
 
     o = cfg.optim
     ds_cfg = deepspeed_config(cfg)
-    model = model.to(model_dtype(cfg))  # buffers too (BatchNorm statistics), not only what DeepSpeed casts
+    model = model.to(
+        model_dtype(cfg)
+    )  # buffers too (BatchNorm statistics), not only what DeepSpeed casts
     params = [p for p in model.parameters() if p.requires_grad]
     adam = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
     if cfg.deepspeed.offload_optimizer:
         ds_cfg["optimizer"] = {"type": "AdamW", "params": adam}
         optimizer = None
     else:
-        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        optimizer = torch.optim.AdamW(
+            params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+        )
     schedule = lr_schedule(cfg)
 
     def scheduler(opt):
         return torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
     engine, *_ = deepspeed.initialize(
-        model=model, optimizer=optimizer, model_parameters=params if optimizer is None else None,
-        lr_scheduler=scheduler, config=ds_cfg, dist_init_required=False)
+        model=model,
+        optimizer=optimizer,
+        model_parameters=params if optimizer is None else None,
+        lr_scheduler=scheduler,
+        config=ds_cfg,
+        dist_init_required=False,
+    )
     if cfg.deepspeed.zero_stage == 3:
         gather_once_per_pass(engine)
     return engine

@@ -39,7 +39,10 @@ def process_owner() -> str:
     """An owner name unique to this process (the default when no job-wide owner is known)."""
     global _process_owner
     if _process_owner is None or _process_owner[0] != os.getpid():
-        _process_owner = (os.getpid(), f"process:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
+        _process_owner = (
+            os.getpid(),
+            f"process:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
+        )
     return _process_owner[1]
 
 
@@ -63,7 +66,9 @@ class RunLease:
     def __init__(self, location: Location, owner: str | None = None, ttl: float = DEFAULT_TTL):
         if ttl <= 0:
             raise ValueError(f"lease ttl must be > 0, got {ttl}")
-        self.location = replace(location, _fs=None)  # its own client: the heartbeat runs in a thread
+        self.location = replace(
+            location, _fs=None
+        )  # its own client: the heartbeat runs in a thread
         self.owner = owner or process_owner()
         self.ttl = float(ttl)
         self.holder = uuid.uuid4().hex
@@ -89,12 +94,24 @@ class RunLease:
             return None
         except ValueError:  # unreadable: treat as a lease nobody renews
             return {"owner": "?", "holder": "?", "beat": -1, "heartbeat": 0.0}
-        return doc if isinstance(doc, dict) else {"owner": "?", "holder": "?", "beat": -1, "heartbeat": 0.0}
+        return (
+            doc
+            if isinstance(doc, dict)
+            else {"owner": "?", "holder": "?", "beat": -1, "heartbeat": 0.0}
+        )
 
     def _write(self) -> None:
         self._beat += 1
-        doc = {"owner": self.owner, "holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(),
-               "beat": self._beat, "heartbeat": time.time(), "acquired": self._acquired, "ttl": self.ttl}
+        doc = {
+            "owner": self.owner,
+            "holder": self.holder,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "beat": self._beat,
+            "heartbeat": time.time(),
+            "acquired": self._acquired,
+            "ttl": self.ttl,
+        }
         self.location.write_bytes(LEASE, json.dumps(doc).encode())
 
     # ------------------------------------------------------------------ taking and keeping it
@@ -110,8 +127,12 @@ class RunLease:
             watch = max(self.ttl, _ttl_of(current))  # the holder renews every ttl/3 of its own ttl
             if self._free(current) or time.monotonic() - started >= watch:
                 if current is not None and current.get("owner") != self.owner:
-                    log.warning("taking over the lease of %s from %s (no heartbeat for %.0f s)", self.url,
-                                _who(current), watch)
+                    log.warning(
+                        "taking over the lease of %s from %s (no heartbeat for %.0f s)",
+                        self.url,
+                        _who(current),
+                        watch,
+                    )
                 break
             if _moved(first, current):
                 raise self._locked(current)
@@ -127,7 +148,9 @@ class RunLease:
             raise self._locked(confirm or {})
         self.lost = None
         self._stop.clear()
-        self._thread = threading.Thread(target=self._heartbeat, name="ctm-dist-run-lease", daemon=True)
+        self._thread = threading.Thread(
+            target=self._heartbeat, name="ctm-dist-run-lease", daemon=True
+        )
         self._thread.start()
 
     def _free(self, doc: dict | None) -> bool:
@@ -140,10 +163,12 @@ class RunLease:
 
     def _locked(self, doc: dict) -> RunLocked:
         age = time.time() - float(doc.get("heartbeat") or time.time())
-        return RunLocked(f"{self.location.url} is being written by another job ({_who(doc)}, heartbeat "
-                         f"{age:.0f}s ago): two jobs with the same run name would mix their checkpoints. Stop "
-                         f"that job or choose another run name; a lease left by a crashed job is taken over "
-                         f"{self.ttl:.0f}s after its last heartbeat")
+        return RunLocked(
+            f"{self.location.url} is being written by another job ({_who(doc)}, heartbeat "
+            f"{age:.0f}s ago): two jobs with the same run name would mix their checkpoints. Stop "
+            f"that job or choose another run name; a lease left by a crashed job is taken over "
+            f"{self.ttl:.0f}s after its last heartbeat"
+        )
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.ttl / 3):
@@ -151,10 +176,17 @@ class RunLease:
                 doc = self.read()
                 if doc is not None and doc.get("holder") != self.holder:
                     self.lost = f"{_who(doc)} took the lease over"
-                    log.error("lost the lease of %s: %s; no further checkpoint will be committed", self.url, self.lost)
+                    log.error(
+                        "lost the lease of %s: %s; no further checkpoint will be committed",
+                        self.url,
+                        self.lost,
+                    )
                     return
                 self._write()
-            except (StorageError, OSError) as e:  # keep trying: the store may come back within the ttl
+            except (
+                StorageError,
+                OSError,
+            ) as e:  # keep trying: the store may come back within the ttl
                 log.warning("could not renew the lease %s: %s", self.url, e)
 
     def check(self) -> None:
@@ -165,8 +197,10 @@ class RunLease:
         if self.lost is None and (doc is None or doc.get("holder") != self.holder):
             self.lost = f"{_who(doc)} holds it now" if doc else "it was deleted"
         if self.lost is not None:
-            raise CheckpointError(f"this job no longer holds the lease of {self.location.url} ({self.lost}); "
-                                  "not committing, so that another job's checkpoints are not mixed with ours")
+            raise CheckpointError(
+                f"this job no longer holds the lease of {self.location.url} ({self.lost}); "
+                "not committing, so that another job's checkpoints are not mixed with ours"
+            )
 
     def release(self) -> None:
         """Stop the heartbeat and delete the lease if it is still ours."""
@@ -180,8 +214,12 @@ class RunLease:
             if doc is not None and doc.get("holder") == self.holder:
                 self.location.rm(LEASE)
         except (StorageError, OSError) as e:  # it expires by itself
-            log.warning("could not release the lease %s: %s (it expires %.0f s after its last heartbeat)",
-                        self.url, e, self.ttl)
+            log.warning(
+                "could not release the lease %s: %s (it expires %.0f s after its last heartbeat)",
+                self.url,
+                e,
+                self.ttl,
+            )
 
 
 def live_writer(location: Location, ttl: float = DEFAULT_TTL) -> dict | None:

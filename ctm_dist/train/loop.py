@@ -29,8 +29,19 @@ from ctm_dist.train.checkpointer import Checkpointer
 from ctm_dist.train.config import TrainConfig
 from ctm_dist.train.engine import build_engine, model_dtype
 from ctm_dist.train.lease import ray_job_owner
-from ctm_dist.train.metrics import RunningSums, StepTimer, TensorBoardLog, config_text, peak_memory_gib
-from ctm_dist.train.preemption import PreemptionHandler, parse_signals, training_in_progress, worker_signal
+from ctm_dist.train.metrics import (
+    RunningSums,
+    StepTimer,
+    TensorBoardLog,
+    config_text,
+    peak_memory_gib,
+)
+from ctm_dist.train.preemption import (
+    PreemptionHandler,
+    parse_signals,
+    training_in_progress,
+    worker_signal,
+)
 from ctm_dist.train.tasks import make_task
 
 log = logging.getLogger(__name__)
@@ -45,15 +56,26 @@ def seed_everything(seed: int) -> None:
 def run_paths(cfg: TrainConfig) -> dict:
     """Where a run keeps things: its storage location URL and its local scratch directory."""
     local = os.path.join(os.path.abspath(cfg.run.local_dir), "runs", cfg.run.name)
-    return {"local": local, "tensorboard": os.path.join(local, "tensorboard"),
-            "workers": os.path.join(local, "workers")}
+    return {
+        "local": local,
+        "tensorboard": os.path.join(local, "tensorboard"),
+        "workers": os.path.join(local, "workers"),
+    }
 
 
 class Trainer:
     """State and steps of one worker; ``fit()`` runs the whole loop."""
 
-    def __init__(self, cfg: TrainConfig, rank: int, world_size: int, device: torch.device, progress=None):
-        self.cfg, self.rank, self.world_size, self.device, self.progress = cfg, rank, world_size, device, progress
+    def __init__(
+        self, cfg: TrainConfig, rank: int, world_size: int, device: torch.device, progress=None
+    ):
+        self.cfg, self.rank, self.world_size, self.device, self.progress = (
+            cfg,
+            rank,
+            world_size,
+            device,
+            progress,
+        )
         self.paths = run_paths(cfg)
         self._record_worker()
         seed_everything(cfg.run.seed)  # same initial weights on every rank
@@ -62,23 +84,36 @@ class Trainer:
         self.engine = build_engine(CTM(self.model_cfg).to(device), cfg)
         self.compiled = compile_engine(self.engine, self.model_cfg, device)
         self.dtype = model_dtype(cfg)
-        self.run_location = Location.parse(cfg.run.storage, retry_deadline=cfg.run.storage_retry_deadline).child(cfg.run.name)
-        self.checkpointer = Checkpointer(self.run_location, keep_last=cfg.checkpoint.keep, rank=rank,
-                                         world_size=world_size, local_dir=os.path.join(self.paths["local"], "scratch"),
-                                         owner=ray_job_owner())
+        self.run_location = Location.parse(
+            cfg.run.storage, retry_deadline=cfg.run.storage_retry_deadline
+        ).child(cfg.run.name)
+        self.checkpointer = Checkpointer(
+            self.run_location,
+            keep_last=cfg.checkpoint.keep,
+            rank=rank,
+            world_size=world_size,
+            local_dir=os.path.join(self.paths["local"], "scratch"),
+            owner=ray_job_owner(),
+        )
         self.checkpointer.acquire()  # one job writes a run: a second one with the same name stops here
         # what must match on resume: the model's shape-giving fields (not how ticks are recomputed)
-        model_fields = {k: v for k, v in self.model_cfg.to_dict().items() if k not in EXECUTION_FIELDS}
+        model_fields = {
+            k: v for k, v in self.model_cfg.to_dict().items() if k not in EXECUTION_FIELDS
+        }
         self.checkpoint_config = dict(cfg.to_dict(), model=model_fields)
         self.train_data = self.task.train_loader(cfg.micro_batch_size, seed=cfg.run.seed)
         self.step = 0
         self.resumed_from = None
-        restored = self.checkpointer.load_latest(self.engine, config=self.checkpoint_config, all_ranks=True)
+        restored = self.checkpointer.load_latest(
+            self.engine, config=self.checkpoint_config, all_ranks=True
+        )
         if restored is not None:
             self.step, extras = restored
             self.resumed_from = self.step
             mine = extras[rank] if len(extras) == world_size else extras[0]
-            self.train_data.load_state_dict(mine["data"])  # every rank saved the merged position of all
+            self.train_data.load_state_dict(
+                mine["data"]
+            )  # every rank saved the merged position of all
             if len(extras) == world_size:
                 rng.restore(mine["rng"])
             else:  # another world size: positions carry over, random streams start afresh
@@ -86,7 +121,9 @@ class Trainer:
         else:
             # Different ranks draw different randomness (dropout, augmentation) from here on.
             seed_everything(cfg.run.seed + 1000003 * (rank + 1))
-        self.tb = TensorBoardLog(self.paths["tensorboard"], start_step=self.step) if rank == 0 else None
+        self.tb = (
+            TensorBoardLog(self.paths["tensorboard"], start_step=self.step) if rank == 0 else None
+        )
         if self.tb is not None:
             self.tb.text("config", config_text(cfg), self.step)
         self.sums = RunningSums()
@@ -99,7 +136,15 @@ class Trainer:
         os.makedirs(self.paths["workers"], exist_ok=True)
         path = os.path.join(self.paths["workers"], f"rank-{self.rank}.json")
         with open(path + ".tmp", "w") as f:
-            json.dump({"rank": self.rank, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}, f)
+            json.dump(
+                {
+                    "rank": self.rank,
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "time": time.time(),
+                },
+                f,
+            )
         os.replace(path + ".tmp", path)
 
     # ------------------------------------------------------------ steps
@@ -128,7 +173,9 @@ class Trainer:
         self.engine.eval()
         sums = RunningSums()
         max_batches = self.cfg.eval.batches or None
-        for i, batch in enumerate(self.task.eval_loader(self.cfg.data.eval_batch_size // self.world_size)):
+        for i, batch in enumerate(
+            self.task.eval_loader(self.cfg.data.eval_batch_size // self.world_size)
+        ):
             if max_batches is not None and i >= max_batches:
                 break
             x, target, valid = self.task.to_device(batch, self.device, self.dtype)
@@ -142,7 +189,9 @@ class Trainer:
         self.engine.train()
         out = self.task.summarise(reduced, prefix="eval/")
         if ticks.numel():
-            out["eval/most_certain_tick_mean"] = ticks.double().mean().item() + 1  # ticks numbered 1..T
+            out["eval/most_certain_tick_mean"] = (
+                ticks.double().mean().item() + 1
+            )  # ticks numbered 1..T
         out["eval/samples"] = float(reduced.get("samples", torch.zeros(1))[0])
         if "loss_sum" in reduced:
             out["eval/loss"] = float(reduced["loss_sum"][0]) / max(out["eval/samples"], 1.0)
@@ -164,7 +213,9 @@ class Trainer:
         }
         skipped = getattr(self.train_data, "stats", {}).get("skipped", 0)
         if skipped:
-            values["data/skipped_samples"] = float(skipped)  # this rank's corrupt or unreadable samples
+            values["data/skipped_samples"] = float(
+                skipped
+            )  # this rank's corrupt or unreadable samples
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             values["train/grad_norm"] = float(grad_norm)
@@ -178,9 +229,13 @@ class Trainer:
             self.tb.scalars(scalars, self.step)
             for k, v in values.items():
                 if isinstance(v, (list, tuple)):  # per-tick accuracy: one scalar per tick
-                    for t, value in enumerate(v, start=1):  # ticks numbered 1..T, as in the pictures
+                    for t, value in enumerate(
+                        v, start=1
+                    ):  # ticks numbered 1..T, as in the pictures
                         self.tb.writer.add_scalar(f"{k}/tick_{t:03d}", value, self.step)
-            self.tb.histogram("train/most_certain_tick", ticks + 1, self.step, bins=self.model_cfg.iterations)
+            self.tb.histogram(
+                "train/most_certain_tick", ticks + 1, self.step, bins=self.model_cfg.iterations
+            )
             self.tb.flush()
         self._steps_since_log = 0
         return values
@@ -209,7 +264,9 @@ class Trainer:
         started, start_step = time.perf_counter(), self.step
         self._steps_since_log = 0
         if self.rank == 0 and self.progress is not None:
-            self.progress.update.remote({"step": self.step, "resumed_from": self.resumed_from, "max_steps": max_steps})
+            self.progress.update.remote(
+                {"step": self.step, "resumed_from": self.resumed_from, "max_steps": max_steps}
+            )
         batches = forever(self.train_data)
         pending: dict = {}
         preemption = StopRequests(self.cfg, self.progress if self.rank == 0 else None)
@@ -248,11 +305,16 @@ class Trainer:
         self.last.update(pending)
         trained = self.step - start_step
         summary = dict(self.last)
-        summary.update({"step": self.step, "resumed_from": self.resumed_from,
-                        "steps_per_s": trained / max(time.perf_counter() - started, 1e-9),
-                        "tensorboard_local": self.paths["tensorboard"],
-                        "tensorboard": self.run_location.child("tensorboard").url,
-                        "checkpoints": self.checkpointer.location.url})
+        summary.update(
+            {
+                "step": self.step,
+                "resumed_from": self.resumed_from,
+                "steps_per_s": trained / max(time.perf_counter() - started, 1e-9),
+                "tensorboard_local": self.paths["tensorboard"],
+                "tensorboard": self.run_location.child("tensorboard").url,
+                "checkpoints": self.checkpointer.location.url,
+            }
+        )
         if preempted:
             summary.update(preempted)
         self.report(summary, final=True)
@@ -281,7 +343,10 @@ class StopRequests:
     def should_stop(self) -> bool:
         signum = None if self.handler.requested else worker_signal()
         if signum:
-            log.warning("this worker got %s: checkpointing and stopping every rank", signal.Signals(signum).name)
+            log.warning(
+                "this worker got %s: checkpointing and stopping every rank",
+                signal.Signals(signum).name,
+            )
             self.handler.request(signum)
         if self._pending is not None and not self.handler.requested:
             import ray
@@ -301,7 +366,9 @@ def compile_engine(engine, model_cfg, device: torch.device) -> bool:
     if not execution.compiles(model_cfg, device):
         return False
     execution.prepare(engine.module)
-    engine.compile(backend=execution.COMPILE_BACKEND, compile_kwargs=execution.compile_options(model_cfg))
+    engine.compile(
+        backend=execution.COMPILE_BACKEND, compile_kwargs=execution.compile_options(model_cfg)
+    )
     return True
 
 
@@ -324,19 +391,27 @@ def train_worker(loop_config: dict) -> None:
 
     cfg = TrainConfig.from_dict(loop_config["config"])
     if loop_config.get("credentials") is not None:
-        os.environ.update(ray.get(loop_config["credentials"]))  # storage endpoint and keys, never logged
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its per-step INFO lines drown the progress
+        os.environ.update(
+            ray.get(loop_config["credentials"])
+        )  # storage endpoint and keys, never logged
+    logging.getLogger("DeepSpeed").setLevel(
+        logging.WARNING
+    )  # its per-step INFO lines drown the progress
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
     threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
     if threads > 0:
         torch.set_num_threads(threads)
     with training_in_progress():
-        trainer = Trainer(cfg, ctx.get_world_rank(), ctx.get_world_size(), device, loop_config.get("progress"))
+        trainer = Trainer(
+            cfg, ctx.get_world_rank(), ctx.get_world_size(), device, loop_config.get("progress")
+        )
         try:
             summary = trainer.fit()
         finally:
             trainer.checkpointer.close()  # done or preempted: a relaunch must not wait for the lease
-    ray.train.report({k: v for k, v in summary.items() if isinstance(v, (int, float, str)) and v is not None})
+    ray.train.report(
+        {k: v for k, v in summary.items() if isinstance(v, (int, float, str)) and v is not None}
+    )
     if dist.is_initialized():
         dist.barrier()

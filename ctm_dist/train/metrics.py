@@ -39,7 +39,11 @@ class RunningSums:
     def reduce(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """All-reduce the sums and gather the ticks; every rank must call it at the same step."""
         names = sorted(self.sums)
-        flat = torch.cat([self.sums[n] for n in names]) if names else torch.zeros(0, dtype=torch.float64)
+        flat = (
+            torch.cat([self.sums[n] for n in names])
+            if names
+            else torch.zeros(0, dtype=torch.float64)
+        )
         ticks = torch.cat(self.ticks) if self.ticks else torch.zeros(0, dtype=torch.long)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flat)
@@ -49,7 +53,7 @@ class RunningSums:
         out, offset = {}, 0
         for n in names:
             size = self.sums[n].numel()
-            out[n] = flat[offset:offset + size]
+            out[n] = flat[offset : offset + size]
             offset += size
         return out, ticks
 
@@ -85,7 +89,11 @@ def peak_memory_gib(device: torch.device | None = None) -> float:
 
 
 def _without_userinfo(value):
-    if isinstance(value, str) and "://" in value and "@" in value.split("://", 1)[1].split("/", 1)[0]:
+    if (
+        isinstance(value, str)
+        and "://" in value
+        and "@" in value.split("://", 1)[1].split("/", 1)[0]
+    ):
         parts = urlsplit(value)
         return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
     return value
@@ -97,6 +105,7 @@ def config_text(cfg) -> str:
     A config holds no keys (those come from the environment or a credentials file); URLs lose any
     ``user:password@`` part all the same.
     """
+
     def plain(value):
         if isinstance(value, dict):
             return {k: plain(v) for k, v in value.items()}
@@ -116,7 +125,9 @@ class TensorBoardLog:
         os.makedirs(local_dir, exist_ok=True)
         self.local_dir = local_dir
         # purge_step drops events logged after the checkpoint we resumed from (a crash replays them)
-        self.writer = SummaryWriter(local_dir, purge_step=start_step + 1 if start_step > 0 else None)
+        self.writer = SummaryWriter(
+            local_dir, purge_step=start_step + 1 if start_step > 0 else None
+        )
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         for name, value in values.items():
@@ -126,7 +137,9 @@ class TensorBoardLog:
         # indented: TensorBoard renders text as Markdown, and a code block keeps the YAML as written
         self.writer.add_text(name, "\n".join("    " + line for line in text.splitlines()), step)
 
-    def histogram(self, name: str, values: torch.Tensor, step: int, bins: int | None = None) -> None:
+    def histogram(
+        self, name: str, values: torch.Tensor, step: int, bins: int | None = None
+    ) -> None:
         if values.numel():
             if bins:
                 edges = torch.arange(bins + 1, dtype=torch.float64) + 0.5  # integer values 1..bins

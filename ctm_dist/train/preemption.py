@@ -44,7 +44,7 @@ import os
 import signal
 import threading
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL from sysexits.h
 DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -87,7 +87,7 @@ class PreemptionHandler:
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
 
-    def install(self) -> "PreemptionHandler":
+    def install(self) -> PreemptionHandler:
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("PreemptionHandler.install() must run in the main thread")
         for s in self.signals:
@@ -99,7 +99,7 @@ class PreemptionHandler:
             signal.signal(s, handler)
         self._previous.clear()
 
-    def __enter__(self) -> "PreemptionHandler":
+    def __enter__(self) -> PreemptionHandler:
         return self.install()
 
     def __exit__(self, *exc) -> None:
@@ -145,8 +145,8 @@ def handle_signals(signals: Iterable[int], handler: Callable) -> Callable[[], No
 
 # ---------------------------------------------------------------- signals in Ray Train workers
 
-_worker_stop: dict = {}       # {"signum", "at"} once a preemption signal reached this process
-_ray_handlers: dict = {}      # what the worker's main thread had before us (Ray's own handlers)
+_worker_stop: dict = {}  # {"signum", "at"} once a preemption signal reached this process
+_ray_handlers: dict = {}  # what the worker's main thread had before us (Ray's own handlers)
 _training = threading.Event()  # set while a training function runs in this process
 _worker_grace_s = [60.0]
 

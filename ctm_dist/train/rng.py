@@ -38,17 +38,19 @@ def restore(state: dict) -> None:
         random.setstate((int(version), tuple(int(x) for x in internal), gauss))
     if "numpy" in state:
         s = state["numpy"]
-        np.random.set_state({
-            "bit_generator": s["bit_generator"],
-            "state": {"key": s["key"].numpy().astype(np.uint32), "pos": int(s["pos"])},
-            "has_gauss": int(s["has_gauss"]),
-            "gauss": float(s["gauss"]),
-        })
+        np.random.set_state(
+            {
+                "bit_generator": s["bit_generator"],
+                "state": {"key": s["key"].numpy().astype(np.uint32), "pos": int(s["pos"])},
+                "has_gauss": int(s["has_gauss"]),
+                "gauss": float(s["gauss"]),
+            }
+        )
     if "torch" in state:
         torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         # A resume may see a different number of devices: restore those both runs have.
-        for device, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
+        for device, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(s, device)
 
 

@@ -12,8 +12,15 @@ import math
 class WarmupCosine:
     """lr(step): ``start -> base`` linearly over ``warmup`` steps, then cosine ``base -> min`` until ``total``."""
 
-    def __init__(self, base_lr: float, warmup: int, total: int, start_lr: float = 0.0,
-                 min_lr: float = 0.0, cosine: bool = True):
+    def __init__(
+        self,
+        base_lr: float,
+        warmup: int,
+        total: int,
+        start_lr: float = 0.0,
+        min_lr: float = 0.0,
+        cosine: bool = True,
+    ):
         self.base_lr, self.warmup, self.total = base_lr, warmup, max(total, 1)
         self.start_lr, self.min_lr, self.cosine = start_lr, min_lr, cosine
 
@@ -24,7 +31,9 @@ class WarmupCosine:
             return self.base_lr
         span = max(self.total - self.warmup, 1)
         progress = min(max(step - self.warmup, 0) / span, 1.0)
-        return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (
+            1.0 + math.cos(math.pi * progress)
+        )
 
     def __call__(self, step: int) -> float:
         return self.lr(step) / self.base_lr

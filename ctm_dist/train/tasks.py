@@ -107,10 +107,19 @@ class ShardTask(Task):
 
     def _loader(self, split: str, batch_size: int, train: bool, seed: int):
         image_size = self.cfg.data.image_size or None
-        return ShardLoader(self.location, split, task=self.cfg.data.task, batch_size=batch_size,
-                           rank=self.rank, world_size=self.world_size, train=train, seed=seed,
-                           num_workers=self.cfg.data.num_workers, image_size=image_size,
-                           global_order=self.cfg.data.global_order)
+        return ShardLoader(
+            self.location,
+            split,
+            task=self.cfg.data.task,
+            batch_size=batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            train=train,
+            seed=seed,
+            num_workers=self.cfg.data.num_workers,
+            image_size=image_size,
+            global_order=self.cfg.data.global_order,
+        )
 
     def train_loader(self, batch_size, seed):
         return self._loader(self.train_split, batch_size, train=True, seed=seed)
@@ -118,7 +127,9 @@ class ShardTask(Task):
     def eval_loader(self, batch_size):
         """The validation split from its start (the loader is built once and rewound)."""
         if getattr(self, "_eval", None) is None:
-            self._eval = self._loader(self.eval_split, batch_size, train=False, seed=self.cfg.run.seed)
+            self._eval = self._loader(
+                self.eval_split, batch_size, train=False, seed=self.cfg.run.seed
+            )
         self._eval.set_epoch(self._eval.epoch + 1)
         return self._eval
 
@@ -136,16 +147,26 @@ class Classification(ShardTask):
         return image_classification_loss(predictions, certainties, target, weight=valid)
 
     def accumulate(self, sums, predictions, target, valid, tick, eval=False):
-        sums.add("correct", accuracy_at_most_certain(predictions, target, tick, weight=valid, reduction="sum"))
-        sums.add("per_tick_correct", per_tick_accuracy(predictions, target, weight=valid, reduction="sum"))
+        sums.add(
+            "correct",
+            accuracy_at_most_certain(predictions, target, tick, weight=valid, reduction="sum"),
+        )
+        sums.add(
+            "per_tick_correct",
+            per_tick_accuracy(predictions, target, weight=valid, reduction="sum"),
+        )
         if eval:
-            sums.add("top5", topk_accuracy(predictions, target, tick, k=5, weight=valid, reduction="sum"))
+            sums.add(
+                "top5", topk_accuracy(predictions, target, tick, k=5, weight=valid, reduction="sum")
+            )
 
     def summarise(self, reduced, prefix):
         n = max(float(reduced["samples"][0]), 1.0)
         key = "top1" if prefix == "eval/" else "accuracy"
-        out = {prefix + key: float(reduced["correct"][0]) / n,
-               prefix + "per_tick_accuracy": [float(v) / n for v in reduced["per_tick_correct"]]}
+        out = {
+            prefix + key: float(reduced["correct"][0]) / n,
+            prefix + "per_tick_accuracy": [float(v) / n for v in reduced["per_tick_correct"]],
+        }
         if "top5" in reduced:
             out[prefix + "top5"] = float(reduced["top5"][0]) / n
         return out
@@ -167,10 +188,19 @@ class Mazes(ShardTask):
         return {"route_length": self.route_length}
 
     def _loader(self, split, batch_size, train, seed):
-        return ShardLoader(self.location, split, task="mazes", batch_size=batch_size, rank=self.rank,
-                           world_size=self.world_size, train=train, seed=seed,
-                           num_workers=self.cfg.data.num_workers, route_length=self.route_length,
-                           global_order=self.cfg.data.global_order)
+        return ShardLoader(
+            self.location,
+            split,
+            task="mazes",
+            batch_size=batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            train=train,
+            seed=seed,
+            num_workers=self.cfg.data.num_workers,
+            route_length=self.route_length,
+            global_order=self.cfg.data.global_order,
+        )
 
     def loss(self, predictions, certainties, target, valid):
         loss, tick, _ = maze_loss(predictions, certainties, target, weight=valid)
@@ -184,9 +214,14 @@ class Mazes(ShardTask):
 
     def summarise(self, reduced, prefix):
         n = max(float(reduced["samples"][0]), 1.0)
-        return {prefix + ("step_accuracy" if prefix == "eval/" else "accuracy"): float(reduced["correct"][0]) / n,
-                prefix + "route_accuracy": float(reduced["route"][0]) / n,
-                prefix + "per_tick_accuracy": [float(v) / n for v in reduced["per_tick_correct"]]}
+        return {
+            prefix + ("step_accuracy" if prefix == "eval/" else "accuracy"): float(
+                reduced["correct"][0]
+            )
+            / n,
+            prefix + "route_accuracy": float(reduced["route"][0]) / n,
+            prefix + "per_tick_accuracy": [float(v) / n for v in reduced["per_tick_correct"]],
+        }
 
 
 # ---------------------------------------------------------------- generated data
@@ -203,15 +238,25 @@ class Parity(Task):
         return {"sequence_length": self.sequence_length}
 
     def train_loader(self, batch_size, seed):
-        return ParityLoader(self.sequence_length, batch_size=batch_size, rank=self.rank,
-                            world_size=self.world_size, seed=seed)
+        return ParityLoader(
+            self.sequence_length,
+            batch_size=batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=seed,
+        )
 
     def eval_loader(self, batch_size):
         """Held-out sequences (another seed), the same ones at every evaluation."""
         batches = self.cfg.eval.batches or 8
-        loader = ParityLoader(self.sequence_length, batch_size=batch_size, rank=self.rank,
-                              world_size=self.world_size, seed=self.cfg.run.seed + 7919,
-                              samples_per_epoch=batches * batch_size * self.world_size)
+        loader = ParityLoader(
+            self.sequence_length,
+            batch_size=batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=self.cfg.run.seed + 7919,
+            samples_per_epoch=batches * batch_size * self.world_size,
+        )
         return loader
 
     def loss(self, predictions, certainties, target, valid):
@@ -220,18 +265,30 @@ class Parity(Task):
     def accumulate(self, sums, predictions, target, valid, tick, eval=False):
         seq = as_sequence_predictions(predictions, target)
         sums.add("correct", parity_accuracy(seq, target, tick, weight=valid, reduction="sum"))
-        sums.add("all_correct", sequence_all_correct(seq, target, tick, weight=valid, reduction="sum"))
+        sums.add(
+            "all_correct", sequence_all_correct(seq, target, tick, weight=valid, reduction="sum")
+        )
         sums.add("per_tick_correct", per_tick_accuracy(seq, target, weight=valid, reduction="sum"))
 
     def summarise(self, reduced, prefix):
         n = max(float(reduced["samples"][0]), 1.0)
-        return {prefix + ("step_accuracy" if prefix == "eval/" else "accuracy"): float(reduced["correct"][0]) / n,
-                prefix + "sequence_accuracy": float(reduced["all_correct"][0]) / n,
-                prefix + "per_tick_accuracy": [float(v) / n for v in reduced["per_tick_correct"]]}
+        return {
+            prefix + ("step_accuracy" if prefix == "eval/" else "accuracy"): float(
+                reduced["correct"][0]
+            )
+            / n,
+            prefix + "sequence_accuracy": float(reduced["all_correct"][0]) / n,
+            prefix + "per_tick_accuracy": [float(v) / n for v in reduced["per_tick_correct"]],
+        }
 
 
-TASKS = {"demo": Classification, "imagenet": Classification, "cifar10": Classification,
-         "mazes": Mazes, "parity": Parity}
+TASKS = {
+    "demo": Classification,
+    "imagenet": Classification,
+    "cifar10": Classification,
+    "mazes": Mazes,
+    "parity": Parity,
+}
 
 
 def preflight(cfg: TrainConfig) -> None:

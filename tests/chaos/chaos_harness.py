@@ -28,8 +28,8 @@ import psutil
 @dataclass
 class Trial:
     passed: bool
-    steps_lost: int | None = None      # steps computed but not committed when the fault hit
-    recover_s: float | None = None     # fault -> first new step (or -> clear error) in seconds
+    steps_lost: int | None = None  # steps computed but not committed when the fault hit
+    recover_s: float | None = None  # fault -> first new step (or -> clear error) in seconds
     note: str = ""
 
 
@@ -38,10 +38,15 @@ class ScenarioRecord:
     name: str
     nodeid: str
     trials: list[Trial] = field(default_factory=list)
-    outcome: str = "not run"           # pytest's outcome of the test that recorded it
+    outcome: str = "not run"  # pytest's outcome of the test that recorded it
 
-    def trial(self, passed: bool = True, steps_lost: int | None = None, recover_s: float | None = None,
-              note: str = "") -> Trial:
+    def trial(
+        self,
+        passed: bool = True,
+        steps_lost: int | None = None,
+        recover_s: float | None = None,
+        note: str = "",
+    ) -> Trial:
         t = Trial(bool(passed), steps_lost, recover_s, note)
         self.trials.append(t)
         return t
@@ -58,9 +63,16 @@ def summary_rows() -> list[tuple[str, str, str, str, str]]:
         ok = sum(t.passed for t in r.trials) if r.outcome == "passed" else 0
         lost = [t.steps_lost for t in trials if t.steps_lost is not None]
         rec = [t.recover_s for t in trials if t.recover_s is not None]
-        lost_s = "-" if not lost else (str(lost[0]) if len(lost) == 1 else f"{sum(lost)} ({','.join(map(str, lost))})")
-        rec_s = "-" if not rec else (f"{rec[0]:.1f}s" if len(rec) == 1 else
-                                     f"{min(rec):.1f}-{max(rec):.1f}s")
+        lost_s = (
+            "-"
+            if not lost
+            else (str(lost[0]) if len(lost) == 1 else f"{sum(lost)} ({','.join(map(str, lost))})")
+        )
+        rec_s = (
+            "-"
+            if not rec
+            else (f"{rec[0]:.1f}s" if len(rec) == 1 else f"{min(rec):.1f}-{max(rec):.1f}s")
+        )
         status = "" if r.outcome == "passed" else f" [{r.outcome.upper()}]"
         rows.append((r.name, str(len(r.trials)), f"{ok}{status}", lost_s, rec_s))
     return rows
@@ -128,7 +140,9 @@ class HeldWorkers:
         self.pids = dict(pids)
         self._procs = [psutil.Process(pid) for pid in self.pids.values() if is_ray_worker(pid)]
         if len(self._procs) != len(self.pids):
-            raise RuntimeError(f"not every pid of {self.pids} is a live Ray worker; refusing to suspend")
+            raise RuntimeError(
+                f"not every pid of {self.pids} is a live Ray worker; refusing to suspend"
+            )
         for p in self._procs:
             p.suspend()
 
@@ -147,13 +161,21 @@ class HeldWorkers:
         self.release()
 
 
-def hold_workers_at_start(local_dir, run_name: str, workers: int, started_after: float,
-                          timeout: float = 240.0) -> HeldWorkers:
+def hold_workers_at_start(
+    local_dir, run_name: str, workers: int, started_after: float, timeout: float = 240.0
+) -> HeldWorkers:
     """Wait until all ``workers`` ranks of a launch (records written after ``started_after``) have
     recorded their pids, then suspend them all. Ranks record their pid first thing, before building
     the model or loading a checkpoint, so the run is held before its first step of this launch."""
-    pids = wait_until(lambda: (p := worker_pids(local_dir, run_name, written_after=started_after))
-                      and len(p) >= workers and p, timeout, what=f"{workers} workers of {run_name!r} to start")
+    pids = wait_until(
+        lambda: (
+            (p := worker_pids(local_dir, run_name, written_after=started_after))
+            and len(p) >= workers
+            and p
+        ),
+        timeout,
+        what=f"{workers} workers of {run_name!r} to start",
+    )
     return HeldWorkers(pids)
 
 
@@ -220,11 +242,13 @@ class StepStream:
         return "\n".join(line for _, line in self.lines)
 
 
-def follow_file(path: str | os.PathLike, stream: StepStream, stop: threading.Event) -> threading.Thread:
+def follow_file(
+    path: str | os.PathLike, stream: StepStream, stop: threading.Event
+) -> threading.Thread:
     """Feed the lines appended to ``path`` (a launcher's stderr) into ``stream`` until ``stop``."""
 
     def run():
-        with open(path, "r", errors="replace") as f:
+        with open(path, errors="replace") as f:
             while True:
                 chunk = f.read()
                 if chunk:
@@ -270,7 +294,7 @@ class Outage:
         self.error: BaseException | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "Outage":
+    def start(self) -> Outage:
         self._thread = threading.Thread(target=self._run, daemon=True, name="store-outage")
         self._thread.start()
         return self
@@ -326,7 +350,9 @@ def steps_reached_per_attempt(local_dir, run_name: str) -> list[int]:
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
     folder = Path(local_dir).resolve() / "runs" / run_name / "tensorboard"
-    files = sorted(folder.glob("events.out.tfevents.*"), key=lambda f: (int(f.name.split(".")[3]), f.name))
+    files = sorted(
+        folder.glob("events.out.tfevents.*"), key=lambda f: (int(f.name.split(".")[3]), f.name)
+    )
     reached = []
     for f in files:
         steps = [e.step for e in EventFileLoader(str(f)).Load() if e.HasField("summary")]

@@ -16,22 +16,59 @@ REPO = Path(__file__).resolve().parents[2]
 STEPS = 16  # steps of every whole run compared with the reference
 
 # A CTM small enough for a few dozen steps in seconds on two cores: no conv backbone, 2 ticks.
-TINY_MODEL = {"iterations": 2, "d_model": 32, "d_input": 16, "heads": 2, "n_synch_out": 16,
-              "n_synch_action": 16, "memory_length": 2, "memory_hidden_dims": 2, "backbone_type": "none"}
+TINY_MODEL = {
+    "iterations": 2,
+    "d_model": 32,
+    "d_input": 16,
+    "heads": 2,
+    "n_synch_out": 16,
+    "n_synch_action": 16,
+    "memory_length": 2,
+    "memory_hidden_dims": 2,
+    "backbone_type": "none",
+}
 
 
-def tiny_overrides(*, name: str, storage: str, data: str, local_dir: str | os.PathLike, steps: int,
-                   workers: int = 2, checkpoint_every: int = 2, max_failures: int = 3, **extra) -> list[str]:
+def tiny_overrides(
+    *,
+    name: str,
+    storage: str,
+    data: str,
+    local_dir: str | os.PathLike,
+    steps: int,
+    workers: int = 2,
+    checkpoint_every: int = 2,
+    max_failures: int = 3,
+    **extra,
+) -> list[str]:
     """Dotted overrides of a tiny demo run; ``extra`` adds more (``section__field=value``)."""
-    out = [f"run.name={name}", f"run.storage={storage}", f"run.local_dir={local_dir}", "run.seed=7",
-           f"run.max_steps={steps}", "run.log_every=1",
-           f"data.url={data}", "data.task=demo", "data.batch_size=8", "data.eval_batch_size=8",
-           "data.image_size=16", "data.num_workers=0",
-           "optim.warmup_steps=2", f"optim.decay_steps={max(steps, 1)}", "optim.lr=3e-3",
-           "deepspeed.zero_stage=2", "deepspeed.precision=bf16", "deepspeed.gradient_clipping=1.0",
-           f"checkpoint.every={checkpoint_every}", "checkpoint.keep=100",
-           "eval.every=0", "eval.batches=1",
-           f"scale.workers={workers}", "scale.cpus_per_worker=1", f"scale.max_failures={max_failures}"]
+    out = [
+        f"run.name={name}",
+        f"run.storage={storage}",
+        f"run.local_dir={local_dir}",
+        "run.seed=7",
+        f"run.max_steps={steps}",
+        "run.log_every=1",
+        f"data.url={data}",
+        "data.task=demo",
+        "data.batch_size=8",
+        "data.eval_batch_size=8",
+        "data.image_size=16",
+        "data.num_workers=0",
+        "optim.warmup_steps=2",
+        f"optim.decay_steps={max(steps, 1)}",
+        "optim.lr=3e-3",
+        "deepspeed.zero_stage=2",
+        "deepspeed.precision=bf16",
+        "deepspeed.gradient_clipping=1.0",
+        f"checkpoint.every={checkpoint_every}",
+        "checkpoint.keep=100",
+        "eval.every=0",
+        "eval.batches=1",
+        f"scale.workers={workers}",
+        "scale.cpus_per_worker=1",
+        f"scale.max_failures={max_failures}",
+    ]
     out += [f"model.{k}={v}" for k, v in TINY_MODEL.items()]
     out += [f"{k.replace('__', '.')}={v}" for k, v in extra.items()]
     return out
@@ -51,20 +88,31 @@ def run_in_process(cfg, stream) -> dict:
     return train(cfg, stream=stream, interactive=False)
 
 
-def launcher(overrides: list[str], ray_address: str, env: dict[str, str], log_path: str | os.PathLike,
-             ) -> subprocess.Popen:
+def launcher(
+    overrides: list[str],
+    ray_address: str,
+    env: dict[str, str],
+    log_path: str | os.PathLike,
+) -> subprocess.Popen:
     """The launchers' command line (``ctm_dist.train.cli.main('demo')``) as a subprocess whose
     stdout+stderr go to ``log_path``; it joins the Ray cluster at ``ray_address``."""
     code = "import sys; from ctm_dist.train.cli import main; sys.exit(main('demo'))"
     full_env = dict(os.environ)
     full_env.update(env)
-    full_env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"})
+    full_env.update(
+        {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    )
     full_env.pop("RAY_ADDRESS", None)
     log = open(log_path, "ab")
     try:
-        return subprocess.Popen([sys.executable, "-c", code, "--quiet", "--ray-address", ray_address, *overrides],
-                                cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+        return subprocess.Popen(
+            [sys.executable, "-c", code, "--quiet", "--ray-address", ray_address, *overrides],
+            cwd=REPO,
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     finally:
         log.close()
 
@@ -116,7 +164,11 @@ def _walk(obj, prefix: str, out: dict) -> None:
 
 def model_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The model weights among a checkpoint's tensors (the DeepSpeed ``module`` state)."""
-    return {k: v for k, v in tensors.items() if ".module." in k or k.split(":", 1)[1].startswith("module.")}
+    return {
+        k: v
+        for k, v in tensors.items()
+        if ".module." in k or k.split(":", 1)[1].startswith("module.")
+    }
 
 
 def bitwise_differences(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:

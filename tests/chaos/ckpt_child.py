@@ -41,12 +41,21 @@ def engine_and_config():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+    )
     dist.init_process_group("gloo", rank=0, world_size=1)
-    cfg = R.tiny_config(name="ckpt", storage="s3://unused", data="s3://unused", local_dir="/tmp", steps=10,
-                        workers=1)
+    cfg = R.tiny_config(
+        name="ckpt",
+        storage="s3://unused",
+        data="s3://unused",
+        local_dir="/tmp",
+        steps=10,
+        workers=1,
+    )
     seed_everything(0)
     from ctm_dist.model import preset
+
     model_cfg = preset(cfg.model.preset, out_dims=10, **cfg.model.overrides)
     return build_engine(CTM(model_cfg), cfg), cfg
 
@@ -56,8 +65,14 @@ def checkpointer(run_url: str, deadline: float | None = None):
     from ctm_dist.train.checkpointer import Checkpointer
 
     # a short lease: the SIGKILLed child's lease is taken over by the next one after 6 s without heartbeat
-    return Checkpointer(Location.parse(run_url), keep_last=5, rank=0, world_size=1, retry_deadline=deadline,
-                        lease_ttl=6.0)
+    return Checkpointer(
+        Location.parse(run_url),
+        keep_last=5,
+        rank=0,
+        world_size=1,
+        retry_deadline=deadline,
+        lease_ttl=6.0,
+    )
 
 
 def extra(step: int) -> dict:
@@ -86,7 +101,9 @@ def crash_upload(run_url: str, step: int, after_files: int) -> None:
 
     Location.put_file = put_then_die
     ck.save(step, engine, extra(step), config=cfg.to_dict())
-    print(json.dumps({"error": "the save finished although the process should have died"}), flush=True)
+    print(
+        json.dumps({"error": "the save finished although the process should have died"}), flush=True
+    )
 
 
 def outage(run_url: str) -> None:
@@ -133,15 +150,17 @@ def hold(run_url: str, ttl: float) -> None:
 def bad(run_url: str, other_url: str, forged_url: str, damaged_url: str) -> None:
     """Load what must be refused; print one JSON line {case: error text or 'LOADED'}."""
     from ctm_dist.model import CTM, preset
+    from ctm_dist.storage import Location
     from ctm_dist.train.checkpointer import Checkpointer
     from ctm_dist.train.engine import build_engine
-    from ctm_dist.storage import Location
 
     engine, cfg = engine_and_config()
     # A run of another model config (wider), saved through the same code.
     other_cfg = cfg.to_dict()
     other_cfg["model"]["overrides"] = dict(other_cfg["model"]["overrides"], d_model=48)
-    other = build_engine(CTM(preset(cfg.model.preset, out_dims=10, **other_cfg["model"]["overrides"])), cfg)
+    other = build_engine(
+        CTM(preset(cfg.model.preset, out_dims=10, **other_cfg["model"]["overrides"])), cfg
+    )
     checkpointer(other_url).save(2, other, extra(2), config=other_cfg)
     out = {}
 
@@ -152,13 +171,20 @@ def bad(run_url: str, other_url: str, forged_url: str, damaged_url: str) -> None
         except Exception as e:  # noqa: BLE001 - the test checks type and text
             out[case] = f"{type(e).__name__}: {e}"
 
-    attempt("other_config_checked", lambda: checkpointer(other_url).load(engine, config=cfg.to_dict()))
+    attempt(
+        "other_config_checked", lambda: checkpointer(other_url).load(engine, config=cfg.to_dict())
+    )
     attempt("other_config_unchecked", lambda: checkpointer(other_url).load(engine))
     forged = Checkpointer(Location.parse(forged_url), keep_last=5)
     for step in forged.committed_steps():
-        attempt(f"forged_{step}", lambda step=step: forged.load(engine, step=step, config=cfg.to_dict()))
+        attempt(
+            f"forged_{step}", lambda step=step: forged.load(engine, step=step, config=cfg.to_dict())
+        )
     damaged = Checkpointer(Location.parse(damaged_url), keep_last=1)
-    attempt("damaged_newest", lambda: out.update(damaged_resumed=damaged.load_latest(engine, config=cfg.to_dict())[0]))
+    attempt(
+        "damaged_newest",
+        lambda: out.update(damaged_resumed=damaged.load_latest(engine, config=cfg.to_dict())[0]),
+    )
     out["damaged_committed"] = damaged.committed_steps()
     print(json.dumps(out), flush=True)
 

@@ -13,9 +13,8 @@ import random
 import time
 import uuid
 
-import pytest
-
 import chaos_harness as H
+import pytest
 
 _SEED = int(os.environ.get("CHAOS_SEED") or random.SystemRandom().randrange(1, 10**6))
 
@@ -114,8 +113,13 @@ def _try_create(store, name) -> bool:
 def chaos_location(chaos_store, chaos_bucket):
     from ctm_dist.storage import Location
 
-    return Location.parse(f"s3://{chaos_bucket}", endpoint_url=chaos_store.endpoint_url,
-                          key=chaos_store.access_key, secret=chaos_store.secret_key, retry_deadline=30)
+    return Location.parse(
+        f"s3://{chaos_bucket}",
+        endpoint_url=chaos_store.endpoint_url,
+        key=chaos_store.access_key,
+        secret=chaos_store.secret_key,
+        retry_deadline=30,
+    )
 
 
 @pytest.fixture
@@ -169,8 +173,12 @@ def demo_data(chaos_store, run_bucket) -> str:
     from ctm_dist.data.demo_writer import write_demo_shards
     from ctm_dist.storage import Location
 
-    loc = Location.parse(f"s3://{run_bucket}/data", endpoint_url=chaos_store.endpoint_url,
-                         key=chaos_store.access_key, secret=chaos_store.secret_key)
+    loc = Location.parse(
+        f"s3://{run_bucket}/data",
+        endpoint_url=chaos_store.endpoint_url,
+        key=chaos_store.access_key,
+        secret=chaos_store.secret_key,
+    )
     write_demo_shards(loc)
     return loc.url
 
@@ -181,8 +189,13 @@ def run_location(chaos_store, run_bucket):
     from ctm_dist.storage import Location
 
     def make(name: str):
-        return Location.parse(f"s3://{run_bucket}/runs/{name}", endpoint_url=chaos_store.endpoint_url,
-                              key=chaos_store.access_key, secret=chaos_store.secret_key, retry_deadline=30)
+        return Location.parse(
+            f"s3://{run_bucket}/runs/{name}",
+            endpoint_url=chaos_store.endpoint_url,
+            key=chaos_store.access_key,
+            secret=chaos_store.secret_key,
+            retry_deadline=30,
+        )
 
     return make
 
@@ -193,16 +206,30 @@ def reference_run(ray_session, demo_data, run_bucket, tmp_path_factory, chaos_st
     a checkpoint every 2 steps. Returns a dict with its summary, committed steps, final tensors."""
     import chaos_runs as R
     from chaos_runs import STEPS
+
     from ctm_dist.storage import Location
 
     local = tmp_path_factory.mktemp("ref")
     name = "reference"
-    cfg = R.tiny_config(name=name, storage=f"s3://{run_bucket}/runs", data=demo_data, local_dir=local, steps=STEPS)
+    cfg = R.tiny_config(
+        name=name, storage=f"s3://{run_bucket}/runs", data=demo_data, local_dir=local, steps=STEPS
+    )
     stream = H.StepStream()
     t0 = time.monotonic()
     summary = R.run_in_process(cfg, stream)
-    loc = Location.parse(f"s3://{run_bucket}/runs/{name}", endpoint_url=chaos_store.endpoint_url,
-                         key=chaos_store.access_key, secret=chaos_store.secret_key)
+    loc = Location.parse(
+        f"s3://{run_bucket}/runs/{name}",
+        endpoint_url=chaos_store.endpoint_url,
+        key=chaos_store.access_key,
+        secret=chaos_store.secret_key,
+    )
     committed = H.committed_steps(loc)
-    return {"summary": summary, "committed": committed, "location": loc, "wall_s": time.monotonic() - t0,
-            "final": R.checkpoint_tensors(loc, STEPS), "stream": stream, "config": cfg}
+    return {
+        "summary": summary,
+        "committed": committed,
+        "location": loc,
+        "wall_s": time.monotonic() - t0,
+        "final": R.checkpoint_tensors(loc, STEPS),
+        "stream": stream,
+        "config": cfg,
+    }

@@ -22,18 +22,33 @@ from ctm_dist.train.cli import main as launcher_main
 
 CONFIG_CASES = [
     # (case, argv (YAML text is written to a file and passed with --config), expected error text)
-    ("bad YAML", "run:\n  name: x\n  max_steps: [1, 2\n", r"bad YAML in .*bad\.yaml \(line \d+, column \d+\)"),
+    (
+        "bad YAML",
+        "run:\n  name: x\n  max_steps: [1, 2\n",
+        r"bad YAML in .*bad\.yaml \(line \d+, column \d+\)",
+    ),
     ("YAML not a mapping", "- 1\n- 2\n", r"must hold a mapping of sections"),
     ("unknown field (YAML)", "run:\n  nme: x\n", r"unknown config field 'run\.nme'"),
     ("unknown section", ["foo.bar=1"], r"unknown config field 'foo'"),
     ("unknown model field", ["model.d_modle=3"], r"unknown config field 'model\.d_modle'"),
     ("wrong type", ["optim.lr=abc"], r"optim\.lr: expected a number, got 'abc'"),
-    ("batch not divisible by workers", ["--workers", "3", "--batch-size", "8"],
-     r"data\.batch_size=8 is not divisible by scale\.workers\*deepspeed\.grad_accumulation=3\*1=3"),
+    (
+        "batch not divisible by workers",
+        ["--workers", "3", "--batch-size", "8"],
+        r"data\.batch_size=8 is not divisible by scale\.workers\*deepspeed\.grad_accumulation=3\*1=3",
+    ),
     ("inconsistent eval batch", ["--workers", "2", "data.eval_batch_size=7"], r"eval_batch_size=7"),
     ("impossible value", ["--max-steps", "0"], r"run\.max_steps must be > 0"),
-    ("offload without ZeRO", ["--zero-stage", "0", "deepspeed.offload_optimizer=true"], r"offload_optimizer needs"),
-    ("missing config file", ["--config", "/nonexistent/ctm.yaml"], r"cannot read config file /nonexistent/ctm\.yaml"),
+    (
+        "offload without ZeRO",
+        ["--zero-stage", "0", "deepspeed.offload_optimizer=true"],
+        r"offload_optimizer needs",
+    ),
+    (
+        "missing config file",
+        ["--config", "/nonexistent/ctm.yaml"],
+        r"cannot read config file /nonexistent/ctm\.yaml",
+    ),
 ]
 
 
@@ -50,7 +65,13 @@ def test_config_mistakes_fail_before_anything_starts(tmp_path, capsys, scenario)
         took = time.monotonic() - t0
         err = capsys.readouterr().err.strip().splitlines()
         import re
-        ok = code == 2 and len(err) == 1 and err[0].startswith("error: ") and re.search(expected, err[0])
+
+        ok = (
+            code == 2
+            and len(err) == 1
+            and err[0].startswith("error: ")
+            and re.search(expected, err[0])
+        )
         rec.trial(bool(ok), recover_s=took, note=case)
         assert ok, f"{case}: exit {code}, stderr {err!r}"
         # Nothing was started or written: no Ray results, no embedded store.
@@ -72,14 +93,25 @@ def _png(rng, label: int) -> bytes:
 
 def _samples(n: int) -> list[dict]:
     rng = np.random.default_rng(0)
-    return [{"__key__": f"k{i:04d}", "png": _png(rng, i % NUM_CLASSES), "cls": str(i % NUM_CLASSES).encode(),
-             "json": b"{}"} for i in range(n)]
+    return [
+        {
+            "__key__": f"k{i:04d}",
+            "png": _png(rng, i % NUM_CLASSES),
+            "cls": str(i % NUM_CLASSES).encode(),
+            "json": b"{}",
+        }
+        for i in range(n)
+    ]
 
 
 def _write(loc, split, samples, per_shard=10):
     from ctm_dist.data.writer import ShardSetWriter
 
-    meta = {"num_classes": NUM_CLASSES, "classes": [str(i) for i in range(NUM_CLASSES)], "image_size": 16}
+    meta = {
+        "num_classes": NUM_CLASSES,
+        "classes": [str(i) for i in range(NUM_CLASSES)],
+        "image_size": 16,
+    }
     with ShardSetWriter(loc, split, "demo", per_shard, meta) as w:
         for s in samples:
             w.write(s)
@@ -89,8 +121,15 @@ def _task(url: str, workers: int = 1, rank: int = 0, batch: int = 4):
     from ctm_dist.train.config import build_config
     from ctm_dist.train.tasks import make_task
 
-    cfg = build_config(overrides=[f"data.url={url}", "data.task=demo", f"scale.workers={workers}",
-                                  f"data.batch_size={batch * workers}", f"data.eval_batch_size={batch * workers}"])
+    cfg = build_config(
+        overrides=[
+            f"data.url={url}",
+            "data.task=demo",
+            f"scale.workers={workers}",
+            f"data.batch_size={batch * workers}",
+            f"data.eval_batch_size={batch * workers}",
+        ]
+    )
     return make_task(cfg, rank, workers)
 
 
@@ -111,12 +150,12 @@ def test_corrupt_data_is_skipped_and_counted(chaos_location, s3_env_for, scenari
     s3_env_for(chaos_location)
     samples = _samples(40)
     samples[3]["png"] = b"\x89PNG\r\n\x1a\n truncated image"
-    samples[14]["cls"] = b"57"                       # out of range for 10 classes
+    samples[14]["cls"] = b"57"  # out of range for 10 classes
     samples[15]["cls"] = b"-1"
-    del samples[25]["cls"]                           # no label at all
+    del samples[25]["cls"]  # no label at all
     data = chaos_location.child("corrupt")
     _write(data, "train", samples)
-    raw = data.read_bytes("train-000003.tar")         # samples 30..39
+    raw = data.read_bytes("train-000003.tar")  # samples 30..39
     data.write_bytes("train-000003.tar", raw[: len(raw) // 2])
     t0 = time.monotonic()
     task = _task(data.url)
@@ -127,7 +166,9 @@ def test_corrupt_data_is_skipped_and_counted(chaos_location, s3_env_for, scenari
     assert not bad & set(keys), "a bad sample reached the model"
     assert {s["__key__"] for s in samples[:30]} - bad == {k for k in keys if k < "k0030"}
     lost_tail = 10 - len([k for k in keys if k >= "k0030"])
-    assert 0 < lost_tail < 10, "the readable part of the truncated shard should be used, the rest skipped"
+    assert 0 < lost_tail < 10, (
+        "the readable part of the truncated shard should be used, the rest skipped"
+    )
     st = loader.stats
     assert st["skipped_bad_sample"] == 4
     assert st["skipped_unreadable_tar"] + st.get("skipped_missing", 0) == lost_tail
@@ -138,8 +179,9 @@ def test_corrupt_data_is_skipped_and_counted(chaos_location, s3_env_for, scenari
 
 
 @pytest.mark.timeout(120)
-def test_missing_index_shard_credentials_endpoint_fail_clearly(chaos_store, chaos_location, s3_env_for,
-                                                               monkeypatch, scenario):
+def test_missing_index_shard_credentials_endpoint_fail_clearly(
+    chaos_store, chaos_location, s3_env_for, monkeypatch, scenario
+):
     from ctm_dist.storage import StorageAccessDenied, StorageError, StorageNotFound
 
     data = chaos_location.child("ok")
@@ -148,7 +190,9 @@ def test_missing_index_shard_credentials_endpoint_fail_clearly(chaos_store, chao
 
     rec = scenario("bad input: missing shard index")
     t0 = time.monotonic()
-    with pytest.raises(FileNotFoundError, match=r"no shard index 'train\.json' at s3://.*/nothing-here"):
+    with pytest.raises(
+        FileNotFoundError, match=r"no shard index 'train\.json' at s3://.*/nothing-here"
+    ):
         _task(chaos_location.child("nothing-here").url)
     rec.trial(True, recover_s=time.monotonic() - t0)
 

@@ -17,13 +17,17 @@ import sys
 import time
 from pathlib import Path
 
+import chaos_harness as H
 import pytest
 import torch
 
-import chaos_harness as H
-
 CHILD = Path(__file__).with_name("ckpt_child.py")
-CLEAR = ("CheckpointError", "NotACheckpoint", "ConfigMismatch", "UnsafeCheckpoint")  # the checkpointer's errors
+CLEAR = (
+    "CheckpointError",
+    "NotACheckpoint",
+    "ConfigMismatch",
+    "UnsafeCheckpoint",
+)  # the checkpointer's errors
 
 
 class _CodeInPickle:
@@ -46,8 +50,14 @@ class _Child:
         full["PYTHONUNBUFFERED"] = "1"
         self.log = log_dir / f"child-{args[0]}-{time.monotonic_ns()}.log"
         with open(self.log, "wb") as err:
-            self.proc = subprocess.Popen([sys.executable, str(CHILD), *args], env=full, stdout=subprocess.PIPE,
-                                         stderr=err, stdin=subprocess.PIPE, text=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, str(CHILD), *args],
+                env=full,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                stdin=subprocess.PIPE,
+                text=True,
+            )
         self.stdout, self.stdin = self.proc.stdout, self.proc.stdin
 
     def communicate(self, timeout: float):
@@ -92,26 +102,44 @@ def crashed_run(chaos_store, run_bucket, chaos_seed, tmp_path_factory):
 
     after = random.Random(f"{chaos_seed}/crash").randint(1, 3)
     url = f"s3://{run_bucket}/runs/ckpt-crash"
-    child = _Child(["crash-upload", url, "4", str(after)], chaos_store.env(), tmp_path_factory.mktemp("crash"))
+    child = _Child(
+        ["crash-upload", url, "4", str(after)], chaos_store.env(), tmp_path_factory.mktemp("crash")
+    )
     out, err = child.communicate(timeout=240)
-    loc = Location.parse(url, endpoint_url=chaos_store.endpoint_url, key=chaos_store.access_key,
-                         secret=chaos_store.secret_key)
-    return {"url": url, "location": loc, "after": after, "rc": child.returncode, "out": out, "err": err}
+    loc = Location.parse(
+        url,
+        endpoint_url=chaos_store.endpoint_url,
+        key=chaos_store.access_key,
+        secret=chaos_store.secret_key,
+    )
+    return {
+        "url": url,
+        "location": loc,
+        "after": after,
+        "rc": child.returncode,
+        "out": out,
+        "err": err,
+    }
 
 
 @pytest.mark.timeout(400)
-def test_crash_mid_upload_then_store_outage_during_checkpoint_writes(chaos_store, crashed_run, s3_env_for,
-                                                                    tmp_path, scenario):
+def test_crash_mid_upload_then_store_outage_during_checkpoint_writes(
+    chaos_store, crashed_run, s3_env_for, tmp_path, scenario
+):
     env = s3_env_for()
     run_url, loc, after = crashed_run["url"], crashed_run["location"], crashed_run["after"]
 
     # 1. The partial step 4 is in the store but invisible; step 2 is the newest commit.
     rec = scenario("crash mid checkpoint upload")
-    assert crashed_run["rc"] == -9, f"the child should have died by SIGKILL: rc={crashed_run['rc']}\n" \
-                                    f"{crashed_run['err'][-3000:]}"
+    assert crashed_run["rc"] == -9, (
+        f"the child should have died by SIGKILL: rc={crashed_run['rc']}\n"
+        f"{crashed_run['err'][-3000:]}"
+    )
     lines = _json_lines(crashed_run["out"])
     assert lines[0]["committed"] == [2] and "killing_after" in lines[-1], crashed_run["out"]
-    assert "step-000000004" in H.all_checkpoint_dirs(loc), "the partial checkpoint should be in the store"
+    assert "step-000000004" in H.all_checkpoint_dirs(loc), (
+        "the partial checkpoint should be in the store"
+    )
     assert H.committed_steps(loc) == [2], "the partial checkpoint must not look committed"
     ck = _checkpointer(run_url)
     assert ck.committed_steps() == [2] and ck.latest_committed() == 2
@@ -119,7 +147,9 @@ def test_crash_mid_upload_then_store_outage_during_checkpoint_writes(chaos_store
     # 2. Resume (must pick 2, not the partial 4); then the store goes down while step 6 is written.
     child = _Child(["outage", run_url], env, tmp_path)
     seen = []
-    while (line := child.stdout.readline()) and line.strip() != "READY":  # DeepSpeed prints to stdout too
+    while (
+        line := child.stdout.readline()
+    ) and line.strip() != "READY":  # DeepSpeed prints to stdout too
         seen.append(line)
     assert line.strip() == "READY", "".join(seen)[-2000:] + child.stderr()[-3000:]
     outage = H.Outage(chaos_store, 10.0).start()
@@ -136,17 +166,29 @@ def test_crash_mid_upload_then_store_outage_during_checkpoint_writes(chaos_store
     rec.trial(True, steps_lost=2, note=f"killed after {after} file(s) of step 4; resumed from 2")
 
     rec = scenario("store outage > deadline: checkpoint write")
-    assert result["short_deadline"].startswith("CheckpointError") or "Storage" in result["short_deadline"], result
-    assert "endpoint unreachable" in result["short_deadline"] or "unreachable" in result["short_deadline"], result
+    assert (
+        result["short_deadline"].startswith("CheckpointError")
+        or "Storage" in result["short_deadline"]
+    ), result
+    assert (
+        "endpoint unreachable" in result["short_deadline"]
+        or "unreachable" in result["short_deadline"]
+    ), result
     assert chaos_store.secret_key not in result["short_deadline"]
-    assert result["short_s"] < 10.0, f"a 3 s deadline should give up well before the store returns: {result}"
+    assert result["short_s"] < 10.0, (
+        f"a 3 s deadline should give up well before the store returns: {result}"
+    )
     rec.trial(True, recover_s=result["short_s"], note="clear error, previous commit kept")
 
     rec = scenario("store outage 10s: checkpoint write")
     assert result["long_deadline"] == "saved", result
     assert result["committed"] == [2, 6], result
-    rec.trial(True, steps_lost=0, recover_s=max(0.0, result["saved_at"] - outage.up_at),
-              note=f"save took {result['long_s']:.1f}s")
+    rec.trial(
+        True,
+        steps_lost=0,
+        recover_s=max(0.0, result["saved_at"] - outage.up_at),
+        note=f"save took {result['long_s']:.1f}s",
+    )
 
     # 3. The debris of the crashed step 4 (older than the newest commit) is gone after the next save.
     assert "step-000000004" not in H.all_checkpoint_dirs(loc)
@@ -154,8 +196,9 @@ def test_crash_mid_upload_then_store_outage_during_checkpoint_writes(chaos_store
 
 
 @pytest.mark.timeout(300)
-def test_checkpoints_that_must_be_refused(chaos_store, crashed_run, run_bucket, run_location, tmp_path, s3_env_for,
-                                          scenario):
+def test_checkpoints_that_must_be_refused(
+    chaos_store, crashed_run, run_bucket, run_location, tmp_path, s3_env_for, scenario
+):
     """Another model config, a file that is not a checkpoint, a foreign torch file and a pickle with
     code, each placed where a committed checkpoint would be: every load fails with a clear
     CheckpointError subclass, and the code in the pickle never runs."""
@@ -175,10 +218,12 @@ def test_checkpoints_that_must_be_refused(chaos_store, crashed_run, run_bucket, 
     foreign = io.BytesIO()
     torch.save({"weights": torch.zeros(3)}, foreign)
     forgeries = {
-        2: {model_file: b"this is not a checkpoint".ljust(len(files[model_file]), b"#")},  # same size
+        2: {
+            model_file: b"this is not a checkpoint".ljust(len(files[model_file]), b"#")
+        },  # same size
         4: {extra_file: evil.getvalue()},
         6: {model_file: foreign.getvalue()},
-        8: {model_file: files[model_file][: len(files[model_file]) // 2]},                 # truncated
+        8: {model_file: files[model_file][: len(files[model_file]) // 2]},  # truncated
     }
     forged = run_location("ckpt-forged").child("checkpoints")
     for step, replaced in forgeries.items():
@@ -186,31 +231,68 @@ def test_checkpoints_that_must_be_refused(chaos_store, crashed_run, run_bucket, 
         content = dict(files, **replaced)
         for f, data in content.items():
             d.write_bytes(f, data)
-        d.write_bytes(COMMIT, json.dumps(dict(commit, step=step, files={f: len(b) for f, b in content.items()},
-                                              sha256={f: hashlib.sha256(b).hexdigest()  # forged to match too
-                                                      for f, b in content.items()})).encode())
+        d.write_bytes(
+            COMMIT,
+            json.dumps(
+                dict(
+                    commit,
+                    step=step,
+                    files={f: len(b) for f, b in content.items()},
+                    sha256={
+                        f: hashlib.sha256(b).hexdigest()  # forged to match too
+                        for f, b in content.items()
+                    },
+                )
+            ).encode(),
+        )
 
     # A run whose newest commit has 4 KB zeroed inside a file (same size, COMMIT untouched): a damaged disk
     # or a bad copy, not a forgery. Step 2 is the good copy.
     damaged = run_location("ckpt-damaged").child("checkpoints")
     middle = len(files[model_file]) // 2
-    for step, content in ((2, files), (4, dict(files, **{model_file: files[model_file][:middle] + bytes(4096)
-                                                         + files[model_file][middle + 4096:]}))):
+    for step, content in (
+        (2, files),
+        (
+            4,
+            dict(
+                files,
+                **{
+                    model_file: files[model_file][:middle]
+                    + bytes(4096)
+                    + files[model_file][middle + 4096 :]
+                },
+            ),
+        ),
+    ):
         d = damaged.child(f"step-{step:09d}")
         for f, data in content.items():
             d.write_bytes(f, data)
         d.write_bytes(COMMIT, json.dumps(dict(commit, step=step)).encode())
 
-    child = _Child(["bad", f"s3://{run_bucket}/runs/ckpt-target", f"s3://{run_bucket}/runs/ckpt-other",
-                    f"s3://{run_bucket}/runs/ckpt-forged", f"s3://{run_bucket}/runs/ckpt-damaged"], env, tmp_path)
+    child = _Child(
+        [
+            "bad",
+            f"s3://{run_bucket}/runs/ckpt-target",
+            f"s3://{run_bucket}/runs/ckpt-other",
+            f"s3://{run_bucket}/runs/ckpt-forged",
+            f"s3://{run_bucket}/runs/ckpt-damaged",
+        ],
+        env,
+        tmp_path,
+    )
     out, err = child.communicate(timeout=180)
     assert child.returncode == 0, err[-3000:]
     res = _json_lines(out)[-1]
     print("refusals:", json.dumps(res, indent=1))
 
     rec = scenario("bad input: checkpoint of another model config")
-    assert res["other_config_checked"].startswith("ConfigMismatch") and "d_model" in res["other_config_checked"], res
-    assert res["other_config_unchecked"].startswith(CLEAR), res  # DeepSpeed's strict load, translated
+    assert (
+        res["other_config_checked"].startswith("ConfigMismatch")
+        and "d_model" in res["other_config_checked"]
+    ), res
+    assert res["other_config_unchecked"].startswith(CLEAR), (
+        res
+    )  # DeepSpeed's strict load, translated
     rec.trial(True)
 
     rec = scenario("bad input: non-checkpoint file to resume")
@@ -220,20 +302,28 @@ def test_checkpoints_that_must_be_refused(chaos_store, crashed_run, run_bucket, 
     rec.trial(True)
 
     rec = scenario("bad input: pickle with code")
-    assert res["forged_4"].startswith("UnsafeCheckpoint") and "nothing was executed" in res["forged_4"], res
+    assert (
+        res["forged_4"].startswith("UnsafeCheckpoint") and "nothing was executed" in res["forged_4"]
+    ), res
     assert not marker.exists(), "the code in the pickle ran"
     rec.trial(True)
 
     rec = scenario("damaged newest commit: resume falls back")
     assert res["damaged_newest"] == "LOADED" and res["damaged_resumed"] == 2, res
-    assert res["damaged_committed"] == [2, 4], res  # resuming deletes nothing; the next save replaces step 4
-    assert "its SHA-256 differs" in child.stderr() and "falling back to the previous committed step" in child.stderr()
+    assert res["damaged_committed"] == [2, 4], (
+        res
+    )  # resuming deletes nothing; the next save replaces step 4
+    assert (
+        "its SHA-256 differs" in child.stderr()
+        and "falling back to the previous committed step" in child.stderr()
+    )
     rec.trial(True, steps_lost=2)
 
 
 @pytest.mark.timeout(120)
-def test_second_job_on_a_run_is_refused_and_a_crashed_holder_expires(chaos_store, run_bucket, tmp_path, s3_env_for,
-                                                                    scenario):
+def test_second_job_on_a_run_is_refused_and_a_crashed_holder_expires(
+    chaos_store, run_bucket, tmp_path, s3_env_for, scenario
+):
     """Two jobs with the same run name: the second is refused while the first one's heartbeat runs; once the
     first is SIGKILLed (no release), its lease is taken over after its ttl."""
     from ctm_dist.storage import Location
@@ -248,10 +338,16 @@ def test_second_job_on_a_run_is_refused_and_a_crashed_holder_expires(chaos_store
         rec = scenario("second job with the same run name")
         second = Checkpointer(Location.parse(url), owner="job-b", lease_ttl=ttl)
         t0 = time.monotonic()
-        with pytest.raises(RunLocked, match="being written by another job .*owner job-a") as refused:
+        with pytest.raises(
+            RunLocked, match="being written by another job .*owner job-a"
+        ) as refused:
             second.acquire()
         assert chaos_store.secret_key not in str(refused.value)
-        rec.trial(True, recover_s=time.monotonic() - t0, note="refused while the first job's heartbeat runs")
+        rec.trial(
+            True,
+            recover_s=time.monotonic() - t0,
+            note="refused while the first job's heartbeat runs",
+        )
     finally:
         holder.proc.kill()
         holder.proc.communicate()

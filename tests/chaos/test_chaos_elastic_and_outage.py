@@ -10,23 +10,28 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
 import chaos_harness as H
 import chaos_runs as R
+import pytest
 from chaos_runs import STEPS
 
 OUTAGE_S = 10.0
 
 
 @pytest.mark.timeout(600)  # the first test to use reference_run also pays for it
-def test_store_outage_during_training_is_ridden_out(reference_run, chaos_store, run_bucket, demo_data,
-                                                    run_location, tmp_path, rng, scenario):
+def test_store_outage_during_training_is_ridden_out(
+    reference_run, chaos_store, run_bucket, demo_data, run_location, tmp_path, rng, scenario
+):
     rec = scenario("store outage 10s during training")
     name = "outage"
     loc = run_location(name)
-    cfg = R.tiny_config(name=name, storage=f"s3://{run_bucket}/runs", data=demo_data, local_dir=tmp_path,
-                        steps=STEPS)
+    cfg = R.tiny_config(
+        name=name,
+        storage=f"s3://{run_bucket}/runs",
+        data=demo_data,
+        local_dir=tmp_path,
+        steps=STEPS,
+    )
     strike = rng.randint(2, STEPS // 2)
     stream = H.StepStream()
     state: dict = {}
@@ -45,14 +50,21 @@ def test_store_outage_during_training_is_ridden_out(reference_run, chaos_store, 
     outage = state.get("outage")
     assert outage is not None, f"the run ended before step {strike}"
     # (a restart after the final commit is a Ray teardown hiccup under load, not the outage's doing)
-    assert summary["step"] == STEPS and summary.get("resumed_from") in (None, 0, STEPS), \
+    assert summary["step"] == STEPS and summary.get("resumed_from") in (None, 0, STEPS), (
         f"the run restarted from step {summary.get('resumed_from')}: the outage was not ridden out"
+    )
     after = stream.first_step_after(outage.up_at)
-    assert H.committed_steps(loc) == list(range(2, STEPS + 1, 2)), "every periodic checkpoint is committed"
+    assert H.committed_steps(loc) == list(range(2, STEPS + 1, 2)), (
+        "every periodic checkpoint is committed"
+    )
     diffs = R.bitwise_differences(R.checkpoint_tensors(loc, STEPS), reference_run["final"])
     assert not diffs, f"{len(diffs)} tensors differ from the uninterrupted run, e.g. {diffs[:5]}"
-    rec.trial(True, steps_lost=0, recover_s=(after[0] - outage.up_at) if after else None,
-              note=f"store down at step {state['step']}")
+    rec.trial(
+        True,
+        steps_lost=0,
+        recover_s=(after[0] - outage.up_at) if after else None,
+        note=f"store down at step {state['step']}",
+    )
 
 
 def _positions(run_loc, step: int) -> dict[str, int]:
@@ -63,8 +75,9 @@ def _positions(run_loc, step: int) -> dict[str, int]:
 
 
 @pytest.mark.timeout(600)  # the first test to use reference_run also pays for it
-def test_elastic_resume_with_another_worker_count_reads_each_sample_once(reference_run, run_bucket, demo_data,
-                                                                        run_location, tmp_path, rng, scenario):
+def test_elastic_resume_with_another_worker_count_reads_each_sample_once(
+    reference_run, run_bucket, demo_data, run_location, tmp_path, rng, scenario
+):
     rec = scenario("elastic restart 2 -> 1 workers")
     ref_loc = reference_run["location"]
     step = rng.choice([s for s in reference_run["committed"] if s < STEPS - 1])
@@ -76,8 +89,14 @@ def test_elastic_resume_with_another_worker_count_reads_each_sample_once(referen
     names = [n for n in src.list() if n != "COMMIT"]
     for n in names + ["COMMIT"]:  # COMMIT last, as the checkpointer does
         dst.write_bytes(n, src.read_bytes(n))
-    cfg = R.tiny_config(name=name, storage=f"s3://{run_bucket}/runs", data=demo_data, local_dir=tmp_path,
-                        steps=STEPS, workers=1)
+    cfg = R.tiny_config(
+        name=name,
+        storage=f"s3://{run_bucket}/runs",
+        data=demo_data,
+        local_dir=tmp_path,
+        steps=STEPS,
+        workers=1,
+    )
     stream = H.StepStream()
     t0 = time.monotonic()
     summary = R.run_in_process(cfg, stream)
@@ -90,7 +109,13 @@ def test_elastic_resume_with_another_worker_count_reads_each_sample_once(referen
     batch = cfg.data.batch_size
     assert sum(before.values()) == step * batch, before
     assert sum(after.values()) == STEPS * batch, f"{after}: expected {STEPS * batch} samples read"
-    assert all(after.get(s, 0) >= p for s, p in before.items()), f"a shard was rewound: {before} -> {after}"
+    assert all(after.get(s, 0) >= p for s, p in before.items()), (
+        f"a shard was rewound: {before} -> {after}"
+    )
     first = stream.first_step_after(stream.resumes[0][0], above=step)
-    rec.trial(True, steps_lost=0, recover_s=(first[0] - t0) if first else None,
-              note=f"from step {step}; {sum(after.values())} samples read once")
+    rec.trial(
+        True,
+        steps_lost=0,
+        recover_s=(first[0] - t0) if first else None,
+        note=f"from step {step}; {sum(after.values())} samples read once",
+    )

@@ -15,16 +15,17 @@ import signal
 import threading
 import time
 
-import pytest
-
 import chaos_harness as H
 import chaos_runs as R
+import pytest
 from chaos_runs import STEPS
 
 EXIT_PREEMPTED = 75
 GRACE_S = 60  # the launcher's default grace time; the tiny checkpoint takes far less
 WORKERS = 2  # R.tiny_overrides' default
-RELAYED = "asking the workers to checkpoint and stop"  # the driver's log line once it relayed a signal
+RELAYED = (
+    "asking the workers to checkpoint and stop"  # the driver's log line once it relayed a signal
+)
 
 
 def _launch(overrides, ray_session, env, log, stream):
@@ -34,8 +35,22 @@ def _launch(overrides, ray_session, env, log, stream):
     return proc, stop, follower
 
 
-def _preempt_once(*, label, target, sig, name, overrides, ray_session, env, tmp_path, loc, rng, stream,
-                  index, resumed_expect):
+def _preempt_once(
+    *,
+    label,
+    target,
+    sig,
+    name,
+    overrides,
+    ray_session,
+    env,
+    tmp_path,
+    loc,
+    rng,
+    stream,
+    index,
+    resumed_expect,
+):
     """Launch, hold the workers before their first step, send ``sig`` to the driver or to one worker,
     release them; expect exit 75 and a new commit after the step the run was held at.
 
@@ -50,16 +65,28 @@ def _preempt_once(*, label, target, sig, name, overrides, ray_session, env, tmp_
     launched_at = time.time()
     fired: dict = {}
     try:
-        with H.hold_workers_at_start(tmp_path, name, WORKERS, started_after=launched_at - 1) as held:
+        with H.hold_workers_at_start(
+            tmp_path, name, WORKERS, started_after=launched_at - 1
+        ) as held:
             pid = held.pids[rng.choice(sorted(held.pids))] if target == "worker" else proc.pid
-            fired.update(t=time.monotonic(), pid=pid, committed=H.committed_steps(loc),
-                         step=max([s for _, s in stream.steps] + [resumed_expect]))
+            fired.update(
+                t=time.monotonic(),
+                pid=pid,
+                committed=H.committed_steps(loc),
+                step=max([s for _, s in stream.steps] + [resumed_expect]),
+            )
             if target == "worker":
-                H.kill_worker(pid, sig)  # pending while the worker is stopped, handled when it runs again
+                H.kill_worker(
+                    pid, sig
+                )  # pending while the worker is stopped, handled when it runs again
             else:
                 proc.send_signal(sig)
                 # the driver relays the signal through its progress actor; release once it has
-                H.wait_until(lambda: RELAYED in log.read_text(errors="replace"), 60, what="the driver's relay")
+                H.wait_until(
+                    lambda: RELAYED in log.read_text(errors="replace"),
+                    60,
+                    what="the driver's relay",
+                )
         rc = proc.wait(timeout=300)
     finally:
         stop.set()
@@ -74,35 +101,74 @@ def _preempt_once(*, label, target, sig, name, overrides, ray_session, env, tmp_
         assert f"resuming from checkpoint at step {resumed_expect}" in text, text[-2000:]
     committed = H.committed_steps(loc)
     newest = max(committed)
-    assert newest > fired["step"], f"{label}: held at step {fired['step']}, newest commit is {newest}"
-    assert newest not in fired["committed"], f"{label}: no new checkpoint was committed after the signal"
-    assert newest < STEPS, f"{label}: the run reached its last step {STEPS}; the signal came too late"
+    assert newest > fired["step"], (
+        f"{label}: held at step {fired['step']}, newest commit is {newest}"
+    )
+    assert newest not in fired["committed"], (
+        f"{label}: no new checkpoint was committed after the signal"
+    )
+    assert newest < STEPS, (
+        f"{label}: the run reached its last step {STEPS}; the signal came too late"
+    )
     assert set(fired["committed"]) <= set(committed), f"{label}: a committed checkpoint disappeared"
     assert exited - fired["t"] < GRACE_S, f"{label}: took {exited - fired['t']:.0f}s to exit"
     return {"exit_s": exited - fired["t"], "step": fired["step"]}, newest
 
 
 @pytest.mark.timeout(600)  # the first test to use reference_run also pays for it
-def test_preemption_of_the_driver_checkpoints_exits_75_and_resumes(reference_run, ray_session, run_bucket,
-                                                                  demo_data, run_location, tmp_path, rng,
-                                                                  s3_env_for, scenario):
+def test_preemption_of_the_driver_checkpoints_exits_75_and_resumes(
+    reference_run,
+    ray_session,
+    run_bucket,
+    demo_data,
+    run_location,
+    tmp_path,
+    rng,
+    s3_env_for,
+    scenario,
+):
     """SIGTERM, then Slurm's SIGUSR1, to the launcher; a third launch finishes. The final weights are
     the uninterrupted run's, bit for bit."""
     env = s3_env_for()
     name = "preempt"
     loc = run_location(name)
-    overrides = R.tiny_overrides(name=name, storage=f"s3://{run_bucket}/runs", data=demo_data,
-                                 local_dir=tmp_path, steps=STEPS)
+    overrides = R.tiny_overrides(
+        name=name,
+        storage=f"s3://{run_bucket}/runs",
+        data=demo_data,
+        local_dir=tmp_path,
+        steps=STEPS,
+    )
     stream = H.StepStream()
     resumed = 0
-    for i, (label, sig) in enumerate([("SIGTERM to the driver", signal.SIGTERM),
-                                      ("SIGUSR1 to the driver (Slurm warning)", signal.SIGUSR1)]):
+    for i, (label, sig) in enumerate(
+        [
+            ("SIGTERM to the driver", signal.SIGTERM),
+            ("SIGUSR1 to the driver (Slurm warning)", signal.SIGUSR1),
+        ]
+    ):
         rec = scenario(f"preemption: {label}")
-        facts, resumed = _preempt_once(label=label, target="driver", sig=sig, name=name, overrides=overrides,
-                                       ray_session=ray_session, env=env, tmp_path=tmp_path, loc=loc, rng=rng,
-                                       stream=stream, index=i, resumed_expect=resumed)
-        rec.trial(True, steps_lost=0, recover_s=facts["exit_s"],
-                  note=f"signal at step {facts['step']}, committed {resumed}")
+        facts, resumed = _preempt_once(
+            label=label,
+            target="driver",
+            sig=sig,
+            name=name,
+            overrides=overrides,
+            ray_session=ray_session,
+            env=env,
+            tmp_path=tmp_path,
+            loc=loc,
+            rng=rng,
+            stream=stream,
+            index=i,
+            resumed_expect=resumed,
+        )
+        rec.trial(
+            True,
+            steps_lost=0,
+            recover_s=facts["exit_s"],
+            note=f"signal at step {facts['step']}, committed {resumed}",
+        )
 
     rec = scenario("resume after preemption: bitwise = uninterrupted")
     log = tmp_path / "launch-final.log"
@@ -121,20 +187,48 @@ def test_preemption_of_the_driver_checkpoints_exits_75_and_resumes(reference_run
     diffs = R.bitwise_differences(R.checkpoint_tensors(loc, STEPS), reference_run["final"])
     assert not diffs, f"{len(diffs)} tensors differ from the uninterrupted run, e.g. {diffs[:5]}"
     first = stream.first_step_after(t0, above=resumed)
-    rec.trial(True, steps_lost=0, recover_s=(first[0] - t0) if first else None, note=f"from step {resumed}")
+    rec.trial(
+        True,
+        steps_lost=0,
+        recover_s=(first[0] - t0) if first else None,
+        note=f"from step {resumed}",
+    )
 
 
 @pytest.mark.timeout(300)
-def test_sigterm_to_a_worker_checkpoints_and_exits_75(ray_session, run_bucket, demo_data, run_location, tmp_path,
-                                                      rng, s3_env_for, scenario):
+def test_sigterm_to_a_worker_checkpoints_and_exits_75(
+    ray_session, run_bucket, demo_data, run_location, tmp_path, rng, s3_env_for, scenario
+):
     """A node drain or a scheduler signalling every task sends SIGTERM to Ray worker processes too."""
     env = s3_env_for()
     name = "preempt-worker"
     loc = run_location(name)
-    overrides = R.tiny_overrides(name=name, storage=f"s3://{run_bucket}/runs", data=demo_data,
-                                 local_dir=tmp_path, steps=STEPS)
+    overrides = R.tiny_overrides(
+        name=name,
+        storage=f"s3://{run_bucket}/runs",
+        data=demo_data,
+        local_dir=tmp_path,
+        steps=STEPS,
+    )
     rec = scenario("preemption: SIGTERM to one worker")
-    facts, newest = _preempt_once(label="SIGTERM to one worker", target="worker", sig=signal.SIGTERM, name=name,
-                                  overrides=overrides, ray_session=ray_session, env=env, tmp_path=tmp_path,
-                                  loc=loc, rng=rng, stream=H.StepStream(), index=0, resumed_expect=0)
-    rec.trial(True, steps_lost=0, recover_s=facts["exit_s"], note=f"signal at step {facts['step']}, committed {newest}")
+    facts, newest = _preempt_once(
+        label="SIGTERM to one worker",
+        target="worker",
+        sig=signal.SIGTERM,
+        name=name,
+        overrides=overrides,
+        ray_session=ray_session,
+        env=env,
+        tmp_path=tmp_path,
+        loc=loc,
+        rng=rng,
+        stream=H.StepStream(),
+        index=0,
+        resumed_expect=0,
+    )
+    rec.trial(
+        True,
+        steps_lost=0,
+        recover_s=facts["exit_s"],
+        note=f"signal at step {facts['step']}, committed {newest}",
+    )

@@ -10,9 +10,8 @@ import re
 import threading
 import time
 
-import pytest
-
 import chaos_harness as H
+import pytest
 from test_chaos_bad_inputs import _samples, _write
 
 OUTAGE_S = 10.0
@@ -22,8 +21,13 @@ def _reader(location, deadline: float):
     from ctm_dist.data.reader import ShardLoader
     from ctm_dist.storage import Location
 
-    loc = Location.parse(location.url, endpoint_url=location.endpoint_url, key=location.key,
-                         secret=location.secret, retry_deadline=deadline)
+    loc = Location.parse(
+        location.url,
+        endpoint_url=location.endpoint_url,
+        key=location.key,
+        secret=location.secret,
+        retry_deadline=deadline,
+    )
     return ShardLoader(loc, "train", batch_size=4, seed=0, train=False)
 
 
@@ -32,7 +36,9 @@ def _keys(batches):
 
 
 @pytest.mark.timeout(120)
-def test_reads_ride_out_a_short_outage_and_fail_clearly_after_the_deadline(chaos_store, chaos_location, scenario):
+def test_reads_ride_out_a_short_outage_and_fail_clearly_after_the_deadline(
+    chaos_store, chaos_location, scenario
+):
     """One ~10 s outage, two readers mid-epoch: one with a 60 s deadline (rides it out, same samples),
     one with a 3 s deadline (one clear error, well before the store returns). Afterwards the split
     reads back unchanged."""
@@ -43,7 +49,7 @@ def test_reads_ride_out_a_short_outage_and_fail_clearly_after_the_deadline(chaos
     expected = _keys(list(_reader(data, 5)))
     assert len(expected) == 30
     patient, hasty = iter(_reader(data, deadline=60)), iter(_reader(data, deadline=3))
-    got = [next(patient) for _ in range(2)]         # mid-epoch, in shard 0 of 3
+    got = [next(patient) for _ in range(2)]  # mid-epoch, in shard 0 of 3
     next(hasty)
     failure: dict = {}
 
@@ -62,7 +68,7 @@ def test_reads_ride_out_a_short_outage_and_fail_clearly_after_the_deadline(chaos
         thread = threading.Thread(target=drain_hasty, daemon=True)
         thread.start()
         times = []
-        for batch in patient:                        # blocks (retrying) while the store is down
+        for batch in patient:  # blocks (retrying) while the store is down
             got.append(batch)
             times.append(time.monotonic())
     finally:
@@ -73,12 +79,16 @@ def test_reads_ride_out_a_short_outage_and_fail_clearly_after_the_deadline(chaos
     assert _keys(got) == expected, "a short outage must not skip or repeat samples"
     after = [t for t in times if t > outage.restart_at]
     assert after, "the reader should have needed the store again after it came back"
-    rec.trial(True, recover_s=max(0.0, after[0] - outage.up_at), note=f"blocked {after[0] - t_down:.1f}s")
+    rec.trial(
+        True, recover_s=max(0.0, after[0] - outage.up_at), note=f"blocked {after[0] - t_down:.1f}s"
+    )
 
     rec = scenario("store outage > deadline: shard reads")
     assert "error" in failure, "the 3 s-deadline reader should have failed with a StorageError"
     assert re.search(r"endpoint unreachable", str(failure["error"])), failure["error"]
     assert chaos_store.secret_key not in str(failure["error"])
-    assert failure["took"] < OUTAGE_S, f"the deadline should end the wait before the store returns ({failure['took']:.1f}s)"
+    assert failure["took"] < OUTAGE_S, (
+        f"the deadline should end the wait before the store returns ({failure['took']:.1f}s)"
+    )
     assert _keys(list(_reader(data, 10))) == expected  # nothing was damaged
     rec.trial(True, recover_s=failure["took"], note="clear error")

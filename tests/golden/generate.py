@@ -28,34 +28,95 @@ from ctm_dist.model.config import OUR_FIELDS
 
 HERE = Path(__file__).resolve().parent
 
-_SMALL = dict(iterations=5, d_model=24, d_input=8, heads=2, memory_length=4, memory_hidden_dims=3, out_dims=6,
-              prediction_reshaper=[-1], dropout=0.1, dropout_nlm=None, n_random_pairing_self=0,
-              do_layernorm_nlm=False)
+_SMALL = dict(
+    iterations=5,
+    d_model=24,
+    d_input=8,
+    heads=2,
+    memory_length=4,
+    memory_hidden_dims=3,
+    out_dims=6,
+    prediction_reshaper=[-1],
+    dropout=0.1,
+    dropout_nlm=None,
+    n_random_pairing_self=0,
+    do_layernorm_nlm=False,
+)
 
 # name -> (config overrides, input shape)
 CASES = {
     "resnet18-2_multifourier_pairing": (
-        dict(backbone_type="resnet18-2", positional_embedding_type="multi-learnable-fourier",
-             neuron_select_type="random-pairing", n_synch_out=10, n_synch_action=7, n_random_pairing_self=2,
-             synapse_depth=1, deep_nlms=True), (2, 3, 12, 12)),
+        dict(
+            backbone_type="resnet18-2",
+            positional_embedding_type="multi-learnable-fourier",
+            neuron_select_type="random-pairing",
+            n_synch_out=10,
+            n_synch_action=7,
+            n_random_pairing_self=2,
+            synapse_depth=1,
+            deep_nlms=True,
+        ),
+        (2, 3, 12, 12),
+    ),
     "resnet18-1_fourier_firstlast_unet_shallow": (
-        dict(backbone_type="resnet18-1", positional_embedding_type="learnable-fourier",
-             neuron_select_type="first-last", n_synch_out=5, n_synch_action=4, synapse_depth=3, deep_nlms=False,
-             do_layernorm_nlm=True), (2, 3, 10, 10)),
+        dict(
+            backbone_type="resnet18-1",
+            positional_embedding_type="learnable-fourier",
+            neuron_select_type="first-last",
+            n_synch_out=5,
+            n_synch_action=4,
+            synapse_depth=3,
+            deep_nlms=False,
+            do_layernorm_nlm=True,
+        ),
+        (2, 3, 10, 10),
+    ),
     "resnet18-1_rotational_random_unet_gray": (
-        dict(backbone_type="resnet18-1", positional_embedding_type="custom-rotational",
-             neuron_select_type="random", n_synch_out=5, n_synch_action=4, synapse_depth=2, deep_nlms=True,
-             dropout_nlm=0.0, in_channels=1), (2, 1, 9, 9)),
+        dict(
+            backbone_type="resnet18-1",
+            positional_embedding_type="custom-rotational",
+            neuron_select_type="random",
+            n_synch_out=5,
+            n_synch_action=4,
+            synapse_depth=2,
+            deep_nlms=True,
+            dropout_nlm=0.0,
+            in_channels=1,
+        ),
+        (2, 1, 9, 9),
+    ),
     "parity_rotational1d_random": (
-        dict(backbone_type="parity_backbone", positional_embedding_type="custom-rotational-1d",
-             neuron_select_type="random", n_synch_out=4, n_synch_action=4, synapse_depth=1, deep_nlms=True,
-             out_dims=12, prediction_reshaper=[6, 2]), (3, 6)),
+        dict(
+            backbone_type="parity_backbone",
+            positional_embedding_type="custom-rotational-1d",
+            neuron_select_type="random",
+            n_synch_out=4,
+            n_synch_action=4,
+            synapse_depth=1,
+            deep_nlms=True,
+            out_dims=12,
+            prediction_reshaper=[6, 2],
+        ),
+        (3, 6),
+    ),
     "none_pairing_unet4_layernorm": (
-        dict(backbone_type="none", positional_embedding_type="none", neuron_select_type="random-pairing",
-             n_synch_out=6, n_synch_action=5, n_random_pairing_self=1, synapse_depth=4, deep_nlms=True,
-             do_layernorm_nlm=True, in_channels=5, out_dims=4, prediction_reshaper=[2, 2]), (2, 5, 7)),
+        dict(
+            backbone_type="none",
+            positional_embedding_type="none",
+            neuron_select_type="random-pairing",
+            n_synch_out=6,
+            n_synch_action=5,
+            n_random_pairing_self=1,
+            synapse_depth=4,
+            deep_nlms=True,
+            do_layernorm_nlm=True,
+            in_channels=5,
+            out_dims=4,
+            prediction_reshaper=[2, 2],
+        ),
+        (2, 5, 7),
+    ),
 }
-
 
 
 def case_config(name: str) -> dict:
@@ -105,10 +166,14 @@ def generate(reference: Path, seed: int = 1234) -> None:
             with torch.no_grad():
                 model(x)  # materialise lazy layers
         randomise(model, generator)
-        weights = {f"model.{k}": (v.to(torch.bfloat16) if v.is_floating_point() else v).clone()
-                   for k, v in model.state_dict().items()}
+        weights = {
+            f"model.{k}": (v.to(torch.bfloat16) if v.is_floating_point() else v).clone()
+            for k, v in model.state_dict().items()
+        }
         with torch.no_grad():
-            predictions, certainties, (sync_out, sync_action), pre, post, attention = model(x, track=True)
+            predictions, certainties, (sync_out, sync_action), pre, post, attention = model(
+                x, track=True
+            )
         tensors = {
             **weights,
             "input": x,
@@ -129,7 +194,9 @@ def generate(reference: Path, seed: int = 1234) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reference", type=Path, required=True, help="checkout of the reference CTM repository")
+    parser.add_argument(
+        "--reference", type=Path, required=True, help="checkout of the reference CTM repository"
+    )
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args()
     generate(args.reference.resolve(), args.seed)
