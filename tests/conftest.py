@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import socket
 import uuid
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from ctm_dist.storage import LocalObjectStore, Location
 
@@ -56,6 +58,33 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """A one-process gloo group (rank 0 of 1) for DeepSpeed engines built in this process.
+
+    The group is created once and kept for the rest of the session: DeepSpeed caches the world
+    group, so an engine built after a destroy and re-create fails with "group is not registered".
+    The rank variables DeepSpeed reads are set for the module only."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        if not dist.is_initialized():
+            dist.init_process_group(
+                "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
+            )
+        yield
 
 
 # --- process exit -------------------------------------------------------------------------------------

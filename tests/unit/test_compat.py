@@ -22,7 +22,7 @@ from ctm_dist.compat import (
 )
 from ctm_dist.model import CTM, CTMConfig
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures")
 
 
 def fixture(name):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from ctm_dist.model import CTM, CTMConfig
 
-GOLDEN = Path(__file__).parent / "golden"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 FIXTURES = sorted(GOLDEN.glob("*.safetensors"))
 ATOL = 1e-5
 # Tracked internals: fp32 reassociation (the NLM temperature is folded into its weights) grows through the

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 STEPS = 16  # steps of every whole run compared with the reference
 
 # A CTM small enough for a few dozen steps in seconds on two cores: no conv backbone, 2 ticks.

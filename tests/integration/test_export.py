@@ -5,7 +5,6 @@ models give the trained model's outputs, loaded with ``ctm_dist.load`` without D
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import torch
@@ -16,42 +15,6 @@ from ctm_dist.eval import export, loading, runs
 from ctm_dist.model import CTM, EXECUTION_FIELDS, CTMConfig
 from ctm_dist.storage import Location
 from ctm_dist.storage.checkpoints import NoCheckpoint, NotACheckpoint
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    import os
-
-    import torch.distributed as dist
-
-    env = {
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    started = not dist.is_initialized()
-    if started:
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{env['MASTER_PORT']}", rank=0, world_size=1
-        )
-    yield
-    if started:
-        dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def train_and_checkpoint(run_url: str, zero_stage: int, bf16: bool, steps: int = 2):

@@ -22,7 +22,7 @@ from ctm_dist.storage.checkpoints import sha256_file
 from ctm_dist.storage.local import embedded_store
 from ctm_dist.train.driver import next_commands
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 AWS_VARS = (
     "AWS_ENDPOINT_URL",
     "AWS_ACCESS_KEY_ID",

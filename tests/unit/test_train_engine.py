@@ -8,13 +8,9 @@ gathered once per forward and once per backward, however many ticks run.
 
 from __future__ import annotations
 
-import os
-import socket
-
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from ctm_dist.losses import image_classification_loss
 from ctm_dist.model import CTM, preset
@@ -33,22 +29,6 @@ TINY = {
     "backbone_type": "resnet18-1",
     "dropout": 0.0,
 }
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    if dist.is_initialized():
-        yield
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
-    )
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def _seed():

@@ -422,7 +422,7 @@ def test_lease_of_a_killed_job_is_taken_over_after_its_ttl(run, object_store):
         f"c = Checkpointer({f's3://{run.path}'!r}, owner='crashed-job', lease_ttl=2.0); c.acquire(); "
         "print('held', flush=True); os.kill(os.getpid(), signal.SIGKILL)"
     )
-    env = dict(os.environ, **object_store.env(), PYTHONPATH=str(HERE.parent))
+    env = dict(os.environ, **object_store.env(), PYTHONPATH=str(HERE.parents[1]))
     proc = subprocess.run(
         [sys.executable, "-c", code],
         env=env,
