@@ -27,7 +27,7 @@ import torch
 
 from ctm_dist.storage import Location, StorageError
 from ctm_dist.storage.checkpoints import CheckpointError
-from ctm_dist.storage.local import EMBEDDED_BUCKET, EMBEDDED_LOCAL_DIR, embedded_store
+from ctm_dist.storage.local import EMBEDDED_BUCKET, EMBEDDED_LOCAL_DIR, embedded_store, environ
 
 from .evaluate import EvalRequest, evaluate, request_dict
 from .export import MODEL_FILE, export_run
@@ -164,18 +164,8 @@ def embedded_store_for(urls: list[str | None], local_dir: str | None = None):
         raise FileNotFoundError(
             f"--local-dir {local_dir}: no embedded object store ({local_dir}/object-store)"
         )
-    store = embedded_store(local_dir)
-    saved = {k: os.environ.get(k) for k in store.env()}
-    with store:
-        os.environ.update(store.env())
-        try:
-            yield store
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    with embedded_store(local_dir) as store, environ(store.env()):
+        yield store
 
 
 def _recorded_data(checkpoint: str) -> str | None:

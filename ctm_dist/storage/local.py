@@ -18,6 +18,7 @@ Run one in the foreground with::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import datetime
 import fcntl
@@ -438,6 +439,21 @@ class LocalObjectStore:
     def __del__(self):
         if getattr(self, "_proc", None) is not None:
             self.stop()
+
+
+@contextlib.contextmanager
+def environ(values: dict[str, str]):
+    """Set ``values`` in ``os.environ`` for the ``with`` block, then put back what was there."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # The run store the trainer embeds when given no storage: this store under {local_dir}/object-store,

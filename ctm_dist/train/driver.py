@@ -38,6 +38,7 @@ from ctm_dist.storage.local import (
     EMBEDDED_LOCAL_DIR,
     DirectoryLocked,
     LocalObjectStore,
+    environ,
     lock_directory,
 )
 from ctm_dist.train.checkpointer import Checkpointer
@@ -179,7 +180,7 @@ def prepared_storage(cfg: TrainConfig, local_dir_name: str | None = None):
             store = stack.enter_context(LocalObjectStore(data_dir))
             store.create_bucket(EMBEDDED_BUCKET)
             env = embedded_env(store, data_dir)
-            stack.enter_context(_environ(env))  # this process reads and writes the store too
+            stack.enter_context(environ(env))  # this process reads and writes the store too
             cfg.run.storage = f"s3://{EMBEDDED_BUCKET}/runs"
             log.info("embedded object store at %s (data in %s)", store.endpoint_url, data_dir)
         if cfg.data.task == "demo" and not cfg.data.url:
@@ -219,20 +220,6 @@ def save_config(cfg: TrainConfig) -> None:
         cfg.run.name
     )
     location.write_bytes(CONFIG_FILE, config_text(cfg).encode())
-
-
-@contextlib.contextmanager
-def _environ(values: dict[str, str]):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def ensure_demo_shards(url: str) -> None:
