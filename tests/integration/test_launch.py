@@ -494,8 +494,11 @@ def test_launcher_embedded_default_ctrl_c_then_relaunch_of_the_finished_run(tmp_
         start_new_session=True,
     )
     lines: list[str] = []
+    out: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
     reader.start()
+    out_reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
+    out_reader.start()
     ray_processes: dict = {}
     try:
         deadline = time.monotonic() + 400
@@ -507,12 +510,15 @@ def test_launcher_embedded_default_ctrl_c_then_relaunch_of_the_finished_run(tmp_
             time.sleep(0.5)
         assert proc.poll() is None, "".join(lines)[-3000:]
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
-        stdout, _ = proc.communicate(timeout=180)
+        proc.wait(
+            timeout=180
+        )  # the readers own the pipes: communicate() would take their last lines
         reader.join(10)
+        out_reader.join(10)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    stderr = "".join(lines)
+    stderr, stdout = "".join(lines), "".join(out)
     assert proc.returncode == 130, stderr[-3000:]
     stopped = re.search(
         r"stopped by Ctrl-C at step (\d+); checkpoint committed. Run the same command again to "
