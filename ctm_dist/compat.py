@@ -26,7 +26,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from ctm_dist.model import CTM, CTMConfig
+from ctm_dist.model import CTM, CTMConfig, LSTMBaseline, LSTMConfig
 from ctm_dist.storage.checkpoints import (
     CheckpointError,
 )  # the one checkpoint error type; the message says why
@@ -37,7 +37,11 @@ __all__ = [
     "MAZE_DATASETS",
     "PARITY_DATASETS",
     "task_output_shape",
+    "check_state_dict",
+    "input_channels",
     "config_from_reference_args",
+    "lstm_config_from_reference_args",
+    "reference_model_kind",
     "reference_args_from_config",
     "read_reference_checkpoint",
     "load_reference_checkpoint",
@@ -112,7 +116,7 @@ def _positive_int(args: argparse.Namespace, name: str) -> int:
 # --- args <-> config -----------------------------------------------------------------------------
 
 
-def _in_channels(backbone_type: str, state_dict: Mapping[str, torch.Tensor] | None) -> int:
+def input_channels(backbone_type: str, state_dict: Mapping[str, torch.Tensor] | None) -> int:
     """Input channels: the reference infers them lazily, so read them off the weights that see the input."""
     if state_dict is None:
         return 3
@@ -127,6 +131,56 @@ def _in_channels(backbone_type: str, state_dict: Mapping[str, torch.Tensor] | No
     return 3
 
 
+def reference_model_kind(args: argparse.Namespace) -> str:
+    """``ctm`` or ``lstm``: the model a reference run trained (``--model`` or ``--model_type``)."""
+    return getattr(args, "model", None) or getattr(args, "model_type", None) or "ctm"
+
+
+# Options every reference LSTM-baseline run saves.
+_REQUIRED_LSTM_ARGS = ("iterations", "d_model", "d_input", "heads", "backbone_type", "dataset")
+
+
+def lstm_config_from_reference_args(
+    args: argparse.Namespace,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+    **overrides: Any,
+) -> LSTMConfig:
+    """Map a reference LSTM-baseline run's options (and its weights, for the layer count and the
+    input channels) to an :class:`~ctm_dist.model.LSTMConfig`."""
+    if not isinstance(args, argparse.Namespace):
+        raise CheckpointError(
+            f"checkpoint 'args' must be an argparse.Namespace, got {type(args).__name__}"
+        )
+    missing = [name for name in _REQUIRED_LSTM_ARGS if not hasattr(args, name)]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint args lack {missing}; not a checkpoint of a reference LSTM train script"
+        )
+    out_dims, reshaper = task_output_shape(args)
+    # the train scripts build one layer; the weights say how many there are
+    layers = 1
+    if state_dict is not None:
+        layers = max(1, sum(1 for key in state_dict if key.startswith("lstm.weight_ih_l")))
+    values = dict(
+        iterations=args.iterations,
+        d_model=args.d_model,
+        d_input=args.d_input,
+        heads=args.heads,
+        backbone_type=args.backbone_type,
+        num_layers=getattr(args, "num_layers", layers),
+        positional_embedding_type=getattr(args, "positional_embedding_type", "none"),
+        out_dims=out_dims,
+        prediction_reshaper=reshaper,
+        dropout=getattr(args, "dropout", 0.0),
+        in_channels=input_channels(args.backbone_type, state_dict),
+    )
+    values.update(overrides)
+    try:
+        return LSTMConfig(**values)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint args describe an invalid LSTM: {err}") from err
+
+
 def config_from_reference_args(
     args: argparse.Namespace,
     state_dict: Mapping[str, torch.Tensor] | None = None,
@@ -137,7 +191,7 @@ def config_from_reference_args(
         raise CheckpointError(
             f"checkpoint 'args' must be an argparse.Namespace, got {type(args).__name__}"
         )
-    model_kind = getattr(args, "model", None) or getattr(args, "model_type", None) or "ctm"
+    model_kind = reference_model_kind(args)
     if model_kind != "ctm":
         raise CheckpointError(f"checkpoint holds a {model_kind!r} model, not a CTM")
     missing = [name for name in _REQUIRED_ARGS if not hasattr(args, name)]
@@ -180,7 +234,7 @@ def config_from_reference_args(
         # Runs from before the option existed used first-last selection.
         neuron_select_type=getattr(args, "neuron_select_type", "first-last"),
         n_random_pairing_self=getattr(args, "n_random_pairing_self", 0),
-        in_channels=_in_channels(backbone_type, state_dict),
+        in_channels=input_channels(backbone_type, state_dict),
     )
     values.update(overrides)
     try:
@@ -362,8 +416,10 @@ def _first_line(err: BaseException) -> str:
 # --- loading -------------------------------------------------------------------------------------
 
 
-def load_reference_checkpoint(source: Source, **overrides: Any) -> CTM:
-    """A CTM in eval mode with the weights of a reference checkpoint, loaded strictly.
+def load_reference_checkpoint(source: Source, **overrides: Any) -> CTM | LSTMBaseline:
+    """A CTM (or, for a run of the reference's LSTM baseline, an :class:`LSTMBaseline`) in eval
+    mode with the weights of a reference checkpoint, loaded strictly; called as the reference's
+    model is (``model(x)`` -> predictions, certainties, synchronisation or ``None``).
 
     ``overrides`` replace config fields that do not change weights (e.g. ``tick_checkpointing``,
     ``attention_impl``).
@@ -371,14 +427,17 @@ def load_reference_checkpoint(source: Source, **overrides: Any) -> CTM:
     checkpoint = read_reference_checkpoint(source)
     name = _describe(source)
     state = checkpoint["model_state_dict"]
-    cfg = config_from_reference_args(checkpoint["args"], state, **overrides)
-    model = CTM(cfg)
-    _check_state_dict(model, state, name)
+    args = checkpoint["args"]
+    if isinstance(args, argparse.Namespace) and reference_model_kind(args) == "lstm":
+        model = LSTMBaseline(lstm_config_from_reference_args(args, state, **overrides))
+    else:
+        model = CTM(config_from_reference_args(args, state, **overrides))
+    check_state_dict(model, state, name)
     model.load_state_dict(state, strict=True)
     return model.eval()
 
 
-def _check_state_dict(model: CTM, state: Mapping[str, torch.Tensor], name: str) -> None:
+def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], name: str) -> None:
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -396,7 +455,8 @@ def _check_state_dict(model: CTM, state: Mapping[str, torch.Tensor], name: str) 
         problems.append(f"shape mismatch {_clip(mismatched)}")
     if problems:
         raise CheckpointError(
-            f"{name}: weights do not fit the CTM its args describe: " + "; ".join(problems)
+            f"{name}: weights do not fit the {'LSTM' if isinstance(model, LSTMBaseline) else 'CTM'} "
+            "its args describe: " + "; ".join(problems)
         )
 
 

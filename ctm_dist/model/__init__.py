@@ -1,4 +1,4 @@
-"""The Continuous Thought Machine model: config, presets, module and its parts."""
+"""The Continuous Thought Machine model (config, presets, module and its parts) and the LSTM baseline."""
 
 from .config import EXECUTION_FIELDS, OUR_FIELDS, PRESET_NAMES, CTMConfig, preset
 from .ctm import (
@@ -11,10 +11,27 @@ from .ctm import (
     Tracking,
     normalised_entropy,
 )
+from .kinds import (
+    MODEL_KINDS,
+    ModelConfig,
+    build_model,
+    config_from_dict,
+    kind_of,
+    model_config,
+)
+from .lstm import LSTMBaseline, LSTMConfig
 
 __all__ = [
     "CTM",
     "CTMConfig",
+    "LSTMBaseline",
+    "LSTMConfig",
+    "MODEL_KINDS",
+    "ModelConfig",
+    "build_model",
+    "config_from_dict",
+    "kind_of",
+    "model_config",
     "EXECUTION_FIELDS",
     "OUR_FIELDS",
     "PRESET_NAMES",

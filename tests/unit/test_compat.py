@@ -20,7 +20,7 @@ from ctm_dist.compat import (
     load_reference_checkpoint,
     read_reference_checkpoint,
 )
-from ctm_dist.model import CTM, CTMConfig
+from ctm_dist.model import CTM, CTMConfig, LSTMBaseline
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures")
 
@@ -300,8 +300,12 @@ def test_unknown_dataset_and_other_models(tmp_path):
     with pytest.raises(CheckpointError, match="unknown dataset 'qamnist'"):
         load_reference_checkpoint(_save(tmp_path, checkpoint))
     checkpoint = _reference_checkpoint()
-    checkpoint["args"].model_type = "lstm"
-    with pytest.raises(CheckpointError, match="'lstm' model, not a CTM"):
+    checkpoint["args"].model_type = "ff"
+    with pytest.raises(CheckpointError, match="'ff' model, not a CTM"):
+        load_reference_checkpoint(_save(tmp_path, checkpoint))
+    checkpoint = _reference_checkpoint()
+    checkpoint["args"].model_type = "lstm"  # CTM weights under LSTM args
+    with pytest.raises(CheckpointError, match="weights do not fit the LSTM its args describe"):
         load_reference_checkpoint(_save(tmp_path, checkpoint))
 
 
@@ -344,3 +348,29 @@ def test_legacy_args_map_like_the_reference_analysis_scripts():
     assert cfg.backbone_type == "resnet34-2"
     assert cfg.neuron_select_type == "first-last" and cfg.n_random_pairing_self == 0
     assert (cfg.out_dims, cfg.prediction_reshaper) == (50, [10, 5])
+
+
+def test_reference_lstm_parity_checkpoint_gives_reference_outputs():
+    """A checkpoint of the reference's parity script with ``--model_type lstm`` loads as our
+    LSTM baseline, called as the reference's (``m(x)`` -> predictions, certainties, None)."""
+    model = load_reference_checkpoint(fixture("lstm_parity"))
+    assert isinstance(model, LSTMBaseline) and not model.training
+    assert (model.cfg.d_model, model.cfg.num_layers, model.cfg.iterations) == (20, 1, 5)
+    assert (model.cfg.out_dims, model.cfg.prediction_reshaper) == (32, [16, 2])
+    want = expected("lstm_parity")
+    predictions, certainties, synch = run(model, want["inputs"])
+    assert synch is None
+    torch.testing.assert_close(predictions, want["predictions"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(certainties, want["certainties"], atol=1e-5, rtol=0)
+
+
+def test_reference_lstm_checkpoint_with_other_weights_is_one_line(tmp_path):
+    checkpoint = read_reference_checkpoint(fixture("lstm_parity"))
+    checkpoint["args"].d_model = 24
+    path = tmp_path / "lstm.pt"
+    torch.save(
+        {"args": checkpoint["args"], "model_state_dict": checkpoint["model_state_dict"]}, path
+    )
+    with pytest.raises(CheckpointError, match="do not fit the LSTM its args describe") as error:
+        load_reference_checkpoint(path)
+    assert "\n" not in str(error.value)

@@ -1,0 +1,46 @@
+"""The model kinds a run can train: the CTM and the paper's LSTM baseline.
+
+``model.kind`` in a training config picks one; the rest of the code asks this module for the
+kind's config (from a preset name and overrides, or from a saved dict) and builds the module.
+Both kinds are called the same way: ``model(x)`` -> predictions ``[B, out_dims, T]``,
+certainties ``[B, 2, T]`` and a third value (the CTM's last synchronisation, ``None`` for the LSTM).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from . import lstm
+from .config import CTMConfig
+from .config import preset as ctm_preset
+from .ctm import CTM
+
+MODEL_KINDS = ("ctm", "lstm")
+CONFIG_TYPES = {"ctm": CTMConfig, "lstm": lstm.LSTMConfig}
+ModelConfig = CTMConfig | lstm.LSTMConfig
+
+
+def check_kind(kind: str) -> None:
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"model.kind must be one of {', '.join(MODEL_KINDS)}, got {kind!r}")
+
+
+def kind_of(cfg: ModelConfig) -> str:
+    return "lstm" if isinstance(cfg, lstm.LSTMConfig) else "ctm"
+
+
+def model_config(kind: str, name: str, **overrides: Any) -> ModelConfig:
+    """The config of preset ``name`` of ``kind`` with fields overridden."""
+    check_kind(kind)
+    return lstm.preset(name, **overrides) if kind == "lstm" else ctm_preset(name, **overrides)
+
+
+def config_from_dict(kind: str, values: dict[str, Any]) -> ModelConfig:
+    check_kind(kind)
+    return CONFIG_TYPES[kind].from_dict(values)
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    return lstm.LSTMBaseline(cfg) if isinstance(cfg, lstm.LSTMConfig) else CTM(cfg)

@@ -1,0 +1,131 @@
+"""Write the golden fixtures of the baselines: reference LSTM outputs for small configurations.
+
+    python tests/golden/generate_baselines.py --reference /path/to/continuous-thought-machines
+
+The sibling of ``generate.py`` for ``models/lstm.py`` of the reference (imported from the given
+checkout at run time; nothing of it is stored here). Each case in ``CASES`` is built with the
+reference's constructor, its lazy layers materialised, its weights rounded to bfloat16, and run in
+eval mode with tracking; ``tests/golden/baselines/<case>.safetensors`` holds the weights
+(``model.*``), the input and the outputs, with the constructor's arguments in the metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+HERE = Path(__file__).resolve().parent / "baselines"
+
+# name -> (reference constructor arguments, input shape)
+CASES = {
+    # tasks/parity/scripts/train_lstm_*.sh, scaled down (the parity script builds one layer)
+    "lstm_parity": (
+        dict(
+            iterations=5,
+            d_model=12,
+            d_input=8,
+            heads=2,
+            backbone_type="parity_backbone",
+            num_layers=1,
+            positional_embedding_type="custom-rotational-1d",
+            out_dims=12,
+            prediction_reshaper=[6, 2],
+            dropout=0.0,
+        ),
+        (3, 6),
+    ),
+    "lstm_resnet_two_layers": (
+        dict(
+            iterations=4,
+            d_model=10,
+            d_input=8,
+            heads=4,
+            backbone_type="resnet18-1",
+            num_layers=2,
+            positional_embedding_type="learnable-fourier",
+            out_dims=5,
+            prediction_reshaper=[-1],
+            dropout=0.0,
+        ),
+        (2, 1, 6, 6),
+    ),
+}
+
+
+def make_input(config: dict, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    if config["backbone_type"] == "parity_backbone":
+        return torch.randint(0, 2, shape, generator=generator).float() * 2 - 1
+    return torch.randn(shape, generator=generator)
+
+
+def randomise(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Round weights to bf16 and make batch-norm statistics non-trivial."""
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if not tensor.is_floating_point():
+                continue
+            if name.endswith("running_mean"):
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.1)
+            elif name.endswith("running_var"):
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
+            tensor.copy_(tensor.to(torch.bfloat16).float())
+
+
+def generate(reference: Path, seed: int = 4321) -> None:
+    sys.path.insert(0, str(reference))
+    from models.lstm import LSTMBaseline  # noqa: E402  (the user's reference checkout)
+
+    HERE.mkdir(exist_ok=True)
+    for index, (name, (config, shape)) in enumerate(CASES.items()):
+        case_seed = seed + index
+        generator = torch.Generator().manual_seed(case_seed)
+        x = make_input(config, shape, generator)
+        torch.manual_seed(case_seed)
+        np.random.seed(case_seed)
+        with contextlib.redirect_stdout(io.StringIO()):
+            model = LSTMBaseline(**config)
+            model.eval()
+            with torch.no_grad():
+                model(x)  # materialise lazy layers
+        randomise(model, generator)
+        with torch.no_grad():
+            predictions, certainties, _, _, hidden, attention = model(x, track=True)
+        tensors = {
+            **{
+                f"model.{k}": (v.to(torch.bfloat16) if v.is_floating_point() else v).clone()
+                for k, v in model.state_dict().items()
+            },
+            "input": x,
+            "predictions": predictions,
+            "certainties": certainties,
+            "hidden_states": torch.from_numpy(hidden),
+            "attention": torch.from_numpy(attention),
+        }
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        in_channels = shape[1] if len(shape) == 4 else 3
+        metadata = {"config": json.dumps({**config, "in_channels": in_channels})}
+        path = HERE / f"{name}.safetensors"
+        save_file(tensors, str(path), metadata=metadata)
+        print(f"{path.name}: {path.stat().st_size / 1e3:.0f} kB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--reference", type=Path, required=True, help="checkout of the reference CTM repository"
+    )
+    parser.add_argument("--seed", type=int, default=4321)
+    args = parser.parse_args()
+    generate(args.reference.resolve(), args.seed)
+
+
+if __name__ == "__main__":
+    main()
