@@ -118,7 +118,9 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "checkpoint",
         help="consolidated export (dir or .safetensors), run URL ({storage}/{run}) "
-        "or reference checkpoint (.pt); local path or s3://, gs://, file:// URL",
+        "or reference checkpoint (.pt); local path or s3://, gs://, file:// URL; or the reference's "
+        "Hugging Face layout (config.json + model.safetensors): its directory, or a Hub id "
+        "(owner/name or hf://owner/name)",
     )
     p.add_argument(
         "--step", type=NON_NEGATIVE, default=None, help="a run's step (default: newest committed)"

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ctm_dist import hub
 from ctm_dist.data.index import read_index
 from ctm_dist.data.parity import ParityLoader
 from ctm_dist.data.reader import ShardLoader
@@ -66,7 +67,9 @@ def _location(req: EvalRequest, name: str) -> Location:
 
 def _model(req: EvalRequest) -> Loaded:
     overrides = {"iterations": req.iterations} if req.iterations else {}
-    loaded = load_model(_location(req, "checkpoint"), step=req.step, **overrides)
+    hub_id = "checkpoint" not in req.locations and hub.is_hub_source(req.checkpoint)
+    source = req.checkpoint if hub_id else _location(req, "checkpoint")
+    loaded = load_model(source, step=req.step, **overrides)
     loaded.model.eval()
     return loaded
 

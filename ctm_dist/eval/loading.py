@@ -5,7 +5,10 @@
 * a consolidated export: a directory with ``model.safetensors`` + ``config.json``, or the
   ``.safetensors`` file alone (its metadata holds the config);
 * a training run of ours (``{storage}/{run}``): the newest committed step, or ``step=``;
-* a reference checkpoint (``.pt`` as the reference's train scripts save), via ``ctm_dist.compat``.
+* a reference checkpoint (``.pt`` as the reference's train scripts save), via ``ctm_dist.compat``;
+* the reference's Hugging Face Hub layout (``config.json`` with the constructor's arguments +
+  ``model.safetensors``), a directory or a Hub repository id (``owner/name`` or
+  ``hf://owner/name``), via ``ctm_dist.hub``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field, replace
 
+from ctm_dist import hub
 from ctm_dist.compat import load_reference_checkpoint
 from ctm_dist.model import CTM, CTMConfig
 from ctm_dist.storage import Location
@@ -25,8 +29,8 @@ from .inputs import model_meta, trained_data, trained_inputs
 
 @dataclass
 class Loaded:
-    model: CTM
-    kind: str  # "export", "run" or "reference"
+    model: CTM  # (an LSTMBaseline for the reference's LSTM baseline)
+    kind: str  # "export", "run", "reference" or "hub"
     task: str | None = None
     meta: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)
@@ -74,6 +78,29 @@ def _load_safetensors(location: Location, name: str, overrides: dict) -> Loaded:
     )
 
 
+def _hub_document(location: Location) -> dict | None:
+    """The ``config.json`` beside ``model.safetensors`` when it holds constructor arguments."""
+    if not location.exists(hub.CONFIG_FILE):
+        return None
+    with location.open(hub.CONFIG_FILE) as f:
+        try:
+            document = json.load(f)
+        except ValueError:
+            return None
+    return document if hub.is_hub_config(document) else None
+
+
+def _load_hub(location: Location, overrides: dict, source: str) -> Loaded:
+    if location.protocol == "file":
+        model = hub.load_hub_directory(location.path, **overrides)
+    else:
+        with tempfile.TemporaryDirectory(prefix="ctm-load-") as tmp:
+            for name in (hub.CONFIG_FILE, hub.MODEL_FILE):
+                location.get_file(name, os.path.join(tmp, name))
+            model = hub.load_hub_directory(tmp, **overrides)
+    return Loaded(model, "hub", None, {}, {"hub": source})
+
+
 def _run_loaded(model: CTM, task: str | None, commit: dict, run: Location, step: int) -> Loaded:
     """A run's model with what its COMMIT marker says about it: input pipeline and training data."""
 
@@ -91,8 +118,17 @@ def load_model(
 ) -> Loaded:
     """Load any supported checkpoint (see the module docstring). ``overrides`` replace CTMConfig fields
     that do not change weights (e.g. ``iterations``, ``attention_impl``)."""
+    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else ""
+    if text and hub.is_hub_source(text):
+        repo_id = text.removeprefix("hf://")
+        local = Location.parse(hub.download(repo_id))
+        loaded = _load_hub(local, overrides, f"hf://{repo_id}")
+        loaded.model.to(map_location)
+        return loaded
     location = Location.parse(path)
-    if location.exists(export.MODEL_FILE):
+    if location.exists(export.MODEL_FILE) and _hub_document(location) is not None:
+        loaded = _load_hub(location, overrides, location.url)
+    elif location.exists(export.MODEL_FILE):
         loaded = _load_safetensors(location, export.MODEL_FILE, overrides)
     elif runs.is_run(location):
         state, cfg, step, commit = export.run_state(location, step)
@@ -121,5 +157,6 @@ def load_model(
 def load(
     path: str | os.PathLike, step: int | None = None, map_location: str = "cpu", **overrides
 ) -> CTM:
-    """A CTM in eval mode from a consolidated export, a run of ours or a reference checkpoint."""
+    """A CTM in eval mode from a consolidated export, a run of ours, a reference checkpoint or a
+    Hugging Face Hub layout (directory or repository id)."""
     return load_model(path, step=step, map_location=map_location, **overrides).model
