@@ -330,6 +330,39 @@ def _parity(sequence_length: int = 64) -> dict[str, Any]:
     )
 
 
+def _parity_small(sequence_length: int = 16) -> dict[str, Any]:
+    # parity at a scale two CPU cores train in minutes: 16 positions, 16 ticks, 128 neurons
+    return dict(
+        _parity(sequence_length),
+        iterations=16,
+        d_model=128,
+        d_input=64,
+        heads=4,
+        n_synch_out=32,
+        n_synch_action=32,
+        memory_length=8,
+        memory_hidden_dims=8,
+    )
+
+
+def _mazes_small(route_length: int = 10) -> dict[str, Any]:
+    # small mazes (19x19 pixels) and the first moves of their routes, in minutes on two CPU cores
+    return dict(
+        _mazes(route_length),
+        iterations=12,
+        d_model=128,
+        d_input=64,
+        heads=4,
+        n_synch_out=32,
+        n_synch_action=16,
+        synapse_depth=1,
+        memory_length=8,
+        memory_hidden_dims=8,
+        dropout=0.0,
+        backbone_type="resnet18-1",
+    )
+
+
 def _cifar10() -> dict[str, Any]:
     # tasks/image_classification/scripts/train_cifar10.sh
     return dict(
@@ -383,7 +416,9 @@ def _demo() -> dict[str, Any]:
 _PRESETS = {
     "imagenet": _imagenet,
     "mazes": _mazes,
+    "mazes-small": _mazes_small,
     "parity": _parity,
+    "parity-small": _parity_small,
     "cifar10": _cifar10,
     "demo": _demo,
 }

@@ -19,6 +19,7 @@ import warnings
 from ctm_dist.train.config import ConfigError, build_config
 from ctm_dist.train.metrics import config_text
 from ctm_dist.train.preemption import Preempted, exit_code_for
+from ctm_dist.train.run_presets import RUN_PRESETS, layered, run_preset_names
 
 # Per-task defaults (reference scripts' values where they exist); the dataclass defaults are the demo's.
 TASK_DEFAULTS: dict[str, dict] = {
@@ -150,6 +151,14 @@ def make_parser(prog: str, task: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--max-steps", metavar="N", help=f"[{default('max_steps')}]")
     p.add_argument("--checkpoint-every", metavar="N", help=f"steps [{default('checkpoint_every')}]")
+    presets = run_preset_names(task)
+    if presets:
+        p.add_argument(
+            "--preset",
+            choices=presets,
+            help="a small model with the training settings that go with it, over the task's "
+            "defaults (docs/small-presets.md); default: the full-scale model",
+        )
     p.add_argument(
         "--config", metavar="FILE.yaml", help="config file (sections as in --print-config)"
     )
@@ -172,6 +181,12 @@ def make_parser(prog: str, task: str) -> argparse.ArgumentParser:
     return p
 
 
+def task_base(task: str, preset: str | None = None) -> dict:
+    """The task's defaults, with a run preset's settings over them."""
+    base = TASK_DEFAULTS[task]
+    return layered(base, RUN_PRESETS[task][preset]) if preset else base
+
+
 def config_from_args(task: str, args: argparse.Namespace):
     overrides = [
         f"{field}={getattr(args, flag)}"
@@ -184,7 +199,7 @@ def config_from_args(task: str, args: argparse.Namespace):
         and not build_config(args.config, overrides, TASK_DEFAULTS[task], validate=False).data.url
     ):
         task = "demo"  # no data given: the embedded demo instead
-    return build_config(args.config, overrides, base=TASK_DEFAULTS[task])
+    return build_config(args.config, overrides, base=task_base(task, getattr(args, "preset", None)))
 
 
 def _quiet_logging(verbose: bool) -> None:

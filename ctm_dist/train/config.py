@@ -20,7 +20,7 @@ from typing import Any, Union
 
 import yaml
 
-from ctm_dist.model import CTMConfig, preset
+from ctm_dist.model import MODEL_KINDS, CTMConfig, LSTMConfig, model_config
 
 TASKS = ("demo", "imagenet", "cifar10", "mazes", "parity")
 SEED_LIMIT = (
@@ -68,8 +68,14 @@ class DataSection:
 
 @dataclass
 class ModelSection:
+    kind: str = "ctm"  # "ctm", or "lstm": the paper's LSTM baseline (ctm_dist/model/lstm.py)
     preset: str = "demo"
-    overrides: dict = field(default_factory=dict)  # any CTMConfig field, e.g. d_model: 256
+    overrides: dict = field(
+        default_factory=dict
+    )  # any field of the kind's config, e.g. d_model: 256
+    # weights to start from (a checkpoint ctm_dist.load reads: an export, a run, a reference
+    # checkpoint, a Hugging Face layout or Hub repo id); "" = fresh weights. A resumed run ignores it.
+    init_from: str = ""
 
 
 @dataclass
@@ -232,7 +238,7 @@ def _merge(obj: Any, raw: Any, prefix: str) -> None:
     hints = _hints(obj)
     for key, value in raw.items():
         where = f"{prefix}{key}"
-        if isinstance(obj, ModelSection) and key != "preset" and key != "overrides":
+        if isinstance(obj, ModelSection) and key not in _MODEL_SECTION_FIELDS:
             obj.overrides[str(key)] = _coerce(value, _model_hint(str(key)), f"model.{key}")
             continue
         if key not in hints:
@@ -250,14 +256,21 @@ def _merge(obj: Any, raw: Any, prefix: str) -> None:
 
 
 def _model_hint(name: str) -> Any:
-    """The type of ``model.<name>``: a CTMConfig field or a preset argument."""
+    """The type of ``model.<name>``: a CTMConfig or LSTMConfig field or a preset argument."""
     hint = _MODEL_HINTS.get(name)
     if hint is None:
-        raise ConfigError(f"unknown config field 'model.{name}' (not a CTMConfig field)")
+        raise ConfigError(
+            f"unknown config field 'model.{name}' (not a CTMConfig or LSTMConfig field)"
+        )
     return hint
 
 
-_MODEL_HINTS = {**typing.get_type_hints(CTMConfig), **PRESET_ARGUMENTS}
+_MODEL_HINTS = {
+    **typing.get_type_hints(LSTMConfig),
+    **typing.get_type_hints(CTMConfig),
+    **PRESET_ARGUMENTS,
+}
+_MODEL_SECTION_FIELDS = ("kind", "preset", "overrides", "init_from")
 
 
 def apply_override(cfg: TrainConfig, item: str) -> None:
@@ -489,7 +502,12 @@ def _validate(cfg: TrainConfig) -> None:
 
 
 def _validate_model(m: ModelSection) -> None:
-    """Check the preset name and the override names and types against CTMConfig (changes nothing)."""
+    """Check the kind, the preset name and the override names and types against the kind's config
+    (changes nothing)."""
+    _check(
+        m.kind in MODEL_KINDS,
+        f"model.kind must be one of {', '.join(MODEL_KINDS)}, got {m.kind!r}",
+    )
     for key, value in m.overrides.items():
         where = f"model.{key}"
         _check(isinstance(key, str), f"{where}: field names are strings")
@@ -499,10 +517,11 @@ def _validate_model(m: ModelSection) -> None:
             f"{where}: expected {_type_name(hint)}, got {value!r}",
         )
     try:
-        preset(m.preset, **m.overrides)
+        model_config(m.kind, m.preset, **m.overrides)
     except (KeyError, ValueError, TypeError) as e:
         msg = str(e).strip("'\"").splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"model (preset {m.preset!r}): {msg}") from None
+        kind = "" if m.kind == "ctm" else f"{m.kind} "
+        raise ConfigError(f"model ({kind}preset {m.preset!r}): {msg}") from None
 
 
 def _type_name(hint: Any) -> str:

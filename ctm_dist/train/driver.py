@@ -43,11 +43,12 @@ from ctm_dist.storage.local import (
 )
 from ctm_dist.train.checkpointer import Checkpointer
 from ctm_dist.train.config import TrainConfig
+from ctm_dist.train.init_from import InitError, absolute_source, initial_model
 from ctm_dist.train.lease import live_writer
 from ctm_dist.train.loop import train_worker
 from ctm_dist.train.metrics import config_text, format_line
 from ctm_dist.train.preemption import Preempted, WorkerSignals, handle_signals, parse_signals
-from ctm_dist.train.tasks import preflight
+from ctm_dist.train.tasks import make_task, preflight
 
 log = logging.getLogger("ctm_dist.train")
 
@@ -63,6 +64,17 @@ CREDENTIAL_VARS = (
 )
 EMBEDDED_PROFILE = "ctm-dist-embedded"  # the profile in the embedded store's credentials file
 CONFIG_FILE = "config.yaml"  # the resolved config, saved beside the run's checkpoints
+
+
+def check_init_from(cfg: TrainConfig) -> None:
+    """Refuse, before any worker starts, fine-tuning weights that cannot start this run."""
+    if not cfg.model.init_from:
+        return
+    task_cfg = make_task(cfg, rank=0, world_size=1).model_config()
+    try:
+        initial_model(cfg.model.init_from, cfg.model.kind, task_cfg)
+    except InitError as err:
+        raise LaunchRefused(str(err)) from None
 
 
 class LaunchRefused(Exception):
@@ -406,6 +418,7 @@ def train(
     cfg.run.local_dir = os.path.abspath(
         cfg.run.local_dir
     )  # workers run in Ray's own working directory
+    cfg.model.init_from = absolute_source(cfg.model.init_from)
     if cfg.scale.gpus_per_worker == 0 and torch.cuda.is_available():
         print(
             "warning: this machine has CUDA GPUs but --gpus-per-worker is 0: the run trains on CPU",
@@ -431,6 +444,7 @@ def train(
                 "wall_s": time.perf_counter() - started,
             }
         preflight(cfg)
+        check_init_from(cfg)
         refuse_a_second_writer(cfg)
         save_config(cfg)
         owns_ray = connect_ray(ray_address, log_to_driver=verbose)

@@ -22,12 +22,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ctm_dist.model import CTM, EXECUTION_FIELDS, execution
+from ctm_dist.model import EXECUTION_FIELDS, CTMConfig, build_model, execution
 from ctm_dist.storage import Location
 from ctm_dist.train import rng
 from ctm_dist.train.checkpointer import Checkpointer
 from ctm_dist.train.config import TrainConfig
 from ctm_dist.train.engine import build_engine, model_dtype
+from ctm_dist.train.init_from import initial_model
 from ctm_dist.train.lease import ray_job_owner
 from ctm_dist.train.metrics import (
     RunningSums,
@@ -81,7 +82,13 @@ class Trainer:
         seed_everything(cfg.run.seed)  # same initial weights on every rank
         self.task = make_task(cfg, rank, world_size)
         self.model_cfg = self.task.model_config()
-        self.engine = build_engine(CTM(self.model_cfg).to(device), cfg)
+        if cfg.model.init_from:  # fine-tuning: the checkpoint's architecture and weights
+            self.model_cfg, model = initial_model(
+                cfg.model.init_from, cfg.model.kind, self.model_cfg
+            )
+        else:
+            model = build_model(self.model_cfg)
+        self.engine = build_engine(model.to(device), cfg)
         self.compiled = compile_engine(self.engine, self.model_cfg, device)
         self.dtype = model_dtype(cfg)
         self.run_location = Location.parse(
@@ -363,7 +370,7 @@ class StopRequests:
 
 def compile_engine(engine, model_cfg, device: torch.device) -> bool:
     """``torch.compile`` the engine's model where ``model.compile`` says so for ``device``; whether it did."""
-    if not execution.compiles(model_cfg, device):
+    if not isinstance(model_cfg, CTMConfig) or not execution.compiles(model_cfg, device):
         return False
     execution.prepare(engine.module)
     engine.compile(

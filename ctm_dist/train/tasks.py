@@ -26,7 +26,7 @@ from ctm_dist.losses import (
     sequence_all_correct,
     topk_accuracy,
 )
-from ctm_dist.model import preset
+from ctm_dist.model import model_config
 from ctm_dist.storage import Location
 from ctm_dist.train.config import TrainConfig
 
@@ -51,7 +51,7 @@ class Task:
     def model_config(self):
         values = self.data_overrides()
         values.update(self.cfg.model.overrides)
-        return preset(self.cfg.model.preset, **values)
+        return model_config(self.cfg.model.kind, self.cfg.model.preset, **values)
 
     # --- data
     def train_loader(self, batch_size: int, seed: int):
@@ -232,7 +232,8 @@ class Parity(Task):
 
     def __init__(self, cfg, rank, world_size):
         super().__init__(cfg, rank, world_size)
-        self.sequence_length = int(cfg.model.overrides.get("sequence_length") or 64)
+        length = cfg.model.overrides.get("sequence_length") or _preset_sequence_length(cfg)
+        self.sequence_length = int(length)
 
     def data_overrides(self):
         return {"sequence_length": self.sequence_length}
@@ -260,7 +261,11 @@ class Parity(Task):
         return loader
 
     def loss(self, predictions, certainties, target, valid):
-        return parity_loss(predictions, certainties, target, weight=valid)
+        # the reference trains its LSTM baseline on the last tick rather than the most certain one
+        most_certain = self.cfg.model.kind == "ctm"
+        return parity_loss(
+            predictions, certainties, target, use_most_certain=most_certain, weight=valid
+        )
 
     def accumulate(self, sums, predictions, target, valid, tick, eval=False):
         seq = as_sequence_predictions(predictions, target)
@@ -280,6 +285,12 @@ class Parity(Task):
             prefix + "sequence_accuracy": float(reduced["all_correct"][0]) / n,
             prefix + "per_tick_accuracy": [float(v) / n for v in reduced["per_tick_correct"]],
         }
+
+
+def _preset_sequence_length(cfg: TrainConfig) -> int:
+    """The sequence length of the model preset (64 where the preset has no [L, 2] output)."""
+    shape = model_config(cfg.model.kind, cfg.model.preset).prediction_reshaper
+    return shape[0] if len(shape) == 2 and shape[1] == 2 and shape[0] > 0 else 64
 
 
 TASKS = {

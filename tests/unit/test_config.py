@@ -188,7 +188,12 @@ def test_validation_changes_nothing_and_always_checks_the_model():
     cfg.model.overrides["iterations"] = 5
     assert cfg.validate().to_dict() == {
         **before,
-        "model": {"preset": "demo", "overrides": {"d_model": 96, "iterations": 5}},
+        "model": {
+            "kind": "ctm",
+            "preset": "demo",
+            "overrides": {"d_model": 96, "iterations": 5},
+            "init_from": "",
+        },
     }
     cfg.model.overrides["no_such_field"] = 1
     with pytest.raises(ConfigError, match=r"unknown config field 'model\.no_such_field'"):
@@ -224,3 +229,36 @@ def test_preemption_signals_parse_to_numbers():
 
     cfg = build_config(overrides=["run.preemption_signals=SIGUSR2, SIGTERM"])
     assert parse_signals(cfg.run.preemption_signals) == (signal.SIGUSR2, signal.SIGTERM)
+
+
+def test_model_kind_picks_the_lstm_baseline_and_checks_its_fields():
+    from ctm_dist.model import LSTMConfig, model_config
+
+    cfg = build_config(
+        overrides=[
+            "data.task=parity",
+            "model.kind=lstm",
+            "model.preset=parity",
+            "model.num_layers=2",
+        ]
+    )
+    lstm = model_config(cfg.model.kind, cfg.model.preset, **cfg.model.overrides)
+    assert isinstance(lstm, LSTMConfig) and (lstm.d_model, lstm.num_layers) == (669, 2)
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["model.kind=gru"], "model.kind must be one of ctm, lstm, got 'gru'"),
+        (["model.kind=lstm", "model.preset=imagenet"], "no LSTM preset 'imagenet'"),
+        (
+            ["model.kind=lstm", "model.preset=parity", "model.memory_length=4"],
+            "unknown LSTMConfig fields ['memory_length']",
+        ),
+        (["model.preset=parity", "model.num_layers=2"], "unknown CTMConfig fields ['num_layers']"),
+    ],
+)
+def test_bad_model_kind_or_fields_are_one_line(overrides, fragment):
+    with pytest.raises(ConfigError) as error:
+        build_config(overrides=["data.task=parity", *overrides])
+    assert fragment in str(error.value) and "\n" not in str(error.value)

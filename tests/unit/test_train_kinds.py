@@ -1,0 +1,89 @@
+"""The training loop with ``model.kind=lstm`` and with ``model.init_from`` (fine-tuning).
+
+One rank in this process: the real Trainer (DeepSpeed engine, parity loaders, loss, checkpoints
+on a local directory) for a few steps of tiny models.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ctm_dist.model import LSTMBaseline
+from ctm_dist.train.config import build_config
+from ctm_dist.train.init_from import InitError
+from ctm_dist.train.loop import Trainer
+
+pytestmark = pytest.mark.usefixtures("process_group", "one_torch_thread")
+
+HUB_LAYOUT = Path(__file__).resolve().parents[1] / "fixtures" / "hub_ctm_parity"
+
+
+def _config(tmp_path, *overrides: str):
+    return build_config(
+        None,
+        [
+            f"run.local_dir={tmp_path / 'local'}",
+            f"run.storage={tmp_path / 'store'}",
+            "run.name=kinds",
+            "run.max_steps=3",
+            "run.log_every=1",
+            "eval.every=0",
+            "eval.batches=1",
+            "checkpoint.every=1000",
+            "scale.workers=1",
+            "data.task=parity",
+            "data.batch_size=8",
+            "data.eval_batch_size=8",
+            *overrides,
+        ],
+    )
+
+
+def test_lstm_baseline_trains_in_the_same_loop_on_its_last_tick(tmp_path):
+    cfg = _config(
+        tmp_path,
+        "model.kind=lstm",
+        "model.preset=parity-small",
+        "model.sequence_length=8",
+        "model.d_model=16",
+        "model.d_input=8",
+        "model.heads=2",
+        "model.iterations=4",
+    )
+    trainer = Trainer(cfg, 0, 1, torch.device("cpu"))
+    assert isinstance(trainer.engine.module, LSTMBaseline)
+    before = trainer.engine.module.lstm.weight_hh_l0.detach().clone()
+    summary = trainer.fit()
+    assert summary["step"] == 3 and torch.isfinite(torch.tensor(summary["train/loss"]))
+    assert (
+        summary["train/most_certain_tick_mean"] == 4
+    )  # the reference trains its LSTM on the last tick
+    assert not torch.equal(trainer.engine.module.lstm.weight_hh_l0, before)
+
+
+def test_init_from_a_hub_layout_starts_from_its_weights_and_architecture(tmp_path):
+    cfg = _config(
+        tmp_path,
+        "model.preset=parity-small",
+        "model.sequence_length=8",
+        f"model.init_from={HUB_LAYOUT}",
+        "deepspeed.precision=fp32",
+    )
+    trainer = Trainer(cfg, 0, 1, torch.device("cpu"))
+    assert (trainer.model_cfg.d_model, trainer.model_cfg.iterations) == (24, 5)  # the layout's
+    hub_weights = load_file(str(HUB_LAYOUT / "model.safetensors"))
+    own = trainer.engine.module.state_dict()
+    for key, value in hub_weights.items():
+        torch.testing.assert_close(own[key].to(value.dtype), value, atol=0, rtol=0, msg=key)
+    assert trainer.fit()["step"] == 3
+
+
+def test_init_from_with_another_output_is_one_line(tmp_path):
+    cfg = _config(tmp_path, "model.preset=parity-small", f"model.init_from={HUB_LAYOUT}")
+    with pytest.raises(InitError, match="this task needs out_dims=32 shaped \\[16, 2\\]") as error:
+        Trainer(cfg, 0, 1, torch.device("cpu"))
+    assert "\n" not in str(error.value)
