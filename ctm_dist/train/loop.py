@@ -24,13 +24,13 @@ import torch.distributed as dist
 
 from ctm_dist.model import CTM, EXECUTION_FIELDS, execution
 from ctm_dist.storage import Location
+from ctm_dist.tasks import MetricSums, make_task
 from ctm_dist.train import rng
 from ctm_dist.train.checkpointer import Checkpointer
 from ctm_dist.train.config import TrainConfig
 from ctm_dist.train.engine import build_engine, model_dtype
 from ctm_dist.train.lease import ray_job_owner
 from ctm_dist.train.metrics import (
-    RunningSums,
     StepTimer,
     TensorBoardLog,
     config_text,
@@ -42,7 +42,6 @@ from ctm_dist.train.preemption import (
     training_in_progress,
     worker_signal,
 )
-from ctm_dist.train.tasks import make_task
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +125,7 @@ class Trainer:
         )
         if self.tb is not None:
             self.tb.text("config", config_text(cfg), self.step)
-        self.sums = RunningSums()
+        self.sums = MetricSums()
         self.timer = StepTimer()
         self.last: dict = {}
         self._steps_since_log = 0
@@ -171,7 +170,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         self.engine.eval()
-        sums = RunningSums()
+        sums = MetricSums()
         max_batches = self.cfg.eval.batches or None
         for i, batch in enumerate(
             self.task.eval_loader(self.cfg.data.eval_batch_size // self.world_size)
@@ -187,7 +186,7 @@ class Trainer:
             sums.add_ticks(tick[valid.bool()])
         reduced, ticks = sums.reduce()
         self.engine.train()
-        out = self.task.summarise(reduced, prefix="eval/")
+        out = self.task.summarise(reduced, "eval")
         if ticks.numel():
             out["eval/most_certain_tick_mean"] = (
                 ticks.double().mean().item() + 1
@@ -219,7 +218,7 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             values["train/grad_norm"] = float(grad_norm)
-        values.update(self.task.summarise(reduced, prefix="train/"))
+        values.update(self.task.summarise(reduced, "train"))
         if ticks.numel():
             values["train/most_certain_tick_mean"] = ticks.double().mean().item() + 1
         if extra:
