@@ -21,7 +21,7 @@ import torch
 
 from ctm_dist.data.index import read_index
 from ctm_dist.data.reader import ShardLoader
-from ctm_dist.model import CTMConfig, preset
+from ctm_dist.model import CTM, CTMConfig, preset
 from ctm_dist.storage import Location
 
 from .sums import Measure, MetricSums
@@ -62,6 +62,16 @@ class Task:
         values = self.data_overrides()
         values.update(self.cfg.model.overrides)
         return preset(self.cfg.model.preset, **values)
+
+    def build_model(self, model_cfg: CTMConfig) -> torch.nn.Module:
+        """The module the trainer wraps in its DeepSpeed engine (same weights on every rank: the
+        trainer seeds before calling it)."""
+        return CTM(model_cfg)
+
+    def forward(self, model, x):
+        """(predictions [B, out, T], certainties [B, 2, T]) of the model (or its engine) on ``x``."""
+        predictions, certainties, _ = model(x)
+        return predictions, certainties
 
     def train_loader(self, batch_size: int, seed: int):
         """A resumable loader (``state_dict``/``load_state_dict``) of this rank's batches."""

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ctm_dist.model import CTM, EXECUTION_FIELDS, execution
+from ctm_dist.model import EXECUTION_FIELDS, execution
 from ctm_dist.storage import Location
 from ctm_dist.tasks import MetricSums, make_task
 from ctm_dist.train import rng
@@ -80,7 +80,7 @@ class Trainer:
         seed_everything(cfg.run.seed)  # same initial weights on every rank
         self.task = make_task(cfg, rank, world_size)
         self.model_cfg = self.task.model_config()
-        self.engine = build_engine(CTM(self.model_cfg).to(device), cfg)
+        self.engine = build_engine(self.task.build_model(self.model_cfg).to(device), cfg)
         self.compiled = compile_engine(self.engine, self.model_cfg, device)
         self.dtype = model_dtype(cfg)
         self.run_location = Location.parse(
@@ -155,7 +155,7 @@ class Trainer:
             batch = next(batches)
             self.timer.add("data_wait", time.perf_counter() - t0)
             x, target, valid = self.task.to_device(batch, self.device, self.dtype)
-            predictions, certainties, _ = self.engine(x)
+            predictions, certainties = self.task.forward(self.engine, x)
             loss, tick = self.task.loss(predictions.float(), certainties.float(), target, valid)
             self.engine.backward(loss)
             self.engine.step()
@@ -178,7 +178,7 @@ class Trainer:
             if max_batches is not None and i >= max_batches:
                 break
             x, target, valid = self.task.to_device(batch, self.device, self.dtype)
-            predictions, certainties, _ = self.engine(x)
+            predictions, certainties = self.task.forward(self.engine, x)
             loss, tick = self.task.loss(predictions.float(), certainties.float(), target, valid)
             sums.add("samples", valid.sum())
             sums.add("loss_sum", loss * valid.sum())
