@@ -1,6 +1,14 @@
 """The Continuous Thought Machine model (config, presets, module and its parts) and the LSTM baseline."""
 
-from .config import EXECUTION_FIELDS, OUR_FIELDS, PRESET_NAMES, CTMConfig, preset
+from .config import (
+    EXECUTION_FIELDS,
+    MAZE_ROUTE_LENGTH,
+    OUR_FIELDS,
+    PARITY_SEQUENCE_LENGTH,
+    PRESET_NAMES,
+    CTMConfig,
+    preset,
+)
 from .ctm import (
     CTM,
     Readout,
@@ -33,6 +41,8 @@ __all__ = [
     "kind_of",
     "model_config",
     "EXECUTION_FIELDS",
+    "MAZE_ROUTE_LENGTH",
+    "PARITY_SEQUENCE_LENGTH",
     "OUR_FIELDS",
     "PRESET_NAMES",
     "Readout",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ctm_dist.train.cli import config_from_args, make_parser
-from ctm_dist.train.tasks import make_task
+from ctm_dist.tasks import make_task
 
 
 def _cfg(task, *argv):
