@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ctm_dist.compat import export_reference_checkpoint
-from ctm_dist.model import CTM, CTMConfig
+from ctm_dist.model import CTM, CTMConfig, LSTMBaseline, build_model, config_from_fields
 from ctm_dist.storage import Location
 from ctm_dist.storage.checkpoints import check_loadable
 
@@ -82,8 +82,8 @@ def load_weights(model: CTM, state: dict[str, torch.Tensor]) -> CTM:
     return model
 
 
-def _unwrap(model: torch.nn.Module) -> CTM:
-    while not isinstance(model, CTM):
+def _unwrap(model: torch.nn.Module) -> CTM | LSTMBaseline:
+    while not isinstance(model, (CTM, LSTMBaseline)):
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
         if not isinstance(inner, torch.nn.Module):
             raise TypeError(f"expected a ctm_dist CTM, got {type(model).__name__}")
@@ -164,7 +164,7 @@ def run_state(
 
     step, commit, state = runs.with_loadable_step(run, step, merged)
     fields = runs.model_config_from_commit(commit)
-    cfg = CTMConfig.from_dict(fields) if fields else None
+    cfg = config_from_fields(fields) if fields else None
     return state, cfg, step, commit
 
 
@@ -185,7 +185,7 @@ def export_run(
     cfg = cfg or recorded
     if cfg is None:
         raise ValueError(f"{run.url}: its COMMIT marker records no model config; pass cfg")
-    model = load_weights(CTM(cfg), state).eval()
+    model = load_weights(build_model(cfg), state).eval()
     task = commit.get("task") or (commit.get("config") or {}).get("data", {}).get("task")
     if reference_dataset:
         export_reference_checkpoint(model, out, reference_dataset)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 
 from ctm_dist import hub
 from ctm_dist.compat import load_reference_checkpoint
-from ctm_dist.model import CTM, CTMConfig
+from ctm_dist.model import CTM, CTMConfig, build_model, config_from_fields
 from ctm_dist.storage import Location
 
 from . import export, runs
@@ -66,8 +66,8 @@ def _load_safetensors(location: Location, name: str, overrides: dict) -> Loaded:
             f"{location.name_url(name)}: not a ctm-dist export (no '{export.FORMAT}' metadata)"
         )
     document = json.loads(metadata["config"])
-    cfg = CTMConfig.from_dict({**document["model"], **overrides})
-    model = export.load_weights(CTM(cfg), state).eval()
+    cfg = config_from_fields({**document["model"], **overrides})
+    model = export.load_weights(build_model(cfg), state).eval()
     return Loaded(
         model,
         "export",
@@ -135,7 +135,7 @@ def load_model(
         if cfg is None:
             raise ValueError(f"{location.url}: its COMMIT marker records no model config")
         cfg = cfg.replace(**overrides) if overrides else cfg
-        model = export.load_weights(CTM(cfg), state).eval()
+        model = export.load_weights(build_model(cfg), state).eval()
         task = commit.get("task") or (commit.get("config") or {}).get("data", {}).get("task")
         loaded = _run_loaded(model, task, commit, location, step)
     elif location.path.endswith(".safetensors"):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ctm_dist.data.index import read_index
-from ctm_dist.model import CTMConfig
+from ctm_dist.model import CTMConfig, LSTMConfig, kind_of_fields
 from ctm_dist.storage import Location
 from ctm_dist.storage import checkpoints as fmt
 from ctm_dist.storage.checkpoints import (
@@ -144,11 +144,12 @@ def data_meta(commit: dict) -> dict:
 
 
 def model_config_from_commit(commit: dict) -> dict | None:
-    """The CTMConfig fields of a COMMIT marker: ``config.model`` as the trainer records it (every
+    """The CTMConfig (or LSTMConfig) fields of a COMMIT marker: ``config.model`` as the trainer records it (every
     shape-giving CTMConfig field), or None when the marker records no model config."""
 
     model = (commit.get("config") or {}).get("model")
     if not isinstance(model, dict) or "d_model" not in model:
         return None
-    known = set(CTMConfig.__dataclass_fields__)
+    config_type = LSTMConfig if kind_of_fields(model) == "lstm" else CTMConfig
+    known = set(config_type.__dataclass_fields__)
     return {k: v for k, v in model.items() if k in known}

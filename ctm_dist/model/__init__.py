@@ -24,7 +24,9 @@ from .kinds import (
     ModelConfig,
     build_model,
     config_from_dict,
+    config_from_fields,
     kind_of,
+    kind_of_fields,
     model_config,
 )
 from .lstm import LSTMBaseline, LSTMConfig
@@ -38,6 +40,8 @@ __all__ = [
     "ModelConfig",
     "build_model",
     "config_from_dict",
+    "config_from_fields",
+    "kind_of_fields",
     "kind_of",
     "model_config",
     "EXECUTION_FIELDS",

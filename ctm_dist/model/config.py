@@ -348,7 +348,7 @@ def _parity_small(sequence_length: int = 16) -> dict[str, Any]:
     )
 
 
-def _mazes_small(route_length: int = 10) -> dict[str, Any]:
+def _mazes_small(route_length: int = 4) -> dict[str, Any]:
     # small mazes (19x19 pixels) and the first moves of their routes, in minutes on two CPU cores
     return dict(
         _mazes(route_length),

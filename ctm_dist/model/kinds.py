@@ -42,5 +42,15 @@ def config_from_dict(kind: str, values: dict[str, Any]) -> ModelConfig:
     return CONFIG_TYPES[kind].from_dict(values)
 
 
+def kind_of_fields(values: dict[str, Any]) -> str:
+    """The kind whose config a saved field dict is: the LSTM's has layers and no synchronisation."""
+    return "lstm" if "num_layers" in values and "n_synch_out" not in values else "ctm"
+
+
+def config_from_fields(values: dict[str, Any]) -> ModelConfig:
+    """A saved config dict (an export's, a run's) back into the config of its kind."""
+    return config_from_dict(kind_of_fields(values), values)
+
+
 def build_model(cfg: ModelConfig) -> nn.Module:
     return lstm.LSTMBaseline(cfg) if isinstance(cfg, lstm.LSTMConfig) else CTM(cfg)

@@ -1,4 +1,5 @@
-"""The training loop with ``model.kind=lstm`` and with ``model.init_from`` (fine-tuning).
+"""The training loop with ``model.kind=lstm`` (and its run and export loading back) and with
+``model.init_from`` (fine-tuning).
 
 One rank in this process: the real Trainer (DeepSpeed engine, parity loaders, loss, checkpoints
 on a local directory) for a few steps of tiny models.
@@ -12,6 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import ctm_dist
+from ctm_dist.eval.export import export_run
+from ctm_dist.eval.loading import load_model
 from ctm_dist.model import LSTMBaseline
 from ctm_dist.train.config import build_config
 from ctm_dist.train.init_from import InitError
@@ -63,6 +67,16 @@ def test_lstm_baseline_trains_in_the_same_loop_on_its_last_tick(tmp_path):
         summary["train/most_certain_tick_mean"] == 4
     )  # the reference trains its LSTM on the last tick
     assert not torch.equal(trainer.engine.module.lstm.weight_hh_l0, before)
+    # the run and its export load back as the LSTM baseline
+    run = tmp_path / "store" / "kinds"
+    from_run = load_model(str(run)).model
+    assert isinstance(from_run, LSTMBaseline) and from_run.cfg == trainer.model_cfg
+    export_run(str(run), str(tmp_path / "export"))
+    exported = ctm_dist.load(str(tmp_path / "export"))
+    assert isinstance(exported, LSTMBaseline)
+    x = torch.randint(0, 2, (2, 8)).float() * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x)[0], from_run(x)[0])
 
 
 def test_init_from_a_hub_layout_starts_from_its_weights_and_architecture(tmp_path):
