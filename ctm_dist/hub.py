@@ -31,6 +31,7 @@ from ctm_dist.model import (
     LSTMConfig,
     ModelConfig,
     build_model,
+    kind_of_fields,
 )
 
 CONFIG_FILE = "config.json"
@@ -62,8 +63,7 @@ def config_from_hub(
 ) -> ModelConfig:
     """The config of a model saved by the mixin: its constructor arguments, and the input channels
     (which the reference infers lazily) read off its weights."""
-    lstm = "num_layers" in arguments and "n_synch_out" not in arguments
-    config_type = LSTMConfig if lstm else CTMConfig
+    config_type = LSTMConfig if kind_of_fields(dict(arguments)) == "lstm" else CTMConfig
     known = set(config_type.__dataclass_fields__) - set(OUR_FIELDS) - {"in_channels"}
     unknown = sorted(set(arguments) - known)
     if unknown:
