@@ -71,8 +71,9 @@ def test_arguments_the_model_does_not_take_are_one_line(tmp_path):
 
 def test_a_hub_repository_id_is_fetched_through_huggingface_hub(monkeypatch):
     """Offline (as here) the fetch fails in one line that names the Hub."""
-    pytest.importorskip("huggingface_hub")
+    constants = pytest.importorskip("huggingface_hub.constants")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read once, when the library loads
     for source in ("hf://sakana-ai/ctm-parity", "sakana-ai/ctm-parity"):
         with pytest.raises(
             CheckpointError, match="fetching it from the Hugging Face Hub failed"
