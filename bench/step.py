@@ -218,6 +218,8 @@ def table_row(values: dict) -> str:
                 if name == "speed-up"
                 else f"{v:.1f}"
                 if name in ("MFU %", "GFLOP")
+                else f"{v:.3g}"
+                if name == "samples/s" and v < 100  # below 1 on a slow CPU step
                 else f"{v:.0f}"
             )
         return str(v)

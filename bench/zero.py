@@ -57,7 +57,7 @@ COLUMNS = [
 ]
 
 
-def _count_fetches(engine) -> list[int]:
+def count_module_fetches(engine) -> list[int]:
     """Count ZeRO-3's per-module fetches (each runs the coordinator, whether or not it all-gathers)."""
     count = [0]
     if engine.zero_optimization_stage() == 3:
@@ -72,7 +72,8 @@ def _count_fetches(engine) -> list[int]:
     return count
 
 
-def _count_gathers(module: torch.nn.Module) -> list[int]:
+def count_parameter_gathers(module: torch.nn.Module) -> list[int]:
+    """Wrap every ZeRO-3 parameter's gather so that each parameter fetched counts once."""
     count = [0]
     for parameter in module.parameters():
         if not hasattr(parameter, "all_gather_coalesced"):
@@ -117,8 +118,8 @@ class Variant:
             self.engine = engine_module.build_engine(model, cfg)
         finally:
             engine_module.gather_once_per_pass = gather_once
-        self.gathers = _count_gathers(self.engine.module)
-        self.fetches = _count_fetches(self.engine)
+        self.gathers = count_parameter_gathers(self.engine.module)
+        self.fetches = count_module_fetches(self.engine)
         x, targets = make_batch(self.model_cfg, args.preset, args.batch, args.image_size)
         self.x, self.targets = x.to(device, engine_module.model_dtype(cfg)), targets.to(device)
         self.device, self.stage = device, stage

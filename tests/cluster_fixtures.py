@@ -11,6 +11,32 @@ from ctm_dist.storage.local import free_ports  # noqa: F401  (re-exported for th
 
 REPO = Path(__file__).resolve().parent.parent
 
+# A CTM whose training step takes milliseconds on a CPU: the trainer's dotted config overrides.
+TINY_MODEL = [
+    "model.iterations=3",
+    "model.d_model=32",
+    "model.d_input=16",
+    "model.heads=2",
+    "model.n_synch_out=16",
+    "model.n_synch_action=16",
+    "model.memory_length=2",
+    "model.memory_hidden_dims=2",
+]
+# A launcher's (launch/*.py) arguments for that CTM: one worker, fp32, small batches, quiet.
+TINY_LAUNCH = [
+    "--workers",
+    "1",
+    "--batch-size",
+    "8",
+    "--precision",
+    "fp32",
+    "--quiet",
+    "run.log_every=1",
+    "eval.batches=1",
+    "data.eval_batch_size=8",
+    *TINY_MODEL,
+]
+
 
 class ShortTempDir:
     """A temp dir directly under /tmp: Ray's socket paths must stay under 107 characters."""
@@ -30,6 +56,21 @@ def ray_client_env() -> dict[str, str]:
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # single node on 127.0.0.1
     env.pop("RAY_ADDRESS", None)
     return env
+
+
+def files_holding(root, secret: bytes) -> list[str]:
+    """The files under ``root`` whose bytes contain ``secret``."""
+    found = []
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            try:
+                with open(path, "rb") as f:
+                    if secret in f.read():
+                        found.append(path)
+            except OSError:  # sockets, files removed meanwhile
+                pass
+    return found
 
 
 def load_script(relpath: str):
@@ -100,10 +141,9 @@ class LocalRayHead:
             except OSError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                log = (self.temp.path / "ray-start.log").read_text()  # before __exit__ removes it
                 self.__exit__()
-                raise RuntimeError(
-                    "the Ray head did not start:\n" + (self.temp.path / "ray-start.log").read_text()
-                )
+                raise RuntimeError("the Ray head did not start:\n" + log)
             time.sleep(0.5)
 
     def __exit__(self, *exc) -> None:

@@ -4,7 +4,7 @@ Exit codes: 0 done, 2 bad input (one ``error:`` line on stderr: a missing or unr
 an unsafe pickle, a file that is no image, an out-of-range value). A run in the trainer's embedded
 object store (``s3://ctm-dist/...``, no ``AWS_ENDPOINT_URL`` set, ``./.ctm-dist`` present, or
 ``--local-dir DIR``) is read by starting that store for the command's duration, so the commands
-the trainer prints at the end (``ctm_dist.train.driver.next_commands``) work as printed.
+the trainer prints at the end (``ctm_dist.eval.commands.next_commands``) work as printed.
 
 ``report`` and ``pictures`` (matplotlib, TensorBoard) are imported inside the commands that draw,
 so that ``--help`` stays fast.

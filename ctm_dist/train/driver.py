@@ -21,21 +21,19 @@ import contextlib
 import datetime
 import logging
 import os
-import shlex
 import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
 import ray
 import torch
 
 from ctm_dist.data.demo_writer import write_demo_shards
+from ctm_dist.eval.commands import next_commands
 from ctm_dist.storage import Location
 from ctm_dist.storage.local import (
     EMBEDDED_BUCKET,
-    EMBEDDED_LOCAL_DIR,
     DirectoryLocked,
     LocalObjectStore,
     environ,
@@ -523,26 +521,6 @@ def _relay_signals(progress, signals: str):
     return handle_signals(
         tuple(dict.fromkeys(parse_signals(signals) + (signal.SIGINT,))), on_signal
     )
-
-
-def next_commands(
-    run_url: str, task: str | None = None, local_dir: str | os.PathLike | None = None
-) -> list[str]:
-    """The commands to run after training ``run_url``: evaluate, visualize (image tasks) and export.
-
-    ``local_dir`` is the trainer's ``run.local_dir`` when the run lives in its embedded store; the
-    commands then name it unless it is ``./.ctm-dist``. They are meant to be run from the directory
-    training ran in (the checkout)."""
-    name = run_url.rstrip("/").rsplit("/", 1)[-1]
-    extra = ""
-    if local_dir is not None and Path(local_dir).resolve() != Path(EMBEDDED_LOCAL_DIR).resolve():
-        extra = f" --local-dir {shlex.quote(os.fspath(local_dir))}"
-    run = shlex.quote(run_url)
-    commands = [f"python launch/evaluate.py {run} --out eval-{name}{extra}"]
-    if task is None or not get_task(task).generated_data:  # pictures need images or shards
-        commands.append(f"python launch/visualize.py {run} --out pictures-{name}{extra}")
-    commands.append(f"python launch/export.py {run} export-{name}{extra}")
-    return commands
 
 
 def summary_lines(summary: dict) -> list[str]:

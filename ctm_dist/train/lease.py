@@ -125,7 +125,7 @@ class RunLease:
         current = first
         while True:
             watch = max(self.ttl, _ttl_of(current))  # the holder renews every ttl/3 of its own ttl
-            if self._free(current) or time.monotonic() - started >= watch:
+            if self.is_free(current) or time.monotonic() - started >= watch:
                 if current is not None and current.get("owner") != self.owner:
                     log.warning(
                         "taking over the lease of %s from %s (no heartbeat for %.0f s)",
@@ -153,7 +153,9 @@ class RunLease:
         )
         self._thread.start()
 
-    def _free(self, doc: dict | None) -> bool:
+    def is_free(self, doc: dict | None) -> bool:
+        """Whether this lease may take over ``doc`` (a lease as ``read`` returns it) at once: nobody
+        holds it, this job does, or its holder's heartbeat is older than the holder's ttl."""
         if doc is None or doc.get("owner") == self.owner:
             return True  # nobody, or an earlier process of this same job (a restarted worker group)
         try:
@@ -230,7 +232,7 @@ def live_writer(location: Location, ttl: float = DEFAULT_TTL) -> dict | None:
     by the next holder, so it is no reason to refuse. Lets a launcher refuse before any worker starts."""
     probe = RunLease(location, owner="launcher-probe", ttl=ttl)
     first = probe.read()
-    if first is None or probe._free(first):
+    if first is None or probe.is_free(first):
         return None
     deadline = time.monotonic() + (_ttl_of(first) or ttl) / 3 * 1.5
     while time.monotonic() < deadline:

@@ -17,10 +17,10 @@ import torch
 from eval_fixtures import DEMO_DATA, DEMO_RUN, tiny_ctm
 
 from ctm_dist.eval.cli import evaluate_main, export_main, predict_main
+from ctm_dist.eval.commands import next_commands
 from ctm_dist.eval.export import save_consolidated
 from ctm_dist.storage.checkpoints import sha256_file
 from ctm_dist.storage.local import embedded_store
-from ctm_dist.train.driver import next_commands
 
 REPO = Path(__file__).resolve().parents[2]
 AWS_VARS = (

@@ -11,10 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from cluster_fixtures import REPO, TINY_LAUNCH, files_holding
 
-from ctm_dist.train.cli import config_from_args, make_parser
-
-REPO = Path(__file__).resolve().parents[2]
+from ctm_dist.train.cli import config_from_args, main, make_parser, run
 
 
 def _cfg(task, *argv):
@@ -74,40 +73,38 @@ def test_imagenet_launcher_without_data_is_the_demo():
 
 
 @pytest.mark.parametrize(
-    "launcher, args, fragment",
+    "task, args, fragment",
     [
-        ("imagenet.py", ["--zero-stage", "4"], "zero_stage must be 0, 1, 2 or 3"),
-        ("imagenet.py", ["--batch-size", "63"], "not divisible by scale.workers"),
-        ("imagenet.py", ["optim.nope=1"], "unknown config field 'optim.nope'"),
-        ("mazes.py", [], "data.url is required for task 'mazes'"),
-        ("cifar10.py", ["--workers", "two"], "scale.workers: expected an integer"),
-        ("parity.py", ["--bogus"], "unrecognized arguments: --bogus"),
+        ("imagenet", ["--zero-stage", "4"], "zero_stage must be 0, 1, 2 or 3"),
+        ("imagenet", ["--batch-size", "63"], "not divisible by scale.workers"),
+        ("imagenet", ["optim.nope=1"], "unknown config field 'optim.nope'"),
+        ("mazes", [], "data.url is required for task 'mazes'"),
+        ("cifar10", ["--workers", "two"], "scale.workers: expected an integer"),
+        ("parity", ["--bogus"], "unrecognized arguments: --bogus"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2_before_anything_starts(
-    launcher, args, fragment, tmp_path
+    task, args, fragment, tmp_path, monkeypatch, capsys
 ):
-    env = dict(
-        os.environ, RAY_ADDRESS="127.0.0.1:1"
+    """The launchers' shared main, in this process (the script around it: the next test)."""
+    monkeypatch.setenv(
+        "RAY_ADDRESS", "127.0.0.1:1"
     )  # would hang/fail if anything tried to reach Ray
-    started = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "launch" / launcher), *args, f"run.local_dir={tmp_path}"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], proc.stderr
-    assert proc.stdout == ""
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(task, [*args, f"run.local_dir={tmp_path}"])
+    except SystemExit as e:  # the parser's own errors
+        code = e.code
+    out, err = capsys.readouterr()
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], err
+    assert out == ""
     assert not any(tmp_path.iterdir()), "something was created before the config was validated"
-    assert time.monotonic() - started < 60
 
 
 def test_bad_yaml_file_is_one_line(tmp_path):
+    """Through the script, as users run it: exit status 2, one line on stderr, nothing else."""
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim: {lr: [1, 2\n")
     proc = subprocess.run(
@@ -116,12 +113,14 @@ def test_bad_yaml_file_is_one_line(tmp_path):
         text=True,
         timeout=120,
         cwd=tmp_path,
+        env=dict(os.environ, RAY_ADDRESS="127.0.0.1:1"),
     )
     assert proc.returncode == 2
     assert (
         proc.stderr.strip().startswith("error: bad YAML in")
         and len(proc.stderr.strip().splitlines()) == 1
     )
+    assert proc.stdout == "" and sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
 
 
 @pytest.mark.parametrize("problem", ["missing shard index", "wrong credentials"])
@@ -339,30 +338,29 @@ def test_gpu_user_without_gpus_per_worker_is_told_the_run_is_on_cpu(monkeypatch)
     ]
 
 
-def test_help_shows_defaults_and_where_fields_are_documented_and_print_config_round_trips(tmp_path):
+def test_help_shows_defaults_and_where_fields_are_documented_and_print_config_round_trips(
+    tmp_path, monkeypatch, capsys
+):
     import yaml
 
     from ctm_dist.train.config import build_config
 
-    proc = _launch("parity.py", "--help", cwd=tmp_path)
-    assert proc.returncode == 0
-    text = " ".join(proc.stdout.split())
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as done:
+        main("parity", ["--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
     assert "[run.max_steps; default: 200000]" in text and "[scale.workers; default: 2]" in text
     assert "ctm_dist/train/config.py" in text and "configs/" in text
-    proc = _launch(
-        "parity.py",
-        "--print-config",
-        "--workers",
-        "4",
-        "optim.lr=0.01",
-        f"run.local_dir={tmp_path}",
-        env=_local_env(RAY_ADDRESS="127.0.0.1:1"),
-        cwd=tmp_path,
+    code = main(
+        "parity", ["--print-config", "--workers", "4", "optim.lr=0.01", f"run.local_dir={tmp_path}"]
     )
-    assert proc.returncode == 0 and proc.stderr == ""
+    out, err = capsys.readouterr()
+    assert code == 0 and err == ""
     printed = tmp_path / "printed.yaml"
-    printed.write_text(proc.stdout)
-    assert yaml.safe_load(proc.stdout)["scale"]["workers"] == 4
+    printed.write_text(out)
+    assert yaml.safe_load(out)["scale"]["workers"] == 4
     assert (
         build_config(str(printed)).to_dict()
         == _cfg("parity", "--workers", "4", "optim.lr=0.01", f"run.local_dir={tmp_path}").to_dict()
@@ -370,7 +368,7 @@ def test_help_shows_defaults_and_where_fields_are_documented_and_print_config_ro
     assert [p.name for p in tmp_path.iterdir()] == ["printed.yaml"]  # nothing started
 
 
-def test_launchers_have_no_sys_path_hack_and_console_commands():
+def test_launchers_have_no_sys_path_hack_and_console_commands(monkeypatch, capsys):
     import tomllib
 
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
@@ -381,18 +379,10 @@ def test_launchers_have_no_sys_path_hack_and_console_commands():
     for tool in ("evaluate", "visualize", "predict", "export"):
         assert scripts[f"ctm-{tool}"] == f"ctm_dist.eval.cli:{tool}_main"
     assert scripts["ctm-train"] == "ctm_dist.train.cli:run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from ctm_dist.train.cli import run; "
-            "sys.argv = ['ctm-train', 'mazes', '--workers', 'x']; run()",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 2 and "scale.workers: expected an integer" in proc.stderr
+    monkeypatch.setattr(sys, "argv", ["ctm-train", "mazes", "--workers", "x"])
+    with pytest.raises(SystemExit) as done:
+        run()
+    assert done.value.code == 2 and "scale.workers: expected an integer" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("task", ["imagenet", "cifar10", "mazes", "parity"])
@@ -407,28 +397,7 @@ def test_full_scale_example_configs_load_and_validate(task):
     assert via_launcher.to_dict() == cfg.to_dict()
 
 
-TINY = [
-    "--workers",
-    "1",
-    "--batch-size",
-    "8",
-    "--precision",
-    "fp32",
-    "--quiet",
-    "run.log_every=1",
-    "eval.every=2",
-    "eval.batches=1",
-    "data.eval_batch_size=8",
-    "model.iterations=3",
-    "model.d_model=32",
-    "model.d_input=16",
-    "model.heads=2",
-    "model.n_synch_out=16",
-    "model.n_synch_action=16",
-    "model.memory_length=2",
-    "model.memory_hidden_dims=2",
-    "model.tick_checkpointing=0",
-]
+TINY = [*TINY_LAUNCH, "eval.every=2", "model.tick_checkpointing=0"]
 
 
 def _processes_with(marker: bytes) -> dict[int, tuple[bytes, bytes]]:
@@ -443,18 +412,6 @@ def _processes_with(marker: bytes) -> dict[int, tuple[bytes, bytes]]:
             except OSError:
                 pass
     return found
-
-
-def _files_holding(root: str, secret: bytes) -> list[str]:
-    hits = []
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            try:
-                if secret in Path(dirpath, name).read_bytes():
-                    hits.append(os.path.join(dirpath, name))
-            except OSError:
-                pass
-    return hits
 
 
 def test_launcher_embedded_default_ctrl_c_then_relaunch_of_the_finished_run(tmp_path):
@@ -544,7 +501,7 @@ def test_launcher_embedded_default_ctrl_c_then_relaunch_of_the_finished_run(tmp_
         assert secret not in environ and secret not in cmdline, (
             f"the store's secret is in pid {pid}: {cmdline[:200]}"
         )
-    assert not _files_holding(ray_tmp, secret), "the store's secret is in Ray's session files"
+    assert not files_holding(ray_tmp, secret), "the store's secret is in Ray's session files"
     assert secret.decode() not in stderr + stdout
     assert oct((local / "object-store" / "aws-credentials").stat().st_mode & 0o777) == "0o600"
 

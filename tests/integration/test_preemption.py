@@ -8,6 +8,7 @@ import signal
 import time
 
 import pytest
+from cluster_fixtures import TINY_MODEL
 
 from ctm_dist.train.preemption import EXIT_PREEMPTED, Preempted, PreemptionHandler, exit_code_for
 
@@ -24,14 +25,7 @@ TINY_PARITY = [
     "checkpoint.every=1000",
     "eval.every=0",
     "eval.batches=1",
-    "model.iterations=3",
-    "model.d_model=32",
-    "model.d_input=16",
-    "model.heads=2",
-    "model.n_synch_out=16",
-    "model.n_synch_action=16",
-    "model.memory_length=2",
-    "model.memory_hidden_dims=2",
+    *TINY_MODEL,
 ]
 
 

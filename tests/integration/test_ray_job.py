@@ -16,38 +16,15 @@ import time
 import uuid
 import zipfile
 
-from cluster_fixtures import REPO, LocalRayHead, load_script
+from cluster_fixtures import REPO, TINY_LAUNCH, LocalRayHead, files_holding, load_script
 
 from ctm_dist.storage import Location
+from ctm_dist.storage.checkpoints import committed_steps
 
 job_runtime_env = load_script("clusters/ray/runtime_env.py")
 
 UPLOAD_CAP = 100 * 2**20  # ray job submit's working_dir limit
-TINY_PARITY = [
-    "--workers",
-    "1",
-    "--max-steps",
-    "4",
-    "--checkpoint-every",
-    "2",
-    "--batch-size",
-    "8",
-    "--precision",
-    "fp32",
-    "--quiet",
-    "run.log_every=1",
-    "eval.every=0",
-    "eval.batches=1",
-    "data.eval_batch_size=8",
-    "model.iterations=3",
-    "model.d_model=32",
-    "model.d_input=16",
-    "model.heads=2",
-    "model.n_synch_out=16",
-    "model.n_synch_action=16",
-    "model.memory_length=2",
-    "model.memory_hidden_dims=2",
-]
+TINY_PARITY = [*TINY_LAUNCH, "--max-steps", "4", "--checkpoint-every", "2", "eval.every=0"]
 
 
 def test_working_dir_package_is_small_and_leaves_out_history(tmp_path):
@@ -124,28 +101,6 @@ def _process_texts() -> dict[str, bytes]:
     return texts
 
 
-def _files_holding(root, secret: bytes) -> list[str]:
-    found = []
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            path = os.path.join(dirpath, name)
-            try:
-                with open(path, "rb") as f:
-                    if secret in f.read():
-                        found.append(path)
-            except OSError:  # sockets, files removed meanwhile
-                pass
-    return found
-
-
-def _committed_steps(run: Location) -> list[int]:
-    ckpts = run.child("checkpoints")
-    names = [n.rstrip("/").rsplit("/", 1)[-1] for n in ckpts.list()] if ckpts.exists() else []
-    return sorted(
-        int(n.split("-")[1]) for n in names if n.startswith("step-") and ckpts.exists(f"{n}/COMMIT")
-    )
-
-
 def test_ray_job_submit_trains_into_object_storage(object_store, s3_bucket, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -212,7 +167,7 @@ def test_ray_job_submit_trains_into_object_storage(object_store, s3_bucket, tmp_
         assert status == JobStatus.SUCCEEDED, logs[-5000:]
         info = client.get_job_info(submission_id)
         jobs = client.list_jobs()
-        leaks += _files_holding(
+        leaks += files_holding(
             head.temp.path, secret
         )  # every node's logs, runtime_env, spilled objects
         leaks += [where for where, text in _process_texts().items() if secret in text]
@@ -228,7 +183,7 @@ def test_ray_job_submit_trains_into_object_storage(object_store, s3_bucket, tmp_
         key=object_store.access_key,
         secret=object_store.secret_key,
     )
-    assert _committed_steps(run)[-1] == 4
+    assert committed_steps(run.child("checkpoints"))[-1] == 4
     events = [n for n in run.child("tensorboard").list() if "tfevents" in n]
     assert events, "no TensorBoard events in the run's storage"
     assert info.runtime_env["env_vars"]["AWS_SHARED_CREDENTIALS_FILE"] == str(creds)

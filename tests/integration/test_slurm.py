@@ -16,38 +16,17 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cluster_fixtures import REPO, ShortTempDir, free_ports
+from cluster_fixtures import REPO, TINY_LAUNCH, ShortTempDir, free_ports
 
 from ctm_dist.storage import Location
+from ctm_dist.storage.checkpoints import committed_steps
 
 pytestmark = pytest.mark.slurm
 
 LOCAL_CLUSTER = REPO / "clusters" / "slurm" / "local-cluster.sh"
 SBATCH_SCRIPT = REPO / "clusters" / "slurm" / "ray-job.sbatch"
 PARITY = REPO / "launch" / "parity.py"
-TINY_PARITY = [
-    "--workers",
-    "1",
-    "--checkpoint-every",
-    "2",
-    "--batch-size",
-    "8",
-    "--precision",
-    "fp32",
-    "--quiet",
-    "run.log_every=1",
-    "eval.every=0",
-    "eval.batches=1",
-    "data.eval_batch_size=8",
-    "model.iterations=3",
-    "model.d_model=32",
-    "model.d_input=16",
-    "model.heads=2",
-    "model.n_synch_out=16",
-    "model.n_synch_action=16",
-    "model.memory_length=2",
-    "model.memory_hidden_dims=2",
-]
+TINY_PARITY = [*TINY_LAUNCH, "--checkpoint-every", "2", "eval.every=0"]
 PREEMPT_STEPS = 30
 
 
@@ -165,14 +144,6 @@ def finished(info: dict[str, str]) -> bool:
     )
 
 
-def committed_steps(run: Location) -> list[int]:
-    ckpts = run.child("checkpoints")
-    names = [n.rstrip("/").rsplit("/", 1)[-1] for n in ckpts.list()] if ckpts.exists() else []
-    return sorted(
-        int(n.split("-")[1]) for n in names if n.startswith("step-") and ckpts.exists(f"{n}/COMMIT")
-    )
-
-
 @pytest.fixture
 def storage(slurm, object_store, s3_bucket):
     """An s3:// run store; the jobs get its keys from the submitting environment, as users do."""
@@ -204,7 +175,7 @@ def test_job_trains_to_completion(slurm, storage):
     # Without --name the run is named after the job, so a requeue would find it again.
     name = f"ctm-slurm-{job_id}"
     assert f"run {name}: 4 steps" in text
-    assert committed_steps(run_location(name))[-1] == 4
+    assert committed_steps(run_location(name).child("checkpoints"))[-1] == 4
     assert "stopping Ray" in text
 
 
@@ -223,14 +194,14 @@ def test_preempted_job_requeues_and_resumes(slurm, storage):
         f"run.local_dir={slurm.workdir / 'local'}",
     )
     deadline = time.monotonic() + 180
-    while not committed_steps(run):  # training is under way
+    while not committed_steps(run.child("checkpoints")):  # training is under way
         assert time.monotonic() < deadline and not finished(slurm.job(job_id)), slurm.logs(log)
         time.sleep(0.3)
 
     slurm.run("scancel", "--batch", "--signal=USR1", job_id)
     info = slurm.wait(job_id, lambda i: i["JobState"] == "PENDING" or finished(i), 120, log)
     assert info["JobState"] == "PENDING" and info["Restarts"] == "1", slurm.logs(log)
-    checkpointed = committed_steps(run)[-1]
+    checkpointed = committed_steps(run.child("checkpoints"))[-1]
     assert checkpointed < PREEMPT_STEPS, "the run finished before the signal: raise PREEMPT_STEPS"
     # A requeued job waits ~2 min (BeginTime); start it now, once slurmd has finished the
     # old batch step. slurmd revoked the job's credentials at the kill, with one-second
@@ -252,7 +223,7 @@ def test_preempted_job_requeues_and_resumes(slurm, storage):
     assert "launcher exited with status 75" in first and "requeueing job" in first
     assert f"resuming from checkpoint at step {checkpointed}" in second
     assert f"run preempted: {PREEMPT_STEPS} steps" in second
-    assert committed_steps(run)[-1] == PREEMPT_STEPS
+    assert committed_steps(run.child("checkpoints"))[-1] == PREEMPT_STEPS
 
 
 # Runs as the job's "launcher": joins the job's Ray cluster as its clients do, then waits for the test.

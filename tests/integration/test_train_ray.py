@@ -20,23 +20,14 @@ import time
 
 import pytest
 import ray
+from cluster_fixtures import TINY_MODEL
 
 from ctm_dist.storage import Location
+from ctm_dist.storage.checkpoints import committed_steps
+from ctm_dist.storage.local import environ
 from ctm_dist.train.config import build_config
 from ctm_dist.train.driver import ensure_demo_shards, train
 from ctm_dist.train.loop import run_paths
-
-TINY_MODEL = [
-    "model.iterations=3",
-    "model.d_model=32",
-    "model.d_input=16",
-    "model.heads=2",
-    "model.n_synch_out=16",
-    "model.n_synch_action=16",
-    "model.memory_length=2",
-    "model.memory_hidden_dims=2",
-    "model.tick_checkpointing=2",
-]
 
 
 @pytest.fixture(scope="module")
@@ -68,26 +59,9 @@ def ray_session(object_store):
 def demo_data(object_store):
     object_store.create_bucket("train-demo-data")
     url = "s3://train-demo-data/demo"
-    with _env(object_store.env()):
+    with environ(object_store.env()):
         ensure_demo_shards(url)
     return url
-
-
-class _env:
-    def __init__(self, values):
-        self.values, self.saved = values, {}
-
-    def __enter__(self):
-        for k, v in self.values.items():
-            self.saved[k] = os.environ.get(k)
-            os.environ[k] = v
-
-    def __exit__(self, *exc):
-        for k, v in self.saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _config(tmp_path, storage, data, name, steps, *extra):
@@ -117,6 +91,7 @@ def _config(tmp_path, storage, data, name, steps, *extra):
             "eval.batches=1",
             "scale.workers=2",
             *TINY_MODEL,
+            "model.tick_checkpointing=2",
             *extra,
         ],
     )
@@ -130,24 +105,15 @@ def _losses(tb_dir) -> dict[int, float]:
     return {e.step: e.value for e in acc.Scalars("train/loss")}, acc
 
 
-def _committed_steps(run: Location) -> list[int]:
-    ckpts = run.child("checkpoints")
-    names = [n.rstrip("/").rsplit("/", 1)[-1] for n in ckpts.list()] if ckpts.exists() else []
-    return sorted(
-        int(n.split("-")[1]) for n in names if n.startswith("step-") and ckpts.exists(f"{n}/COMMIT")
-    )
-
-
 def test_checkpoints_restarts_and_relaunches_keep_one_trajectory(
     ray_session, object_store, s3_bucket, demo_data, tmp_path
 ):
     storage = f"s3://{s3_bucket}/runs"
     # 1. The reference: 12 uninterrupted steps.
-    full = train(_config(tmp_path, storage, demo_data, "full", 12), interactive=False)
+    reference = _config(tmp_path, storage, demo_data, "full", 12)
+    full = train(reference, interactive=False)
     assert full["step"] == 12 and full["resumed_from"] is None
-    full_losses, acc = _losses(
-        run_paths(_config(tmp_path, storage, demo_data, "full", 12))["tensorboard"]
-    )
+    full_losses, acc = _losses(run_paths(reference)["tensorboard"])
     assert sorted(full_losses) == list(range(1, 13))
 
     # 2. The same run with rank 1's process killed once a checkpoint is committed: Ray restarts the
@@ -161,7 +127,9 @@ def test_checkpoints_restarts_and_relaunches_keep_one_trajectory(
         deadline = time.time() + 300
         while time.time() < deadline and not killed:
             try:
-                if _committed_steps(run) and os.path.exists(os.path.join(workers, "rank-1.json")):
+                if committed_steps(run.child("checkpoints")) and os.path.exists(
+                    os.path.join(workers, "rank-1.json")
+                ):
                     pid = json.load(open(os.path.join(workers, "rank-1.json")))["pid"]
                     os.kill(pid, signal.SIGKILL)
                     killed["pid"] = pid
@@ -184,7 +152,7 @@ def test_checkpoints_restarts_and_relaunches_keep_one_trajectory(
     # 3. Relaunch under the same name to 12 steps: resumes from the step-9 commit.
     relaunched = train(_config(tmp_path, storage, demo_data, "split", 12), interactive=False)
     assert relaunched["resumed_from"] == 9 and relaunched["step"] == 12
-    assert _committed_steps(run) == [10, 12]  # keep=2: older ones were pruned
+    assert committed_steps(run.child("checkpoints")) == [10, 12]  # keep=2: older ones were pruned
 
     # Model, optimizer, schedule, data position and RNG all came back: the losses are the reference's.
     split_losses, _ = _losses(cfg_tb := run_paths(cfg)["tensorboard"])
@@ -194,7 +162,7 @@ def test_checkpoints_restarts_and_relaunches_keep_one_trajectory(
     for step in range(1, 13):
         assert split_losses[step] == full_losses[step], (step, split_losses, full_losses)
     assert len(set(full_losses.values())) > 6  # the weights did change from step to step
-    with _env(object_store.env()):
+    with environ(object_store.env()):
         assert Location.parse(f"{storage}/split").child("tensorboard").list(), (
             "TensorBoard events not synced"
         )
@@ -204,7 +172,7 @@ def test_checkpoints_restarts_and_relaunches_keep_one_trajectory(
     done = train(_config(tmp_path, storage, demo_data, "split", 12), interactive=False)
     assert done["already_complete"] and done["step"] == 12
     assert open(os.path.join(workers, "rank-0.json")).read() == rank0
-    with _env(object_store.env()):
+    with environ(object_store.env()):
         saved = Location.parse(f"{storage}/split").read_bytes("config.yaml").decode()
     assert (
         "name: split" in saved and "max_steps: 12" in saved and object_store.secret_key not in saved

@@ -39,22 +39,7 @@ TINY = [
     "--set",
     "memory_hidden_dims=2",
 ]
-COLUMNS = [
-    "case",
-    "model",
-    "dtype",
-    "compile",
-    "recompute",
-    "step s",
-    "samples/s",
-    "GFLOP",
-    "MFU %",
-    "warm-up s",
-    "held MB",
-    "peak MB",
-    "speed-up",
-    "vs",
-]
+COLUMNS = step.COLUMNS  # the table's columns, checked below by name
 
 
 def _table(output: str) -> list[list[str]]:

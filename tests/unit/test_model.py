@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -111,11 +114,15 @@ def test_demo_forward_shapes_and_synch_sizes():
     cfg = preset("demo", iterations=3)
     model = CTM(cfg).eval()
     with torch.no_grad():
+        model.output_projector[0].weight.mul_(300)  # confident, tick-dependent predictions
         predictions, certainties, sync = model(torch.randn(2, 3, 32, 32))
     assert predictions.shape == (2, 10, 3) and certainties.shape == (2, 2, 3)
     assert sync.shape == (2, cfg.n_synch_out)  # random-pairing: one value per pair
-    torch.testing.assert_close(certainties.sum(1), torch.ones(2, 3))
-    assert ((certainties >= 0) & (certainties <= 1)).all()
+    # each tick's certainty is 1 - the normalised entropy of that tick's own prediction
+    probabilities = predictions.softmax(1)
+    entropy = -(probabilities * probabilities.log()).sum(1) / math.log(10)
+    torch.testing.assert_close(certainties[:, 0], entropy)
+    torch.testing.assert_close(certainties[:, 1], 1 - entropy)
 
 
 @pytest.mark.parametrize(
@@ -161,14 +168,25 @@ def test_decays_are_clamped_with_the_gradient_passed_through():
     )
 
 
-def test_tracking_shapes():
+def test_tracking_shapes_and_each_ticks_attention():
     model = CTM(tiny()).eval()
+    x = torch.randn(2, 5, 7)
     with torch.no_grad():
-        predictions, _, _, tracking = model(torch.randn(2, 5, 7), track=True)
+        predictions, _, _, tracking = model(x, track=True)
     assert tracking.attention.shape == (6, 2, 2, 1, 7)
     assert tracking.pre_activations.shape == tracking.post_activations.shape == (6, 2, 32)
     assert tracking.sync_out.shape == (6, 2, 8) and tracking.sync_action.shape == (6, 2, 6)
-    torch.testing.assert_close(tracking.attention.sum(-1), torch.ones(6, 2, 2, 1))
+    # the weights torch's own attention gives the query of that tick's action synchronisation
+    reference = torch.nn.MultiheadAttention(16, 2, batch_first=True).eval()
+    reference.load_state_dict(model.attention.state_dict())
+    with torch.no_grad():
+        tokens = model.compute_features(x)
+        for tick in range(6):
+            query = model.q_proj(tracking.sync_action[tick]).unsqueeze(1)
+            _, weights = reference(
+                query, tokens, tokens, need_weights=True, average_attn_weights=False
+            )
+            torch.testing.assert_close(tracking.attention[tick], weights, msg=f"tick {tick}")
 
 
 # --- tick checkpointing ---------------------------------------------------------------------------------
@@ -312,14 +330,29 @@ def test_recomputed_nlms_under_bf16_autocast_give_the_plain_gradients():
         torch.testing.assert_close(recomputed[name], plain[name], atol=1e-6, rtol=0, msg=name)
 
 
-def test_bf16_autocast_forward_and_backward_are_finite():
-    model = CTM(tiny(backbone_type="resnet18-1", in_channels=3)).train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        predictions, certainties, _ = model(torch.randn(2, 3, 12, 12))
-    assert predictions.dtype == torch.float32 and torch.isfinite(predictions).all()
-    assert torch.isfinite(certainties).all()
-    predictions.float().square().mean().backward()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+def test_bf16_parameters_as_training_casts_them_follow_fp32():
+    """Training runs the model in bf16 parameters and inputs (``engine.build_engine``): outputs
+    and gradients stay within bf16's rounding of the fp32 model's (measured 2026-12-01: outputs
+    0.5 %, gradients 0.4 % of their scale)."""
+    torch.manual_seed(0)
+    model = CTM(tiny(backbone_type="resnet18-1", in_channels=3, dropout=0.0)).train()
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    x = torch.randn(4, 3, 12, 12)
+    predictions, certainties, _ = model(x)
+    bf16_predictions, bf16_certainties, _ = bf16(x.to(torch.bfloat16))
+    assert bf16_predictions.dtype == torch.float32
+    scale = predictions.abs().max().item()
+    torch.testing.assert_close(bf16_predictions, predictions, atol=0.03 * scale, rtol=0)
+    torch.testing.assert_close(bf16_certainties, certainties, atol=0.01, rtol=0)
+    predictions.square().mean().backward()
+    bf16_predictions.square().mean().backward()
+    names = [n for n, p in model.named_parameters() if p.grad is not None]
+    assert names == [n for n, p in bf16.named_parameters() if p.grad is not None]
+    grads = dict(model.named_parameters())
+    bf16_grads = dict(bf16.named_parameters())
+    error = torch.cat([(bf16_grads[n].grad.float() - grads[n].grad).flatten() for n in names])
+    reference = torch.cat([grads[n].grad.flatten() for n in names])
+    assert error.norm() < 0.03 * reference.norm(), (error.norm(), reference.norm())
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,9 @@ gathered once per forward and once per backward, however many ticks run.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +19,9 @@ from ctm_dist.losses import image_classification_loss
 from ctm_dist.model import CTM, preset
 from ctm_dist.train.config import build_config
 from ctm_dist.train.engine import build_engine
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from zero import count_module_fetches, count_parameter_gathers  # noqa: E402  (ZeRO-3 counters)
 
 TINY = {
     "iterations": 4,
@@ -150,34 +156,6 @@ def test_parity_trains_a_step_in_bf16(process_group):
     )  # the optimizer step reached the weights
 
 
-def _count_parameter_gathers(engine) -> list[int]:
-    """Wrap every parameter's ZeRO-3 gather so that each parameter fetched counts once."""
-    count = [0]
-    for parameter in engine.module.parameters():
-
-        def counted(params, *args, _gather=parameter.all_gather_coalesced, **kwargs):
-            params = list(params)
-            count[0] += len(params)
-            return _gather(params, *args, **kwargs)
-
-        parameter.all_gather_coalesced = counted
-    return count
-
-
-def _count_module_fetches(engine) -> list[int]:
-    """Count the module hooks that run ZeRO-3's parameter coordinator (whether or not they all-gather)."""
-    count = [0]
-    coordinator = engine.optimizer.parameter_offload.get_param_coordinator()
-    fetch = coordinator.fetch_sub_module
-
-    def counted(*args, **kwargs):
-        count[0] += 1
-        return fetch(*args, **kwargs)
-
-    coordinator.fetch_sub_module = counted
-    return count
-
-
 @pytest.mark.parametrize("recompute", [dict(tick_checkpointing=2), dict(recompute_nlms=True)])
 def test_zero3_gathers_each_parameter_once_per_forward_and_backward(process_group, recompute):
     """Not once per tick: the tick modules run T times per forward, their parameters are gathered once.
@@ -205,8 +183,8 @@ def test_zero3_gathers_each_parameter_once_per_forward_and_backward(process_grou
             CTM(preset("demo", **{**TINY, "iterations": ticks}, **recompute)), cfg
         )
         n_params = len(list(engine.module.parameters()))
-        gathered = _count_parameter_gathers(engine)
-        fetches = _count_module_fetches(engine)
+        gathered = count_parameter_gathers(engine.module)
+        fetches = count_module_fetches(engine)
         p, c, _ = engine(x)
         forward = gathered[0]
         loss, _ = image_classification_loss(p.float(), c.float(), y)
