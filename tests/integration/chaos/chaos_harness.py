@@ -10,10 +10,13 @@ checkpointer's own code.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import signal
+import socket
+import struct
 import sys
 import threading
 import time
@@ -138,6 +141,8 @@ class HeldWorkers:
 
     def __init__(self, pids: dict[int, int]):
         self.pids = dict(pids)
+        self.step: int | None = None  # set by hold_at_step
+        self.event_file: Path | None = None
         self._procs = [psutil.Process(pid) for pid in self.pids.values() if is_ray_worker(pid)]
         if len(self._procs) != len(self.pids):
             raise RuntimeError(
@@ -177,6 +182,63 @@ def hold_workers_at_start(
         what=f"{workers} workers of {run_name!r} to start",
     )
     return HeldWorkers(pids)
+
+
+def event_files(local_dir, run_name: str) -> list[Path]:
+    """Rank 0's TensorBoard event files of a run, one per worker-group start, oldest first."""
+    folder = Path(local_dir).resolve() / "runs" / run_name / "tensorboard"
+    return sorted(
+        folder.glob("events.out.tfevents.*"), key=lambda f: (int(f.name.split(".")[3]), f.name)
+    )
+
+
+def logged_step(path: Path) -> int:
+    """The highest step rank 0 logged in one event file, read while it grows: the file is a
+    sequence of TFRecords (length, crc, event, crc) and a record still being written is left for
+    the next read. Rank 0 flushes after every log line, so this trails the workers by one write,
+    where the driver's display can trail them by a second."""
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    data, at, step = path.read_bytes(), 0, 0
+    while at + 12 <= len(data):
+        (length,) = struct.unpack("<Q", data[at : at + 8])
+        end = at + 12 + length + 4
+        if end > len(data):
+            break
+        event = Event.FromString(data[at + 12 : at + 12 + length])
+        if event.HasField("summary"):
+            step = max(step, int(event.step))
+        at = end
+    return step
+
+
+def hold_at_step(
+    local_dir,
+    run_name: str,
+    step: int,
+    workers: int,
+    started_after: float,
+    known_files: set[Path],
+    timeout: float = 300.0,
+) -> HeldWorkers:
+    """Wait until the worker group started after ``started_after`` (wall clock) has logged ``step``
+    (in an event file not among ``known_files``), then suspend its workers. ``.step`` of the
+    result is the step rank 0 had logged once they were held (``step`` or a little beyond)."""
+
+    def reached():
+        fresh = [f for f in event_files(local_dir, run_name) if f not in known_files]
+        if fresh and logged_step(fresh[-1]) >= step:
+            pids = worker_pids(local_dir, run_name, written_after=started_after)
+            return (fresh[-1], pids) if len(pids) >= workers else None
+        return None
+
+    path, pids = wait_until(
+        reached, timeout, interval=0.02, what=f"{run_name!r} to log step {step}"
+    )
+    held = HeldWorkers(pids)
+    held.step = logged_step(path)
+    held.event_file = path
+    return held
 
 
 # ---------------------------------------------------------------- following a run's progress
@@ -280,17 +342,80 @@ def restart_store(store) -> None:
     store.restart()
 
 
-class Outage:
-    """Take the store down for ``seconds`` (in a background thread) and bring it back on the same ports.
+class StoreRequests:
+    """Listens on a stopped store's S3 port and records the requests clients attempt there:
+    ``(monotonic time, method, object path)``, answering none (each connection is closed once its
+    request head is read, as a store that went down mid-request does). Once a request whose path
+    contains ``until`` has come, the port is closed again, so that the rest of the outage looks to
+    clients like a stopped server (connection refused): a dropped connection is retried inside
+    s3fs and botocore before our deadline is looked at, so a port that kept dropping would make
+    each failed call slower than a refused one. This is how a scenario proves that reads and
+    writes were attempted while the store was down, not merely that the run went on afterwards."""
 
-    ``down_at``/``restart_at``/``up_at`` are monotonic times (``restart_at``: the server process starts
-    again; clients may reach it before ``up_at``, which is when our readiness poll noticed).
+    def __init__(self, port: int, until: str = ""):
+        self.requests: list[tuple[float, str, str]] = []
+        self.until = until
+        self.matched = threading.Event()  # a request for a path containing ``until`` has come
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", port))
+        self._sock.listen(64)
+        self._sock.settimeout(0.1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True, name="store-requests")
+        self._thread.start()
+
+    def _serve(self) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    conn, _ = self._sock.accept()
+                except OSError:  # the 0.1 s accept timeout: look at the stop flag again
+                    continue
+                with conn:
+                    conn.settimeout(2.0)
+                    head = b""
+                    try:
+                        while b"\r\n\r\n" not in head and len(head) < 65536:
+                            chunk = conn.recv(4096)
+                            if not chunk:
+                                break
+                            head += chunk
+                    except OSError:
+                        pass
+                    parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
+                    if len(parts) >= 2:
+                        path = parts[1].split("?")[0]
+                        self.requests.append((time.monotonic(), parts[0], path))
+                        if self.until in path:
+                            self.matched.set()
+                            return
+        finally:
+            self._sock.close()
+
+    def close(self) -> list[tuple[float, str, str]]:
+        self._stop.set()
+        self._thread.join(10)
+        return list(self.requests)
+
+
+class Outage:
+    """Take the store down (in a background thread) and bring it back on the same ports.
+
+    The store stays down for ``seconds`` after it has exited and, with ``until``, also until a
+    client has attempted a request for a path containing ``until`` (at most ``wait_s`` more), so
+    the outage overlaps what it is meant to hit on a fast machine and on a loaded one alike.
+    ``down_at``/``stopped_at``/``restart_at``/``up_at`` are monotonic times (``stopped_at``: the
+    server has exited; ``restart_at``: it starts again; clients may reach it before ``up_at``,
+    which is when our readiness poll noticed). While it is down, :class:`StoreRequests` records the
+    requests clients attempt on its S3 port (``requests``, filled once the store restarts).
     ``join()`` waits for the restart and re-raises its error.
     """
 
-    def __init__(self, store, seconds: float):
-        self.store, self.seconds = store, seconds
+    def __init__(self, store, seconds: float, until: str = "", wait_s: float = 120.0):
+        self.store, self.seconds, self.until, self.wait_s = store, seconds, until, wait_s
         self.down_at = self.stopped_at = self.restart_at = self.up_at = None
+        self.requests: list[tuple[float, str, str]] = []
         self.error: BaseException | None = None
         self._thread: threading.Thread | None = None
 
@@ -300,16 +425,25 @@ class Outage:
         return self
 
     def _run(self):
+        recorder = None
         try:
             self.down_at = time.monotonic()
             stop_store(self.store)
+            recorder = StoreRequests(self.store.ports["s3.port"], self.until)
             self.stopped_at = time.monotonic()
-            time.sleep(max(0.0, self.seconds - (self.stopped_at - self.down_at)))
+            time.sleep(self.seconds)
+            if self.until:
+                recorder.matched.wait(self.wait_s)
+            self.requests = recorder.close()
+            recorder = None
             self.restart_at = time.monotonic()
             restart_store(self.store)
             self.up_at = time.monotonic()
         except BaseException as e:  # surfaced by join()
             self.error = e
+        finally:
+            if recorder is not None:
+                self.requests = recorder.close()
 
     def join(self, timeout: float = 120.0) -> None:
         self._thread.join(timeout)
@@ -317,6 +451,14 @@ class Outage:
             raise TimeoutError("the store outage thread did not finish")
         if self.error is not None:
             raise self.error
+
+    def attempted(self, method: str | None = None, containing: str = "") -> list[str]:
+        """``METHOD path`` of the requests clients attempted while the store was down."""
+        return [
+            f"{m} {p}"
+            for _, m, p in self.requests
+            if (method is None or m == method) and containing in p
+        ]
 
 
 # ---------------------------------------------------------------- what a run committed (read raw)
@@ -337,6 +479,23 @@ def committed_steps(run_location) -> list[int]:
     return sorted(steps)
 
 
+def commit_problems(run_location, step: int) -> list[str]:
+    """What is wrong with committed step ``step``, read raw: every file its ``COMMIT`` lists must be
+    in the store with the listed size and SHA-256 (empty: the step is whole)."""
+    folder = run_location.child("checkpoints").child(f"step-{step:09d}")
+    commit = json.loads(folder.read_bytes("COMMIT"))
+    present = set(folder.list())
+    problems = []
+    for name, size in commit["files"].items():
+        if name not in present:
+            problems.append(f"{name} missing")
+            continue
+        data = folder.read_bytes(name)
+        if len(data) != size or hashlib.sha256(data).hexdigest() != commit["sha256"][name]:
+            problems.append(f"{name} differs from COMMIT")
+    return problems
+
+
 def all_checkpoint_dirs(run_location) -> list[str]:
     try:
         return [n for n in run_location.child("checkpoints").list() if n.startswith("step-")]
@@ -347,17 +506,7 @@ def all_checkpoint_dirs(run_location) -> list[str]:
 def steps_reached_per_attempt(local_dir, run_name: str) -> list[int]:
     """The highest step rank 0 logged in each attempt of a run (one TensorBoard event file per
     worker-group start, in start order): how far training got before each fault."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-
-    folder = Path(local_dir).resolve() / "runs" / run_name / "tensorboard"
-    files = sorted(
-        folder.glob("events.out.tfevents.*"), key=lambda f: (int(f.name.split(".")[3]), f.name)
-    )
-    reached = []
-    for f in files:
-        steps = [e.step for e in EventFileLoader(str(f)).Load() if e.HasField("summary")]
-        reached.append(max(steps, default=0))
-    return reached
+    return [logged_step(f) for f in event_files(local_dir, run_name)]
 
 
 def wait_until(pred, timeout: float, interval: float = 0.1, what: str = "condition"):

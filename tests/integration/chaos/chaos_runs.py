@@ -1,22 +1,32 @@
 """Whole training runs for the chaos scenarios: one tiny config, run in this process (sharing one Ray
-session) or as a launcher subprocess (so that it can be signalled and its exit status read), plus
-bitwise comparison of the tensors two runs committed.
+session), as a launcher subprocess (so that it can be signalled and its exit status read), or as the
+ranks of the training loop on a gloo group without Ray (:class:`Ranks`, one process per rank, to be
+killed at exact points); plus bitwise comparison of the tensors two runs committed.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import psutil
 import torch
 
 REPO = Path(__file__).resolve().parents[3]
 STEPS = 16  # steps of every whole run compared with the reference
 
 # A CTM small enough for a few dozen steps in seconds on two cores: no conv backbone, 2 ticks.
+# Dropout is on (and the demo's training augmentation is), so that a resume that did not restore
+# every rank's RNG state or data position would follow another trajectory than the reference.
 TINY_MODEL = {
+    "dropout": 0.1,
     "iterations": 2,
     "d_model": 32,
     "d_input": 16,
@@ -188,3 +198,124 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     if t.is_floating_point():
         return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
     return t
+
+
+# ---------------------------------------------------------------- ranks of the loop without Ray
+
+TRAINER_CHILD = Path(__file__).with_name("trainer_child.py")
+
+
+class Ranks:
+    """The ranks of one launch of ``trainer_child.py`` (the real training loop on a gloo group, one
+    process per rank), started at once. Their ``CHAOS`` lines are collected as they come; waits
+    are on those lines and on the processes' states, never on elapsed time."""
+
+    def __init__(self, spec: dict, world_size: int, env: dict[str, str], log_dir, label: str):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        full = dict(os.environ)
+        full.update(env)
+        full.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        self.label, self.events = label, []
+        self.cond = threading.Condition()
+        self.logs = [Path(log_dir) / f"{label}-rank{r}.log" for r in range(world_size)]
+        self.procs: list[subprocess.Popen] = []
+        self._readers = []
+        for rank in range(world_size):
+            with open(self.logs[rank], "wb") as err:
+                proc = subprocess.Popen(
+                    [sys.executable, str(TRAINER_CHILD), str(rank), str(world_size), str(port)]
+                    + [json.dumps(spec)],
+                    cwd=REPO,
+                    env=full,
+                    stdout=subprocess.PIPE,
+                    stderr=err,
+                    stdin=subprocess.DEVNULL,
+                    text=True,
+                )
+            self.procs.append(proc)
+            t = threading.Thread(target=self._read, args=(proc,), daemon=True)
+            t.start()
+            self._readers.append(t)
+
+    def _read(self, proc) -> None:
+        for line in proc.stdout:
+            if line.startswith("CHAOS "):
+                event = json.loads(line[6:])
+                event["t"] = time.monotonic()
+                with self.cond:
+                    self.events.append(event)
+                    self.cond.notify_all()
+        with self.cond:
+            self.cond.notify_all()
+
+    def wait_event(self, kind: str, timeout: float = 300.0, **match) -> dict:
+        """The first ``kind`` line whose fields include ``match``; fails if every rank has exited
+        without one."""
+
+        def found():
+            for e in self.events:
+                if e["kind"] == kind and all(e.get(k) == v for k, v in match.items()):
+                    return e
+            return None
+
+        with self.cond:
+            ok = self.cond.wait_for(
+                lambda: found() or all(p.poll() is not None for p in self.procs), timeout
+            )
+            event = found()
+        if event is None:
+            state = "every rank exited" if ok else f"timed out after {timeout:.0f}s"
+            raise AssertionError(
+                f"{self.label}: no {kind} {match} ({state}; exit codes {self.returncodes()})\n"
+                + self.stderr_tail()
+            )
+        return event
+
+    def wait_paused(self, rank: int, at: str, timeout: float = 300.0) -> dict:
+        """Wait until ``rank`` said it pauses at ``at`` and the kernel shows it stopped."""
+        event = self.wait_event("paused", timeout, rank=rank, at=at)
+        proc = psutil.Process(self.procs[rank].pid)
+        deadline = time.monotonic() + timeout
+        while proc.status() != psutil.STATUS_STOPPED:
+            assert time.monotonic() < deadline, f"{self.label}: rank {rank} did not stop"
+            time.sleep(0.01)
+        return event
+
+    def signal(self, rank: int, sig: int) -> None:
+        self.procs[rank].send_signal(sig)
+
+    def resume(self, rank: int) -> None:
+        self.procs[rank].send_signal(signal.SIGCONT)
+
+    def kill_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+
+    def wait(self, timeout: float = 300.0) -> list[int]:
+        try:
+            for p in self.procs:
+                p.wait(timeout)
+        finally:
+            self.kill_all()
+            for p in self.procs:
+                p.wait()
+            for t in self._readers:
+                t.join(10)
+        return self.returncodes()
+
+    def returncodes(self) -> list[int | None]:
+        return [p.poll() for p in self.procs]
+
+    def of(self, kind: str) -> list[dict]:
+        with self.cond:
+            return [e for e in self.events if e["kind"] == kind]
+
+    def stderr_tail(self, chars: int = 3000) -> str:
+        return "\n".join(
+            f"--- rank {r} ---\n" + log.read_text(errors="replace")[-chars:]
+            for r, log in enumerate(self.logs)
+            if log.exists()
+        )

@@ -125,6 +125,9 @@ def outage(run_url: str) -> None:
     except Exception as e:  # noqa: BLE001 - reported, the test says it should have been a CheckpointError
         out["short_deadline"] = f"UNEXPECTED {type(e).__name__}: {e}"
     out["short_s"] = time.monotonic() - t0
+    out["short_failed_at"] = (
+        time.monotonic()
+    )  # CLOCK_MONOTONIC: the test process reads the same clock
     t1 = time.monotonic()
     try:
         checkpointer(run_url, deadline=60).save(6, engine, extra(6), config=cfg.to_dict())

@@ -152,7 +152,7 @@ def test_crash_mid_upload_then_store_outage_during_checkpoint_writes(
     ) and line.strip() != "READY":  # DeepSpeed prints to stdout too
         seen.append(line)
     assert line.strip() == "READY", "".join(seen)[-2000:] + child.stderr()[-3000:]
-    outage = H.Outage(chaos_store, 10.0).start()
+    outage = H.Outage(chaos_store, 10.0, until="/runs/ckpt-crash/checkpoints/").start()
     try:
         H.wait_until(lambda: outage.stopped_at, 30, what="the store to stop")
         child.stdin.write("go\n")
@@ -163,7 +163,11 @@ def test_crash_mid_upload_then_store_outage_during_checkpoint_writes(
     assert child.returncode == 0, err[-3000:]
     result = _json_lines(out)[-1]
     assert result["resumed"] == 2 and result["extra_ok"], result
-    rec.trial(True, steps_lost=2, note=f"killed after {after} file(s) of step 4; resumed from 2")
+    rec.trial(
+        True,
+        steps_lost=4 - result["resumed"],
+        note=f"killed after {after} file(s) of step 4; resumed from {result['resumed']}",
+    )
 
     rec = scenario("store outage > deadline: checkpoint write")
     assert (
@@ -175,19 +179,21 @@ def test_crash_mid_upload_then_store_outage_during_checkpoint_writes(
         or "unreachable" in result["short_deadline"]
     ), result
     assert chaos_store.secret_key not in result["short_deadline"]
-    assert result["short_s"] < 10.0, (
-        f"a 3 s deadline should give up well before the store returns: {result}"
+    assert result["short_failed_at"] < outage.restart_at, (
+        f"a 3 s deadline should give up while the store is still down: {result}"
     )
     rec.trial(True, recover_s=result["short_s"], note="clear error, previous commit kept")
 
     rec = scenario("store outage 10s: checkpoint write")
     assert result["long_deadline"] == "saved", result
     assert result["committed"] == [2, 6], result
+    writes = outage.attempted(containing="/runs/ckpt-crash/checkpoints/")
+    assert writes, f"the saves reached no request to the store's port: {outage.requests}"
     rec.trial(
         True,
-        steps_lost=0,
+        steps_lost=6 - max(result["committed"]),
         recover_s=max(0.0, result["saved_at"] - outage.up_at),
-        note=f"save took {result['long_s']:.1f}s",
+        note=f"save took {result['long_s']:.1f}s; {len(writes)} requests attempted while down",
     )
 
     # 3. The debris of the crashed step 4 (older than the newest commit) is gone after the next save.
@@ -317,7 +323,7 @@ def test_checkpoints_that_must_be_refused(
         "its SHA-256 differs" in child.stderr()
         and "falling back to the previous committed step" in child.stderr()
     )
-    rec.trial(True, steps_lost=2)
+    rec.trial(True, steps_lost=4 - res["damaged_resumed"])
 
 
 @pytest.mark.timeout(120)

@@ -1,4 +1,5 @@
-"""Preemption: SIGTERM to the driver, Slurm's early-warning SIGUSR1 to the driver, SIGTERM to a worker.
+"""Preemption: SIGTERM to the driver, Slurm's early-warning SIGUSR1 to the driver, SIGTERM to a worker,
+one after the other on the same run.
 
 Each time the launcher must checkpoint and commit within the grace time and exit 75 ("preempted",
 so a wrapper requeues it); the next launch with the same name resumes from that commit. After
@@ -112,11 +113,19 @@ def _preempt_once(
     )
     assert set(fired["committed"]) <= set(committed), f"{label}: a committed checkpoint disappeared"
     assert exited - fired["t"] < GRACE_S, f"{label}: took {exited - fired['t']:.0f}s to exit"
-    return {"exit_s": exited - fired["t"], "step": fired["step"]}, newest
+    reached = H.steps_reached_per_attempt(tmp_path, name)[-1]  # rank 0's last step of this launch
+    return {"exit_s": exited - fired["t"], "step": fired["step"], "reached": reached}, newest
 
 
-@pytest.mark.timeout(600)  # the first test to use reference_run also pays for it
-def test_preemption_of_the_driver_checkpoints_exits_75_and_resumes(
+PREEMPTIONS = (  # (scenario label, whom the signal goes to, signal), in launch order
+    ("SIGTERM to the driver", "driver", signal.SIGTERM),
+    ("SIGUSR1 to the driver (Slurm warning)", "driver", signal.SIGUSR1),
+    ("SIGTERM to one worker", "worker", signal.SIGTERM),
+)
+
+
+@pytest.mark.timeout(900)  # the first test to use reference_run also pays for it
+def test_preemptions_checkpoint_exit_75_and_the_resume_is_bitwise(
     reference_run,
     ray_session,
     run_bucket,
@@ -127,8 +136,9 @@ def test_preemption_of_the_driver_checkpoints_exits_75_and_resumes(
     s3_env_for,
     scenario,
 ):
-    """SIGTERM, then Slurm's SIGUSR1, to the launcher; a third launch finishes. The final weights are
-    the uninterrupted run's, bit for bit."""
+    """SIGTERM, then Slurm's SIGUSR1, to the launcher, then SIGTERM to one Ray worker (a node drain):
+    each launch checkpoints and exits 75; the fourth launch resumes from the worker's preemption
+    checkpoint and finishes with the uninterrupted run's final weights, bit for bit."""
     env = s3_env_for()
     name = "preempt"
     loc = run_location(name)
@@ -141,16 +151,11 @@ def test_preemption_of_the_driver_checkpoints_exits_75_and_resumes(
     )
     stream = H.StepStream()
     resumed = 0
-    for i, (label, sig) in enumerate(
-        [
-            ("SIGTERM to the driver", signal.SIGTERM),
-            ("SIGUSR1 to the driver (Slurm warning)", signal.SIGUSR1),
-        ]
-    ):
+    for i, (label, target, sig) in enumerate(PREEMPTIONS):
         rec = scenario(f"preemption: {label}")
         facts, resumed = _preempt_once(
             label=label,
-            target="driver",
+            target=target,
             sig=sig,
             name=name,
             overrides=overrides,
@@ -165,7 +170,7 @@ def test_preemption_of_the_driver_checkpoints_exits_75_and_resumes(
         )
         rec.trial(
             True,
-            steps_lost=0,
+            steps_lost=facts["reached"] - resumed,
             recover_s=facts["exit_s"],
             note=f"signal at step {facts['step']}, committed {resumed}",
         )
@@ -189,46 +194,7 @@ def test_preemption_of_the_driver_checkpoints_exits_75_and_resumes(
     first = stream.first_step_after(t0, above=resumed)
     rec.trial(
         True,
-        steps_lost=0,
+        steps_lost=resumed - (first[1] - 1) if first else None,
         recover_s=(first[0] - t0) if first else None,
         note=f"from step {resumed}",
-    )
-
-
-@pytest.mark.timeout(300)
-def test_sigterm_to_a_worker_checkpoints_and_exits_75(
-    ray_session, run_bucket, demo_data, run_location, tmp_path, rng, s3_env_for, scenario
-):
-    """A node drain or a scheduler signalling every task sends SIGTERM to Ray worker processes too."""
-    env = s3_env_for()
-    name = "preempt-worker"
-    loc = run_location(name)
-    overrides = R.tiny_overrides(
-        name=name,
-        storage=f"s3://{run_bucket}/runs",
-        data=demo_data,
-        local_dir=tmp_path,
-        steps=STEPS,
-    )
-    rec = scenario("preemption: SIGTERM to one worker")
-    facts, newest = _preempt_once(
-        label="SIGTERM to one worker",
-        target="worker",
-        sig=signal.SIGTERM,
-        name=name,
-        overrides=overrides,
-        ray_session=ray_session,
-        env=env,
-        tmp_path=tmp_path,
-        loc=loc,
-        rng=rng,
-        stream=H.StepStream(),
-        index=0,
-        resumed_expect=0,
-    )
-    rec.trial(
-        True,
-        steps_lost=0,
-        recover_s=facts["exit_s"],
-        note=f"signal at step {facts['step']}, committed {newest}",
     )

@@ -7,6 +7,7 @@ checkpoint and finishes; no committed step is lost, and on CPU with a fixed seed
 
 from __future__ import annotations
 
+import threading
 import time
 
 import chaos_harness as H
@@ -29,7 +30,7 @@ def test_reference_run_is_complete(reference_run, scenario):
     assert R.model_tensors(reference_run["final"]), "no model weights found in the final checkpoint"
     rec.trial(
         True,
-        steps_lost=0,
+        steps_lost=STEPS - max(reference_run["committed"]),
         recover_s=None,
         note=f"{reference_run['wall_s']:.0f}s"
         + (" (restarted after the end)" if s.get("resumed_from") else ""),
@@ -51,40 +52,46 @@ def test_sigkill_worker_at_random_steps_resumes_bitwise_identical(
         steps=STEPS,
         max_failures=KILLS + 1,
     )
-    # Strike points: the first kill early, the second after the first resume, both well before the
-    # end (the driver sees a step up to ~1 s after the workers did it); ranks chosen at random.
+    # Strike points: the first kill early, the second a few steps after the first resume; ranks at
+    # random. The workers are frozen (SIGSTOP) as soon as rank 0 has logged the step, so the kill
+    # lands at that step (or the next) however fast the machine is.
     first = rng.randint(2, STEPS // 2 - 3)
-    plan = [first, rng.randint(first + 3, STEPS - 5)]
+    gaps = [first, rng.randint(3, 5)]
     stream = H.StepStream()
     kills: list[dict] = []
+    failure: list[BaseException] = []
 
-    def on_step(step: int) -> None:
-        if len(kills) == len(plan) or step < plan[len(kills)]:
-            return
-        if kills and len(stream.resumes) < len(kills):
-            return  # the previous kill has not been recovered from yet
-        since = kills[-1]["t_wall"] if kills else 0.0
-        pids = H.worker_pids(tmp_path, name, written_after=since)
-        if len(pids) < cfg.scale.workers:
-            return
-        committed = H.committed_steps(loc)
-        rank = rng.choice(sorted(pids))
-        H.kill_worker(pids[rank])
-        kills.append(
-            {
-                "t": time.monotonic(),
-                "t_wall": time.time(),
-                "step": step,
-                "rank": rank,
-                "committed": committed,
-            }
-        )
+    def strike() -> None:
+        started, known, target = 0.0, set(), 0
+        try:
+            for gap in gaps:
+                target = (kills[-1]["step"] if kills else 0) + gap
+                with H.hold_at_step(
+                    tmp_path, name, target, cfg.scale.workers, started, known
+                ) as held:
+                    assert held.step < STEPS, f"held at step {held.step}, the run's last"
+                    rank = rng.choice(sorted(held.pids))
+                    known = set(H.event_files(tmp_path, name))
+                    kill = {
+                        "committed": H.committed_steps(loc),
+                        "step": held.step,
+                        "rank": rank,
+                        "t_wall": time.time(),
+                    }
+                    H.kill_worker(held.pids[rank])
+                    kill["t"] = time.monotonic()
+                    kills.append(kill)
+                started = kill["t_wall"]
+        except BaseException as e:  # re-raised by the test once the run has ended
+            failure.append(e)
 
-    stream.callbacks.append(on_step)
+    striker = threading.Thread(target=strike, daemon=True, name="striker")
+    striker.start()
     summary = R.run_in_process(cfg, stream)
-    assert len(kills) == KILLS, (
-        f"planned kills at steps {plan}, did {len(kills)}: {stream.text()[-2000:]}"
-    )
+    striker.join(60)
+    if failure:
+        raise failure[0]
+    assert len(kills) == KILLS, f"planned {KILLS} kills, did {len(kills)}: {stream.text()[-2000:]}"
     assert len(stream.resumes) == KILLS, stream.text()[-2000:]
     final_committed = H.committed_steps(loc)
     reached = H.steps_reached_per_attempt(tmp_path, name)  # rank 0's last logged step per attempt
@@ -98,13 +105,13 @@ def test_sigkill_worker_at_random_steps_resumes_bitwise_identical(
         )
         assert resumed in final_committed or resumed == 0
         assert set(kill["committed"]) <= set(final_committed), "a committed checkpoint disappeared"
+        assert got_to == kill["step"], f"rank 0 logged step {got_to} after being held at {kill}"
         nxt = stream.first_step_after(t_resume, above=resumed)
         assert nxt is not None or resumed == STEPS, "no progress after the resume"
         nxt = nxt or stream.steps[-1]
-        assert got_to >= newest, f"rank 0 logged up to step {got_to}, but {newest} was committed"
         rec.trial(
             True,
-            steps_lost=max(0, got_to - resumed),
+            steps_lost=got_to - resumed,
             recover_s=nxt[0] - kill["t"],
             note=f"rank {kill['rank']} at step {kill['step']}",
         )
