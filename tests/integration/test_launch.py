@@ -522,7 +522,9 @@ def test_launcher_embedded_default_ctrl_c_then_relaunch_of_the_finished_run(tmp_
     assert len(stderr.splitlines()) < len(step_lines) + 12, stderr
 
     # the launcher took its store and Ray down with it
-    time.sleep(1)
+    deadline = time.monotonic() + 30
+    while _processes_with(marker.encode()) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert not _processes_with(marker.encode()), "processes of the run outlived the launcher"
 
     sessions = sorted(os.listdir(os.path.join(ray_tmp, "ray")))

@@ -109,8 +109,9 @@ def test_checkpoints_restarts_and_relaunches_keep_one_trajectory(
     ray_session, object_store, s3_bucket, demo_data, tmp_path
 ):
     storage = f"s3://{s3_bucket}/runs"
-    # 1. The reference: 12 uninterrupted steps.
-    reference = _config(tmp_path, storage, demo_data, "full", 12)
+    # 1. The reference: 12 uninterrupted steps, committed once at the end (so the runs below also
+    #    show that saving checkpoints leaves the trajectory alone).
+    reference = _config(tmp_path, storage, demo_data, "full", 12, "checkpoint.every=12")
     full = train(reference, interactive=False)
     assert full["step"] == 12 and full["resumed_from"] is None
     full_losses, acc = _losses(run_paths(reference)["tensorboard"])
