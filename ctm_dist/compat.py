@@ -6,6 +6,8 @@ shape is spread over those command-line options, and two of the constructor's ar
 ``out_dims`` and ``prediction_reshaper``, are derived from the task (dataset) rather than
 given. This module turns such a file into a ready :class:`~ctm_dist.model.CTM` and writes
 our models back in the same format, so that the reference's analysis scripts can read them.
+Q&A MNIST runs (told by their ``q_num_*`` options; ``compat_qamnist.py`` maps them) load as
+:class:`~ctm_dist.model.qamnist.QAMNISTCTM` or its LSTM baseline, called ``m(x, z)``.
 
 Loading never runs code from the file: ``torch.load(weights_only=True)`` with only
 ``argparse.Namespace`` and plain numpy arrays/scalars (the reference checkpoints carry
@@ -26,7 +28,13 @@ from typing import IO, Any
 import numpy as np
 import torch
 
+from ctm_dist.compat_qamnist import (
+    is_qamnist_args,
+    qamnist_config_from_reference_args,
+    reference_args_from_qamnist_config,
+)
 from ctm_dist.model import CTM, CTMConfig
+from ctm_dist.model.qamnist import QAMNISTLSTM, build_qamnist_model
 from ctm_dist.storage.checkpoints import (
     CheckpointError,
 )  # the one checkpoint error type; the message says why
@@ -136,6 +144,11 @@ def config_from_reference_args(
     if not isinstance(args, argparse.Namespace):
         raise CheckpointError(
             f"checkpoint 'args' must be an argparse.Namespace, got {type(args).__name__}"
+        )
+    if is_qamnist_args(args):
+        raise CheckpointError(
+            "checkpoint args are a Q&A MNIST run's (q_num_* options): load it with "
+            "load_reference_checkpoint, which builds the QAMNIST model"
         )
     model_kind = getattr(args, "model", None) or getattr(args, "model_type", None) or "ctm"
     if model_kind != "ctm":
@@ -362,23 +375,27 @@ def _first_line(err: BaseException) -> str:
 # --- loading -------------------------------------------------------------------------------------
 
 
-def load_reference_checkpoint(source: Source, **overrides: Any) -> CTM:
+def load_reference_checkpoint(source: Source, **overrides: Any) -> torch.nn.Module:
     """A CTM in eval mode with the weights of a reference checkpoint, loaded strictly.
 
     ``overrides`` replace config fields that do not change weights (e.g. ``tick_checkpointing``,
-    ``attention_impl``).
+    ``attention_impl``). A Q&A MNIST checkpoint gives its QAMNIST CTM or LSTM (``m(x, z)``).
     """
     checkpoint = read_reference_checkpoint(source)
     name = _describe(source)
     state = checkpoint["model_state_dict"]
-    cfg = config_from_reference_args(checkpoint["args"], state, **overrides)
-    model = CTM(cfg)
+    if is_qamnist_args(checkpoint["args"]):
+        model = build_qamnist_model(
+            qamnist_config_from_reference_args(checkpoint["args"], state, **overrides)
+        )
+    else:
+        model = CTM(config_from_reference_args(checkpoint["args"], state, **overrides))
     _check_state_dict(model, state, name)
     model.load_state_dict(state, strict=True)
     return model.eval()
 
 
-def _check_state_dict(model: CTM, state: Mapping[str, torch.Tensor], name: str) -> None:
+def _check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], name: str) -> None:
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -396,7 +413,8 @@ def _check_state_dict(model: CTM, state: Mapping[str, torch.Tensor], name: str) 
         problems.append(f"shape mismatch {_clip(mismatched)}")
     if problems:
         raise CheckpointError(
-            f"{name}: weights do not fit the CTM its args describe: " + "; ".join(problems)
+            f"{name}: weights do not fit the {type(model).__name__} its args describe: "
+            + "; ".join(problems)
         )
 
 
@@ -417,18 +435,29 @@ def export_reference_checkpoint(
     """Write ``{"model_state_dict", "args"}`` as a reference train script would, atomically.
 
     ``dataset`` names the task for the reference (``cifar10``, ``imagenet``, ``mazes-medium``,
-    ``parity``, ...); ``extra_args`` adds or overrides options in the saved Namespace.
+    ``parity``, ``qamnist``...); ``extra_args`` adds or overrides options in the saved Namespace.
+    A QAMNIST model (CTM or LSTM) is saved as the reference's QAMNIST script saves it, with no
+    ``dataset`` field.
     """
-    while not isinstance(model, CTM):
+    while not isinstance(model, (CTM, QAMNISTLSTM)):
         inner = getattr(model, "module", None) or getattr(
             model, "_orig_mod", None
         )  # DDP/DeepSpeed, torch.compile
         if not isinstance(inner, torch.nn.Module):
             break
         model = inner
-    if not isinstance(model, CTM):
+    if not isinstance(model, (CTM, QAMNISTLSTM)):
         raise TypeError(f"expected a ctm_dist CTM, got {type(model).__name__}")
-    args = reference_args_from_config(model.cfg, dataset, extra_args)
+    qcfg = getattr(model, "qcfg", None)
+    if (qcfg is None) != (dataset != "qamnist"):
+        raise ValueError(
+            f"dataset {dataset!r} does not fit a {type(model).__name__}: Q&A MNIST models "
+            "export with dataset 'qamnist', and only they do"
+        )
+    if qcfg is not None:
+        args = reference_args_from_qamnist_config(qcfg, extra_args)
+    else:
+        args = reference_args_from_config(model.cfg, dataset, extra_args)
     # The reference keeps float32 weights; bf16/fp16 copies (e.g. from a DeepSpeed engine) are widened.
     state = {
         key: value.detach().to(

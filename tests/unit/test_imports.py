@@ -20,6 +20,7 @@ FORBIDDEN = {
     "ctm_dist.losses": ("ctm_dist.train", "ctm_dist.eval"),
     "ctm_dist.inference": ("ctm_dist.train", "ctm_dist.eval"),
     "ctm_dist.compat": ("ctm_dist.train", "ctm_dist.eval"),
+    "ctm_dist.compat_qamnist": ("ctm_dist.train", "ctm_dist.eval"),
     "ctm_dist.eval": ("ctm_dist.train",),
 }
 
