@@ -19,10 +19,13 @@ from ctm_dist.model.qamnist import QAMNISTConfig, qamnist_config
 from ctm_dist.storage.checkpoints import CheckpointError
 
 ANSWER_CLASSES = 10  # answers are taken modulo 10 (output range 0..9)
-# The curriculum options of the reference's train script and their defaults, saved on export.
-CURRICULUM_DEFAULTS = dict(
-    q_num_images=3, q_num_images_delta=2, q_num_operations=3, q_num_operations_delta=2
-)
+# the reference's curriculum options -> QAMNISTConfig fields
+CURRICULUM = {
+    "q_num_images": "num_digits",
+    "q_num_images_delta": "num_digits_delta",
+    "q_num_operations": "num_operations",
+    "q_num_operations_delta": "num_operations_delta",
+}
 _REQUIRED = (
     "q_num_repeats_per_input",
     "q_num_answer_steps",
@@ -101,6 +104,11 @@ def qamnist_config_from_reference_args(
         iterations_per_question_part=args.q_num_repeats_per_input,
         iterations_for_answering=args.q_num_answer_steps,
         image_channels=_image_channels(state_dict),
+        **{
+            ours: getattr(args, theirs)
+            for theirs, ours in CURRICULUM.items()
+            if hasattr(args, theirs)
+        },
         **ctm_fields,
     )
     values.update(overrides)
@@ -120,9 +128,9 @@ def reference_args_from_qamnist_config(
             f"(q_num_repeats_per_input); this model has {cfg.iterations_per_digit} and "
             f"{cfg.iterations_per_question_part}"
         )
-    c = cfg.ctm
+    c = cfg
     args = argparse.Namespace(
-        **CURRICULUM_DEFAULTS,
+        **{theirs: getattr(cfg, ours) for theirs, ours in CURRICULUM.items()},
         q_num_repeats_per_input=cfg.iterations_per_digit,
         q_num_answer_steps=cfg.iterations_for_answering,
         model_type=cfg.kind,

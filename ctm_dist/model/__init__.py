@@ -19,6 +19,7 @@ from .ctm import (
     Tracking,
     normalised_entropy,
 )
+from .qamnist import QAMNISTConfig  # also registers the QAMNIST presets with ``preset``
 
 __all__ = [
     "CTM",
@@ -28,6 +29,7 @@ __all__ = [
     "PARITY_SEQUENCE_LENGTH",
     "OUR_FIELDS",
     "PRESET_NAMES",
+    "QAMNISTConfig",
     "Readout",
     "ReadoutState",
     "TickContext",

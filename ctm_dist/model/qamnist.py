@@ -28,13 +28,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
 from .casts import autocast_dtype, cast_once, per_tick
-from .config import CTMConfig
+from .config import VARIANT_PRESETS, CTMConfig
 from .ctm import CTM, Tracking, _clamped, normalised_entropy
 from .synchronisation import update_synchronisation
 
@@ -91,28 +92,42 @@ class OperatorEmbedding(nn.Module):
 
 
 @dataclass
-class QAMNISTConfig:
-    """A QAMNIST model: the CTM's own fields (``ctm``) plus how many ticks each phase takes.
+class QAMNISTConfig(CTMConfig):
+    """A QAMNIST model: the CTM's fields plus how many ticks each phase takes and which model.
 
-    ``ctm`` must have no backbone or positional embedding and ``in_channels == d_input`` (the key/value
-    projection reads the digit backbone's ``d_input`` channels); ``qamnist_config`` builds it so.
+    The digit backbone is built in, so ``backbone_type`` and ``positional_embedding_type`` stay
+    ``"none"``; ``in_channels`` (the channels the key/value projection reads) is ``d_input``
+    (``0`` sets it so). The variant runs eager: ``compile`` and ``cpu_kernels`` default to false.
     For ``kind="lstm"`` only ``d_model``, ``d_input``, ``heads``, ``out_dims`` and ``dropout`` of
-    ``ctm`` are used.
+    the CTM's fields are used.
     """
 
-    ctm: CTMConfig
+    backbone_type: str = "none"
+    in_channels: int = 0
+    neuron_select_type: str = "random"
+    compile: bool | str = False
+    cpu_kernels: bool | str = False
     iterations_per_digit: int = 10
     iterations_per_question_part: int = 10
     iterations_for_answering: int = 10
     kind: str = "ctm"
     image_channels: int = 1
+    # the question curriculum: each batch has n +- delta digits and operations, drawn from
+    # [n - delta, n + delta) as the reference draws them; kept here so that a preset fixes the
+    # whole task and a checkpoint records it (the reference saves them with its model options)
+    num_digits: int = 3
+    num_digits_delta: int = 2
+    num_operations: int = 3
+    num_operations_delta: int = 2
 
     def __post_init__(self) -> None:
-        if isinstance(self.ctm, dict):
-            self.ctm = CTMConfig.from_dict(self.ctm)
-        self.validate()
+        if self.in_channels == 0:
+            self.in_channels = self.d_input
+        super().__post_init__()
 
     def validate(self) -> None:
+        super().validate()
+
         def need(ok: bool, message: str) -> None:
             if not ok:
                 raise ValueError(f"QAMNISTConfig: {message}")
@@ -122,31 +137,39 @@ class QAMNISTConfig:
             "iterations_per_question_part",
             "iterations_for_answering",
             "image_channels",
+            "num_digits",
+            "num_operations",
         ):
             value = getattr(self, name)
             need(
                 isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                 f"{name} must be a positive integer, got {value!r}",
             )
-        need(self.kind in MODEL_KINDS, f"kind must be one of {MODEL_KINDS}, got {self.kind!r}")
-        c = self.ctm
+        for name in ("num_digits", "num_operations"):
+            delta = getattr(self, f"{name}_delta")
+            need(
+                isinstance(delta, int) and 0 <= delta < getattr(self, name),
+                f"{name}_delta must be in [0, {name}) so that at least 1 is drawn, got {delta!r}",
+            )
         need(
-            c.backbone_type == "none" and c.positional_embedding_type == "none",
-            "the digit backbone is built in: ctm.backbone_type and positional_embedding_type "
+            self.num_digits + self.num_digits_delta <= MAX_DIGITS,
+            f"at most {MAX_DIGITS} digits have an index embedding",
+        )
+        need(self.kind in MODEL_KINDS, f"kind must be one of {MODEL_KINDS}, got {self.kind!r}")
+        need(
+            self.backbone_type == "none" and self.positional_embedding_type == "none",
+            "the digit backbone is built in: backbone_type and positional_embedding_type "
             "must be 'none'",
         )
-        need(c.in_channels == c.d_input, f"ctm.in_channels must equal d_input ({c.d_input})")
+        need(self.in_channels == self.d_input, f"in_channels must equal d_input ({self.d_input})")
         need(
-            c.prediction_reshaper == [-1],
-            f"the answer is one class: prediction_reshaper must be [-1], got {c.prediction_reshaper}",
+            self.prediction_reshaper == [-1],
+            f"the answer is one class: prediction_reshaper must be [-1], got {self.prediction_reshaper}",
         )
         need(
-            not (c.tick_checkpointing or c.recompute_nlms or c.compile is True),
+            not (self.tick_checkpointing or self.recompute_nlms or self.compile is True),
             "the QAMNIST variant runs eager: tick_checkpointing, recompute_nlms and compile must be off",
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> QAMNISTConfig:
@@ -157,33 +180,9 @@ class QAMNISTConfig:
         return cls(**values)
 
 
-def qamnist_config(
-    kind: str = "ctm",
-    iterations_per_digit: int = 10,
-    iterations_per_question_part: int = 10,
-    iterations_for_answering: int = 10,
-    image_channels: int = 1,
-    **ctm_fields: Any,
-) -> QAMNISTConfig:
-    """A QAMNISTConfig from CTMConfig field values; backbone, input channels and reshaper are set here."""
-    ctm_fields.setdefault("d_input", CTMConfig.d_input)
-    ctm = CTMConfig(
-        **{
-            **ctm_fields,
-            "backbone_type": "none",
-            "positional_embedding_type": "none",
-            "in_channels": ctm_fields["d_input"],
-            "prediction_reshaper": [-1],
-        }
-    )
-    return QAMNISTConfig(
-        ctm,
-        iterations_per_digit,
-        iterations_per_question_part,
-        iterations_for_answering,
-        kind,
-        image_channels,
-    )
+def qamnist_config(**fields: Any) -> QAMNISTConfig:
+    """A QAMNISTConfig from field values (CTMConfig's and its own)."""
+    return QAMNISTConfig(**fields)
 
 
 @dataclass
@@ -236,10 +235,9 @@ class QAMNISTCTM(CTM):
     """The CTM of the QAMNIST task: ``m(x, z)``; see the module docstring."""
 
     def __init__(self, cfg: QAMNISTConfig):
-        cfg.validate()
-        super().__init__(cfg.ctm)
+        super().__init__(cfg)
         self.qcfg = cfg
-        add_question_inputs(self, cfg.ctm.d_input, cfg.image_channels)
+        add_question_inputs(self, cfg.d_input, cfg.image_channels)
 
     def phases(self, x: torch.Tensor, z: torch.Tensor) -> Phases:
         return Phases(
@@ -345,8 +343,8 @@ class QAMNISTLSTM(nn.Module):
     def __init__(self, cfg: QAMNISTConfig):
         super().__init__()
         cfg.validate()
-        self.qcfg = cfg
-        c = cfg.ctm
+        self.cfg = self.qcfg = cfg
+        c = cfg
         d_model, d_input = c.d_model, c.d_input
         add_question_inputs(self, d_input, cfg.image_channels)
         self.lstm_cell = nn.LSTMCell(d_input, d_model)
@@ -390,7 +388,7 @@ class QAMNISTLSTM(nn.Module):
                 if track:
                     attentions.append(weights.detach())
             elif kind == "answer":
-                step_input = hidden.new_zeros(b, self.qcfg.ctm.d_input)
+                step_input = hidden.new_zeros(b, self.qcfg.d_input)
             else:
                 part = z[:, tick - phases.digit_ticks]
                 if shown_part is None or not torch.equal(part, shown_part):
@@ -448,14 +446,45 @@ def _reference_defaults() -> dict[str, Any]:
     )
 
 
-QAMNIST_PRESETS = {"qamnist": _reference_defaults}
+def _small() -> dict[str, Any]:
+    # Learns on scikit-learn's 8x8 digits on two CPU cores in minutes: 1-2 digits, 1-2
+    # operations, each input shown for 2 ticks, 4 answer ticks, 128 neurons.
+    return dict(
+        _reference_defaults(),
+        iterations=10,
+        d_model=128,
+        d_input=32,
+        heads=2,
+        n_synch_out=16,
+        n_synch_action=16,
+        n_random_pairing_self=0,
+        memory_length=5,
+        memory_hidden_dims=4,
+        iterations_per_digit=2,
+        iterations_per_question_part=2,
+        iterations_for_answering=4,
+        num_digits=2,
+        num_digits_delta=1,
+        num_operations=2,
+        num_operations_delta=1,
+    )
+
+
+QAMNIST_PRESETS = {"qamnist": _reference_defaults, "qamnist-small": _small}
 
 
 def qamnist_preset(name: str = "qamnist", **overrides: Any) -> QAMNISTConfig:
-    """A named QAMNIST configuration with fields (CTMConfig's or QAMNISTConfig's) overridden."""
+    """A named QAMNIST configuration with fields overridden."""
     if name not in QAMNIST_PRESETS:
         raise ValueError(f"unknown QAMNIST preset {name!r}; choose one of {tuple(QAMNIST_PRESETS)}")
+    known = {f.name for f in dataclasses.fields(QAMNISTConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown QAMNISTConfig fields {unknown} for preset {name!r}")
     return qamnist_config(**{**QAMNIST_PRESETS[name](), **overrides})
+
+
+VARIANT_PRESETS.update({name: partial(qamnist_preset, name) for name in QAMNIST_PRESETS})
 
 
 __all__ = [
@@ -468,4 +497,5 @@ __all__ = [
     "build_qamnist_model",
     "qamnist_config",
     "qamnist_preset",
+    "QAMNIST_PRESETS",
 ]

@@ -20,7 +20,7 @@ from typing import Any, Union
 
 import yaml
 
-from ctm_dist.model import CTMConfig, preset
+from ctm_dist.model import CTMConfig, QAMNISTConfig, preset
 from ctm_dist.tasks import UnknownTask, get_task, task_names
 
 SEED_LIMIT = (
@@ -257,7 +257,12 @@ def _model_hint(name: str) -> Any:
     return hint
 
 
-_MODEL_HINTS = {**typing.get_type_hints(CTMConfig), **PRESET_ARGUMENTS}
+# the fields of model variants' configs (subclasses of CTMConfig) are accepted too
+_MODEL_HINTS = {
+    **typing.get_type_hints(QAMNISTConfig),
+    **typing.get_type_hints(CTMConfig),
+    **PRESET_ARGUMENTS,
+}
 
 
 def apply_override(cfg: TrainConfig, item: str) -> None:

@@ -51,13 +51,15 @@ def test_reference_checkpoint_gives_reference_outputs(name):
     if "synch_out" in want:
         torch.testing.assert_close(synch_out, want["synch_out"], atol=1e-5, rtol=1e-4)
     cfg = model.qcfg
-    assert (cfg.iterations_per_digit, cfg.iterations_for_answering, cfg.ctm.out_dims) == (2, 3, 10)
+    assert (cfg.iterations_per_digit, cfg.iterations_for_answering, cfg.out_dims) == (2, 3, 10)
+    assert (cfg.num_digits, cfg.num_digits_delta, cfg.num_operations) == (3, 2, 3)  # q_num_*
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_export_then_load_gives_the_same_model(tmp_path, name):
     model = load_reference_checkpoint(fixture(name))
     path = tmp_path / "exported.pt"
+    model.qcfg.num_operations = 4  # the curriculum is saved as the reference's q_num_* options
     export_reference_checkpoint(model, path, "qamnist")
     args = read_reference_checkpoint(path)["args"]
     assert not hasattr(args, "dataset")
@@ -66,6 +68,7 @@ def test_export_then_load_gives_the_same_model(tmp_path, name):
         2,
         3,
     )
+    assert (args.q_num_operations, args.q_num_images_delta) == (4, 2)
     again = load_reference_checkpoint(path)
     assert again.qcfg == model.qcfg
     want = expected(name)
