@@ -3,8 +3,8 @@
 A question, as in the reference's ``QAMNISTDataset``: ``digits`` images are drawn (uniformly,
 with replacement) from the split's pool; the question picks a digit by its index, then for each
 of ``operations`` steps an operator (``+``/``-``, coded -1/-2) and another index; the answer is
-the running value modulo 10. Each image and each question part is repeated for ``repeats``
-ticks. A batch is ``dict(input [B, digits*repeats, 1, S, S], question [B, parts*repeats] long,
+the running value modulo 10. Each image is repeated for ``repeats`` ticks, each question part
+for ``question_repeats`` (the reference: the same number). A batch is ``dict(input [B, digits*repeats, 1, S, S], question [B, parts*repeats] long,
 target [B], operations [B], digits [B], valid [B], key)``.
 
 The curriculum: like the reference's sampler, every batch draws its number of digits and of
@@ -134,6 +134,7 @@ class QAMNISTLoader:
         num_operations: int = 3,
         num_operations_delta: int = 2,
         repeats: int = 10,
+        question_repeats: int | None = None,
         image_size: int | None = None,
         samples_per_epoch: int | None = None,
         cycle_operations: bool = False,
@@ -147,6 +148,7 @@ class QAMNISTLoader:
         self.digit_range = curriculum_range(num_digits, num_digits_delta)
         self.operation_range = curriculum_range(num_operations, num_operations_delta)
         self.repeats = repeats
+        self.question_repeats = question_repeats or repeats
         self.image_size = image_size or int(pool.meta.get("image_size") or pool.images.shape[1])
         self.mean = float(pool.meta.get("mean", 0.0))
         self.std = float(pool.meta.get("std", 1.0)) or 1.0
@@ -195,7 +197,7 @@ class QAMNISTLoader:
             rng = np.random.default_rng([self.seed, self.epoch, 0, n])
             chosen[row] = rng.integers(len(self.pool.labels), size=digits)
             question, answer = make_question(
-                rng, self.pool.labels[chosen[row]], operations, self.repeats
+                rng, self.pool.labels[chosen[row]], operations, self.question_repeats
             )
             questions.append(question)
             answers.append(answer)
@@ -236,7 +238,7 @@ class QAMNISTLoader:
             "seed": self.seed,
             "digit_range": list(self.digit_range),
             "operation_range": list(self.operation_range),
-            "repeats": self.repeats,
+            "repeats": [self.repeats, self.question_repeats],
             "samples_per_epoch": self.samples_per_epoch,
         }
 
