@@ -447,22 +447,22 @@ def _reference_defaults() -> dict[str, Any]:
 
 
 def _small() -> dict[str, Any]:
-    # Learns on scikit-learn's 8x8 digits on two CPU cores in minutes: 1-2 digits, 1-2
-    # operations, each input shown for 2 ticks, 4 answer ticks, 128 neurons.
+    # Learns on scikit-learn's 8x8 digits on two shared CPU cores within 10 minutes
+    # (docs/qamnist.md): 64 neurons, each input shown for 1 tick, 2 answer ticks.
     return dict(
         _reference_defaults(),
-        iterations=10,
-        d_model=128,
-        d_input=32,
+        iterations=4,
+        d_model=64,
+        d_input=16,
         heads=2,
-        n_synch_out=16,
-        n_synch_action=16,
+        n_synch_out=8,
+        n_synch_action=8,
         n_random_pairing_self=0,
-        memory_length=5,
+        memory_length=3,
         memory_hidden_dims=4,
-        iterations_per_digit=2,
-        iterations_per_question_part=2,
-        iterations_for_answering=4,
+        iterations_per_digit=1,
+        iterations_per_question_part=1,
+        iterations_for_answering=2,
         num_digits=2,
         num_digits_delta=1,
         num_operations=2,
