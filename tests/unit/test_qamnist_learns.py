@@ -3,8 +3,9 @@ digits answers beyond what the answers' own distribution gives.
 
 The questions have one digit and one operation (the preset's curriculum at its easiest), so the
 most frequent answer (0: every ``d - d``, and ``d + d`` for d in {0, 5}) is right about 60% of the
-time without looking at the input; the trained model must beat that by reading the digit. Measured (2026-12-01, 2 cores, load average
-0.8): eval accuracy 0.861 after these 120 steps, against 0.58 for the most frequent answer; 9.4 s.
+time without looking at the input; the trained model must beat that by reading the digit.
+Measured (2026-12-01, 2 cores, load average 0.8): eval accuracy 0.861 after these 120 steps,
+against 0.58 for the most frequent answer; 9.4 s.
 """
 
 from __future__ import annotations
