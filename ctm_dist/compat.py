@@ -6,6 +6,8 @@ shape is spread over those command-line options, and two of the constructor's ar
 ``out_dims`` and ``prediction_reshaper``, are derived from the task (dataset) rather than
 given. This module turns such a file into a ready :class:`~ctm_dist.model.CTM` and writes
 our models back in the same format, so that the reference's analysis scripts can read them.
+Q&A MNIST runs (told by their ``q_num_*`` options; ``compat_qamnist.py`` maps them) load as
+:class:`~ctm_dist.model.qamnist.QAMNISTCTM` or its LSTM baseline, called ``m(x, z)``.
 
 Loading never runs code from the file: ``torch.load(weights_only=True)`` with only
 ``argparse.Namespace`` and plain numpy arrays/scalars (the reference checkpoints carry
@@ -26,7 +28,13 @@ from typing import IO, Any
 import numpy as np
 import torch
 
+from ctm_dist.compat_qamnist import (
+    is_qamnist_args,
+    qamnist_config_from_reference_args,
+    reference_args_from_qamnist_config,
+)
 from ctm_dist.model import CTM, CTMConfig, LSTMBaseline, LSTMConfig
+from ctm_dist.model.qamnist import QAMNISTLSTM, build_qamnist_model
 from ctm_dist.storage.checkpoints import (
     CheckpointError,
 )  # the one checkpoint error type; the message says why
@@ -190,6 +198,11 @@ def config_from_reference_args(
     if not isinstance(args, argparse.Namespace):
         raise CheckpointError(
             f"checkpoint 'args' must be an argparse.Namespace, got {type(args).__name__}"
+        )
+    if is_qamnist_args(args):
+        raise CheckpointError(
+            "checkpoint args are a Q&A MNIST run's (q_num_* options): load it with "
+            "load_reference_checkpoint, which builds the QAMNIST model"
         )
     model_kind = reference_model_kind(args)
     if model_kind != "ctm":
@@ -416,19 +429,21 @@ def _first_line(err: BaseException) -> str:
 # --- loading -------------------------------------------------------------------------------------
 
 
-def load_reference_checkpoint(source: Source, **overrides: Any) -> CTM | LSTMBaseline:
-    """A CTM (or, for a run of the reference's LSTM baseline, an :class:`LSTMBaseline`) in eval
-    mode with the weights of a reference checkpoint, loaded strictly; called as the reference's
-    model is (``model(x)`` -> predictions, certainties, synchronisation or ``None``).
+def load_reference_checkpoint(source: Source, **overrides: Any) -> torch.nn.Module:
+    """The model of a reference checkpoint in eval mode, loaded strictly: a CTM (or, for a run of
+    the reference's LSTM baseline, an :class:`LSTMBaseline`), called as the reference's model is
+    (``model(x)`` -> predictions, certainties, synchronisation or ``None``).
 
     ``overrides`` replace config fields that do not change weights (e.g. ``tick_checkpointing``,
-    ``attention_impl``).
+    ``attention_impl``). A Q&A MNIST checkpoint gives its QAMNIST CTM or LSTM (``m(x, z)``).
     """
     checkpoint = read_reference_checkpoint(source)
     name = _describe(source)
     state = checkpoint["model_state_dict"]
     args = checkpoint["args"]
-    if isinstance(args, argparse.Namespace) and reference_model_kind(args) == "lstm":
+    if is_qamnist_args(args):
+        model = build_qamnist_model(qamnist_config_from_reference_args(args, state, **overrides))
+    elif isinstance(args, argparse.Namespace) and reference_model_kind(args) == "lstm":
         model = LSTMBaseline(lstm_config_from_reference_args(args, state, **overrides))
     else:
         model = CTM(config_from_reference_args(args, state, **overrides))
@@ -455,8 +470,8 @@ def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], 
         problems.append(f"shape mismatch {_clip(mismatched)}")
     if problems:
         raise CheckpointError(
-            f"{name}: weights do not fit the {'LSTM' if isinstance(model, LSTMBaseline) else 'CTM'} "
-            "its args describe: " + "; ".join(problems)
+            f"{name}: weights do not fit the {type(model).__name__} its args describe: "
+            + "; ".join(problems)
         )
 
 
@@ -477,18 +492,29 @@ def export_reference_checkpoint(
     """Write ``{"model_state_dict", "args"}`` as a reference train script would, atomically.
 
     ``dataset`` names the task for the reference (``cifar10``, ``imagenet``, ``mazes-medium``,
-    ``parity``, ...); ``extra_args`` adds or overrides options in the saved Namespace.
+    ``parity``, ``qamnist``...); ``extra_args`` adds or overrides options in the saved Namespace.
+    A QAMNIST model (CTM or LSTM) is saved as the reference's QAMNIST script saves it, with no
+    ``dataset`` field.
     """
-    while not isinstance(model, CTM):
+    while not isinstance(model, (CTM, QAMNISTLSTM)):
         inner = getattr(model, "module", None) or getattr(
             model, "_orig_mod", None
         )  # DDP/DeepSpeed, torch.compile
         if not isinstance(inner, torch.nn.Module):
             break
         model = inner
-    if not isinstance(model, CTM):
+    if not isinstance(model, (CTM, QAMNISTLSTM)):
         raise TypeError(f"expected a ctm_dist CTM, got {type(model).__name__}")
-    args = reference_args_from_config(model.cfg, dataset, extra_args)
+    qcfg = getattr(model, "qcfg", None)
+    if (qcfg is None) != (dataset != "qamnist"):
+        raise ValueError(
+            f"dataset {dataset!r} does not fit a {type(model).__name__}: Q&A MNIST models "
+            "export with dataset 'qamnist', and only they do"
+        )
+    if qcfg is not None:
+        args = reference_args_from_qamnist_config(qcfg, extra_args)
+    else:
+        args = reference_args_from_config(model.cfg, dataset, extra_args)
     # The reference keeps float32 weights; bf16/fp16 copies (e.g. from a DeepSpeed engine) are widened.
     state = {
         key: value.detach().to(

@@ -30,6 +30,7 @@ from .kinds import (
     model_config,
 )
 from .lstm import LSTMBaseline, LSTMConfig
+from .qamnist import QAMNISTConfig  # also registers the QAMNIST presets with ``preset``
 
 __all__ = [
     "CTM",
@@ -49,6 +50,7 @@ __all__ = [
     "PARITY_SEQUENCE_LENGTH",
     "OUR_FIELDS",
     "PRESET_NAMES",
+    "QAMNISTConfig",
     "Readout",
     "ReadoutState",
     "TickContext",

@@ -21,6 +21,7 @@ resume and export ignore them.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -426,16 +427,23 @@ _PRESETS = {
     "demo": _demo,
 }
 PRESET_NAMES = tuple(_PRESETS)
+# Presets of model variants whose config extends CTMConfig (name -> builder taking the overrides),
+# filled by the variant's module when ``ctm_dist.model`` is imported (``qamnist.py``).
+VARIANT_PRESETS: dict[str, Callable[..., CTMConfig]] = {}
 
 
 def preset(name: str, **overrides: Any) -> CTMConfig:
     """A named configuration with fields overridden.
 
     ``mazes`` also takes ``route_length`` and ``parity`` takes ``sequence_length``; they set
-    ``out_dims`` and ``prediction_reshaper`` together.
+    ``out_dims`` and ``prediction_reshaper`` together. A variant's preset (``VARIANT_PRESETS``)
+    returns the variant's config.
     """
+    if name in VARIANT_PRESETS:
+        return VARIANT_PRESETS[name](**overrides)
     if name not in _PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {PRESET_NAMES}")
+        names = PRESET_NAMES + tuple(VARIANT_PRESETS)
+        raise ValueError(f"unknown preset {name!r}; choose one of {names}")
     builder_args = {}
     for key in ("route_length", "sequence_length"):
         if key in overrides:

@@ -20,7 +20,7 @@ from typing import Any, Union
 
 import yaml
 
-from ctm_dist.model import MODEL_KINDS, CTMConfig, LSTMConfig, model_config
+from ctm_dist.model import MODEL_KINDS, CTMConfig, LSTMConfig, QAMNISTConfig, model_config
 from ctm_dist.tasks import UnknownTask, get_task, task_names
 
 SEED_LIMIT = (
@@ -265,8 +265,10 @@ def _model_hint(name: str) -> Any:
     return hint
 
 
+# the fields of every model kind's and variant's config are accepted under model.*
 _MODEL_HINTS = {
     **typing.get_type_hints(LSTMConfig),
+    **typing.get_type_hints(QAMNISTConfig),
     **typing.get_type_hints(CTMConfig),
     **PRESET_ARGUMENTS,
 }

@@ -9,6 +9,10 @@ statistics and decays (some outside the [0, 15] clamp), runs the reference in ev
 tracking, and writes ``tests/golden/<case>.safetensors`` holding the weights (``model.*``, taken
 before the reference's forward clamps the decays), the input, and the outputs; the config and
 seed go in the metadata.
+
+The QAMNIST cases (``QAMNIST_CASES``: the reference's QAMNIST CTM and its LSTM baseline, called
+``m(x, z)``) go to ``tests/golden/qamnist/<case>.safetensors`` in the same way; ``--only`` picks
+one family.
 """
 
 from __future__ import annotations
@@ -192,14 +196,123 @@ def generate(reference: Path, seed: int = 1234) -> None:
         print(f"{path.name}: {path.stat().st_size / 1e3:.0f} kB")
 
 
+# name -> (model kind, config overrides, (batch, digits, question parts, image size))
+QAMNIST_CASES = {
+    "qamnist_ctm_random": (
+        "ctm",
+        dict(neuron_select_type="random", n_synch_out=4, n_synch_action=5, synapse_depth=1),
+        (3, 2, 5, 8),
+    ),
+    "qamnist_ctm_firstlast_unet_layernorm": (
+        "ctm",
+        dict(
+            neuron_select_type="first-last",
+            n_synch_out=5,
+            n_synch_action=4,
+            synapse_depth=3,
+            do_layernorm_nlm=True,
+            deep_nlms=False,
+        ),
+        (2, 3, 3, 12),
+    ),
+    "qamnist_lstm": ("lstm", dict(), (3, 2, 5, 8)),
+}
+_QAMNIST_TICKS = dict(
+    iterations_per_digit=2, iterations_per_question_part=2, iterations_for_answering=3
+)
+
+
+def qamnist_case_config(name: str) -> dict:
+    kind, overrides, _ = QAMNIST_CASES[name]
+    base = {k: v for k, v in _SMALL.items() if k != "dropout_nlm"}
+    values = {**base, "out_dims": 10, "deep_nlms": True, **overrides}
+    values.update(_QAMNIST_TICKS, kind=kind)
+    if kind == "lstm":
+        values = {
+            k: values[k]
+            for k in ("kind", "iterations", "d_model", "d_input", "heads", "out_dims")
+            + tuple(_QAMNIST_TICKS)
+        }
+    return values
+
+
+def make_question(
+    batch: int, digits: int, parts: int, repeats: int, generator: torch.Generator
+) -> torch.Tensor:
+    """[B, parts * repeats]: index, operator, index, ... (operators -1 / -2), each repeated."""
+    codes = torch.empty(batch, parts, dtype=torch.long)
+    codes[:, 0::2] = torch.randint(0, digits, (batch, (parts + 1) // 2), generator=generator)
+    codes[:, 1::2] = -torch.randint(1, 3, (batch, parts // 2), generator=generator)
+    return codes.repeat_interleave(repeats, dim=1)
+
+
+def generate_qamnist(reference: Path, seed: int) -> None:
+    sys.path.insert(0, str(reference))
+    from models.ctm_qamnist import ContinuousThoughtMachineQAMNIST  # noqa: E402
+    from models.lstm_qamnist import LSTMBaseline  # noqa: E402
+
+    out_dir = HERE / "qamnist"
+    out_dir.mkdir(exist_ok=True)
+    for index, name in enumerate(QAMNIST_CASES):
+        config = qamnist_case_config(name)
+        batch, digits, parts, size = QAMNIST_CASES[name][2]
+        case_seed = seed + 100 + index
+        generator = torch.Generator().manual_seed(case_seed)
+        repeats = config["iterations_per_digit"]
+        images = torch.randn(batch, digits, 1, size, size, generator=generator)
+        x = images.repeat_interleave(repeats, dim=1)
+        z = make_question(batch, digits, parts, config["iterations_per_question_part"], generator)
+        ref_kwargs = {k: v for k, v in config.items() if k != "kind"}
+        np.random.seed(case_seed)
+        torch.manual_seed(case_seed)
+        with contextlib.redirect_stdout(io.StringIO()):
+            if config["kind"] == "ctm":
+                model = ContinuousThoughtMachineQAMNIST(**ref_kwargs)
+            else:
+                model = LSTMBaseline(**ref_kwargs)
+            model.eval()
+            with torch.no_grad():
+                model(x, z)  # materialise lazy layers
+        randomise(model, generator)
+        weights = {
+            f"model.{k}": (v.to(torch.bfloat16) if v.is_floating_point() else v).clone()
+            for k, v in model.state_dict().items()
+        }
+        with torch.no_grad():
+            predictions, certainties, sync_out, pre, post, attention, _ = model(x, z, track=True)
+        tensors = {
+            **weights,
+            "input": x,
+            "question": z,
+            "predictions": predictions,
+            "certainties": certainties,
+            "pre_activations": torch.from_numpy(pre),
+            "post_activations": torch.from_numpy(post),
+            "attention": torch.from_numpy(attention),
+        }
+        if sync_out is not None:
+            tensors["sync_out"] = sync_out
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        metadata = {"config": json.dumps(config), "numpy_seed": str(case_seed)}
+        path = out_dir / f"{name}.safetensors"
+        save_file(tensors, str(path), metadata=metadata)
+        print(f"qamnist/{path.name}: {path.stat().st_size / 1e3:.0f} kB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--reference", type=Path, required=True, help="checkout of the reference CTM repository"
     )
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument(
+        "--only", choices=("ctm", "qamnist"), help="write one family of fixtures (default: all)"
+    )
     args = parser.parse_args()
-    generate(args.reference.resolve(), args.seed)
+    if args.only in (None, "ctm"):
+        generate(args.reference.resolve(), args.seed)
+    if args.only in (None, "qamnist"):
+        generate_qamnist(args.reference.resolve(), args.seed)
 
 
 if __name__ == "__main__":

@@ -374,7 +374,7 @@ def test_launchers_have_no_sys_path_hack_and_console_commands(monkeypatch, capsy
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     for launcher in (REPO / "launch").glob("*.py"):
         assert "sys.path" not in launcher.read_text(), launcher.name
-    for task in ("imagenet", "cifar10", "mazes", "parity"):
+    for task in ("imagenet", "cifar10", "mazes", "parity", "qamnist"):
         assert scripts[f"ctm-{task}"] == f"ctm_dist.train.cli:{task}"
     for tool in ("evaluate", "visualize", "predict", "export"):
         assert scripts[f"ctm-{tool}"] == f"ctm_dist.eval.cli:{tool}_main"

@@ -21,6 +21,7 @@ FORBIDDEN = {
     "ctm_dist.inference": ("ctm_dist.train", "ctm_dist.eval"),
     "ctm_dist.compat": ("ctm_dist.train", "ctm_dist.eval"),
     "ctm_dist.hub": ("ctm_dist.train", "ctm_dist.eval"),
+    "ctm_dist.compat_qamnist": ("ctm_dist.train", "ctm_dist.eval"),
     "ctm_dist.tasks": ("ctm_dist.train", "ctm_dist.eval"),
     "ctm_dist.eval": ("ctm_dist.train",),
 }

@@ -1,0 +1,161 @@
+"""Q&A MNIST: arithmetic questions about digits seen one after another, drawn on the fly.
+
+The data is a digit shard set (``datasets/qamnist.py``: MNIST or scikit-learn's digits); the
+questions are drawn from it by ``ctm_dist.data.qamnist.QAMNISTLoader`` with the model config's
+curriculum and tick counts. The model is the QAMNIST CTM or its LSTM baseline
+(``model.kind=lstm``), called ``m(x, z)``: a batch's input is the pair (digit images, question
+codes) and its target the pair (answer, number of operations) ``[B, 2]``. The loss and accuracy
+read only the answer ticks; accuracy is also reported per number of operations
+(``{split}/accuracy_ops_N``). Offline evaluation and pictures are not implemented for this task.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ctm_dist.data.qamnist import DigitPool, QAMNISTLoader
+from ctm_dist.losses.metrics import accuracy_at_most_certain
+from ctm_dist.losses.qamnist import answer_ticks_of, correct_by_operations, qamnist_loss
+from ctm_dist.model import QAMNISTConfig, preset
+from ctm_dist.model.qamnist import QAMNIST_PRESETS, build_qamnist_model
+
+from .base import ShardTask
+
+EVAL_SEED_OFFSET = 7919  # evaluation questions: another seed than the training stream
+EVAL_BATCHES = 8  # when eval.batches is 0 (questions are endless)
+
+
+def operation_counts(cfg: QAMNISTConfig) -> list[int]:
+    """Every number of operations a batch can have: [n - delta, n + delta), or n alone."""
+    low, high = (
+        cfg.num_operations - cfg.num_operations_delta,
+        cfg.num_operations + cfg.num_operations_delta,
+    )
+    return list(range(low, high)) if high > low else [low]
+
+
+class QAMNIST(ShardTask):
+    """Answer accuracy at the judged answer tick, overall and per number of operations."""
+
+    name = "qamnist"
+    headline = {"train": "accuracy", "eval": "accuracy"}
+    launch_defaults = {
+        "run": {"name": "qamnist", "max_steps": 100_000, "log_every": 100},
+        "data": {"task": "qamnist", "batch_size": 64, "eval_batch_size": 256},
+        "model": {"preset": "qamnist"},
+        "optim": {"lr": 1e-3, "warmup_steps": 5000, "min_lr": 1e-7, "warmup_start_lr": 1e-20},
+        "checkpoint": {"every": 1000},
+        "eval": {"every": 1000, "batches": 20},
+    }
+
+    def __init__(self, cfg, rank, world_size):
+        super().__init__(cfg, rank, world_size)
+        self.qcfg = self.model_config()
+        self.counts = operation_counts(self.qcfg)
+        self._pools: dict[str, DigitPool] = {}
+
+    @classmethod
+    def preflight(cls, cfg):
+        super().preflight(cfg)
+        if cfg.model.preset not in QAMNIST_PRESETS:
+            raise ValueError(
+                f"task qamnist needs a QAMNIST model preset ({', '.join(QAMNIST_PRESETS)}), "
+                f"got {cfg.model.preset!r}"
+            )
+
+    def model_config(self) -> QAMNISTConfig:
+        values = dict(self.cfg.model.overrides)
+        if self.cfg.model.preset not in QAMNIST_PRESETS:
+            raise ValueError(
+                f"task qamnist needs a QAMNIST model preset ({', '.join(QAMNIST_PRESETS)}), "
+                f"got {self.cfg.model.preset!r}"
+            )
+        values.setdefault("kind", self.cfg.model.kind)  # model.kind picks the CTM or the LSTM
+        return preset(self.cfg.model.preset, **values)
+
+    def build_model(self, model_cfg):
+        return build_qamnist_model(model_cfg)
+
+    def forward(self, model, x):
+        images, question = x
+        predictions, certainties, _ = model(images, question)
+        return predictions, certainties
+
+    # --- data
+    def _pool(self, split: str) -> DigitPool:
+        if split not in self._pools:
+            self._pools[split] = DigitPool.read(self.location, split)
+        return self._pools[split]
+
+    def _loader(self, split, batch_size, train, seed, **extra):
+        q = self.qcfg
+        return QAMNISTLoader(
+            self._pool(split),
+            batch_size=batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=seed,
+            num_digits=q.num_digits,
+            num_digits_delta=q.num_digits_delta,
+            num_operations=q.num_operations,
+            num_operations_delta=q.num_operations_delta,
+            repeats=q.iterations_per_digit,
+            question_repeats=q.iterations_per_question_part,
+            image_size=self.cfg.data.image_size or None,
+            **extra,
+        )
+
+    def train_loader(self, batch_size, seed):
+        return self._loader(self.train_split, batch_size, True, seed)
+
+    def eval_loader(self, batch_size):
+        """Questions on the validation digits (another seed), the same at every evaluation; the
+        numbers of operations take turns so that each is measured."""
+        batches = self.cfg.eval.batches or EVAL_BATCHES
+        return self._loader(
+            self.eval_split,
+            batch_size,
+            False,
+            self.cfg.run.seed + EVAL_SEED_OFFSET,
+            samples_per_epoch=batches * batch_size * self.world_size,
+            cycle_operations=True,
+        )
+
+    def to_device(self, batch, device, dtype):
+        images = batch["input"].to(device, dtype, non_blocking=True)
+        question = batch["question"].to(device, non_blocking=True)
+        target = torch.stack((batch["target"], batch["operations"]), 1).to(device)
+        return (images, question), target, batch["valid"].to(device).float()
+
+    # --- objective and metrics
+    def loss(self, predictions, certainties, target, valid):
+        return qamnist_loss(
+            predictions,
+            certainties,
+            target[:, 0],
+            self.qcfg.iterations_for_answering,
+            use_most_certain=self.qcfg.kind == "ctm",
+            weight=valid,
+        )
+
+    def accumulate(self, sums, predictions, target, valid, tick, eval=False):
+        answers = answer_ticks_of(predictions, self.qcfg.iterations_for_answering)
+        sums.add(
+            "correct",
+            accuracy_at_most_certain(answers, target[:, 0], tick, weight=valid, reduction="sum"),
+        )
+        correct, questions = correct_by_operations(
+            answers, target[:, 0], tick, target[:, 1], self.counts, weight=valid
+        )
+        sums.add("correct_by_operations", correct)
+        sums.add("questions_by_operations", questions)
+
+    def summarise(self, reduced, split):
+        out = super().summarise(reduced, split)
+        if "correct_by_operations" in reduced:
+            correct = reduced["correct_by_operations"]
+            questions = reduced["questions_by_operations"]
+            for count, c, n in zip(self.counts, correct.tolist(), questions.tolist()):
+                if n > 0:
+                    out[f"{split}/accuracy_ops_{count}"] = c / n
+        return out
