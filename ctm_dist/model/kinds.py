@@ -12,8 +12,8 @@ from typing import Any
 
 from torch import nn
 
-from . import lstm
-from .config import CTMConfig
+from . import lstm, qamnist
+from .config import VARIANT_PRESETS, CTMConfig
 from .config import preset as ctm_preset
 from .ctm import CTM
 
@@ -34,6 +34,8 @@ def kind_of(cfg: ModelConfig) -> str:
 def model_config(kind: str, name: str, **overrides: Any) -> ModelConfig:
     """The config of preset ``name`` of ``kind`` with fields overridden."""
     check_kind(kind)
+    if name in VARIANT_PRESETS:  # a variant's config (Q&A MNIST) holds its own kind
+        return ctm_preset(name, **{"kind": kind, **overrides})
     return lstm.preset(name, **overrides) if kind == "lstm" else ctm_preset(name, **overrides)
 
 
@@ -53,4 +55,6 @@ def config_from_fields(values: dict[str, Any]) -> ModelConfig:
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
+    if isinstance(cfg, qamnist.QAMNISTConfig):
+        return qamnist.build_qamnist_model(cfg)
     return lstm.LSTMBaseline(cfg) if isinstance(cfg, lstm.LSTMConfig) else CTM(cfg)
