@@ -1,6 +1,6 @@
 """The Continuous Thought Machine model: config, presets, module and its parts."""
 
-from .config import EXECUTION_FIELDS, OUR_FIELDS, PRESET_NAMES, CTMConfig, preset
+from .config import EXECUTION_FIELDS, OUR_FIELDS, PRESET_NAMES, VARIANTS, CTMConfig, preset
 from .ctm import (
     CTM,
     Readout,
@@ -11,6 +11,8 @@ from .ctm import (
     Tracking,
     normalised_entropy,
 )
+from .sort import SortCTM, SortTickContext
+from .variants import build_model
 
 __all__ = [
     "CTM",
@@ -20,10 +22,14 @@ __all__ = [
     "PRESET_NAMES",
     "Readout",
     "ReadoutState",
+    "SortCTM",
+    "SortTickContext",
     "TickContext",
     "TickOutput",
     "TickState",
     "Tracking",
+    "VARIANTS",
+    "build_model",
     "normalised_entropy",
     "preset",
 ]
