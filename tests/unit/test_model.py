@@ -89,7 +89,15 @@ def test_presets_follow_reference_scripts():
         5,
     )
     assert preset("demo", iterations=3).iterations == 3
-    assert set(PRESET_NAMES) == {"imagenet", "mazes", "parity", "cifar10", "demo", "sort"}
+    assert set(PRESET_NAMES) == {
+        "imagenet",
+        "mazes",
+        "parity",
+        "cifar10",
+        "demo",
+        "sort",
+        "sort-small",
+    }
     with pytest.raises(ValueError, match="unknown preset"):
         preset("mnist")
     with pytest.raises(ValueError, match="unknown CTMConfig fields"):
