@@ -46,7 +46,7 @@ class ParityLoader(GeneratedLoader):
 
     state_format, kind = STATE_FORMAT, "parity"
 
-    def __init__(self, sequence_length: int = 64, **kwargs: Any):
+    def __init__(self, sequence_length: int, **kwargs: Any):
         super().__init__(**kwargs)
         self.sequence_length = sequence_length
 
