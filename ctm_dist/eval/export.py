@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ctm_dist.compat import export_reference_checkpoint
-from ctm_dist.model import CTM, CTMConfig
+from ctm_dist.model import CTM, CTMConfig, build_model
 from ctm_dist.storage import Location
 from ctm_dist.storage.checkpoints import check_loadable
 
@@ -185,7 +185,7 @@ def export_run(
     cfg = cfg or recorded
     if cfg is None:
         raise ValueError(f"{run.url}: its COMMIT marker records no model config; pass cfg")
-    model = load_weights(CTM(cfg), state).eval()
+    model = load_weights(build_model(cfg), state).eval()
     task = commit.get("task") or (commit.get("config") or {}).get("data", {}).get("task")
     if reference_dataset:
         export_reference_checkpoint(model, out, reference_dataset)

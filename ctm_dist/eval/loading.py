@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass, field, replace
 
 from ctm_dist.compat import load_reference_checkpoint
-from ctm_dist.model import CTM, CTMConfig
+from ctm_dist.model import CTM, CTMConfig, build_model
 from ctm_dist.storage import Location
 
 from . import export, runs
@@ -63,7 +63,7 @@ def _load_safetensors(location: Location, name: str, overrides: dict) -> Loaded:
         )
     document = json.loads(metadata["config"])
     cfg = CTMConfig.from_dict({**document["model"], **overrides})
-    model = export.load_weights(CTM(cfg), state).eval()
+    model = export.load_weights(build_model(cfg), state).eval()
     return Loaded(
         model,
         "export",
@@ -99,7 +99,7 @@ def load_model(
         if cfg is None:
             raise ValueError(f"{location.url}: its COMMIT marker records no model config")
         cfg = cfg.replace(**overrides) if overrides else cfg
-        model = export.load_weights(CTM(cfg), state).eval()
+        model = export.load_weights(build_model(cfg), state).eval()
         task = commit.get("task") or (commit.get("config") or {}).get("data", {}).get("task")
         loaded = _run_loaded(model, task, commit, location, step)
     elif location.path.endswith(".safetensors"):
