@@ -405,3 +405,16 @@ def test_sort_args_that_contradict_themselves_are_refused(tmp_path):
     del checkpoint["args"].memory_length
     with pytest.raises(CheckpointError, match="not a checkpoint of the reference's sort script"):
         load_reference_checkpoint(_save(tmp_path, checkpoint))
+
+
+def test_a_reference_sort_checkpoint_evaluates_offline():
+    from ctm_dist.eval.cli import format_summary
+    from ctm_dist.eval.evaluate import EvalRequest, evaluate
+
+    req = EvalRequest(checkpoint=fixture("sort"), task="sort", parity_samples=96, batch_size=32)
+    report = evaluate(req)
+    sort = report["sort"]
+    assert (sort["samples"], sort["length"], sort["chance_accuracy"]) == (96, 6, 1 / 6)
+    assert len(sort["accuracy_per_position"]) == 6
+    assert sort["accuracy"] == pytest.approx(sum(sort["accuracy_per_position"]) / 6)
+    assert "sort 96: accuracy per position" in format_summary(report)
