@@ -78,7 +78,21 @@ class Sort(Task):
 
     def __init__(self, cfg, rank, world_size):
         super().__init__(cfg, rank, world_size)
-        self.sequence_length = self.model_config().d_input
+        self.sequence_length = self._sort_model(self.model_config()).d_input
+
+    @classmethod
+    def preflight(cls, cfg):
+        """The preset must be a sort model (another CTM cannot read N numbers or emit an order)."""
+        cls(cfg, 0, 1)  # settles the model config and checks it
+
+    @staticmethod
+    def _sort_model(model_cfg):
+        if model_cfg.variant != "sort":
+            raise ValueError(
+                f"the sort task needs a sort model (model.preset=sort or sort-small); this preset "
+                f"builds the {model_cfg.variant!r} variant"
+            )
+        return model_cfg
 
     def train_loader(self, batch_size, seed):
         return SortLoader(

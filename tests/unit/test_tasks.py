@@ -219,3 +219,13 @@ def test_parity_length_defaults_to_the_preset_in_one_place():
     assert next(iter(task.train_loader(2, seed=0)))["input"].shape == (2, length)
     with pytest.raises(TypeError):
         ParityLoader(batch_size=2)  # the length is always given
+
+
+def test_sort_refuses_a_model_that_is_not_a_sort_variant():
+    cfg = build_config(overrides=["data.task=sort", "model.preset=demo"])
+    with pytest.raises(ValueError, match="the sort task needs a sort model"):
+        get_task("sort").preflight(cfg)
+    with pytest.raises(ValueError, match="builds the 'ctm' variant"):
+        make_task(cfg, 0, 1)
+    task = make_task(build_config(overrides=["data.task=sort", "model.preset=sort"]), 0, 1)
+    assert task.sequence_length == 30 and task.model_config().out_dims == 31
