@@ -525,7 +525,7 @@ def next_commands(
         extra = f" --local-dir {shlex.quote(os.fspath(local_dir))}"
     run = shlex.quote(run_url)
     commands = [f"python launch/evaluate.py {run} --out eval-{name}{extra}"]
-    if not get_task(task).generated_data:  # pictures need images or a shard set
+    if task is None or not get_task(task).generated_data:  # pictures need images or shards
         commands.append(f"python launch/visualize.py {run} --out pictures-{name}{extra}")
     commands.append(f"python launch/export.py {run} export-{name}{extra}")
     return commands
