@@ -9,6 +9,11 @@ our models back in the same format, so that the reference's analysis scripts can
 Q&A MNIST runs (told by their ``q_num_*`` options; ``compat_qamnist.py`` maps them) load as
 :class:`~ctm_dist.model.qamnist.QAMNISTCTM` or its LSTM baseline, called ``m(x, z)``.
 
+The sort script (``tasks/sort/train.py``) saves no ``dataset``; its runs are told by
+``N_to_sort`` and give a :class:`~ctm_dist.model.SortCTM` (the reference's
+``ContinuousThoughtMachineSORT``, which ignores the saved ``heads``, ``n_synch_action`` and
+``d_input``: it has no attention and reads the N numbers directly).
+
 Loading never runs code from the file: ``torch.load(weights_only=True)`` with only
 ``argparse.Namespace`` and plain numpy arrays/scalars (the reference checkpoints carry
 numpy RNG state and accuracy curves) added to torch's allow-list.
@@ -33,7 +38,7 @@ from ctm_dist.compat_qamnist import (
     qamnist_config_from_reference_args,
     reference_args_from_qamnist_config,
 )
-from ctm_dist.model import CTM, CTMConfig, LSTMBaseline, LSTMConfig
+from ctm_dist.model import CTM, CTMConfig, LSTMBaseline, LSTMConfig, build_model
 from ctm_dist.model.qamnist import QAMNISTLSTM, build_qamnist_model
 from ctm_dist.storage.checkpoints import (
     CheckpointError,
@@ -47,6 +52,7 @@ __all__ = [
     "task_output_shape",
     "check_state_dict",
     "input_channels",
+    "is_sort_run",
     "config_from_reference_args",
     "lstm_config_from_reference_args",
     "reference_model_kind",
@@ -69,6 +75,7 @@ CLASSIFICATION_DATASETS: dict[str, int | None] = {
 }
 MAZE_DATASETS = ("mazes-small", "mazes-medium", "mazes-large")
 PARITY_DATASETS = ("parity",)
+SORT_FIELD = "N_to_sort"  # only the sort script saves it (and it saves no dataset)
 MAZE_MOVES = 5  # up, down, left, right, wait
 
 # Options every reference CTM run saves (names as in the reference's argparse parsers).
@@ -122,6 +129,92 @@ def _positive_int(args: argparse.Namespace, name: str) -> int:
 
 
 # --- args <-> config -----------------------------------------------------------------------------
+
+
+def is_sort_run(args: argparse.Namespace) -> bool:
+    """Whether the options are those of the reference's sort script."""
+    return hasattr(args, SORT_FIELD) and getattr(args, "dataset", None) is None
+
+
+_SORT_REQUIRED_ARGS = (
+    "iterations",
+    "d_model",
+    "n_synch_out",
+    "synapse_depth",
+    "memory_length",
+    "deep_memory",
+    "memory_hidden_dims",
+)
+
+
+def _sort_config(args: argparse.Namespace, overrides: dict[str, Any]) -> CTMConfig:
+    """The sort script's options as the model it builds: N inputs, N positions + a blank out."""
+    missing = [name for name in _SORT_REQUIRED_ARGS if not hasattr(args, name)]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint args lack {missing}; not a checkpoint of the reference's sort script"
+        )
+    length = getattr(args, SORT_FIELD)
+    if not isinstance(length, int) or isinstance(length, bool) or length < 2:
+        raise CheckpointError(f"args.{SORT_FIELD} must be an integer >= 2, got {length!r}")
+    saved_out_dims = getattr(args, "out_dims", None)
+    if saved_out_dims is not None and saved_out_dims != length + 1:
+        raise CheckpointError(
+            f"args.out_dims={saved_out_dims} does not match {SORT_FIELD}={length} "
+            f"(which gives {length + 1})"
+        )
+    values = dict(
+        variant="sort",
+        iterations=args.iterations,
+        d_model=args.d_model,
+        d_input=length,
+        heads=0,
+        n_synch_out=args.n_synch_out,
+        n_synch_action=0,
+        synapse_depth=args.synapse_depth,
+        memory_length=args.memory_length,
+        deep_nlms=bool(args.deep_memory),
+        memory_hidden_dims=args.memory_hidden_dims,
+        do_layernorm_nlm=bool(getattr(args, "do_normalisation", False)),
+        backbone_type="none",
+        positional_embedding_type="none",
+        out_dims=length + 1,
+        prediction_reshaper=[-1],
+        dropout=getattr(args, "dropout", 0.0),
+        dropout_nlm=getattr(args, "dropout_nlm", None),
+        neuron_select_type=getattr(args, "neuron_select_type", "random-pairing"),
+        n_random_pairing_self=getattr(args, "n_random_pairing_self", 0),
+    )
+    values.update(overrides)
+    try:
+        return CTMConfig(**values)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint args describe an invalid sort CTM: {err}") from err
+
+
+def _sort_args(cfg: CTMConfig) -> argparse.Namespace:
+    """What the sort script saves for a model of this config (the options it has, no dataset)."""
+    return argparse.Namespace(
+        N_to_sort=cfg.d_input,
+        iterations=cfg.iterations,
+        d_model=cfg.d_model,
+        d_input=cfg.d_input,
+        heads=0,
+        n_synch_out=cfg.n_synch_out,
+        n_synch_action=0,
+        synapse_depth=cfg.synapse_depth,
+        memory_length=cfg.memory_length,
+        deep_memory=cfg.deep_nlms,
+        memory_hidden_dims=cfg.memory_hidden_dims,
+        do_normalisation=cfg.do_layernorm_nlm,
+        backbone_type="none",
+        positional_embedding_type="none",
+        out_dims=cfg.out_dims,
+        dropout=cfg.dropout,
+        dropout_nlm=cfg.dropout_nlm,
+        neuron_select_type=cfg.neuron_select_type,
+        n_random_pairing_self=cfg.n_random_pairing_self,
+    )
 
 
 def input_channels(backbone_type: str, state_dict: Mapping[str, torch.Tensor] | None) -> int:
@@ -207,6 +300,8 @@ def config_from_reference_args(
     model_kind = reference_model_kind(args)
     if model_kind != "ctm":
         raise CheckpointError(f"checkpoint holds a {model_kind!r} model, not a CTM")
+    if is_sort_run(args):
+        return _sort_config(args, overrides)
     missing = [name for name in _REQUIRED_ARGS if not hasattr(args, name)]
     backbone_type = getattr(args, "backbone_type", None)
     if backbone_type is None and hasattr(args, "resnet_type"):
@@ -257,9 +352,22 @@ def config_from_reference_args(
 
 
 def reference_args_from_config(
-    cfg: CTMConfig, dataset: str, extra_args: Mapping[str, Any] | None = None
+    cfg: CTMConfig, dataset: str | None, extra_args: Mapping[str, Any] | None = None
 ) -> argparse.Namespace:
-    """The options a reference train script would have saved for a model of this config."""
+    """The options a reference train script would have saved for a model of this config.
+
+    ``dataset`` names the task of a base CTM; the sort variant's script saves none (``None`` or
+    ``"sort"``).
+    """
+    if cfg.variant == "sort":
+        if dataset not in (None, "sort"):
+            raise ValueError(f"a sort model is not trained on dataset {dataset!r}")
+        args = _sort_args(cfg)
+        for key, value in (extra_args or {}).items():
+            setattr(args, key, value)
+        return args
+    if dataset is None:
+        raise ValueError("a CTM checkpoint needs the dataset it was trained on (e.g. 'cifar10')")
     args = argparse.Namespace(
         model="ctm",  # image_classification/ and mazes/ scripts
         model_type="ctm",  # parity/ scripts
@@ -434,6 +542,8 @@ def load_reference_checkpoint(source: Source, **overrides: Any) -> torch.nn.Modu
     the reference's LSTM baseline, an :class:`LSTMBaseline`), called as the reference's model is
     (``model(x)`` -> predictions, certainties, synchronisation or ``None``).
 
+    A sort run gives a :class:`~ctm_dist.model.SortCTM`, called as the reference's: ``m(x)``.
+
     ``overrides`` replace config fields that do not change weights (e.g. ``tick_checkpointing``,
     ``attention_impl``). A Q&A MNIST checkpoint gives its QAMNIST CTM or LSTM (``m(x, z)``).
     """
@@ -446,7 +556,7 @@ def load_reference_checkpoint(source: Source, **overrides: Any) -> torch.nn.Modu
     elif isinstance(args, argparse.Namespace) and reference_model_kind(args) == "lstm":
         model = LSTMBaseline(lstm_config_from_reference_args(args, state, **overrides))
     else:
-        model = CTM(config_from_reference_args(args, state, **overrides))
+        model = build_model(config_from_reference_args(args, state, **overrides))
     check_state_dict(model, state, name)
     model.load_state_dict(state, strict=True)
     return model.eval()
@@ -486,13 +596,14 @@ def _clip(items: list[str], limit: int = 8) -> str:
 def export_reference_checkpoint(
     model: torch.nn.Module,
     path: str | os.PathLike,
-    dataset: str,
+    dataset: str | None = None,
     extra_args: Mapping[str, Any] | None = None,
 ) -> None:
     """Write ``{"model_state_dict", "args"}`` as a reference train script would, atomically.
 
     ``dataset`` names the task for the reference (``cifar10``, ``imagenet``, ``mazes-medium``,
-    ``parity``, ``qamnist``...); ``extra_args`` adds or overrides options in the saved Namespace.
+    ``parity``, ``qamnist``...; ``None`` or ``"sort"`` for a sort model, whose script saves
+    ``N_to_sort`` instead); ``extra_args`` adds or overrides options in the saved Namespace.
     A QAMNIST model (CTM or LSTM) is saved as the reference's QAMNIST script saves it, with no
     ``dataset`` field.
     """

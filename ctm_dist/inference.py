@@ -21,16 +21,23 @@ class Prediction(NamedTuple):
     certainty: torch.Tensor  # [B] certainty (1 - normalised entropy) at that tick
 
 
+# per-sample tensors of a tick context: the attention's keys and values, the sort variant's input
+PER_SAMPLE_CONTEXT = ("keys", "values", "input")
+
+
 def _keep(
     state: TickState, ctx: TickContext, readout: ReadoutState, keep: torch.Tensor
 ) -> tuple[TickState, TickContext, ReadoutState]:
     """The samples in ``keep``; the beta sums are the same for every sample."""
+    alpha_action = state.alpha_action
     state = state._replace(
         trace=state.trace[..., keep],
         activated=state.activated[keep],
-        alpha_action=state.alpha_action[keep],
+        alpha_action=None if alpha_action is None else alpha_action[keep],
     )
-    ctx = ctx._replace(keys=ctx.keys[keep], values=ctx.values[keep])
+    ctx = ctx._replace(
+        **{name: getattr(ctx, name)[keep] for name in PER_SAMPLE_CONTEXT if hasattr(ctx, name)}
+    )
     return state, ctx, readout._replace(alpha=readout.alpha[keep])
 
 

@@ -37,10 +37,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ctm_dist.storage import Location, StorageError, StorageNotFound, is_transient, translate_error
 
 from .decode import BadSample, Decoder, make_decoder
+from .generated import merge_generated_states
 from .index import ShardIndex, read_index
 from .parity import STATE_FORMAT as PARITY_STATE_FORMAT
-from .parity import merge_parity_states
 from .sampling import Slot, batches_per_rank, group_order, make_plan, name_hash
+from .sort import STATE_FORMAT as SORT_STATE_FORMAT
 
 log = logging.getLogger(__name__)
 STATE_FORMAT = "ctm-dist-reader/1"
@@ -754,8 +755,8 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
     if not states:
         raise ValueError("merge_states needs at least one state")
     first = states[0]
-    if first.get("format") == PARITY_STATE_FORMAT:
-        return merge_parity_states(states)
+    if first.get("format") in (PARITY_STATE_FORMAT, SORT_STATE_FORMAT):
+        return merge_generated_states(states)
     for s in states[1:]:
         for field in ("format", "split", "seed", "epoch"):
             if s[field] != first[field]:

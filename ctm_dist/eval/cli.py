@@ -211,7 +211,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--task",
         default=None,
-        help="imagenet, demo, cifar10, mazes or parity (default: the shard set's)",
+        help="imagenet, demo, cifar10, mazes, parity or sort (default: the shard set's)",
     )
     p.add_argument(
         "--out", default="eval-out", help="directory for report.json, PNGs and tensorboard/"
@@ -363,6 +363,13 @@ def format_summary(report: dict) -> str:
         lines.append(
             f"parity {par['samples']}: accuracy {100 * par['accuracy']:.2f}%  "
             f"sequences {100 * par['sequence_accuracy']:.2f}%"
+        )
+    order = report.get("sort")
+    if order:
+        lines.append(
+            f"sort {order['samples']}: accuracy per position {100 * order['accuracy']:.2f}% "
+            f"(chance {100 * order['chance_accuracy']:.1f}%)  "
+            f"sequences {100 * order['sequence_accuracy']:.2f}%"
         )
     return "\n".join(lines)
 

@@ -5,6 +5,7 @@
 * ``attention_{i}.png`` / ``attention_{i}.gif``: the input, then its attention tick by tick with the
   class predicted at each tick and its certainty (classification tasks) and a colour bar;
 * ``maze_{i}.gif``: the predicted route as it unfolds over ticks (maze tasks);
+* ``order_{i}.png``: the input position emitted at each tick, rows ordered by value (sorting);
 * ``neurons_{i}.png``: post-activation traces of a sample of neurons; ``sync_{i}.png``: the
   synchronisation matrix of the same neurons.
 
@@ -23,6 +24,7 @@ from ctm_dist.tasks.mazes import maze_rgb, split_route
 
 from . import animate, plots
 from .inputs import attention_maps, display_rgb
+from .sort import sort_order
 
 
 @torch.no_grad()
@@ -85,6 +87,9 @@ def make_pictures(
             written.append(
                 animate.attention_gif(image, maps[:, i], out / f"attention_{i}.gif", **words)
             )
+        if "order" in kind.pictures:
+            order = targets[i] if targets is not None else None
+            figure(sort_order(x[i], predictions[i], order), f"order_{i}")
         if "route" in kind.pictures:
             rgb, _ = maze_rgb(x[i])
             moves = split_route(predictions[i : i + 1]).argmax(2)[0].T.numpy()  # [T, L]

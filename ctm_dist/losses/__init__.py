@@ -1,4 +1,4 @@
-"""Certainty losses of the CTM (classification, parity, mazes with auto-curriculum) and metrics."""
+"""Losses of the CTM (certainty: classification, parity, mazes with auto-curriculum; CTC: sorting) and metrics."""
 
 from .certainty import (
     as_sequence_predictions,
@@ -23,6 +23,7 @@ from .metrics import (
     sequence_step_accuracy,
     topk_accuracy,
 )
+from .sort import decode_sort, sort_loss, sort_position_accuracy, sort_sequence_accuracy
 
 __all__ = [
     "as_sequence_predictions",
@@ -33,6 +34,10 @@ __all__ = [
     "most_certain_tick",
     "parity_loss",
     "per_tick_cross_entropy",
+    "sort_loss",
+    "decode_sort",
+    "sort_position_accuracy",
+    "sort_sequence_accuracy",
     "accuracy_at_most_certain",
     "maze_route_accuracy",
     "maze_step_accuracy",

@@ -6,6 +6,7 @@ from .config import (
     OUR_FIELDS,
     PARITY_SEQUENCE_LENGTH,
     PRESET_NAMES,
+    VARIANTS,
     CTMConfig,
     preset,
 )
@@ -31,6 +32,7 @@ from .kinds import (
 )
 from .lstm import LSTMBaseline, LSTMConfig
 from .qamnist import QAMNISTConfig  # also registers the QAMNIST presets with ``preset``
+from .sort import SortCTM, SortTickContext
 
 __all__ = [
     "CTM",
@@ -53,10 +55,14 @@ __all__ = [
     "QAMNISTConfig",
     "Readout",
     "ReadoutState",
+    "SortCTM",
+    "SortTickContext",
     "TickContext",
     "TickOutput",
     "TickState",
     "Tracking",
+    "VARIANTS",
+    "build_model",
     "normalised_entropy",
     "preset",
 ]

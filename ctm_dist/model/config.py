@@ -5,6 +5,11 @@ arguments map one to one. These fields are ours:
 
 * ``in_channels``: channels of the input (the reference infers them lazily on the first call;
   we build every layer eagerly so that optimisers and DeepSpeed see all parameters at once).
+* ``variant``: which CTM the config describes (``VARIANTS``). ``"ctm"`` is the reference's
+  ``ContinuousThoughtMachine``; ``"sort"`` its ``ContinuousThoughtMachineSORT``, which feeds the raw
+  input vector to the synapses at every tick instead of attending over backbone features, and so
+  has no backbone, no attention and no action synchronisation: there ``heads`` and
+  ``n_synch_action`` are 0 and ``d_input`` is the input's length (``model/sort.py``).
 * ``tick_checkpointing``: recompute ticks in segments of this many during backward (0 = off).
 * ``recompute_nlms``: recompute only each tick's neuron-level models during backward, from the
   pre-activations, and keep everything else (less time, a little more memory than segments).
@@ -38,6 +43,7 @@ POSITIONAL_EMBEDDING_TYPES = (
     "custom-rotational-1d",
 )
 ATTENTION_IMPLS = ("sdpa", "reference")
+VARIANTS = ("ctm", "sort")
 # output sizes of the task presets when nothing else decides them (the reference's defaults)
 MAZE_ROUTE_LENGTH = 100
 PARITY_SEQUENCE_LENGTH = 64
@@ -54,7 +60,10 @@ AUTO_FIELDS = (
     "cpu_kernels",
     "channels_last",
 )  # true, false or "auto" (decided per device)
-OUR_FIELDS = ("in_channels",) + EXECUTION_FIELDS  # not among the reference constructor's arguments
+OUR_FIELDS = (
+    "in_channels",
+    "variant",
+) + EXECUTION_FIELDS  # not among the reference constructor's arguments
 
 
 @dataclass
@@ -80,6 +89,7 @@ class CTMConfig:
     n_random_pairing_self: int = 0
     # ours
     in_channels: int = 3
+    variant: str = "ctm"
     tick_checkpointing: int = 0
     recompute_nlms: bool = False
     attention_impl: str = "sdpa"
@@ -122,26 +132,41 @@ class CTMConfig:
             if not ok:
                 raise ValueError(f"CTMConfig: {message}")
 
+        need(
+            self.variant in VARIANTS,
+            f"variant must be one of {VARIANTS}, got {self.variant!r}",
+        )
+        attends = self.variant == "ctm"  # the sort variant reads its input without attention
         for name in (
             "iterations",
             "d_model",
             "d_input",
-            "heads",
             "memory_length",
             "out_dims",
             "n_synch_out",
-            "n_synch_action",
             "synapse_depth",
-        ):
+        ) + (("heads", "n_synch_action") if attends else ()):
             value = getattr(self, name)
             need(
                 isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                 f"{name} must be a positive integer, got {value!r}",
             )
-        need(
-            self.d_input % self.heads == 0,
-            f"d_input ({self.d_input}) must be divisible by heads ({self.heads})",
-        )
+        if attends:
+            need(
+                self.d_input % self.heads == 0,
+                f"d_input ({self.d_input}) must be divisible by heads ({self.heads})",
+            )
+        else:
+            need(
+                self.heads == 0 and self.n_synch_action == 0,
+                f"the {self.variant} variant has no attention: heads and n_synch_action must be 0, "
+                f"got {self.heads} and {self.n_synch_action}",
+            )
+            need(
+                self.backbone_type == "none",
+                f"the {self.variant} variant has no backbone: backbone_type must be 'none', "
+                f"got {self.backbone_type!r}",
+            )
         need(
             not self.deep_nlms or self.memory_hidden_dims >= 1,
             f"memory_hidden_dims must be >= 1 with deep_nlms, got {self.memory_hidden_dims}",
@@ -175,10 +200,13 @@ class CTMConfig:
                 f"({self.n_synch_out} + {self.n_synch_action})",
             )
         if self.neuron_select_type == "random-pairing":
+            synch_sizes = (
+                (self.n_synch_out, self.n_synch_action) if attends else (self.n_synch_out,)
+            )
             need(
-                0 <= self.n_random_pairing_self < min(self.n_synch_out, self.n_synch_action),
+                0 <= self.n_random_pairing_self < min(synch_sizes),
                 f"n_random_pairing_self ({self.n_random_pairing_self}) must be >= 0 and smaller than "
-                f"n_synch_out and n_synch_action",
+                + (" and ".join(("n_synch_out", "n_synch_action")[: len(synch_sizes)])),
             )
         for name in ("dropout", "dropout_nlm"):
             value = getattr(self, name)
@@ -417,6 +445,46 @@ def _demo() -> dict[str, Any]:
     )
 
 
+def _sort(sequence_length: int = 30) -> dict[str, Any]:
+    # tasks/sort/train.py defaults (N_to_sort=30); the model takes the N numbers as its input
+    # vector and emits one of N indices or a blank (the last class) per tick
+    return dict(
+        variant="sort",
+        iterations=50,
+        d_model=512,
+        d_input=sequence_length,
+        heads=0,
+        n_synch_out=32,
+        n_synch_action=0,
+        neuron_select_type="random-pairing",
+        n_random_pairing_self=0,
+        synapse_depth=4,
+        memory_length=25,
+        deep_nlms=True,
+        memory_hidden_dims=4,
+        dropout=0.0,
+        dropout_nlm=None,
+        do_layernorm_nlm=False,
+        positional_embedding_type="none",
+        backbone_type="none",
+        out_dims=sequence_length + 1,
+        prediction_reshaper=[-1],
+    )
+
+
+def _sort_small(sequence_length: int = 10) -> dict[str, Any]:
+    # Sorts 10 numbers well above chance (1/10 per position) within minutes on two CPU cores.
+    return dict(
+        _sort(sequence_length),
+        iterations=16,
+        d_model=128,
+        n_synch_out=64,
+        synapse_depth=1,
+        memory_length=8,
+        memory_hidden_dims=4,
+    )
+
+
 _PRESETS = {
     "imagenet": _imagenet,
     "mazes": _mazes,
@@ -425,6 +493,8 @@ _PRESETS = {
     "parity-small": _parity_small,
     "cifar10": _cifar10,
     "demo": _demo,
+    "sort": _sort,
+    "sort-small": _sort_small,
 }
 PRESET_NAMES = tuple(_PRESETS)
 # Presets of model variants whose config extends CTMConfig (name -> builder taking the overrides),
@@ -435,9 +505,9 @@ VARIANT_PRESETS: dict[str, Callable[..., CTMConfig]] = {}
 def preset(name: str, **overrides: Any) -> CTMConfig:
     """A named configuration with fields overridden.
 
-    ``mazes`` also takes ``route_length`` and ``parity`` takes ``sequence_length``; they set
-    ``out_dims`` and ``prediction_reshaper`` together. A variant's preset (``VARIANT_PRESETS``)
-    returns the variant's config.
+    ``mazes`` also takes ``route_length``, ``parity`` and the ``sort`` presets take
+    ``sequence_length``; they set ``out_dims`` and ``prediction_reshaper`` (for sorting,
+    ``d_input``) together. A variant's preset (``VARIANT_PRESETS``) returns the variant's config.
     """
     if name in VARIANT_PRESETS:
         return VARIANT_PRESETS[name](**overrides)

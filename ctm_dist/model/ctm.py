@@ -64,8 +64,8 @@ class TickState(NamedTuple):
 
     trace: torch.Tensor  # [D, M, B] pre-activation history (neuron-major, see nlm.py)
     activated: torch.Tensor  # [B, D] post-activations
-    alpha_action: torch.Tensor  # [B, pairs] running sums of the action synchronisation
-    beta_action: torch.Tensor  # [pairs]: the same for every sample
+    alpha_action: torch.Tensor | None  # [B, pairs] running sums of the action synchronisation
+    beta_action: torch.Tensor | None  # [pairs]: the same for every sample (None: no attention)
     columns: tuple | None = (
         None  # trace's M columns [D, B] while the NLMs are recomputed in backward
     )
@@ -98,7 +98,7 @@ class TickContext(NamedTuple):
 
 
 class TickOutput(NamedTuple):
-    sync_action: torch.Tensor  # [B, synch_size_action]
+    sync_action: torch.Tensor | None  # [B, synch_size_action]; None without attention
     pre_activation: torch.Tensor  # [B, D]
     post_activation: torch.Tensor  # [B, D]
     attention: torch.Tensor | None
@@ -118,10 +118,10 @@ class Tracking:
     """Per-tick internals (``forward(x, track=True)``), detached, stacked over ticks first."""
 
     sync_out: torch.Tensor  # [T, B, synch_size_out]
-    sync_action: torch.Tensor  # [T, B, synch_size_action]
+    sync_action: torch.Tensor | None  # [T, B, synch_size_action]; None without attention
     pre_activations: torch.Tensor  # [T, B, D]
     post_activations: torch.Tensor  # [T, B, D]
-    attention: torch.Tensor  # [T, B, heads, 1, L]
+    attention: torch.Tensor | None  # [T, B, heads, 1, L]; None without attention
 
 
 def normalised_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -239,23 +239,23 @@ class CTM(nn.Module):
             self.q_proj(sync_action), ctx.keys, ctx.values, query_weight, need_weights, ctx.kv_banks
         )
         pre_activation = self.synapses(torch.cat((attended, state.activated), dim=-1))
-        if state.columns is None:
-            trace, columns = (
-                torch.cat((state.trace[:, 1:], pre_activation.t().unsqueeze(1)), dim=1),
-                None,
-            )
-            activated = self.trace_processor(trace, nlm_weights)
-        else:
-            column = pre_activation.t().contiguous()
-            trace, columns = (
-                torch.cat((state.trace[:, 1:], column.unsqueeze(1)), dim=1),
-                state.columns[1:] + (column,),
-            )
-            activated = recomputed_nlms(self.trace_processor, trace, columns, nlm_weights)
+        trace, activated, columns = self.neurons(state, pre_activation, nlm_weights)
         return (
             TickState(trace, activated, alpha_action, beta_action, columns),
             TickOutput(sync_action, pre_activation, activated, weights),
         )
+
+    def neurons(
+        self, state: TickState, pre_activation: torch.Tensor, nlm_weights: tuple
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+        """Push the pre-activations onto the history and run the NLMs: (trace, activated, columns)."""
+        if state.columns is None:
+            trace = torch.cat((state.trace[:, 1:], pre_activation.t().unsqueeze(1)), dim=1)
+            return trace, self.trace_processor(trace, nlm_weights), None
+        column = pre_activation.t().contiguous()
+        trace = torch.cat((state.trace[:, 1:], column.unsqueeze(1)), dim=1)
+        columns = state.columns[1:] + (column,)
+        return trace, recomputed_nlms(self.trace_processor, trace, columns, nlm_weights), columns
 
     def read_out(
         self, activations: torch.Tensor, ctx: TickContext, state: ReadoutState | None = None
@@ -287,6 +287,10 @@ class CTM(nn.Module):
         return Readout(predictions, certainties, sync_out, ReadoutState(alpha, beta))
 
     # --- set-up shared by forward and adaptive inference ----------------------------------------------
+
+    def with_banks(self, ctx: TickContext) -> TickContext:
+        """The context with its per-forward tensors that every tick reads put behind gradient banks."""
+        return with_banks(ctx)
 
     def _pairs(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
         rows, cols = getattr(self, f"_{kind}_triangle")
@@ -357,7 +361,7 @@ class CTM(nn.Module):
             use_banks = uses_cpu_kernels(self.cfg, x.device) and torch.is_grad_enabled()
             banks = new_banks(self, autocast_dtype(x.device)) if use_banks else None
             if use_banks:
-                ctx = with_banks(ctx)
+                ctx = self.with_banks(ctx)
             state, outputs = run_ticks(
                 self.tick,
                 state,
@@ -374,7 +378,9 @@ class CTM(nn.Module):
         if not track:
             return predictions, certainties, sync_out
 
-        def stacked(name: str) -> torch.Tensor:
+        def stacked(name: str) -> torch.Tensor | None:
+            if getattr(outputs[0], name) is None:  # a variant without attention (model/sort.py)
+                return None
             return torch.stack([getattr(o, name).detach() for o in outputs])
 
         tracking = Tracking(

@@ -16,6 +16,7 @@ from . import lstm, qamnist
 from .config import VARIANT_PRESETS, CTMConfig
 from .config import preset as ctm_preset
 from .ctm import CTM
+from .sort import SortCTM
 
 MODEL_KINDS = ("ctm", "lstm")
 CONFIG_TYPES = {"ctm": CTMConfig, "lstm": lstm.LSTMConfig}
@@ -57,4 +58,6 @@ def config_from_fields(values: dict[str, Any]) -> ModelConfig:
 def build_model(cfg: ModelConfig) -> nn.Module:
     if isinstance(cfg, qamnist.QAMNISTConfig):
         return qamnist.build_qamnist_model(cfg)
-    return lstm.LSTMBaseline(cfg) if isinstance(cfg, lstm.LSTMConfig) else CTM(cfg)
+    if isinstance(cfg, lstm.LSTMConfig):
+        return lstm.LSTMBaseline(cfg)
+    return SortCTM(cfg) if cfg.variant == "sort" else CTM(cfg)

@@ -37,7 +37,8 @@ class Task:
     built_in_data = False  # training without ``data.url`` writes its own shard set
     image_inputs = False  # inputs are images: an input pipeline, image files, attention pictures
     image_size_from_shards = False  # the model's input size is the shard set's image size
-    pictures: frozenset = frozenset()  # extra pictures: "classes" (class names), "route" (GIF)
+    # extra pictures: "classes" (class names), "route" (GIF), "order" (sorting order per tick)
+    pictures: frozenset = frozenset()
     # ``summarise``: the headline accuracy (sum "correct") is named per split; ``rates`` are the
     # other metrics, each a sum divided by the samples (metric name -> sum name)
     headline = {"train": "accuracy", "eval": "step_accuracy"}
@@ -70,7 +71,7 @@ class Task:
 
     def build_model(self, model_cfg: CTMConfig) -> torch.nn.Module:
         """The module the trainer wraps in its DeepSpeed engine (same weights on every rank: the
-        trainer seeds before calling it): a CTM, or an LSTMBaseline for an LSTMConfig."""
+        trainer seeds before calling it): the model of the config's kind and variant."""
         return build_model(model_cfg)
 
     def forward(self, model, x):
@@ -179,8 +180,8 @@ class Task:
         return (arr - lo) / (hi - lo + 1e-12)
 
     @classmethod
-    def per_tick_loss(cls, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy [B, T] at every tick."""
+    def per_tick_loss(cls, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+        """Cross-entropy [B, T] at every tick (None: the task's loss has no per-tick value)."""
         raise NotImplementedError
 
 

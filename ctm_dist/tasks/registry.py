@@ -13,9 +13,10 @@ from .classification import Cifar10, Demo, ImageNet
 from .mazes import Mazes
 from .parity import Parity
 from .qamnist import QAMNIST
+from .sort import Sort
 
 TASKS: dict[str, type[Task]] = {
-    cls.name: cls for cls in (Demo, ImageNet, Cifar10, Mazes, Parity, QAMNIST)
+    cls.name: cls for cls in (Demo, ImageNet, Cifar10, Mazes, Parity, QAMNIST, Sort)
 }
 
 

@@ -3,7 +3,7 @@
     python tests/golden/generate.py --reference /path/to/continuous-thought-machines
 
 Imports the reference model from the given checkout at run time (nothing of it is stored here),
-builds each case in ``CASES``, rounds every weight to bfloat16 (so the fixtures can store them at
+builds each case in ``CASES`` (and the sort variant's, ``SORT_CASES``, into ``tests/golden/sort/``), rounds every weight to bfloat16 (so the fixtures can store them at
 half size and still hold the exact values the reference ran with), randomises batch-norm
 statistics and decays (some outside the [0, 15] clamp), runs the reference in eval mode with
 tracking, and writes ``tests/golden/<case>.safetensors`` holding the weights (``model.*``, taken
@@ -121,6 +121,64 @@ CASES = {
         (2, 5, 7),
     ),
 }
+
+
+# The reference's sort variant (models/ctm_sort.py): name -> (config overrides, input shape).
+# Its constructor takes heads, n_synch_action and the backbone but overrides them (0, 0, 'none');
+# our config states that directly. d_input is the number of values to sort.
+SORT_CASES = {
+    "sort_pairing_unet4": (
+        dict(
+            neuron_select_type="random-pairing",
+            n_synch_out=8,
+            n_random_pairing_self=2,
+            synapse_depth=4,
+            deep_nlms=True,
+            d_input=7,
+            out_dims=8,
+        ),
+        (3, 7),
+    ),
+    "sort_firstlast_linear_shallow_layernorm": (
+        dict(
+            neuron_select_type="first-last",
+            n_synch_out=5,
+            synapse_depth=1,
+            deep_nlms=False,
+            do_layernorm_nlm=True,
+            d_input=5,
+            out_dims=6,
+            iterations=8,
+        ),
+        (2, 5),
+    ),
+    "sort_random_unet2": (
+        dict(
+            neuron_select_type="random",
+            n_synch_out=4,
+            synapse_depth=2,
+            deep_nlms=True,
+            dropout_nlm=0.0,
+            d_input=6,
+            out_dims=7,
+        ),
+        (2, 6),
+    ),
+}
+SORT_DIR = HERE / "sort"
+
+
+def sort_case_config(name: str) -> dict:
+    overrides, _ = SORT_CASES[name]
+    return {
+        **_SMALL,
+        "variant": "sort",
+        "heads": 0,
+        "n_synch_action": 0,
+        "backbone_type": "none",
+        "positional_embedding_type": "none",
+        **overrides,
+    }
 
 
 def case_config(name: str) -> dict:
@@ -299,6 +357,82 @@ def generate_qamnist(reference: Path, seed: int) -> None:
         print(f"qamnist/{path.name}: {path.stat().st_size / 1e3:.0f} kB")
 
 
+def generate_sort(reference: Path, seed: int = 4321) -> None:
+    """The sort variant's cases, in ``tests/golden/sort/`` (tracking has no action side)."""
+    sys.path.insert(0, str(reference))
+    from models.ctm_sort import ContinuousThoughtMachineSORT  # noqa: E402
+
+    SORT_DIR.mkdir(exist_ok=True)
+    for index, name in enumerate(SORT_CASES):
+        config = sort_case_config(name)
+        shape = SORT_CASES[name][1]
+        case_seed = seed + index
+        generator = torch.Generator().manual_seed(case_seed)
+        x = torch.randn(shape, generator=generator)
+        ref_kwargs = {k: v for k, v in config.items() if k not in OUR_FIELDS}
+        np.random.seed(case_seed)
+        torch.manual_seed(case_seed)
+        with contextlib.redirect_stdout(io.StringIO()):
+            model = ContinuousThoughtMachineSORT(**ref_kwargs)
+            model.eval()
+            with torch.no_grad():
+                model(x)  # materialise lazy layers
+        randomise(model, generator)
+        weights = {
+            f"model.{k}": (v.to(torch.bfloat16) if v.is_floating_point() else v).clone()
+            for k, v in model.state_dict().items()
+        }
+        with torch.no_grad():
+            predictions, certainties, sync_out, pre, post, _ = model(x, track=True)
+        tensors = {
+            **weights,
+            "input": x,
+            "predictions": predictions,
+            "certainties": certainties,
+            "sync_out": torch.from_numpy(sync_out),
+            "pre_activations": torch.from_numpy(pre),
+            "post_activations": torch.from_numpy(post),
+        }
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        metadata = {"config": json.dumps(config), "numpy_seed": str(case_seed)}
+        path = SORT_DIR / f"{name}.safetensors"
+        save_file(tensors, str(path), metadata=metadata)
+        print(f"sort/{path.name}: {path.stat().st_size / 1e3:.0f} kB")
+
+
+def generate_ctc(reference: Path, seed: int = 99) -> None:
+    """The reference's sort loss and decoding (as its curves use it) on random logits."""
+    sys.path.insert(0, str(reference))
+    from tasks.sort.utils import decode_predictions  # noqa: E402
+    from utils.losses import sort_loss  # noqa: E402
+
+    generator = torch.Generator().manual_seed(seed)
+    batch, length, ticks = 64, 5, 9
+    targets = torch.stack([torch.randperm(length, generator=generator) for _ in range(batch)])
+    # peaked logits: mostly the target order spread over the ticks, with blanks, repeats, errors
+    logits = torch.randn(batch, length + 1, ticks, generator=generator)
+    for b in range(batch):
+        for t in range(ticks):
+            choice = int(torch.randint(0, length + 1, (1,), generator=generator))
+            if t % 2 == 0 and t // 2 < length and torch.rand(1, generator=generator) < 0.8:
+                choice = int(targets[b, t // 2])
+            logits[b, choice, t] += 4.0
+    loss = sort_loss(logits, targets)
+    decoded = [d[:length] for d in decode_predictions(logits, length)]
+    decoded = torch.stack(
+        [
+            torch.cat((d, torch.full((length - len(d),), length))) if len(d) < length else d
+            for d in decoded
+        ]
+    ).long()
+    path = SORT_DIR / "ctc_loss_and_decoding.safetensors"
+    save_file(
+        {"logits": logits, "targets": targets, "loss": loss.reshape(1), "decoded": decoded},
+        str(path),
+    )
+    print(f"sort/{path.name}: {path.stat().st_size / 1e3:.0f} kB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -306,13 +440,18 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument(
-        "--only", choices=("ctm", "qamnist"), help="write one family of fixtures (default: all)"
+        "--only",
+        choices=("ctm", "qamnist", "sort"),
+        help="write one family of fixtures (default: all)",
     )
     args = parser.parse_args()
     if args.only in (None, "ctm"):
         generate(args.reference.resolve(), args.seed)
     if args.only in (None, "qamnist"):
         generate_qamnist(args.reference.resolve(), args.seed)
+    if args.only in (None, "sort"):
+        generate_sort(args.reference.resolve())
+        generate_ctc(args.reference.resolve())
 
 
 if __name__ == "__main__":

@@ -385,7 +385,7 @@ def test_launchers_have_no_sys_path_hack_and_console_commands(monkeypatch, capsy
     assert done.value.code == 2 and "scale.workers: expected an integer" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("task", ["imagenet", "cifar10", "mazes", "parity"])
+@pytest.mark.parametrize("task", ["imagenet", "cifar10", "mazes", "parity", "sort"])
 def test_full_scale_example_configs_load_and_validate(task):
     from ctm_dist.train.config import build_config
 

@@ -20,7 +20,7 @@ from ctm_dist.compat import (
     load_reference_checkpoint,
     read_reference_checkpoint,
 )
-from ctm_dist.model import CTM, CTMConfig, LSTMBaseline
+from ctm_dist.model import CTM, CTMConfig, LSTMBaseline, SortCTM
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures")
 
@@ -40,7 +40,7 @@ def run(model, inputs):
         return model(inputs)
 
 
-@pytest.mark.parametrize("name", ["cifar10", "parity"])
+@pytest.mark.parametrize("name", ["cifar10", "parity", "sort"])
 def test_reference_checkpoint_gives_reference_outputs(name):
     model = load_reference_checkpoint(fixture(name))
     assert not model.training
@@ -374,3 +374,77 @@ def test_reference_lstm_checkpoint_with_other_weights_is_one_line(tmp_path):
     with pytest.raises(CheckpointError, match="do not fit the LSTMBaseline its args describe") as error:
         load_reference_checkpoint(path)
     assert "\n" not in str(error.value)
+
+
+# --- the sort variant ------------------------------------------------------------------------------
+
+
+def test_sort_run_is_told_by_N_to_sort_and_built_as_the_sort_script_builds_it():
+    args = read_reference_checkpoint(fixture("sort"))["args"]
+    assert not hasattr(args, "dataset") and args.N_to_sort == 6
+    assert (args.heads, args.n_synch_action, args.d_input) == (4, 32, 128)  # saved, unused
+    model = load_reference_checkpoint(fixture("sort"))
+    assert type(model) is SortCTM and not model.training
+    cfg = model.cfg
+    assert (cfg.variant, cfg.d_input, cfg.out_dims, cfg.heads, cfg.n_synch_action) == (
+        "sort",
+        6,
+        7,
+        0,
+        0,
+    )
+    assert (cfg.synapse_depth, cfg.n_random_pairing_self, cfg.memory_hidden_dims) == (3, 2, 3)
+
+
+def test_sort_export_writes_the_sort_script_format_and_round_trips(tmp_path):
+    source = read_reference_checkpoint(fixture("sort"))
+    model = load_reference_checkpoint(fixture("sort"))
+    path = tmp_path / "sort.pt"
+    export_reference_checkpoint(model, path, extra_args={"iteration": 3})
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        raw = torch.load(path, weights_only=True)
+    args = raw["args"]
+    assert not hasattr(args, "dataset") and args.iteration == 3
+    assert (args.N_to_sort, args.out_dims, args.backbone_type) == (6, 7, "none")
+    # what the reference's script reads to build its model is what it saved
+    for name in ("iterations", "d_model", "n_synch_out", "synapse_depth", "memory_length"):
+        assert getattr(args, name) == getattr(source["args"], name), name
+    assert (args.deep_memory, args.neuron_select_type) == (True, "random-pairing")
+    want = source["model_state_dict"]
+    assert set(raw["model_state_dict"]) == set(want)
+    for key, value in want.items():
+        assert torch.equal(raw["model_state_dict"][key], value), key
+    inputs = expected("sort")["inputs"]
+    for got, ref in zip(run(load_reference_checkpoint(path), inputs), run(model, inputs)):
+        torch.testing.assert_close(got, ref, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="not trained on dataset 'cifar10'"):
+        export_reference_checkpoint(model, tmp_path / "x.pt", dataset="cifar10")
+
+
+def test_sort_args_that_contradict_themselves_are_refused(tmp_path):
+    checkpoint = read_reference_checkpoint(fixture("sort"))
+    checkpoint["args"].out_dims = 9
+    with pytest.raises(CheckpointError, match="out_dims=9 does not match N_to_sort=6"):
+        load_reference_checkpoint(_save(tmp_path, checkpoint))
+    checkpoint = read_reference_checkpoint(fixture("sort"))
+    checkpoint["args"].N_to_sort = 5
+    del checkpoint["args"].out_dims
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        load_reference_checkpoint(_save(tmp_path, checkpoint))
+    checkpoint = read_reference_checkpoint(fixture("sort"))
+    del checkpoint["args"].memory_length
+    with pytest.raises(CheckpointError, match="not a checkpoint of the reference's sort script"):
+        load_reference_checkpoint(_save(tmp_path, checkpoint))
+
+
+def test_a_reference_sort_checkpoint_evaluates_offline():
+    from ctm_dist.eval.cli import format_summary
+    from ctm_dist.eval.evaluate import EvalRequest, evaluate
+
+    req = EvalRequest(checkpoint=fixture("sort"), task="sort", parity_samples=96, batch_size=32)
+    report = evaluate(req)
+    sort = report["sort"]
+    assert (sort["samples"], sort["length"], sort["chance_accuracy"]) == (96, 6, 1 / 6)
+    assert len(sort["accuracy_per_position"]) == 6
+    assert sort["accuracy"] == pytest.approx(sum(sort["accuracy_per_position"]) / 6)
+    assert "sort 96: accuracy per position" in format_summary(report)

@@ -100,6 +100,8 @@ def test_presets_follow_reference_scripts():
         "parity-small",
         "cifar10",
         "demo",
+        "sort",
+        "sort-small",
     }
     with pytest.raises(ValueError, match="unknown preset"):
         preset("mnist")

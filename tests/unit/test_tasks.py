@@ -70,6 +70,14 @@ def data_for(maze_shards, digit_shards):
         "imagenet": [f"data.url={digit_shards}", "model.preset=demo", "data.image_size=16"],
         "mazes": [f"data.url={maze_shards}", "model.preset=mazes"],
         "parity": ["model.preset=parity", "model.sequence_length=16"],
+        # CTC needs a tick per number; the sort variant has no attention
+        "sort": [
+            "model.preset=sort-small",
+            "model.sequence_length=3",
+            "model.d_input=3",
+            "model.heads=0",
+            "model.n_synch_action=0",
+        ],
     }
 
 
@@ -88,7 +96,7 @@ def _assert_close(a, b):
 
 
 def _task(name, data_for, extra=()):
-    overrides = [f"data.task={name}", *data_for[name], *TINY, *extra]
+    overrides = [f"data.task={name}", *TINY, *data_for[name], *extra]
     return make_task(build_config(overrides=overrides), rank=0, world_size=1)
 
 
@@ -102,7 +110,15 @@ def _outputs(model_cfg, batch, seed=0):
 
 
 def test_registry_names_the_known_tasks_and_refuses_others_in_one_line():
-    assert set(task_names()) == {"demo", "imagenet", "cifar10", "mazes", "parity", "qamnist"}
+    assert set(task_names()) == {
+        "demo",
+        "imagenet",
+        "cifar10",
+        "mazes",
+        "parity",
+        "qamnist",
+        "sort",
+    }
     assert all(get_task(n).name == n for n in task_names())
     with pytest.raises(UnknownTask) as e:
         get_task("sorting")
@@ -113,7 +129,7 @@ def test_registry_names_the_known_tasks_and_refuses_others_in_one_line():
         build_config(overrides=["data.task=sorting"])
 
 
-@pytest.mark.parametrize("name", ["demo", "imagenet", "cifar10", "mazes", "parity"])
+@pytest.mark.parametrize("name", ["demo", "imagenet", "cifar10", "mazes", "parity", "sort"])
 def test_every_task_builds_loaders_model_and_metrics_that_merge(name, data_for):
     """Loaders first, then the model config; the training metric sums of two halves reduce to the
     sums of one pass, and the offline measures of two workers merge to one worker's numbers."""
@@ -211,3 +227,13 @@ def test_parity_length_defaults_to_the_preset_in_one_place():
     assert next(iter(task.train_loader(2, seed=0)))["input"].shape == (2, length)
     with pytest.raises(TypeError):
         ParityLoader(batch_size=2)  # the length is always given
+
+
+def test_sort_refuses_a_model_that_is_not_a_sort_variant():
+    cfg = build_config(overrides=["data.task=sort", "model.preset=demo"])
+    with pytest.raises(ValueError, match="the sort task needs a sort model"):
+        get_task("sort").preflight(cfg)
+    with pytest.raises(ValueError, match="builds the 'ctm' variant"):
+        make_task(cfg, 0, 1)
+    task = make_task(build_config(overrides=["data.task=sort", "model.preset=sort"]), 0, 1)
+    assert task.sequence_length == 30 and task.model_config().out_dims == 31
