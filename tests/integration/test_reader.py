@@ -519,8 +519,8 @@ def test_global_batches_hold_the_same_samples_for_every_world_size(shards):
 def test_the_training_config_selects_the_global_order(shards, s3_env):
     """``data.global_order=true`` reaches the trainer's loaders: two ranks' first global batch is
     the one a single rank reads."""
-    from ctm_dist.train.config import build_config
     from ctm_dist.tasks import make_task
+    from ctm_dist.train.config import build_config
 
     def first_global_batch(world: int, global_order: bool) -> set[str]:
         cfg = build_config(

@@ -305,7 +305,9 @@ def test_unknown_dataset_and_other_models(tmp_path):
         load_reference_checkpoint(_save(tmp_path, checkpoint))
     checkpoint = _reference_checkpoint()
     checkpoint["args"].model_type = "lstm"  # CTM weights under LSTM args
-    with pytest.raises(CheckpointError, match="weights do not fit the LSTMBaseline its args describe"):
+    with pytest.raises(
+        CheckpointError, match="weights do not fit the LSTMBaseline its args describe"
+    ):
         load_reference_checkpoint(_save(tmp_path, checkpoint))
 
 
@@ -371,7 +373,9 @@ def test_reference_lstm_checkpoint_with_other_weights_is_one_line(tmp_path):
     torch.save(
         {"args": checkpoint["args"], "model_state_dict": checkpoint["model_state_dict"]}, path
     )
-    with pytest.raises(CheckpointError, match="do not fit the LSTMBaseline its args describe") as error:
+    with pytest.raises(
+        CheckpointError, match="do not fit the LSTMBaseline its args describe"
+    ) as error:
         load_reference_checkpoint(path)
     assert "\n" not in str(error.value)
 

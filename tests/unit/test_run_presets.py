@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ctm_dist.train.cli import config_from_args, make_parser
 from ctm_dist.tasks import make_task
+from ctm_dist.train.cli import config_from_args, make_parser
 
 
 def _cfg(task, *argv):
