@@ -26,7 +26,13 @@ from typing import IO, Any
 import numpy as np
 import torch
 
+from ctm_dist.compat_rl import (
+    build_reference_agent,
+    is_rl_args,
+    reference_args_from_rl_config,
+)
 from ctm_dist.model import CTM, CTMConfig
+from ctm_dist.model.rl import RLAgent
 from ctm_dist.storage.checkpoints import (
     CheckpointError,
 )  # the one checkpoint error type; the message says why
@@ -362,23 +368,29 @@ def _first_line(err: BaseException) -> str:
 # --- loading -------------------------------------------------------------------------------------
 
 
-def load_reference_checkpoint(source: Source, **overrides: Any) -> CTM:
+def load_reference_checkpoint(source: Source, **overrides: Any) -> CTM | RLAgent:
     """A CTM in eval mode with the weights of a reference checkpoint, loaded strictly.
 
     ``overrides`` replace config fields that do not change weights (e.g. ``tick_checkpointing``,
-    ``attention_impl``).
+    ``attention_impl``). A checkpoint of the reference's RL script (its args carry ``env_id``)
+    gives the whole agent, an :class:`~ctm_dist.model.rl.RLAgent` called as the reference's:
+    ``m(x, hidden)``, ``m.actor``, ``m.critic``, ``m.get_initial_state(n)``.
     """
     checkpoint = read_reference_checkpoint(source)
     name = _describe(source)
     state = checkpoint["model_state_dict"]
-    cfg = config_from_reference_args(checkpoint["args"], state, **overrides)
-    model = CTM(cfg)
+    if is_rl_args(checkpoint["args"]):
+        if overrides:
+            raise CheckpointError(f"{name}: an RL agent takes no config overrides")
+        model = build_reference_agent(checkpoint["args"], state)
+    else:
+        model = CTM(config_from_reference_args(checkpoint["args"], state, **overrides))
     _check_state_dict(model, state, name)
     model.load_state_dict(state, strict=True)
     return model.eval()
 
 
-def _check_state_dict(model: CTM, state: Mapping[str, torch.Tensor], name: str) -> None:
+def _check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], name: str) -> None:
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -396,7 +408,7 @@ def _check_state_dict(model: CTM, state: Mapping[str, torch.Tensor], name: str) 
         problems.append(f"shape mismatch {_clip(mismatched)}")
     if problems:
         raise CheckpointError(
-            f"{name}: weights do not fit the CTM its args describe: " + "; ".join(problems)
+            f"{name}: weights do not fit the model its args describe: " + "; ".join(problems)
         )
 
 
@@ -417,18 +429,23 @@ def export_reference_checkpoint(
     """Write ``{"model_state_dict", "args"}`` as a reference train script would, atomically.
 
     ``dataset`` names the task for the reference (``cifar10``, ``imagenet``, ``mazes-medium``,
-    ``parity``, ...); ``extra_args`` adds or overrides options in the saved Namespace.
+    ``parity``, ...); for an :class:`~ctm_dist.model.rl.RLAgent` it is the gymnasium env id
+    (``CartPole-v1``, ``Acrobot-v1``, ``MiniGrid-FourRooms-v0``). ``extra_args`` adds or
+    overrides options in the saved Namespace.
     """
-    while not isinstance(model, CTM):
+    while not isinstance(model, (CTM, RLAgent)):
         inner = getattr(model, "module", None) or getattr(
             model, "_orig_mod", None
         )  # DDP/DeepSpeed, torch.compile
         if not isinstance(inner, torch.nn.Module):
             break
         model = inner
-    if not isinstance(model, CTM):
-        raise TypeError(f"expected a ctm_dist CTM, got {type(model).__name__}")
-    args = reference_args_from_config(model.cfg, dataset, extra_args)
+    if isinstance(model, RLAgent):
+        args = reference_args_from_rl_config(model.cfg, dataset, extra_args)
+    elif isinstance(model, CTM):
+        args = reference_args_from_config(model.cfg, dataset, extra_args)
+    else:
+        raise TypeError(f"expected a ctm_dist CTM or RLAgent, got {type(model).__name__}")
     # The reference keeps float32 weights; bf16/fp16 copies (e.g. from a DeepSpeed engine) are widened.
     state = {
         key: value.detach().to(
