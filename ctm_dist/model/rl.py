@@ -168,9 +168,11 @@ class RLAgent(nn.Module):
         return self.recurrent_model.initial_state(num_envs)
 
     def reset_where_done(self, hidden, done: torch.Tensor):
-        """The state where ``done`` (1.0: the episode ended before this step) is the start state."""
+        """The state where ``done`` (1.0: the episode ended before this step) is the start state.
+
+        ``hidden=None`` is the start state everywhere."""
         start = self.get_initial_state(done.size(0))
-        if self.cfg.kind == "ctm" and not self.cfg.continuous_state_trace:
+        if hidden is None or (self.cfg.kind == "ctm" and not self.cfg.continuous_state_trace):
             return start
         out = []
         for carried, fresh in zip(hidden, start):
@@ -178,20 +180,28 @@ class RLAgent(nn.Module):
             out.append((1.0 - d) * carried + d * fresh)
         return tuple(out)
 
-    def forward(self, x: torch.Tensor, hidden, track: bool = False):
-        """One environment step: ``(features for the heads, next hidden state)``."""
-        return self.recurrent_model(x, hidden, track=track)
+    def forward(self, x: torch.Tensor, hidden, dones=None, action=None, track: bool = False):
+        """``m(x, hidden)``: one environment step, ``(features for the heads, next state)``, as
+        the reference's. ``m(xs, hidden, dones, action)``: ``act`` over a rollout's steps (what a
+        DeepSpeed engine calls, so that ZeRO-3 gathers the parameters around all of it)."""
+        if dones is None:
+            return self.recurrent_model(x, hidden, track=track)
+        return self.act(x, hidden, dones, action)
 
     def unroll(self, xs: torch.Tensor, hidden, dones: torch.Tensor):
-        """``xs [T, N, ...]`` with ``dones [T, N]`` from state ``hidden`` -> (``[T * N, F]``, last state)."""
+        """``xs [T, N, ...]`` with ``dones [T, N]`` from state ``hidden`` -> (``[T * N, F]``, last state).
+
+        ``dones[t]`` is 1.0 where the episode ended before step ``t``: the state is reset there."""
         features = []
         for x, done in zip(xs, dones):
-            out, hidden = self(x, self.reset_where_done(hidden, done))
+            out, hidden = self.recurrent_model(x, self.reset_where_done(hidden, done))
             features.append(out)
         return torch.cat(features), hidden
 
     def act(self, xs, hidden, dones, action: torch.Tensor | None = None) -> Step:
         """Policy and value over ``unroll``'s rows; samples an action per row unless ``action`` is given."""
+        if xs.is_floating_point():  # observation vectors in the weights' precision
+            xs = xs.to(self.actor[0].weight.dtype)
         features, hidden = self.unroll(xs, hidden, dones)
         logits = self.actor(features)
         policy = Categorical(logits=logits)
