@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from ctm_dist.tasks import get_task, task_names
 from ctm_dist.train.config import RunSection
 
-TASKS = ("imagenet", "mazes", "cifar10", "parity")
+TASKS = tuple(name for name in task_names() if name != "demo")  # those with a launcher
 S3_KEYS = (  # (variable, optional)
     ("AWS_ENDPOINT_URL", True),
     ("AWS_ACCESS_KEY_ID", False),
@@ -228,7 +229,7 @@ def entrypoint(p: Params) -> str:
         "--gpus-per-worker",
         "1" if p.gpus_per_worker else "0",
     ]
-    if p.task != "parity":  # parity generates its data
+    if not get_task(p.task).generated_data:  # no shard set to read
         args[4:4] = ["--data", p.data]
     if p.config_file:
         args += ["--config", f"{CONFIG_DIR}/config.yaml"]

@@ -23,12 +23,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ctm_dist.model.config import MAZE_ROUTE_LENGTH
+
 from . import transforms as T
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 IMAGE_TASKS = ("imagenet", "demo", "cifar10")
 DEFAULT_IMAGE_SIZE = 224
-DEFAULT_ROUTE_LENGTH = 100
+DEFAULT_ROUTE_LENGTH = MAZE_ROUTE_LENGTH
 # Pixels (width * height) an image of each task may declare. demo and cifar10 shards hold images
 # at the model's input size (32x32); generated mazes are at most 99x99; ImageNet photos are a few
 # megapixels, and a 64-megapixel limit still admits an 8000x8000 one.

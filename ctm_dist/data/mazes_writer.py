@@ -18,11 +18,13 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ctm_dist.model.config import MAZE_ROUTE_LENGTH
+
 from .index import ShardIndex
 from .mazes_gen import generate_maze, pad_route, pixels_for, trace_solution
 from .writer import ShardSetWriter, encode_image, encode_json, parallel_map, write_shard_set
 
-DEFAULT_ROUTE_LENGTH = 100
+DEFAULT_ROUTE_LENGTH = MAZE_ROUTE_LENGTH
 
 
 def maze_seed(seed: int, split: str, number: int) -> int:

@@ -46,7 +46,7 @@ class ParityLoader:
 
     def __init__(
         self,
-        sequence_length: int = 64,
+        sequence_length: int,
         *,
         batch_size: int,
         rank: int = 0,

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -421,6 +421,9 @@ class ShardLoader:
     ``len(loader)`` is the number of batches the next iteration yields (equal on every rank).
     Iterating to the end finishes the epoch and moves to the next; ``set_epoch(e)`` with another
     epoch starts that epoch from its beginning (with the current one it keeps the position).
+    ``decoder_factory(train, meta)``, when it returns a decoder, replaces the one ``make_decoder``
+    picks for the task's shard format (a task's own format; ``image_size``, ``route_length`` and
+    ``max_pixels`` then do not apply).
     """
 
     def __init__(
@@ -445,6 +448,7 @@ class ShardLoader:
         pin_memory: bool = False,
         multiprocessing_context=None,
         global_order: bool = False,
+        decoder_factory: Callable[[bool, dict], Decoder | None] | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
@@ -462,7 +466,8 @@ class ShardLoader:
         self.index: ShardIndex = read_index(self.location, split)
         self.task = task or self.index.task
         self._check_shards()
-        self.decoder = make_decoder(
+        own = decoder_factory(train, self.index.meta) if decoder_factory else None
+        self.decoder = own or make_decoder(
             self.task,
             train,
             self.index.meta,

@@ -1,7 +1,7 @@
 """Evaluation, halting sweeps, plots and export.
 
-Modules: ``evaluate`` (reports over shard sets, in-process or Ray workers), ``classification``,
-``mazes``, ``parity`` and ``halting`` (metrics as mergeable sums), ``loading`` (``load`` any
+Modules: ``evaluate`` (reports over shard sets, in-process or Ray workers; each task's metrics
+and extras come from ``ctm_dist.tasks``), ``halting`` (the halting timing), ``loading`` (``load`` any
 checkpoint), ``export`` (ZeRO -> safetensors / reference), ``plots``, ``animate`` and
 ``pictures`` (PNG/GIF), ``report`` (JSON + PNG + TensorBoard), ``cli`` (the launch/ commands).
 """

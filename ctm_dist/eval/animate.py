@@ -16,7 +16,8 @@ import numpy as np  # noqa: E402
 from matplotlib.animation import PillowWriter  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from .mazes import route_cells  # noqa: E402
+from ctm_dist.tasks.mazes import route_cells  # noqa: E402
+
 from .plots import _np, class_label, tick_title, ticks_axis  # noqa: E402
 
 FPS = 4  # frames (ticks) per second

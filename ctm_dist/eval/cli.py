@@ -28,10 +28,12 @@ import torch
 from ctm_dist.storage import Location, StorageError
 from ctm_dist.storage.checkpoints import CheckpointError
 from ctm_dist.storage.local import EMBEDDED_BUCKET, EMBEDDED_LOCAL_DIR, embedded_store, environ
+from ctm_dist.tasks import get_task
+from ctm_dist.tasks.classification import DEFAULT_THRESHOLDS
 
 from .evaluate import EvalRequest, evaluate, request_dict
 from .export import MODEL_FILE, export_run
-from .halting import DEFAULT_THRESHOLDS, best_threshold, time_halting
+from .halting import best_threshold, time_halting
 from .inputs import image_files, input_spec, shard_samples
 from .loading import load_model
 
@@ -383,7 +385,7 @@ def _inputs(a, loaded, count: int):
             "give --images FILE... or --data SHARD_SET_URL (the checkpoint records no training data)"
         )
     spec = input_spec(loaded, task, a.image_size) if task else None
-    route_length = loaded.cfg.out_dims // 5 if task == "mazes" else None
+    route_length = get_task(task).target_length(loaded.cfg) if task else None
     x, y, task = shard_samples(
         data,
         a.split,

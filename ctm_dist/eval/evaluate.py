@@ -15,18 +15,12 @@ from typing import Any
 import torch
 
 from ctm_dist.data.index import read_index
-from ctm_dist.data.parity import ParityLoader
-from ctm_dist.data.reader import ShardLoader
 from ctm_dist.storage import Location
+from ctm_dist.tasks import Measure, get_task
+from ctm_dist.tasks.classification import DEFAULT_THRESHOLDS
 
-from .classification import ClassificationStats
-from .halting import DEFAULT_THRESHOLDS, HaltingStats
 from .inputs import input_spec
 from .loading import Loaded, load_model
-from .mazes import GeneralisationStats, MazeStats, solve_by_reapplication
-from .parity import ParityStats
-
-CLASSIFICATION_TASKS = ("imagenet", "demo", "cifar10")
 
 
 @dataclass
@@ -74,7 +68,7 @@ def _model(req: EvalRequest) -> Loaded:
 def with_trained_defaults(req: EvalRequest, loaded: Loaded) -> tuple[EvalRequest, str]:
     """(request with the data and image size the model was trained with where it gives none, task)."""
     task = _task(req, loaded)
-    if task != "parity" and not req.data:
+    if not get_task(task).generated_data and not req.data:
         data = (loaded.source or {}).get("data")
         if not data:
             raise ValueError(
@@ -98,78 +92,39 @@ def _task(req: EvalRequest, loaded: Loaded) -> str:
 
 
 def _batches(loader, max_batches: int):
+    """(inputs, targets) of the valid samples of each batch, up to ``max_batches`` (0: all)."""
     for i, batch in enumerate(loader):
         if max_batches and i >= max_batches:
             break
-        valid = batch.get("valid")
-        if valid is None:
-            yield batch["input"], batch["target"]
-            continue
-        valid = valid.bool()
+        valid = batch["valid"].bool()
         if valid.any():
             yield batch["input"][valid], batch["target"][valid]
 
 
 @torch.no_grad()
 def evaluate_part(req: EvalRequest, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
-    """This worker's running sums: {"task", "stats": {name: stats object}, "seconds", "model": cfg}."""
+    """This worker's sums: {"task", "stats": {section: Measure, "skipped": counts}, "seconds", ...}."""
     torch.set_grad_enabled(False)
     loaded = _model(req)
     model = loaded.model
-    req, task = with_trained_defaults(req, loaded)
-    T = model.cfg.iterations
-    stats: dict[str, Any] = {}
+    req, task_name = with_trained_defaults(req, loaded)
+    task = get_task(task_name)
     start = time.perf_counter()
-    if task == "parity":
-        L = (
-            model.cfg.prediction_reshaper[0]
-            if model.cfg.prediction_reshaper[0] > 0
-            else model.cfg.out_dims // 2
-        )
-        loader = ParityLoader(
-            L,
-            batch_size=req.batch_size,
-            rank=rank,
-            world_size=world_size,
-            seed=req.parity_seed,
-            samples_per_epoch=req.parity_samples,
-        )
-        stats["parity"] = ParityStats(T, L)
-        for x, y in _batches(loader, req.max_batches):
-            p, c, _ = model(x.float())
-            stats["parity"].update(p, c, y)
-    else:
-        route_length = model.cfg.out_dims // 5 if task == "mazes" else None
-        loader = ShardLoader(
-            _location(req, "data"),
-            req.split,
-            task=task,
-            batch_size=req.batch_size,
-            rank=rank,
-            world_size=world_size,
-            train=False,
-            image_size=req.image_size,
-            route_length=route_length,
-        )
-        if task in CLASSIFICATION_TASKS:
-            stats["classification"] = ClassificationStats(T)
-            stats["halting"] = HaltingStats(T, tuple(req.thresholds))
-        elif task == "mazes":
-            stats["mazes"] = MazeStats(T, route_length)
-        else:
-            raise ValueError(f"no evaluation for task {task!r}")
-        for x, y in _batches(loader, req.max_batches):
-            p, c, _ = model(x.float())
-            for name, s in stats.items():
-                if name == "mazes":
-                    s.update(p, c, y, inputs=x)
-                else:
-                    s.update(p, c, y)
+    data = None if task.generated_data else _location(req, "data")
+    loader = task.evaluation_loader(model.cfg, data, req, rank, world_size)
+    stats: dict[str, Any] = dict(task.evaluation_measures(model.cfg, req))
+    for x, y in _batches(loader, req.max_batches):
+        x = x.float()
+        p, c, _ = model(x)
+        for measure in stats.values():
+            measure.update(p, c, y, inputs=x)
+    if not task.generated_data:
         stats["skipped"] = dict(loader.stats)
-        if task == "mazes" and req.generalise_data:
-            stats["generalisation"] = generalise(model, req, rank, world_size)
+    stats.update(
+        task.evaluation_extras(model, req, lambda name: _location(req, name), rank, world_size)
+    )
     return {
-        "task": task,
+        "task": task_name,
         "stats": stats,
         "seconds": time.perf_counter() - start,
         "model": model.cfg.to_dict(),
@@ -181,43 +136,16 @@ def evaluate_part(req: EvalRequest, rank: int = 0, world_size: int = 1) -> dict[
     }
 
 
-def generalise(model, req: EvalRequest, rank: int = 0, world_size: int = 1) -> GeneralisationStats:
-    """Re-application on (larger) mazes of another shard set; success by optimal route length."""
-    location = _location(req, "generalise_data")
-    meta = read_index(location, req.generalise_split).meta
-    loader = ShardLoader(
-        location,
-        req.generalise_split,
-        task="mazes",
-        batch_size=1,
-        rank=rank,
-        world_size=world_size,
-        train=False,
-        route_length=int(meta.get("route_length") or 1000),
-    )
-    out = GeneralisationStats()
-    done = 0
-    for x, y in _batches(loader, 0):
-        if done >= req.generalise_mazes:
-            break
-        result = solve_by_reapplication(
-            model, x[0].float(), req.max_reapplications, req.fault_tolerance
-        )
-        out.add(int((y[0] != 4).sum()), result)
-        done += 1
-    return out
-
-
 def merge_parts(parts: list[dict]) -> dict:
     first = parts[0]
     merged = {name: s for name, s in first["stats"].items()}
     for part in parts[1:]:
         for name, s in part["stats"].items():
-            if name == "skipped":
+            if isinstance(s, Measure):
+                merged[name] = merged[name].merge(s)
+            else:  # the reader's skip counts
                 for k, v in s.items():
                     merged[name][k] = merged[name].get(k, 0) + v
-            else:
-                merged[name] = merged[name].merge(s)
     return {**first, "stats": merged, "seconds": max(p["seconds"] for p in parts)}
 
 
@@ -232,7 +160,7 @@ def summarise(merged: dict) -> dict:
         "image_size": merged.get("image_size"),
     }
     for name, s in merged["stats"].items():
-        report[name] = s if name == "skipped" else s.summary()
+        report[name] = s.summary() if isinstance(s, Measure) else s
     return report
 
 

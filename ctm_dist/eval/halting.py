@@ -2,107 +2,19 @@
 
 A sample halts at the first tick whose certainty reaches the threshold (or at the last tick)
 and answers with that tick's prediction, the rule ``ctm_dist.inference.predict`` follows.
-Accuracy and ticks used per threshold come from full-length runs (``HaltingStats``, sums that
-merge across workers); the wall-time saving is measured by running ``predict``, which drops
-finished samples from the batch, against running every tick (``time_halting``).
+Accuracy and ticks used per threshold come from full-length runs
+(:class:`ctm_dist.tasks.classification.HaltingStats`, sums that merge across workers); the
+wall-time saving is measured by running ``predict``, which drops finished samples from the
+batch, against running every tick (``time_halting``).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from ctm_dist.inference import predict
-
-DEFAULT_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 1.01)
-
-
-def halting_ticks(certainty: torch.Tensor, threshold: float) -> torch.Tensor:
-    """[B] index of the first tick with certainty >= threshold, else the last tick."""
-    reached = certainty >= threshold  # [B, T]
-    T = certainty.shape[-1]
-    first = torch.where(
-        reached.any(-1),
-        reached.float().argmax(-1),
-        torch.full_like(reached[:, 0], T - 1, dtype=torch.long),
-    )
-    return first.long()
-
-
-@dataclass
-class HaltingStats:
-    ticks: int
-    thresholds: tuple = DEFAULT_THRESHOLDS
-    n: int = 0
-    correct: np.ndarray | None = None  # [n_thr]
-    ticks_sum: np.ndarray | None = None  # [n_thr]
-    ticks_hist: np.ndarray | None = None  # [n_thr, T]
-    full_correct: float = 0.0  # at the last tick, all ticks used
-
-    def __post_init__(self):
-        self.thresholds = tuple(float(t) for t in self.thresholds)
-        k = len(self.thresholds)
-        if self.correct is None:
-            self.correct = np.zeros(k)
-        if self.ticks_sum is None:
-            self.ticks_sum = np.zeros(k)
-        if self.ticks_hist is None:
-            self.ticks_hist = np.zeros((k, self.ticks))
-
-    @torch.no_grad()
-    def update(
-        self, predictions: torch.Tensor, certainties: torch.Tensor, targets: torch.Tensor
-    ) -> None:
-        """Classification outputs [B, C, T], [B, 2, T] and targets [B]."""
-        predictions = predictions.float().cpu()
-        certainty = certainties[:, 1].float().cpu()
-        targets = targets.long().cpu().view(-1)
-        B = predictions.shape[0]
-        answers = predictions.argmax(1)  # [B, T]
-        rows = torch.arange(B)
-        for i, thr in enumerate(self.thresholds):
-            t = halting_ticks(certainty, thr)
-            self.correct[i] += float((answers[rows, t] == targets).sum())
-            self.ticks_sum[i] += float((t + 1).sum())
-            self.ticks_hist[i] += np.bincount(t.numpy(), minlength=self.ticks)
-        self.full_correct += float((answers[:, -1] == targets).sum())
-        self.n += B
-
-    def merge(self, other: HaltingStats) -> HaltingStats:
-        if other.thresholds != self.thresholds or other.ticks != self.ticks:
-            raise ValueError("cannot merge halting sweeps over different thresholds or ticks")
-        self.correct = self.correct + other.correct
-        self.ticks_sum = self.ticks_sum + other.ticks_sum
-        self.ticks_hist = self.ticks_hist + other.ticks_hist
-        self.full_correct += other.full_correct
-        self.n += other.n
-        return self
-
-    def summary(self) -> dict:
-        n = max(self.n, 1)
-        full = self.full_correct / n
-        rows = []
-        for i, thr in enumerate(self.thresholds):
-            mean_ticks = self.ticks_sum[i] / n
-            rows.append(
-                {
-                    "threshold": thr,
-                    "top1": float(self.correct[i] / n),
-                    "top1_drop_points": float(100 * (full - self.correct[i] / n)),
-                    "mean_ticks": float(mean_ticks),
-                    "tick_saving": float(1 - mean_ticks / self.ticks),
-                    "ticks_histogram": self.ticks_hist[i].astype(int).tolist(),
-                }
-            )
-        return {
-            "samples": self.n,
-            "ticks": self.ticks,
-            "top1_all_ticks": float(full),
-            "sweep": rows,
-        }
 
 
 def best_threshold(summary: dict, max_drop_points: float = 1.0) -> dict | None:

@@ -15,13 +15,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from PIL import Image
 
-from ctm_dist.data import transforms as T
-from ctm_dist.data.decode import BadSample, ClassificationDecoder, make_decoder
 from ctm_dist.data.reader import ShardLoader
-
-CLASSIFICATION_TASKS = ("imagenet", "demo", "cifar10")
+from ctm_dist.tasks import TASKS, get_task
 
 
 @dataclass(frozen=True)
@@ -61,19 +57,18 @@ def task_inputs(
 ) -> InputSpec | None:
     """The pipeline the trainer's decoder uses for ``task`` (sizes from ``image_size``, else the shard
     set's ``meta``, else the task's default); None for tasks without images (parity)."""
-    if task not in (*CLASSIFICATION_TASKS, "mazes"):
+    if task not in TASKS:
         return None
-    decoder = make_decoder(task, False, meta or {}, image_size=image_size)
-    if task == "mazes":  # maze_to_tensor: [0, 1] -> [-1, 1]
-        return InputSpec(task, decoder.image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    return InputSpec(task, decoder.image_size, tuple(decoder.mean), tuple(decoder.std))
+    pipeline = get_task(task).input_pipeline(meta or {}, image_size)
+    return InputSpec(task, *pipeline) if pipeline else None
 
 
 def trained_inputs(commit: dict, meta: dict | None = None) -> dict | None:
     """The input pipeline recorded by a run's COMMIT marker (its training config), as a dict."""
     data = (commit.get("config") or {}).get("data") or {}
     task, size = commit.get("task") or data.get("task"), int(data.get("image_size") or 0) or None
-    if task in ("demo", "cifar10") and not size and not (meta or {}).get("image_size"):
+    sized_by_shards = task in TASKS and get_task(task).image_size_from_shards
+    if sized_by_shards and not size and not (meta or {}).get("image_size"):
         return None  # sized by a shard set that cannot be read now: unknown, not guessed
     spec = task_inputs(task, meta, size)
     return spec.to_dict() if spec else None
@@ -102,12 +97,6 @@ def input_spec(loaded, task: str | None = None, image_size: int | None = None) -
     return task_inputs(task, loaded.meta, image_size)
 
 
-def norm_stats(task: str) -> tuple[tuple, tuple]:
-    return (
-        (T.CIFAR10_MEAN, T.CIFAR10_STD) if task == "cifar10" else (T.IMAGENET_MEAN, T.IMAGENET_STD)
-    )
-
-
 def image_file_tensor(path: str | os.PathLike, spec: InputSpec) -> torch.Tensor:
     """One image file through the model's evaluation transform ([3, H, W]); ValueError if it is no image."""
     try:
@@ -115,22 +104,9 @@ def image_file_tensor(path: str | os.PathLike, spec: InputSpec) -> torch.Tensor:
             data = f.read()
     except IsADirectoryError:
         raise ValueError(f"{path}: is a directory, not an image file") from None
-    if spec.task == "mazes":
-        try:
-            with Image.open(path) as img:
-                return T.maze_to_tensor(np.asarray(img.convert("RGB"), dtype=np.uint8))
-        except Exception as e:  # PIL raises many types for files it cannot read
-            raise ValueError(f"{path}: not an image ({type(e).__name__})") from None
-    decoder = ClassificationDecoder(
-        train=False, task=spec.task, image_size=spec.image_size, mean=spec.mean, std=spec.std
+    return get_task(spec.task).image_tensor(
+        os.fspath(path), data, spec.image_size, spec.mean, spec.std
     )
-    try:  # the trainer's own evaluation decoder, fed the file as a sample
-        x, _ = decoder(
-            {"__key__": os.fspath(path), "jpg": data, "cls": b"0"}, np.random.default_rng(0)
-        )
-    except BadSample:
-        raise ValueError(f"{path}: not an image that can be decoded") from None
-    return x
 
 
 def image_files(
@@ -160,6 +136,7 @@ def shard_samples(
         shuffle=False,
         image_size=image_size,
         route_length=route_length,
+        decoder_factory=get_task(task).decoder if task in TASKS else None,
     )
     xs, ys = [], []
     for batch in loader:
@@ -173,14 +150,7 @@ def shard_samples(
 
 def display_rgb(x: torch.Tensor, task: str) -> np.ndarray:
     """A model input [3, H, W] back to RGB [H, W, 3] in [0, 1]."""
-    arr = x.detach().float().cpu().numpy().transpose(1, 2, 0)
-    if task == "mazes":
-        return np.clip((arr + 1) / 2, 0, 1)
-    if task in CLASSIFICATION_TASKS:
-        mean, std = norm_stats(task)
-        return np.clip(arr * np.asarray(std) + np.asarray(mean), 0, 1)
-    lo, hi = arr.min(), arr.max()
-    return (arr - lo) / (hi - lo + 1e-12)
+    return get_task(task).display_rgb(x)
 
 
 def attention_maps(attention: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:

@@ -16,24 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ctm_dist.inference import predict
+from ctm_dist.tasks import get_task
+from ctm_dist.tasks.mazes import maze_rgb, split_route
 
 from . import animate, plots
-from .inputs import CLASSIFICATION_TASKS, attention_maps, display_rgb
-from .mazes import maze_rgb, split_route
-
-
-def per_tick_loss(predictions: torch.Tensor, targets: torch.Tensor, task: str) -> torch.Tensor:
-    """Cross-entropy [B, T] at every tick."""
-    B, D, T = predictions.shape
-    if task in ("mazes", "parity"):
-        k = 5 if task == "mazes" else 2
-        logits = predictions.reshape(B, D // k, k, T)  # [B, L, k, T]
-        tgt = targets.long().reshape(B, -1)[:, :, None].expand(B, D // k, T)
-        return F.cross_entropy(logits.transpose(1, 2), tgt, reduction="none").mean(1)
-    return F.cross_entropy(predictions, targets.long().view(B, 1).expand(B, T), reduction="none")
+from .inputs import attention_maps, display_rgb
 
 
 @torch.no_grad()
@@ -65,7 +54,8 @@ def make_pictures(
             tb.add_figure(f"pictures/{name}", fig, step, close=False)
         written.append(plots.save(fig, out / f"{name}.png"))
 
-    loss = per_tick_loss(predictions, targets, task) if targets is not None else None
+    kind = get_task(task)
+    loss = kind.per_tick_loss(predictions, targets) if targets is not None else None
     figure(plots.certainty_and_loss(certainties[:, 1], loss), "certainty_loss")
     halted = predict(model, x, certainty_threshold=threshold)
     figure(
@@ -78,7 +68,7 @@ def make_pictures(
     spatial = x.dim() == 4
     maps = attention_maps(tracking.attention, tuple(x.shape[-2:])) if spatial else None
     classes = (meta or {}).get("classes")
-    classify = task in CLASSIFICATION_TASKS
+    classify = "classes" in kind.pictures
     for i in range(min(per_input, x.shape[0])):
         certainty = certainties[i, 1].float()  # [T]
         predicted = predictions[i].argmax(0) if classify else None  # [T]
@@ -95,7 +85,7 @@ def make_pictures(
             written.append(
                 animate.attention_gif(image, maps[:, i], out / f"attention_{i}.gif", **words)
             )
-        if task == "mazes":
+        if "route" in kind.pictures:
             rgb, _ = maze_rgb(x[i])
             moves = split_route(predictions[i : i + 1]).argmax(2)[0].T.numpy()  # [T, L]
             route = targets[i].numpy() if targets is not None else None

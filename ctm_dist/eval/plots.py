@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from .classification import READOUTS  # noqa: E402
+from ctm_dist.tasks.classification import READOUTS  # noqa: E402
 
 
 def _np(a) -> np.ndarray:

@@ -24,6 +24,7 @@ from ctm_dist.storage.checkpoints import (
     UnsafeCheckpoint,
     step_name,
 )
+from ctm_dist.tasks import TASKS, get_task
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -129,7 +130,11 @@ def find_deepspeed_checkpoint(root: str | os.PathLike) -> tuple[Path, str]:
 def data_meta(commit: dict) -> dict:
     """The training shard set's metadata (class names, image size...), when its index is reachable."""
     data = (commit.get("config") or {}).get("data") or {}
-    if not data.get("url") or data.get("task") == "parity":
+    if (
+        not data.get("url")
+        or data.get("task") not in TASKS
+        or get_task(data["task"]).generated_data
+    ):
         return {}
 
     try:

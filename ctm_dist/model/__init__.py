@@ -1,6 +1,14 @@
 """The Continuous Thought Machine model: config, presets, module and its parts."""
 
-from .config import EXECUTION_FIELDS, OUR_FIELDS, PRESET_NAMES, CTMConfig, preset
+from .config import (
+    EXECUTION_FIELDS,
+    MAZE_ROUTE_LENGTH,
+    OUR_FIELDS,
+    PARITY_SEQUENCE_LENGTH,
+    PRESET_NAMES,
+    CTMConfig,
+    preset,
+)
 from .ctm import (
     CTM,
     Readout,
@@ -16,6 +24,8 @@ __all__ = [
     "CTM",
     "CTMConfig",
     "EXECUTION_FIELDS",
+    "MAZE_ROUTE_LENGTH",
+    "PARITY_SEQUENCE_LENGTH",
     "OUR_FIELDS",
     "PRESET_NAMES",
     "Readout",

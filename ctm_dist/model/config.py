@@ -37,6 +37,9 @@ POSITIONAL_EMBEDDING_TYPES = (
     "custom-rotational-1d",
 )
 ATTENTION_IMPLS = ("sdpa", "reference")
+# output sizes of the task presets when nothing else decides them (the reference's defaults)
+MAZE_ROUTE_LENGTH = 100
+PARITY_SEQUENCE_LENGTH = 64
 EXECUTION_FIELDS = (
     "tick_checkpointing",
     "recompute_nlms",
@@ -284,7 +287,7 @@ def _imagenet() -> dict[str, Any]:
     )
 
 
-def _mazes(route_length: int = 100) -> dict[str, Any]:
+def _mazes(route_length: int = MAZE_ROUTE_LENGTH) -> dict[str, Any]:
     # tasks/mazes/scripts/train_ctm.sh
     return dict(
         iterations=75,
@@ -307,7 +310,7 @@ def _mazes(route_length: int = 100) -> dict[str, Any]:
     )
 
 
-def _parity(sequence_length: int = 64) -> dict[str, Any]:
+def _parity(sequence_length: int = PARITY_SEQUENCE_LENGTH) -> dict[str, Any]:
     # tasks/parity/scripts/train_ctm_75_25.sh
     return dict(
         iterations=75,

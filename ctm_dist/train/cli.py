@@ -16,56 +16,13 @@ import signal
 import sys
 import warnings
 
+from ctm_dist.tasks import get_task, task_names
 from ctm_dist.train.config import ConfigError, build_config
 from ctm_dist.train.metrics import config_text
 from ctm_dist.train.preemption import Preempted, exit_code_for
 
-# Per-task defaults (reference scripts' values where they exist); the dataclass defaults are the demo's.
-TASK_DEFAULTS: dict[str, dict] = {
-    # The embedded demo: digits at 8x8 (their native resolution) so that bf16 on two CPU cores
-    # reaches >= 90% top-1 in a few minutes; tick checkpointing on to exercise it.
-    "demo": {"data": {"image_size": 8}, "model": {"tick_checkpointing": 4}},
-    "imagenet": {
-        "run": {"name": "imagenet", "max_steps": 500_000, "log_every": 100},
-        "data": {
-            "task": "imagenet",
-            "batch_size": 64,
-            "eval_batch_size": 64,
-            "num_workers": 8,
-            "image_size": 224,
-        },
-        "model": {"preset": "imagenet"},
-        "optim": {"lr": 5e-4, "warmup_steps": 10_000, "min_lr": 1e-7, "warmup_start_lr": 1e-20},
-        "deepspeed": {"gradient_clipping": 20.0},
-        "checkpoint": {"every": 1000, "keep": 3},
-        "eval": {"every": 5000, "batches": 200},
-    },
-    "cifar10": {
-        "run": {"name": "cifar10", "max_steps": 600_000, "log_every": 100},
-        "data": {"task": "cifar10", "batch_size": 512, "eval_batch_size": 512, "num_workers": 4},
-        "model": {"preset": "cifar10"},
-        "optim": {"lr": 1e-4, "warmup_steps": 1000, "min_lr": 1e-7, "warmup_start_lr": 1e-20},
-        "checkpoint": {"every": 1000},
-        "eval": {"every": 1000, "batches": 20},
-    },
-    "mazes": {
-        "run": {"name": "mazes", "max_steps": 1_000_000, "log_every": 100},
-        "data": {"task": "mazes", "batch_size": 64, "eval_batch_size": 128, "num_workers": 4},
-        "model": {"preset": "mazes"},
-        "optim": {"lr": 1e-4, "warmup_steps": 10_000, "min_lr": 1e-7, "warmup_start_lr": 1e-20},
-        "checkpoint": {"every": 1000},
-        "eval": {"every": 1000, "batches": 20},
-    },
-    "parity": {
-        "run": {"name": "parity", "max_steps": 200_000, "log_every": 100},
-        "data": {"task": "parity", "batch_size": 64, "eval_batch_size": 256},
-        "model": {"preset": "parity"},
-        "optim": {"lr": 1e-4, "warmup_steps": 500, "min_lr": 1e-7, "warmup_start_lr": 1e-20},
-        "deepspeed": {"gradient_clipping": 0.9},
-        "checkpoint": {"every": 10_000},
-        "eval": {"every": 1000, "batches": 20},
-    },
-}
+# Per-task launcher defaults (``Task.launch_defaults``); the dataclass defaults are the demo's.
+TASK_DEFAULTS: dict[str, dict] = {name: get_task(name).launch_defaults for name in task_names()}
 
 CONFIG_DOCS = (
     "Every config field, its default and meaning: ctm_dist/train/config.py (one dataclass per "
@@ -110,8 +67,8 @@ def make_parser(prog: str, task: str) -> argparse.ArgumentParser:
             "data": "the embedded demo (which has its own defaults)"
             if task == "imagenet"
             else "(required)"
-            if task != "parity"
-            else "generated parity sequences",
+            if not get_task(task).generated_data
+            else f"generated {task} sequences",
             "storage": "an embedded local object store under run.local_dir",
         }
         return f"{FLAGS[flag]}; default: {shown.get(flag, value)!s}"
@@ -291,7 +248,11 @@ def _console(task: str):
     return entry
 
 
-imagenet, cifar10, mazes, parity = (_console(t) for t in ("imagenet", "cifar10", "mazes", "parity"))
+def __getattr__(name: str):
+    """``ctm_dist.train.cli:<task>``: the console command of every registered task (pyproject.toml)."""
+    if name in task_names() and name != "demo":
+        return _console(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _preempted_code(error: BaseException) -> int:

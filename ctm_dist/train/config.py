@@ -21,8 +21,8 @@ from typing import Any, Union
 import yaml
 
 from ctm_dist.model import CTMConfig, preset
+from ctm_dist.tasks import UnknownTask, get_task, task_names
 
-TASKS = ("demo", "imagenet", "cifar10", "mazes", "parity")
 SEED_LIMIT = (
     2**32
 )  # run.seed is in [0, 2**32): numpy seeds take it whole, and offsets per rank stay in 64 bits
@@ -413,10 +413,16 @@ def _validate(cfg: TrainConfig) -> None:
         r.preemption_grace_s > 0, f"run.preemption_grace_s must be > 0, got {r.preemption_grace_s}"
     )
     _validate_signals(r.preemption_signals)
-    _check(d.task in TASKS, f"data.task must be one of {', '.join(TASKS)}, got {d.task!r}")
+    try:
+        task = get_task(d.task)
+    except UnknownTask:
+        raise ConfigError(
+            f"data.task must be one of {', '.join(task_names())}, got {d.task!r}"
+        ) from None
     _check(
-        d.url != "" or d.task in ("demo", "parity"),
-        f"data.url is required for task {d.task!r} (only demo and parity have built-in data)",
+        d.url != "" or task.built_in_data or task.generated_data,
+        f"data.url is required for task {d.task!r} (only {' and '.join(_own_data_tasks())} "
+        "have built-in data)",
     )
     _check(sc.workers >= 1, f"scale.workers must be >= 1, got {sc.workers}")
     _check(sc.gpus_per_worker >= 0, f"scale.gpus_per_worker must be >= 0, got {sc.gpus_per_worker}")
@@ -486,6 +492,10 @@ def _validate(cfg: TrainConfig) -> None:
     _check(ev.every >= 0, f"eval.every must be >= 0, got {ev.every}")
     _check(ev.batches >= 0, f"eval.batches must be >= 0 (0 = whole split), got {ev.batches}")
     _validate_model(cfg.model)
+
+
+def _own_data_tasks() -> list[str]:
+    return [n for n in task_names() if get_task(n).built_in_data or get_task(n).generated_data]
 
 
 def _validate_model(m: ModelSection) -> None:

@@ -41,13 +41,13 @@ from ctm_dist.storage.local import (
     environ,
     lock_directory,
 )
+from ctm_dist.tasks import get_task, preflight
 from ctm_dist.train.checkpointer import Checkpointer
 from ctm_dist.train.config import TrainConfig
 from ctm_dist.train.lease import live_writer
 from ctm_dist.train.loop import train_worker
 from ctm_dist.train.metrics import config_text, format_line
 from ctm_dist.train.preemption import Preempted, WorkerSignals, handle_signals, parse_signals
-from ctm_dist.train.tasks import preflight
 
 log = logging.getLogger("ctm_dist.train")
 
@@ -183,7 +183,7 @@ def prepared_storage(cfg: TrainConfig, local_dir_name: str | None = None):
             stack.enter_context(environ(env))  # this process reads and writes the store too
             cfg.run.storage = f"s3://{EMBEDDED_BUCKET}/runs"
             log.info("embedded object store at %s (data in %s)", store.endpoint_url, data_dir)
-        if cfg.data.task == "demo" and not cfg.data.url:
+        if get_task(cfg.data.task).built_in_data and not cfg.data.url:
             # beside the runs: {storage}/demo-data/ (no run may take that name then)
             cfg.data.url = Location.parse(cfg.run.storage).child(DEMO_DATA).url
             if cfg.run.name == DEMO_DATA:
@@ -525,7 +525,7 @@ def next_commands(
         extra = f" --local-dir {shlex.quote(os.fspath(local_dir))}"
     run = shlex.quote(run_url)
     commands = [f"python launch/evaluate.py {run} --out eval-{name}{extra}"]
-    if task != "parity":
+    if not get_task(task).generated_data:  # pictures need images or a shard set
         commands.append(f"python launch/visualize.py {run} --out pictures-{name}{extra}")
     commands.append(f"python launch/export.py {run} export-{name}{extra}")
     return commands

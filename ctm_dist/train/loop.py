@@ -22,15 +22,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ctm_dist.model import CTM, EXECUTION_FIELDS, execution
+from ctm_dist.model import EXECUTION_FIELDS, execution
 from ctm_dist.storage import Location
+from ctm_dist.tasks import MetricSums, make_task
 from ctm_dist.train import rng
 from ctm_dist.train.checkpointer import Checkpointer
 from ctm_dist.train.config import TrainConfig
 from ctm_dist.train.engine import build_engine, model_dtype
 from ctm_dist.train.lease import ray_job_owner
 from ctm_dist.train.metrics import (
-    RunningSums,
     StepTimer,
     TensorBoardLog,
     config_text,
@@ -42,7 +42,6 @@ from ctm_dist.train.preemption import (
     training_in_progress,
     worker_signal,
 )
-from ctm_dist.train.tasks import make_task
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +80,7 @@ class Trainer:
         seed_everything(cfg.run.seed)  # same initial weights on every rank
         self.task = make_task(cfg, rank, world_size)
         self.model_cfg = self.task.model_config()
-        self.engine = build_engine(CTM(self.model_cfg).to(device), cfg)
+        self.engine = build_engine(self.task.build_model(self.model_cfg).to(device), cfg)
         self.compiled = compile_engine(self.engine, self.model_cfg, device)
         self.dtype = model_dtype(cfg)
         self.run_location = Location.parse(
@@ -126,7 +125,7 @@ class Trainer:
         )
         if self.tb is not None:
             self.tb.text("config", config_text(cfg), self.step)
-        self.sums = RunningSums()
+        self.sums = MetricSums()
         self.timer = StepTimer()
         self.last: dict = {}
         self._steps_since_log = 0
@@ -156,7 +155,7 @@ class Trainer:
             batch = next(batches)
             self.timer.add("data_wait", time.perf_counter() - t0)
             x, target, valid = self.task.to_device(batch, self.device, self.dtype)
-            predictions, certainties, _ = self.engine(x)
+            predictions, certainties = self.task.forward(self.engine, x)
             loss, tick = self.task.loss(predictions.float(), certainties.float(), target, valid)
             self.engine.backward(loss)
             self.engine.step()
@@ -171,7 +170,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         self.engine.eval()
-        sums = RunningSums()
+        sums = MetricSums()
         max_batches = self.cfg.eval.batches or None
         for i, batch in enumerate(
             self.task.eval_loader(self.cfg.data.eval_batch_size // self.world_size)
@@ -179,7 +178,7 @@ class Trainer:
             if max_batches is not None and i >= max_batches:
                 break
             x, target, valid = self.task.to_device(batch, self.device, self.dtype)
-            predictions, certainties, _ = self.engine(x)
+            predictions, certainties = self.task.forward(self.engine, x)
             loss, tick = self.task.loss(predictions.float(), certainties.float(), target, valid)
             sums.add("samples", valid.sum())
             sums.add("loss_sum", loss * valid.sum())
@@ -187,7 +186,7 @@ class Trainer:
             sums.add_ticks(tick[valid.bool()])
         reduced, ticks = sums.reduce()
         self.engine.train()
-        out = self.task.summarise(reduced, prefix="eval/")
+        out = self.task.summarise(reduced, "eval")
         if ticks.numel():
             out["eval/most_certain_tick_mean"] = (
                 ticks.double().mean().item() + 1
@@ -219,7 +218,7 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             values["train/grad_norm"] = float(grad_norm)
-        values.update(self.task.summarise(reduced, prefix="train/"))
+        values.update(self.task.summarise(reduced, "train"))
         if ticks.numel():
             values["train/most_certain_tick_mean"] = ticks.double().mean().item() + 1
         if extra:

@@ -1,7 +1,7 @@
 """Training observability: running sums reduced over ranks, TensorBoard on rank 0, one-line logs.
 
-Every rank accumulates sums (loss, correct, samples, per-tick correct, most-certain ticks) and
-all ranks reduce them together at the same step; rank 0 then writes TensorBoard scalars and
+Every rank accumulates metric sums (:class:`ctm_dist.tasks.MetricSums`: loss, samples, the
+task's counts, most-certain ticks) and all ranks reduce them together at the same step; rank 0 then writes TensorBoard scalars and
 histograms and hands a flat dict to the driver's progress display.
 """
 
@@ -15,51 +15,7 @@ from collections import defaultdict
 from urllib.parse import urlsplit, urlunsplit
 
 import torch
-import torch.distributed as dist
 import yaml
-
-
-class RunningSums:
-    """Named sums (scalars or fixed-size vectors) plus the most-certain ticks seen, reduced across ranks."""
-
-    def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}
-        self.ticks: list[torch.Tensor] = []
-
-    def add(self, name: str, value) -> None:
-        value = torch.as_tensor(value, dtype=torch.float64).detach().cpu().reshape(-1)
-        if name in self.sums:
-            self.sums[name] += value
-        else:
-            self.sums[name] = value.clone()
-
-    def add_ticks(self, ticks: torch.Tensor) -> None:
-        self.ticks.append(ticks.detach().cpu().long().reshape(-1))
-
-    def reduce(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """All-reduce the sums and gather the ticks; every rank must call it at the same step."""
-        names = sorted(self.sums)
-        flat = (
-            torch.cat([self.sums[n] for n in names])
-            if names
-            else torch.zeros(0, dtype=torch.float64)
-        )
-        ticks = torch.cat(self.ticks) if self.ticks else torch.zeros(0, dtype=torch.long)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flat)
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, ticks)
-            ticks = torch.cat(gathered)
-        out, offset = {}, 0
-        for n in names:
-            size = self.sums[n].numel()
-            out[n] = flat[offset : offset + size]
-            offset += size
-        return out, ticks
-
-    def clear(self) -> None:
-        self.sums.clear()
-        self.ticks.clear()
 
 
 class StepTimer:

@@ -13,20 +13,22 @@ from eval_fixtures import tiny_ctm, write_digit_shards
 
 from ctm_dist.data.mazes_gen import generate_maze
 from ctm_dist.data.transforms import maze_to_tensor
-from ctm_dist.eval.classification import (
+from ctm_dist.eval.halting import best_threshold
+from ctm_dist.tasks.classification import (
     ClassificationStats,
+    HaltingStats,
     expected_calibration_error,
+    halting_ticks,
     readout_logits,
 )
-from ctm_dist.eval.halting import HaltingStats, best_threshold, halting_ticks
-from ctm_dist.eval.mazes import (
+from ctm_dist.tasks.mazes import (
     GeneralisationStats,
     MazeStats,
     maze_rgb,
     solve_by_reapplication,
     walk_route,
 )
-from ctm_dist.eval.parity import ParityStats
+from ctm_dist.tasks.parity import ParityStats
 
 
 def certainties_from(values) -> torch.Tensor:
@@ -84,7 +86,7 @@ def test_ece_matches_definition():
     targets = torch.tensor(np.where(correct, 0, 1))
     keep = conf > 0.5  # max prob must be class 0
     stats.update(p[keep], certainties_from(np.ones((int(keep.sum()), 1))), targets[keep])
-    ece = expected_calibration_error(stats.calib_per_tick[0])
+    ece = expected_calibration_error(stats.sums["calib_per_tick"][0].numpy())
     c, k = conf[keep], correct[keep]
     bins = np.minimum((c * 10).astype(int), 9)
     expected = sum(

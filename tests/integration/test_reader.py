@@ -520,7 +520,7 @@ def test_the_training_config_selects_the_global_order(shards, s3_env):
     """``data.global_order=true`` reaches the trainer's loaders: two ranks' first global batch is
     the one a single rank reads."""
     from ctm_dist.train.config import build_config
-    from ctm_dist.train.tasks import make_task
+    from ctm_dist.tasks import make_task
 
     def first_global_batch(world: int, global_order: bool) -> set[str]:
         cfg = build_config(

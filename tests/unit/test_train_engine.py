@@ -113,7 +113,7 @@ PARITY_TINY = [
 
 def test_parity_trains_a_step_in_bf16(process_group):
     """The default precision on the parity task: float +-1 inputs, a 1-d rotational positional embedding."""
-    from ctm_dist.train.tasks import make_task
+    from ctm_dist.tasks import make_task
 
     cfg = build_config(
         None,

@@ -119,7 +119,7 @@ def _write(loc, split, samples, per_shard=10):
 
 def _task(url: str, workers: int = 1, rank: int = 0, batch: int = 4):
     from ctm_dist.train.config import build_config
-    from ctm_dist.train.tasks import make_task
+    from ctm_dist.tasks import make_task
 
     cfg = build_config(
         overrides=[
