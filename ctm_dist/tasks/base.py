@@ -42,6 +42,8 @@ class Task:
     # other metrics, each a sum divided by the samples (metric name -> sum name)
     headline = {"train": "accuracy", "eval": "step_accuracy"}
     rates: dict = {}
+    # the launcher's own flags: --name -> help; ``flag_overrides`` turns given ones into overrides
+    launch_flags: dict = {}
     # the launcher's config defaults (``launch/<name>.py``), under the dataclass defaults' sections
     launch_defaults: dict = {}
 
@@ -58,15 +60,49 @@ class Task:
         """CTMConfig fields (or preset arguments) the data decides: classes, route length..."""
         return {}
 
+    @classmethod
+    def flag_overrides(cls, flags: dict) -> list[str]:
+        """Dotted overrides (``section.field=value``) for the given ``launch_flags`` values; they
+        come after the common flags' and before the command line's own overrides."""
+        return []
+
+    @classmethod
+    def config_for(cls, preset_name: str, overrides: dict):
+        """The model config of preset ``preset_name`` with ``overrides`` (also what config
+        validation builds to check ``model.*``)."""
+        return preset(preset_name, **overrides)
+
     def model_config(self) -> CTMConfig:
         values = self.data_overrides()
         values.update(self.cfg.model.overrides)
-        return preset(self.cfg.model.preset, **values)
+        return self.config_for(self.cfg.model.preset, values)
 
     def build_model(self, model_cfg: CTMConfig) -> torch.nn.Module:
         """The module the trainer wraps in its DeepSpeed engine (same weights on every rank: the
         trainer seeds before calling it)."""
         return CTM(model_cfg)
+
+    def bind_model(self, model) -> None:
+        """Called with the trainer's engine once it is built; a task that acts with the model
+        (RL: rollouts) keeps it. Default: nothing."""
+
+    def training_loss(self, engine, batch: dict, sums: MetricSums, device, dtype) -> torch.Tensor:
+        """One micro-batch's loss for the trainer's backward, its metric sums added to ``sums``."""
+        x, target, valid = self.to_device(batch, device, dtype)
+        predictions, certainties = self.forward(engine, x)
+        loss, tick = self.loss(predictions.float(), certainties.float(), target, valid)
+        with torch.no_grad():
+            n = valid.sum()
+            sums.add("loss_sum", loss.detach() * n)
+            sums.add("samples", n)
+            self.accumulate(sums, predictions.detach().float(), target, valid, tick)
+            sums.add_ticks(tick[valid.bool()])
+        return loss
+
+    def evaluate_model(self, engine, device) -> dict | None:
+        """Evaluation metrics measured by the task itself (RL: episodes played), or None (the
+        default): the trainer evaluates on ``eval_loader``."""
+        return None
 
     def forward(self, model, x):
         """(predictions [B, out, T], certainties [B, 2, T]) of the model (or its engine) on ``x``."""

@@ -12,8 +12,11 @@ from .base import Task
 from .classification import Cifar10, Demo, ImageNet
 from .mazes import Mazes
 from .parity import Parity
+from .rl import ReinforcementLearning
 
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (Demo, ImageNet, Cifar10, Mazes, Parity)}
+TASKS: dict[str, type[Task]] = {
+    cls.name: cls for cls in (Demo, ImageNet, Cifar10, Mazes, Parity, ReinforcementLearning)
+}
 
 
 class UnknownTask(ValueError):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ctm_dist.model import EXECUTION_FIELDS, execution
+from ctm_dist.model import EXECUTION_FIELDS, CTMConfig, execution
 from ctm_dist.storage import Location
 from ctm_dist.tasks import MetricSums, make_task
 from ctm_dist.train import rng
@@ -81,6 +81,7 @@ class Trainer:
         self.task = make_task(cfg, rank, world_size)
         self.model_cfg = self.task.model_config()
         self.engine = build_engine(self.task.build_model(self.model_cfg).to(device), cfg)
+        self.task.bind_model(self.engine)  # a task that acts with the model (RL rollouts) keeps it
         self.compiled = compile_engine(self.engine, self.model_cfg, device)
         self.dtype = model_dtype(cfg)
         self.run_location = Location.parse(
@@ -154,22 +155,18 @@ class Trainer:
             t0 = time.perf_counter()
             batch = next(batches)
             self.timer.add("data_wait", time.perf_counter() - t0)
-            x, target, valid = self.task.to_device(batch, self.device, self.dtype)
-            predictions, certainties = self.task.forward(self.engine, x)
-            loss, tick = self.task.loss(predictions.float(), certainties.float(), target, valid)
+            loss = self.task.training_loss(self.engine, batch, self.sums, self.device, self.dtype)
             self.engine.backward(loss)
             self.engine.step()
-            with torch.no_grad():
-                n = valid.sum()
-                self.sums.add("loss_sum", loss.detach() * n)
-                self.sums.add("samples", n)
-                self.task.accumulate(self.sums, predictions.detach().float(), target, valid, tick)
-                self.sums.add_ticks(tick[valid.bool()])
         self.step += 1
 
     @torch.no_grad()
     def evaluate(self) -> dict:
         self.engine.eval()
+        played = self.task.evaluate_model(self.engine, self.device)
+        if played is not None:  # a task that evaluates by acting (RL)
+            self.engine.train()
+            return played
         sums = MetricSums()
         max_batches = self.cfg.eval.batches or None
         for i, batch in enumerate(
@@ -362,7 +359,7 @@ class StopRequests:
 
 def compile_engine(engine, model_cfg, device: torch.device) -> bool:
     """``torch.compile`` the engine's model where ``model.compile`` says so for ``device``; whether it did."""
-    if not execution.compiles(model_cfg, device):
+    if not isinstance(model_cfg, CTMConfig) or not execution.compiles(model_cfg, device):
         return False
     execution.prepare(engine.module)
     engine.compile(

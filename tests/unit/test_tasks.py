@@ -102,7 +102,7 @@ def _outputs(model_cfg, batch, seed=0):
 
 
 def test_registry_names_the_known_tasks_and_refuses_others_in_one_line():
-    assert set(task_names()) == {"demo", "imagenet", "cifar10", "mazes", "parity"}
+    assert set(task_names()) == {"demo", "imagenet", "cifar10", "mazes", "parity", "rl"}
     assert all(get_task(n).name == n for n in task_names())
     with pytest.raises(UnknownTask) as e:
         get_task("sorting")
