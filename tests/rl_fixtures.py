@@ -1,4 +1,4 @@
-"""The RL golden fixtures (tests/golden/rl_*.safetensors, written by tests/golden/generate_rl.py)."""
+"""The RL golden fixtures (tests/golden/rl/rl_*.safetensors, written by tests/golden/generate_rl.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-GOLDEN = Path(__file__).resolve().parent / "golden"
+GOLDEN = Path(__file__).resolve().parent / "golden" / "rl"
 RL_FIXTURES = sorted(GOLDEN.glob("rl_*.safetensors"))
 
 

@@ -8,7 +8,7 @@ decays outside the [0, 4] clamp, and records, for a random hidden state and a fe
 steps of two environments with an episode reset in between: one step of ``recurrent_model``
 (features, next state, tracked pre/post-activations) and the agent's ``get_action_and_value`` over
 the steps (log-probabilities, entropies, values, logits, last state). Writes
-``tests/golden/rl_<case>.safetensors``; the case's args go in the metadata.
+``tests/golden/rl/rl_<case>.safetensors``; the case's args go in the metadata.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent / "rl"
 STEPS, ENVS = 3, 2
 
 _ARGS = dict(
