@@ -53,7 +53,8 @@ class ReinforcementLearning(Task):
         "run": {"name": "rl", "max_steps": 20_000, "log_every": 20},
         "data": {"task": "rl"},
         "model": {"preset": "cartpole"},
-        "optim": {"lr": 1e-3, "eps": 1e-5, "warmup_steps": 0, "schedule": "constant"},
+        # Adam as the reference's (eps 1e-5), lr annealed linearly to 0 over the run (--anneal_lr)
+        "optim": {"lr": 1e-3, "eps": 1e-5, "warmup_steps": 0, "schedule": "linear", "min_lr": 0.0},
         "deepspeed": {"precision": "fp32", "gradient_clipping": 0.5},
         "checkpoint": {"every": 1000},
         "eval": {"every": 1000},

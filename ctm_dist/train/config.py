@@ -32,7 +32,7 @@ UNCATCHABLE_SIGNALS = ("SIGKILL", "SIGSTOP")
 # preset arguments that size the output, accepted under model.* beside CTMConfig's fields
 PRESET_ARGUMENTS = {"route_length": int, "sequence_length": int}
 PRECISIONS = ("bf16", "fp16", "fp32")
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "linear", "constant")
 
 
 class ConfigError(ValueError):

@@ -26,6 +26,7 @@ TINY = [
     "rl.num_minibatches=2",
     "rl.update_epochs=1",
     "rl.eval_envs=2",
+    "optim.decay_steps=100",  # the linear decay's length, the same for both runs
 ]
 # The learning check: the reference's CartPole task with velocities visible (so that well under a
 # minute of CPU is enough), the small CTM, seed 0. Measured 2026-12-01: eval return 89.4 after 64
@@ -33,6 +34,7 @@ TINY = [
 LEARN = [
     "model.preset=cartpole-small",
     "rl.mask_velocity=false",
+    "optim.schedule=constant",
     "run.seed=0",
     "rl.eval_envs=16",
 ]
