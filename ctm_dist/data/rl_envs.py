@@ -39,7 +39,8 @@ def check_env_id(env_id: str) -> None:
     if env_id in CLASSIC_CONTROL:
         return
     if is_minigrid(env_id):
-        import minigrid  # noqa: F401  (registers the MiniGrid environments)
+        # registers the MiniGrid environments; imported only for them (it loads pygame, ~1 s)
+        import minigrid  # noqa: F401
 
         if env_id in gym.registry:
             return
@@ -68,7 +69,7 @@ def _classic_control(env_id: str, max_steps: int, mask_velocity: bool):
 
 def _minigrid(env_id: str, max_steps: int):
     def make() -> gym.Env:
-        from minigrid.wrappers import ImgObsWrapper
+        from minigrid.wrappers import ImgObsWrapper  # only for MiniGrid, see check_env_id
 
         return ImgObsWrapper(gym.make(env_id, max_steps=max_steps, disable_env_checker=True))
 
