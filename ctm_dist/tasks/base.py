@@ -42,6 +42,7 @@ class Task:
     # other metrics, each a sum divided by the samples (metric name -> sum name)
     headline = {"train": "accuracy", "eval": "step_accuracy"}
     rates: dict = {}
+    run_tools = True  # the offline tools (evaluate, visualize, export) take its runs
     # the launcher's own flags: --name -> help; ``flag_overrides`` turns given ones into overrides
     launch_flags: dict = {}
     # the launcher's config defaults (``launch/<name>.py``), under the dataclass defaults' sections

@@ -48,6 +48,7 @@ PPO_RATES = {
 class ReinforcementLearning(Task):
     name = "rl"
     generated_data = True  # environments, no shard set
+    run_tools = False  # evaluation plays episodes in training; export: ctm_dist.compat
     launch_defaults = {
         # the reference's cartpole script, sized for a few CPU workers (it ran 256 envs on a GPU)
         "run": {"name": "rl", "max_steps": 20_000, "log_every": 20},

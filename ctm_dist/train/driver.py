@@ -523,6 +523,8 @@ def next_commands(
     extra = ""
     if local_dir is not None and Path(local_dir).resolve() != Path(EMBEDDED_LOCAL_DIR).resolve():
         extra = f" --local-dir {shlex.quote(os.fspath(local_dir))}"
+    if not get_task(task).run_tools:
+        return []
     run = shlex.quote(run_url)
     commands = [f"python launch/evaluate.py {run} --out eval-{name}{extra}"]
     if not get_task(task).generated_data:  # pictures need images or a shard set
@@ -550,6 +552,7 @@ def summary_lines(summary: dict) -> list[str]:
         ("eval/route_accuracy", "val route accuracy"),
         ("eval/sequence_accuracy", "val sequence accuracy"),
         ("eval/most_certain_tick_mean", "mean most-certain tick"),
+        ("eval/episode_return", "eval mean episode return"),
     ):
         if summary.get(key) is not None:
             lines.append(

@@ -20,6 +20,7 @@ from ctm_dist.tasks import make_task
 from ctm_dist.tasks.sums import MetricSums
 from ctm_dist.train.cli import TASK_DEFAULTS, config_from_args, make_parser
 from ctm_dist.train.config import ConfigError, build_config
+from ctm_dist.train.driver import next_commands, summary_lines
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -133,3 +134,10 @@ def test_rl_config_and_launcher_flags():
         build_config(None, ["rl.num_envs=6", "rl.num_minibatches=4"], TASK_DEFAULTS["rl"])
     with pytest.raises(ConfigError, match="kind must be one of"):
         build_config(None, ["model.kind=gru"], TASK_DEFAULTS["rl"])
+
+
+def test_driver_reports_the_eval_return_and_suggests_no_offline_tools():
+    assert next_commands("s3://b/runs/rl-a", "rl") == []
+    assert next_commands("s3://b/runs/p", "parity")  # other tasks keep theirs
+    lines = summary_lines({"run": "rl-a", "step": 9, "eval/episode_return": 87.25})
+    assert "  eval mean episode return: 87.2500" in lines
