@@ -3,7 +3,7 @@
 The reference's RL task (``tasks/rl`` of the CTM repository): a recurrent agent (the RL CTM, or
 the LSTM baseline with ``model.kind=lstm``) trained with PPO, its memory carried across
 environment steps. Here it is a task of the one training loop: every worker runs its own
-``rl.num_envs`` environments (``rollouts.py``), one trainer step is one PPO minibatch through
+``rl.num_envs`` environments (``rl_rollouts.py``), one trainer step is one PPO minibatch through
 the DeepSpeed engine, whose gradients are all-reduced over the workers as for every task, and
 evaluation plays one episode per evaluation environment with the current policy.
 
