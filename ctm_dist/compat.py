@@ -38,8 +38,14 @@ from ctm_dist.compat_qamnist import (
     qamnist_config_from_reference_args,
     reference_args_from_qamnist_config,
 )
+from ctm_dist.compat_rl import (
+    build_reference_agent,
+    is_rl_args,
+    reference_args_from_rl_config,
+)
 from ctm_dist.model import CTM, CTMConfig, LSTMBaseline, LSTMConfig, build_model
 from ctm_dist.model.qamnist import QAMNISTLSTM, build_qamnist_model
+from ctm_dist.model.rl import RLAgent
 from ctm_dist.storage.checkpoints import (
     CheckpointError,
 )  # the one checkpoint error type; the message says why
@@ -546,12 +552,19 @@ def load_reference_checkpoint(source: Source, **overrides: Any) -> torch.nn.Modu
 
     ``overrides`` replace config fields that do not change weights (e.g. ``tick_checkpointing``,
     ``attention_impl``). A Q&A MNIST checkpoint gives its QAMNIST CTM or LSTM (``m(x, z)``).
+    A checkpoint of the reference's RL script (its args carry ``env_id``) gives the whole agent, an
+    :class:`~ctm_dist.model.rl.RLAgent` called as the reference's: ``m(x, hidden)``, ``m.actor``,
+    ``m.critic``, ``m.get_initial_state(n)``.
     """
     checkpoint = read_reference_checkpoint(source)
     name = _describe(source)
     state = checkpoint["model_state_dict"]
     args = checkpoint["args"]
-    if is_qamnist_args(args):
+    if is_rl_args(args):
+        if overrides:
+            raise CheckpointError(f"{name}: an RL agent takes no config overrides")
+        model = build_reference_agent(args, state)
+    elif is_qamnist_args(args):
         model = build_qamnist_model(qamnist_config_from_reference_args(args, state, **overrides))
     elif isinstance(args, argparse.Namespace) and reference_model_kind(args) == "lstm":
         model = LSTMBaseline(lstm_config_from_reference_args(args, state, **overrides))
@@ -603,29 +616,33 @@ def export_reference_checkpoint(
 
     ``dataset`` names the task for the reference (``cifar10``, ``imagenet``, ``mazes-medium``,
     ``parity``, ``qamnist``...; ``None`` or ``"sort"`` for a sort model, whose script saves
-    ``N_to_sort`` instead); ``extra_args`` adds or overrides options in the saved Namespace.
-    A QAMNIST model (CTM or LSTM) is saved as the reference's QAMNIST script saves it, with no
-    ``dataset`` field.
+    ``N_to_sort`` instead; for an :class:`~ctm_dist.model.rl.RLAgent` the gymnasium env id:
+    ``CartPole-v1``, ``Acrobot-v1``, ``MiniGrid-FourRooms-v0``); ``extra_args`` adds or overrides
+    options in the saved Namespace. A QAMNIST model (CTM or LSTM) is saved as the reference's
+    QAMNIST script saves it, with no ``dataset`` field.
     """
-    while not isinstance(model, (CTM, QAMNISTLSTM)):
+    while not isinstance(model, (CTM, QAMNISTLSTM, RLAgent)):
         inner = getattr(model, "module", None) or getattr(
             model, "_orig_mod", None
         )  # DDP/DeepSpeed, torch.compile
         if not isinstance(inner, torch.nn.Module):
             break
         model = inner
-    if not isinstance(model, (CTM, QAMNISTLSTM)):
-        raise TypeError(f"expected a ctm_dist CTM, got {type(model).__name__}")
-    qcfg = getattr(model, "qcfg", None)
-    if (qcfg is None) != (dataset != "qamnist"):
-        raise ValueError(
-            f"dataset {dataset!r} does not fit a {type(model).__name__}: Q&A MNIST models "
-            "export with dataset 'qamnist', and only they do"
-        )
-    if qcfg is not None:
-        args = reference_args_from_qamnist_config(qcfg, extra_args)
+    if isinstance(model, RLAgent):
+        args = reference_args_from_rl_config(model.cfg, dataset, extra_args)
+    elif isinstance(model, (CTM, QAMNISTLSTM)):
+        qcfg = getattr(model, "qcfg", None)
+        if (qcfg is None) != (dataset != "qamnist"):
+            raise ValueError(
+                f"dataset {dataset!r} does not fit a {type(model).__name__}: Q&A MNIST models "
+                "export with dataset 'qamnist', and only they do"
+            )
+        if qcfg is not None:
+            args = reference_args_from_qamnist_config(qcfg, extra_args)
+        else:
+            args = reference_args_from_config(model.cfg, dataset, extra_args)
     else:
-        args = reference_args_from_config(model.cfg, dataset, extra_args)
+        raise TypeError(f"expected a ctm_dist CTM or RLAgent, got {type(model).__name__}")
     # The reference keeps float32 weights; bf16/fp16 copies (e.g. from a DeepSpeed engine) are widened.
     state = {
         key: value.detach().to(

@@ -26,6 +26,8 @@ def next_commands(
     extra = ""
     if local_dir is not None and Path(local_dir).resolve() != Path(EMBEDDED_LOCAL_DIR).resolve():
         extra = f" --local-dir {shlex.quote(os.fspath(local_dir))}"
+    if task is not None and not get_task(task).run_tools:  # no offline tools for this task yet
+        return []
     run = shlex.quote(run_url)
     commands = [f"python launch/evaluate.py {run} --out eval-{name}{extra}"]
     if task is None or not get_task(task).generated_data:  # pictures need images or shards

@@ -43,6 +43,9 @@ class Task:
     # other metrics, each a sum divided by the samples (metric name -> sum name)
     headline = {"train": "accuracy", "eval": "step_accuracy"}
     rates: dict = {}
+    run_tools = True  # the offline tools (evaluate, visualize, export) take its runs
+    # the launcher's own flags: --name -> help; ``flag_overrides`` turns given ones into overrides
+    launch_flags: dict = {}
     # the launcher's config defaults (``launch/<name>.py``), under the dataclass defaults' sections
     launch_defaults: dict = {}
     # the launcher's ``--preset NAME``: a model preset with the training settings that go with it,
@@ -62,17 +65,51 @@ class Task:
         """CTMConfig fields (or preset arguments) the data decides: classes, route length..."""
         return {}
 
+    @classmethod
+    def flag_overrides(cls, flags: dict) -> list[str]:
+        """Dotted overrides (``section.field=value``) for the given ``launch_flags`` values; they
+        come after the common flags' and before the command line's own overrides."""
+        return []
+
+    @classmethod
+    def config_for(cls, preset_name: str, overrides: dict, kind: str = "ctm"):
+        """The model config of ``kind`` (``model.kind``) from preset ``preset_name`` with
+        ``overrides`` (also what config validation builds to check ``model.*``)."""
+        return model_config(kind, preset_name, **overrides)
+
     def model_config(self) -> CTMConfig:
         """The config of ``model.kind`` (the CTM, or the LSTM baseline) from the preset, the data's
         fields and the ``model.*`` overrides."""
         values = self.data_overrides()
         values.update(self.cfg.model.overrides)
-        return model_config(self.cfg.model.kind, self.cfg.model.preset, **values)
+        return self.config_for(self.cfg.model.preset, values, self.cfg.model.kind)
 
     def build_model(self, model_cfg: CTMConfig) -> torch.nn.Module:
         """The module the trainer wraps in its DeepSpeed engine (same weights on every rank: the
         trainer seeds before calling it): the model of the config's kind and variant."""
         return build_model(model_cfg)
+
+    def bind_model(self, model) -> None:
+        """Called with the trainer's engine once it is built; a task that acts with the model
+        (RL: rollouts) keeps it. Default: nothing."""
+
+    def training_loss(self, engine, batch: dict, sums: MetricSums, device, dtype) -> torch.Tensor:
+        """One micro-batch's loss for the trainer's backward, its metric sums added to ``sums``."""
+        x, target, valid = self.to_device(batch, device, dtype)
+        predictions, certainties = self.forward(engine, x)
+        loss, tick = self.loss(predictions.float(), certainties.float(), target, valid)
+        with torch.no_grad():
+            n = valid.sum()
+            sums.add("loss_sum", loss.detach() * n)
+            sums.add("samples", n)
+            self.accumulate(sums, predictions.detach().float(), target, valid, tick)
+            sums.add_ticks(tick[valid.bool()])
+        return loss
+
+    def evaluate_model(self, engine, device) -> dict | None:
+        """Evaluation metrics measured by the task itself (RL: episodes played), or None (the
+        default): the trainer evaluates on ``eval_loader``."""
+        return None
 
     def forward(self, model, x):
         """(predictions [B, out, T], certainties [B, 2, T]) of the model (or its engine) on ``x``."""

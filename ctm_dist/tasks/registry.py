@@ -13,10 +13,12 @@ from .classification import Cifar10, Demo, ImageNet
 from .mazes import Mazes
 from .parity import Parity
 from .qamnist import QAMNIST
+from .rl import ReinforcementLearning
 from .sort import Sort
 
 TASKS: dict[str, type[Task]] = {
-    cls.name: cls for cls in (Demo, ImageNet, Cifar10, Mazes, Parity, QAMNIST, Sort)
+    cls.name: cls
+    for cls in (Demo, ImageNet, Cifar10, Mazes, Parity, QAMNIST, Sort, ReinforcementLearning)
 }
 
 

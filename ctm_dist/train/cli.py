@@ -133,6 +133,8 @@ def make_parser(prog: str, task: str) -> argparse.ArgumentParser:
         action="store_true",
         help="also show Ray's, Ray Train's and DeepSpeed's own output (worker logs, warnings)",
     )
+    for flag, text in get_task(task).launch_flags.items():  # the task's own flags
+        p.add_argument(f"--{flag}", help=text)
     p.add_argument("overrides", nargs="*", metavar="section.field=value")
     return p
 
@@ -160,6 +162,8 @@ def config_from_args(task: str, args: argparse.Namespace):
         for flag, field in FLAGS.items()
         if getattr(args, flag) is not None
     ]
+    flags = {flag: getattr(args, flag, None) for flag in get_task(task).launch_flags}
+    overrides += get_task(task).flag_overrides({k: v for k, v in flags.items() if v is not None})
     overrides += list(args.overrides)
     if (
         task == "imagenet"

@@ -20,7 +20,8 @@ from typing import Any, Union
 
 import yaml
 
-from ctm_dist.model import MODEL_KINDS, CTMConfig, LSTMConfig, QAMNISTConfig, model_config
+from ctm_dist.model import MODEL_KINDS, CTMConfig, LSTMConfig, QAMNISTConfig
+from ctm_dist.model.rl_config import RLAgentConfig
 from ctm_dist.tasks import UnknownTask, get_task, task_names
 
 SEED_LIMIT = (
@@ -31,7 +32,7 @@ UNCATCHABLE_SIGNALS = ("SIGKILL", "SIGSTOP")
 # preset arguments that size the output, accepted under model.* beside CTMConfig's fields
 PRESET_ARGUMENTS = {"route_length": int, "sequence_length": int}
 PRECISIONS = ("bf16", "fp16", "fp32")
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "linear", "constant")
 
 
 class ConfigError(ValueError):
@@ -124,6 +125,27 @@ class ScaleSection:
 
 
 @dataclass
+class RLSection:
+    """Reinforcement learning (task ``rl``): environments and PPO, names as the reference's options."""
+
+    env_id: str = "CartPole-v1"  # CartPole-v1, Acrobot-v1 or a MiniGrid id (MiniGrid-FourRooms-v0)
+    num_envs: int = 64  # environments per worker
+    num_steps: int = 32  # steps per environment per rollout
+    update_epochs: int = 2  # passes over a rollout; each pass is num_minibatches trainer steps
+    num_minibatches: int = 2  # a minibatch is num_envs / num_minibatches environments, all steps
+    max_environment_steps: int = 200  # episodes cut here
+    mask_velocity: bool = True  # classic control: velocities hidden (the agent needs memory)
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip_coef: float = 0.1
+    ent_coef: float = 0.1
+    vf_coef: float = 0.25
+    norm_adv: bool = True
+    clip_vloss: bool = False
+    eval_envs: int = 16  # evaluation plays one episode in each (per worker)
+
+
+@dataclass
 class TrainConfig:
     run: RunSection = field(default_factory=RunSection)
     data: DataSection = field(default_factory=DataSection)
@@ -133,6 +155,7 @@ class TrainConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     eval: EvalSection = field(default_factory=EvalSection)
     scale: ScaleSection = field(default_factory=ScaleSection)
+    rl: RLSection = field(default_factory=RLSection)
 
     @property
     def micro_batch_size(self) -> int:
@@ -269,6 +292,7 @@ def _model_hint(name: str) -> Any:
 _MODEL_HINTS = {
     **typing.get_type_hints(LSTMConfig),
     **typing.get_type_hints(QAMNISTConfig),
+    **typing.get_type_hints(RLAgentConfig),
     **typing.get_type_hints(CTMConfig),
     **PRESET_ARGUMENTS,
 }
@@ -506,16 +530,30 @@ def _validate(cfg: TrainConfig) -> None:
     _check(ck.keep >= 1, f"checkpoint.keep must be >= 1, got {ck.keep}")
     _check(ev.every >= 0, f"eval.every must be >= 0, got {ev.every}")
     _check(ev.batches >= 0, f"eval.batches must be >= 0 (0 = whole split), got {ev.batches}")
-    _validate_model(cfg.model)
+    _validate_rl(cfg.rl)
+    _validate_model(cfg.model, task)
+
+
+def _validate_rl(r: RLSection) -> None:
+    for name in ("num_envs", "num_steps", "update_epochs", "num_minibatches", "eval_envs"):
+        _check(getattr(r, name) >= 1, f"rl.{name} must be >= 1, got {getattr(r, name)}")
+    _check(
+        r.num_envs % r.num_minibatches == 0,
+        f"rl.num_envs ({r.num_envs}) must be a multiple of rl.num_minibatches ({r.num_minibatches})",
+    )
+    _check(r.max_environment_steps >= 1, "rl.max_environment_steps must be >= 1")
+    _check(0.0 < r.gamma <= 1.0 and 0.0 <= r.gae_lambda <= 1.0, "rl.gamma, rl.gae_lambda in (0, 1]")
+    for name in ("clip_coef", "ent_coef", "vf_coef"):
+        _check(getattr(r, name) >= 0, f"rl.{name} must be >= 0, got {getattr(r, name)}")
 
 
 def _own_data_tasks() -> list[str]:
     return [n for n in task_names() if get_task(n).built_in_data or get_task(n).generated_data]
 
 
-def _validate_model(m: ModelSection) -> None:
-    """Check the kind, the preset name and the override names and types against the kind's config
-    (changes nothing)."""
+def _validate_model(m: ModelSection, task) -> None:
+    """Check the kind, the preset name and the override names and types against the task's model
+    config of that kind (``CTMConfig``, the LSTM's, a variant's or the RL agent's; changes nothing)."""
     _check(
         m.kind in MODEL_KINDS,
         f"model.kind must be one of {', '.join(MODEL_KINDS)}, got {m.kind!r}",
@@ -529,7 +567,7 @@ def _validate_model(m: ModelSection) -> None:
             f"{where}: expected {_type_name(hint)}, got {value!r}",
         )
     try:
-        model_config(m.kind, m.preset, **m.overrides)
+        task.config_for(m.preset, dict(m.overrides), m.kind)
     except (KeyError, ValueError, TypeError) as e:
         msg = str(e).strip("'\"").splitlines()[0] if str(e) else type(e).__name__
         kind = "" if m.kind == "ctm" else f"{m.kind} "

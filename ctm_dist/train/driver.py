@@ -542,6 +542,7 @@ def summary_lines(summary: dict) -> list[str]:
         ("eval/route_accuracy", "val route accuracy"),
         ("eval/sequence_accuracy", "val sequence accuracy"),
         ("eval/most_certain_tick_mean", "mean most-certain tick"),
+        ("eval/episode_return", "eval mean episode return"),
     ):
         if summary.get(key) is not None:
             lines.append(

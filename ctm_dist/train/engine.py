@@ -44,6 +44,7 @@ def lr_schedule(cfg: TrainConfig) -> WarmupCosine:
         o.warmup_start_lr,
         o.min_lr,
         cosine=o.schedule == "cosine",
+        linear=o.schedule == "linear",
     )
 
 

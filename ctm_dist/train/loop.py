@@ -88,6 +88,7 @@ class Trainer:
         else:
             model = self.task.build_model(self.model_cfg)
         self.engine = build_engine(model.to(device), cfg)
+        self.task.bind_model(self.engine)  # a task that acts with the model (RL rollouts) keeps it
         self.compiled = compile_engine(self.engine, self.model_cfg, device)
         self.dtype = model_dtype(cfg)
         self.run_location = Location.parse(
@@ -161,22 +162,18 @@ class Trainer:
             t0 = time.perf_counter()
             batch = next(batches)
             self.timer.add("data_wait", time.perf_counter() - t0)
-            x, target, valid = self.task.to_device(batch, self.device, self.dtype)
-            predictions, certainties = self.task.forward(self.engine, x)
-            loss, tick = self.task.loss(predictions.float(), certainties.float(), target, valid)
+            loss = self.task.training_loss(self.engine, batch, self.sums, self.device, self.dtype)
             self.engine.backward(loss)
             self.engine.step()
-            with torch.no_grad():
-                n = valid.sum()
-                self.sums.add("loss_sum", loss.detach() * n)
-                self.sums.add("samples", n)
-                self.task.accumulate(self.sums, predictions.detach().float(), target, valid, tick)
-                self.sums.add_ticks(tick[valid.bool()])
         self.step += 1
 
     @torch.no_grad()
     def evaluate(self) -> dict:
         self.engine.eval()
+        played = self.task.evaluate_model(self.engine, self.device)
+        if played is not None:  # a task that evaluates by acting (RL)
+            self.engine.train()
+            return played
         sums = MetricSums()
         max_batches = self.cfg.eval.batches or None
         for i, batch in enumerate(

@@ -81,3 +81,13 @@ def test_resumed_schedule_continues_exactly():
     )  # the schedule's settings travel with it
     resumed = lrs(make, 300 - 137, state)
     assert resumed == whole[137:]
+
+
+def test_linear_decay_runs_straight_from_base_to_min_after_warmup():
+    """The reference's RL ``--anneal_lr``: lr falls linearly to the minimum, then holds."""
+    schedule = WarmupCosine(1e-3, 10, 110, start_lr=0.0, min_lr=0.0, linear=True)
+    assert schedule.lr(5) == pytest.approx(5e-4)
+    assert [schedule.lr(s) for s in (10, 60, 110, 200)] == pytest.approx([1e-3, 5e-4, 0.0, 0.0])
+    old = WarmupCosine(1e-3, 10, 110, cosine=False)
+    del old.linear  # a schedule pickled before the option existed
+    assert old.lr(60) == 1e-3

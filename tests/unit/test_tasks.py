@@ -118,6 +118,7 @@ def test_registry_names_the_known_tasks_and_refuses_others_in_one_line():
         "parity",
         "qamnist",
         "sort",
+        "rl",
     }
     assert all(get_task(n).name == n for n in task_names())
     with pytest.raises(UnknownTask) as e:
