@@ -84,7 +84,7 @@ def test_rl_checkpoints_that_cannot_work(tmp_path):
         load_reference_checkpoint(file)
     wrong = argparse.Namespace(**{**vars(args), "d_model": args.d_model + 1})
     write_reference_checkpoint(file, wrong, weights)
-    with pytest.raises(CheckpointError, match="do not fit the model its args describe"):
+    with pytest.raises(CheckpointError, match="do not fit the RLAgent its args describe"):
         load_reference_checkpoint(file)
     write_reference_checkpoint(file, args, weights)
     with pytest.raises(CheckpointError, match="no config overrides"):

@@ -127,7 +127,8 @@ def test_rl_config_and_launcher_flags():
         "acrobot",
         500,
     )
-    assert cfg.model.overrides == {"kind": "lstm"} and cfg.deepspeed.precision == "fp32"
+    assert cfg.model.kind == "lstm" and cfg.model.overrides == {}
+    assert cfg.deepspeed.precision == "fp32"
     explicit = parser.parse_args(["--env", "Acrobot-v1", "rl.max_environment_steps=50"])
     assert config_from_args("rl", explicit).rl.max_environment_steps == 50
     with pytest.raises(ConfigError, match="multiple of rl.num_minibatches"):
