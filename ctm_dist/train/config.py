@@ -62,9 +62,10 @@ class DataSection:
     eval_batch_size: int = 128  # global, split over workers
     num_workers: int = 0  # dataloader processes per training worker
     image_size: int = 0  # model input size for image tasks; 0 = the shard set's / task's default
-    global_order: bool = (
-        False  # the same global batches for any worker count (every rank reads every shard)
-    )
+    # The global sample order is a function of (seed, epoch) alone: the same global batches for
+    # any worker count (every rank reads every shard and decodes its slice); false deals shards to
+    # ranks instead (each rank reads only its own, but the batches depend on the worker count).
+    global_order: bool = True
 
 
 @dataclass

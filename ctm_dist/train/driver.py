@@ -100,6 +100,21 @@ class Progress:
         return self.events[index:]
 
 
+def progress_actor():
+    """A :class:`Progress` actor on the driver's own node.
+
+    It holds the run's progress and stop requests; on another node it would die with that node
+    and take the run with it, while the driver's node (like Ray Train's controller, which Ray
+    pins there too) lives as long as the run does.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    return Progress.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False)
+    ).remote()
+
+
 # ---------------------------------------------------------------- storage and data
 
 
@@ -449,7 +464,7 @@ def train(
         try:
             if joining:
                 check_resources(cfg, ray.cluster_resources(), f"the Ray cluster at {joining}")
-            progress = Progress.remote()
+            progress = progress_actor()
             display = Display(cfg.run.max_steps, interactive, stream)
             outcome: dict = {}
 
