@@ -1,0 +1,91 @@
+"""The example notebooks are kept without outputs and run top to bottom in a fresh kernel.
+
+``02_inference`` loads the reference fixture by default, predicts with halting and makes the
+pictures; the processes its kernel started must be gone once the kernel has shut down.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import nbformat
+import psutil
+import pytest
+from nbclient import NotebookClient
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "examples"
+NOTEBOOKS = sorted(EXAMPLES.glob("*.ipynb"))
+
+
+def _run(name: str, cwd: Path, env: dict[str, str]) -> tuple[nbformat.NotebookNode, list]:
+    """Execute a notebook in ``cwd`` with ``env`` added; returns it and the processes the kernel
+    had started at any cell's end (kernel and processes of other jobs excluded)."""
+    nb = nbformat.read(EXAMPLES / name, as_version=4)
+    started: dict[int, psutil.Process] = {}
+    client = NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}
+    )
+
+    def note_children(**_):
+        kernel = psutil.Process(client.km.provisioner.pid)
+        for child in kernel.children(recursive=True):
+            started.setdefault(child.pid, child)
+
+    client.on_cell_executed = note_children
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        client.execute()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return nb, list(started.values())
+
+
+def _text(cell) -> str:
+    return "".join(
+        o.get("text", "")
+        for o in cell.get("outputs", [])
+        if o.output_type == "stream" and o.name == "stdout"
+    )
+
+
+def _images(nb) -> int:
+    return sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
+
+
+def _left_behind(processes: list) -> list[str]:
+    gone, alive = psutil.wait_procs(processes, timeout=10)
+    return [f"{p.pid} {p.name()}" for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebooks_are_kept_without_outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, (
+                f"{path.name}: clear outputs"
+            )
+
+
+def _check_inference(nb, started, first_line: str) -> None:
+    text = "".join(_text(c) for c in nb.cells)
+    assert text.startswith(first_line), text
+    predictions = re.findall(r"class=(\d+)\ttick=(\d+)/(\d+)\tcertainty=([\d.]+)", text)
+    assert len(predictions) == 8
+    assert all(1 <= int(t) <= int(n) and 0 <= float(c) <= 1 for _, t, n, c in predictions)
+    assert _images(nb) == 3
+    assert _left_behind(started) == []
+
+
+def test_inference_notebook_reads_the_reference_fixture_by_default(tmp_path):
+    nb, started = _run("02_inference.ipynb", tmp_path, {"PYTHONPATH": str(REPO)})
+    _check_inference(nb, started, "reference: task cifar10")
