@@ -27,13 +27,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-# Never uploaded: history, data, local runs and scratch, caches.
+# Never uploaded: history, data, local runs and scratch, caches. Patterns match as in .gitignore:
+# a leading "/" anchors a name at the checkout's top, so that ctm_dist/data (code) is uploaded.
 EXCLUDES = [
     ".git",
-    "data",
-    "runs",
+    "/data",
+    "/runs",
     ".ctm-dist",
-    "out",
+    "/out",
     "**/__pycache__",
     "*.egg-info",
     ".pytest_cache",

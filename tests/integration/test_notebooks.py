@@ -1,7 +1,9 @@
-"""The example notebooks are kept without outputs and run top to bottom in a fresh kernel.
+"""The example notebooks run top to bottom in a fresh kernel, and leave no process behind.
 
-``02_inference`` loads the reference fixture by default, predicts with halting and makes the
-pictures; the processes its kernel started must be gone once the kernel has shut down.
+``01_quickstart`` trains the demo on the embedded default for a few steps (``CTM_NOTEBOOK_STEPS``),
+shows its pictures and the halting table, and exports the run; ``02_inference`` loads that export,
+predicts with halting and makes the pictures. Every process the kernel started (Ray, the object
+store) must be gone once the notebook is done, and the kernel's shutdown must not leave any.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from nbclient import NotebookClient
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
 NOTEBOOKS = sorted(EXAMPLES.glob("*.ipynb"))
+HALTING_ROW = re.compile(r"^\s*(\d+\.\d+)\s+(\S+)\s+(\S+)\s*$", re.M)
 
 
 def _run(name: str, cwd: Path, env: dict[str, str]) -> tuple[nbformat.NotebookNode, list]:
@@ -74,6 +77,29 @@ def test_notebooks_are_kept_without_outputs(path):
             assert cell.outputs == [] and cell.execution_count is None, (
                 f"{path.name}: clear outputs"
             )
+
+
+def test_quickstart_then_inference_run_headless_and_stop_what_they_start(tmp_path):
+    assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb", "02_inference.ipynb"]
+    env = {"CTM_NOTEBOOK_STEPS": "4", "PYTHONPATH": str(REPO)}
+    nb, started = _run("01_quickstart.ipynb", tmp_path, env)
+    rows = [
+        (float(t), float(a), float(k))
+        for c in nb.cells
+        for t, a, k in HALTING_ROW.findall(_text(c))
+    ]
+    assert [t for t, _, _ in rows] == [0.3, 0.5, 0.7, 0.9, 1.01], rows
+    for _, accuracy, ticks in rows:
+        assert 0.0 <= accuracy <= 1.0 and ticks >= 1.0
+    assert rows[-1][2] == max(k for _, _, k in rows)  # the full run uses the most ticks
+    assert _images(nb) == 3
+    for name in ("certainty_loss", "attention_0", "neurons_0", "ticks_used"):
+        assert (tmp_path / "pictures-quickstart" / f"{name}.png").stat().st_size > 0
+    assert (tmp_path / "export-quickstart" / "model.safetensors").is_file()
+    assert _left_behind(started) == []
+
+    env["CTM_NOTEBOOK_CHECKPOINT"] = str(tmp_path / "export-quickstart")
+    _check_inference(*_run("02_inference.ipynb", tmp_path, env), "export: task demo")
 
 
 def _check_inference(nb, started, first_line: str) -> None:

@@ -37,6 +37,7 @@ def test_working_dir_package_is_small_and_leaves_out_history(tmp_path):
     assert size < UPLOAD_CAP // 4, f"working_dir package is {size / 2**20:.1f} MiB"
     names = zipfile.ZipFile(package).namelist()
     assert "launch/parity.py" in names and "ctm_dist/train/driver.py" in names
+    assert "ctm_dist/data/index.py" in names  # code under a folder named like a data folder
     assert not [n for n in names if n.startswith((".git/", "tests/", ".ctm-dist/", "runs/"))]
 
 

@@ -40,7 +40,8 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_st
 
 from ctm_dist.storage import Location
 from ctm_dist.storage.checkpoints import COMMIT, step_name
-from ctm_dist.train import loop, tasks
+from ctm_dist.tasks import base as tasks
+from ctm_dist.train import loop
 from ctm_dist.train.checkpointer import Checkpointer
 from ctm_dist.train.preemption import EXIT_PREEMPTED
 
