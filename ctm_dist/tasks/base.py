@@ -27,6 +27,8 @@ from ctm_dist.storage import Location
 from .sums import Measure, MetricSums
 
 SPLITS = ("train", "eval")  # the metric-name prefixes of ``summarise``
+EVAL_SEED_OFFSET = 7919  # held-out data: another seed than the training stream
+EVAL_BATCHES = 8  # evaluation batches of generated data when eval.batches is 0 (it is endless)
 
 
 class Task:
@@ -220,6 +222,35 @@ class Task:
     def per_tick_loss(cls, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
         """Cross-entropy [B, T] at every tick (None: the task's loss has no per-tick value)."""
         raise NotImplementedError
+
+
+class GeneratedTask(Task):
+    """A task whose data is generated on the fly (a ``GeneratedLoader`` over ``sequence_length``),
+    set in ``__init__``: the training stream, and held-out data of another seed for evaluation."""
+
+    generated_data = True
+    loader_class: type  # a ctm_dist.data.generated.GeneratedLoader subclass
+
+    def train_loader(self, batch_size, seed):
+        return self.loader_class(
+            self.sequence_length,
+            batch_size=batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=seed,
+        )
+
+    def eval_loader(self, batch_size):
+        """Held-out data (another seed), the same samples at every evaluation."""
+        batches = self.cfg.eval.batches or EVAL_BATCHES
+        return self.loader_class(
+            self.sequence_length,
+            batch_size=batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=self.cfg.run.seed + EVAL_SEED_OFFSET,
+            samples_per_epoch=batches * batch_size * self.world_size,
+        )
 
 
 class ShardTask(Task):

@@ -18,10 +18,8 @@ from ctm_dist.losses import (
 )
 from ctm_dist.model import PARITY_SEQUENCE_LENGTH, model_config
 
-from .base import Task, sequence_loss_per_tick
+from .base import GeneratedTask, sequence_loss_per_tick
 from .sums import Measure
-
-EVAL_SEED_OFFSET = 7919  # training's held-out sequences: another seed than the training stream
 
 
 class ParityStats(Measure):
@@ -74,11 +72,11 @@ def _preset_length(cfg) -> int:
     )
 
 
-class Parity(Task):
+class Parity(GeneratedTask):
     """Parity loss; per-position and whole-sequence accuracy, per-tick accuracy."""
 
     name = "parity"
-    generated_data = True
+    loader_class = ParityLoader
     headline = {"train": "accuracy", "eval": "step_accuracy"}
     rates = {"sequence_accuracy": "all_correct", "per_tick_accuracy": "per_tick_correct"}
     launch_defaults = {
@@ -110,27 +108,6 @@ class Parity(Task):
 
     def data_overrides(self):
         return {"sequence_length": self.sequence_length}
-
-    def train_loader(self, batch_size, seed):
-        return ParityLoader(
-            self.sequence_length,
-            batch_size=batch_size,
-            rank=self.rank,
-            world_size=self.world_size,
-            seed=seed,
-        )
-
-    def eval_loader(self, batch_size):
-        """Held-out sequences (another seed), the same ones at every evaluation."""
-        batches = self.cfg.eval.batches or 8
-        return ParityLoader(
-            self.sequence_length,
-            batch_size=batch_size,
-            rank=self.rank,
-            world_size=self.world_size,
-            seed=self.cfg.run.seed + EVAL_SEED_OFFSET,
-            samples_per_epoch=batches * batch_size * self.world_size,
-        )
 
     def loss(self, predictions, certainties, target, valid):
         # the reference trains its LSTM baseline on the last tick rather than the most certain one

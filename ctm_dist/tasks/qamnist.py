@@ -19,10 +19,7 @@ from ctm_dist.losses.qamnist import answer_ticks_of, correct_by_operations, qamn
 from ctm_dist.model import QAMNISTConfig, preset
 from ctm_dist.model.qamnist import QAMNIST_PRESETS, build_qamnist_model
 
-from .base import ShardTask
-
-EVAL_SEED_OFFSET = 7919  # evaluation questions: another seed than the training stream
-EVAL_BATCHES = 8  # when eval.batches is 0 (questions are endless)
+from .base import EVAL_BATCHES, EVAL_SEED_OFFSET, ShardTask
 
 
 def operation_counts(cfg: QAMNISTConfig) -> list[int]:

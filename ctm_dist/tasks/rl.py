@@ -24,11 +24,10 @@ from ctm_dist.losses.ppo import ppo_loss
 from ctm_dist.model.rl import RLAgent
 from ctm_dist.model.rl_config import RLAgentConfig, rl_preset
 
-from .base import Task
+from .base import EVAL_SEED_OFFSET, Task
 from .rl_rollouts import RolloutLoader, RolloutSpec, as_tensor
 from .sums import MetricSums
 
-EVAL_SEED_OFFSET = 7919
 # --env: the reference scripts' model preset and episode limit per environment
 ENV_DEFAULTS = {
     "CartPole-v1": ("cartpole", 200),

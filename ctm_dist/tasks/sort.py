@@ -15,10 +15,8 @@ import torch
 from ctm_dist.data.sort import SortLoader
 from ctm_dist.losses import decode_sort, sort_loss, sort_position_accuracy, sort_sequence_accuracy
 
-from .base import Task
+from .base import GeneratedTask
 from .sums import Measure
-
-EVAL_SEED_OFFSET = 7919  # training's held-out numbers: another seed than the training stream
 
 
 class SortStats(Measure):
@@ -56,11 +54,11 @@ class SortStats(Measure):
         }
 
 
-class Sort(Task):
+class Sort(GeneratedTask):
     """CTC loss over the ticks; per-position and whole-sequence accuracy of the decoded order."""
 
     name = "sort"
-    generated_data = True
+    loader_class = SortLoader
     pictures = frozenset({"order"})
     headline = {"train": "accuracy", "eval": "step_accuracy"}
     rates = {"sequence_accuracy": "all_correct"}
@@ -93,27 +91,6 @@ class Sort(Task):
                 f"builds the {model_cfg.variant!r} variant"
             )
         return model_cfg
-
-    def train_loader(self, batch_size, seed):
-        return SortLoader(
-            self.sequence_length,
-            batch_size=batch_size,
-            rank=self.rank,
-            world_size=self.world_size,
-            seed=seed,
-        )
-
-    def eval_loader(self, batch_size):
-        """Held-out numbers (another seed), the same ones at every evaluation."""
-        batches = self.cfg.eval.batches or 8
-        return SortLoader(
-            self.sequence_length,
-            batch_size=batch_size,
-            rank=self.rank,
-            world_size=self.world_size,
-            seed=self.cfg.run.seed + EVAL_SEED_OFFSET,
-            samples_per_epoch=batches * batch_size * self.world_size,
-        )
 
     def loss(self, predictions, certainties, target, valid):
         """CTC over every tick; no tick is chosen, so each sample is 'judged' at the last one."""
