@@ -125,6 +125,7 @@ class ReinforcementLearning(Task):
             r.gae_lambda,
             r.max_environment_steps,
             r.mask_velocity,
+            r.target_kl,
         )
         self.loader = RolloutLoader(spec, seed, self.rank, torch.device("cpu"))
         if self.model is not None:
@@ -152,6 +153,8 @@ class ReinforcementLearning(Task):
             r.norm_adv,
             r.clip_vloss,
         )
+        if r.target_kl is not None:  # a host sync per minibatch, only when asked for
+            self.loader.observe_kl(float(out.approx_kl))
         with torch.no_grad():
             n = batch["actions"].numel()
             sums.add("samples", n)

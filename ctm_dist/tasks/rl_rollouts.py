@@ -47,6 +47,7 @@ class RolloutSpec:
     gae_lambda: float
     max_environment_steps: int
     mask_velocity: bool = True
+    target_kl: float | None = None  # see RolloutLoader.observe_kl
 
 
 def as_tensor(obs: np.ndarray, env_id: str, device: torch.device) -> torch.Tensor:
@@ -75,6 +76,8 @@ class RolloutLoader:
         self._obs = None  # next observations, after a reset
         self._done = torch.zeros(spec.num_envs)
         self._hidden = None  # agent state carried to the next step (None: start state)
+        self.last_kl: float | None = None  # approx KL of the minibatch served last
+        self.early_stops = 0  # rollouts whose remaining epochs target_kl skipped
 
     @property
     def minibatches_per_rollout(self) -> int:
@@ -83,6 +86,12 @@ class RolloutLoader:
     def bind(self, model) -> None:
         """The callable that acts: ``model(xs, hidden, dones, actions=None) -> Step``."""
         self.model = model
+
+    def observe_kl(self, approx_kl: float) -> None:
+        """PPO's approximate KL of the minibatch just served, measured before its update. After
+        each epoch over a rollout the last one is compared with ``target_kl`` (the reference's
+        ``--target_kl``): above it, the rollout's remaining epochs are skipped."""
+        self.last_kl = approx_kl
 
     def _reset(self) -> None:
         seed = self.seed + RANK_SEED_STRIDE * self.rank + ROLLOUT_SEED_STRIDE * self.rollouts
@@ -153,10 +162,18 @@ class RolloutLoader:
         rollout = self.collect()
         done_here = self.minibatches % self.minibatches_per_rollout
         self.minibatches -= done_here  # the interrupted rollout's remainder is not replayed
-        for _ in range(self.spec.update_epochs):
+        self.last_kl = None
+        for epoch in range(self.spec.update_epochs):
             for index in range(self.spec.num_minibatches):
                 self.minibatches += 1
                 yield self.minibatch(rollout, index)
+            target = self.spec.target_kl
+            if target is not None and self.last_kl is not None and self.last_kl > target:
+                # the skipped minibatches count as served, so a resume finds rollout boundaries
+                skipped = self.spec.update_epochs - epoch - 1
+                self.minibatches += skipped * self.spec.num_minibatches
+                self.early_stops += skipped > 0
+                break
 
     # --- resume ------------------------------------------------------------------------------
 

@@ -143,6 +143,7 @@ class RLSection:
     vf_coef: float = 0.25
     norm_adv: bool = True
     clip_vloss: bool = False
+    target_kl: float | None = None  # stop a rollout's epochs early once PPO's approx KL exceeds it
     eval_envs: int = 16  # evaluation plays one episode in each (per worker)
 
 
@@ -546,6 +547,10 @@ def _validate_rl(r: RLSection) -> None:
     _check(0.0 < r.gamma <= 1.0 and 0.0 <= r.gae_lambda <= 1.0, "rl.gamma, rl.gae_lambda in (0, 1]")
     for name in ("clip_coef", "ent_coef", "vf_coef"):
         _check(getattr(r, name) >= 0, f"rl.{name} must be >= 0, got {getattr(r, name)}")
+    _check(
+        r.target_kl is None or r.target_kl > 0,
+        f"rl.target_kl must be > 0 (or none: no early stop), got {r.target_kl}",
+    )
 
 
 def _own_data_tasks() -> list[str]:

@@ -2,21 +2,15 @@
 
 * a 2-worker run (ZeRO-2, bf16, tick checkpointing) checkpoints into S3 and writes TensorBoard events
   that TensorBoard's own reader loads;
-* killing one worker process mid-run makes Ray restart the worker group, which resumes from the
-  newest checkpoint and finishes;
 * relaunching a finished run under the same name with more steps resumes it, and with the same steps
   returns at once ("already complete") without starting workers;
-* through both interruptions the losses equal those of an uninterrupted run, step for step.
+* across the relaunch the losses equal those of an uninterrupted run, step for step.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import os
-import signal
-import threading
-import time
 
 import pytest
 import ray
@@ -117,42 +111,21 @@ def test_checkpoints_restarts_and_relaunches_keep_one_trajectory(
     full_losses, acc = _losses(run_paths(reference)["tensorboard"])
     assert sorted(full_losses) == list(range(1, 13))
 
-    # 2. The same run with rank 1's process killed once a checkpoint is committed: Ray restarts the
-    #    worker group (FailureConfig), which resumes from the newest checkpoint; it stops at step 9.
-    cfg = _config(tmp_path, storage, demo_data, "split", 9, "scale.max_failures=2")
+    # 2. The same run stopped at step 9 (a worker killed mid-run is the chaos suite's
+    #    test_chaos_worker_death, bitwise against its own reference).
+    cfg = _config(tmp_path, storage, demo_data, "split", 9)
     workers = run_paths(cfg)["workers"]
     run = Location.parse(f"{storage}/split", **_store_args(object_store))
-    killed: dict = {}
-
-    def killer():
-        deadline = time.time() + 300
-        while time.time() < deadline and not killed:
-            try:
-                if committed_steps(run.child("checkpoints")) and os.path.exists(
-                    os.path.join(workers, "rank-1.json")
-                ):
-                    pid = json.load(open(os.path.join(workers, "rank-1.json")))["pid"]
-                    os.kill(pid, signal.SIGKILL)
-                    killed["pid"] = pid
-                    return
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.1)
-
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
-    out = io.StringIO()
-    restarted = train(cfg, interactive=False, stream=out)
-    thread.join(timeout=5)
-    assert killed, "the worker was never killed"
-    assert restarted["step"] == 9
-    assert restarted["resumed_from"] is not None and 2 <= restarted["resumed_from"] < 9, restarted
-    assert json.load(open(os.path.join(workers, "rank-1.json")))["pid"] != killed["pid"]
-    assert f"resuming from checkpoint at step {restarted['resumed_from']}" in out.getvalue()
+    first = train(cfg, interactive=False)
+    assert first["step"] == 9 and first["resumed_from"] is None, first
 
     # 3. Relaunch under the same name to 12 steps: resumes from the step-9 commit.
-    relaunched = train(_config(tmp_path, storage, demo_data, "split", 12), interactive=False)
+    out = io.StringIO()
+    relaunched = train(
+        _config(tmp_path, storage, demo_data, "split", 12), interactive=False, stream=out
+    )
     assert relaunched["resumed_from"] == 9 and relaunched["step"] == 12
+    assert "resuming from checkpoint at step 9" in out.getvalue()
     assert committed_steps(run.child("checkpoints")) == [10, 12]  # keep=2: older ones were pruned
 
     # Model, optimizer, schedule, data position and RNG all came back: the losses are the reference's.

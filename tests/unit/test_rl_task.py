@@ -119,6 +119,51 @@ def test_rollouts_and_ppo_minibatches(env, kind):
     assert evaluation["eval/episodes"] == 2
 
 
+def test_target_kl_skips_the_rest_of_a_rollouts_epochs():
+    """The reference's --target_kl: after an epoch whose last minibatch's approx KL exceeds it, the
+    rollout's remaining epochs are skipped (counted as served, so a resume keeps rollout
+    boundaries); below it every epoch runs. The loss feeds the KL back through the task."""
+    cfg = build_config(
+        None,
+        ["scale.workers=1", *TINY, "rl.update_epochs=3", "rl.target_kl=1e-9"],
+        TASK_DEFAULTS["rl"],
+    )
+    task = make_task(cfg, 0, 1)
+    torch.manual_seed(0)
+    agent = task.build_model(task.model_config())
+    loader = task.train_loader(0, seed=1)
+    task.bind_model(agent)
+    optimizer = torch.optim.SGD(agent.parameters(), lr=1.0)  # a big step: the KL moves off 0
+    served = 0
+    for batch in loader:
+        optimizer.zero_grad()
+        task.training_loss(
+            agent, batch, MetricSums(), torch.device("cpu"), torch.float32
+        ).backward()
+        optimizer.step()
+        served += 1
+    assert loader.last_kl > 1e-9
+    assert served == 2 and loader.minibatches == 6 and loader.early_stops == 1
+    next(iter(loader))  # the next rollout starts on its boundary
+    assert loader.minibatches == 7
+
+    loose = build_config(
+        None,
+        ["scale.workers=1", *TINY, "rl.update_epochs=3", "rl.target_kl=1e9"],
+        TASK_DEFAULTS["rl"],
+    )
+    task = make_task(loose, 0, 1)
+    loader = task.train_loader(0, seed=1)
+    task.bind_model(agent)
+    served = 0
+    for batch in loader:
+        task.training_loss(agent, batch, MetricSums(), torch.device("cpu"), torch.float32)
+        served += 1
+    assert served == 6 and loader.early_stops == 0
+    with pytest.raises(ConfigError, match="rl.target_kl must be > 0"):
+        build_config(None, ["rl.target_kl=0"], TASK_DEFAULTS["rl"])
+
+
 def test_rl_config_and_launcher_flags():
     parser = make_parser("ctm-rl", "rl")
     cfg = config_from_args("rl", parser.parse_args(["--env", "Acrobot-v1", "model.kind=lstm"]))

@@ -192,6 +192,12 @@ def event_files(local_dir, run_name: str) -> list[Path]:
     )
 
 
+def event_file_pid(path: Path) -> int:
+    """The pid of the process that wrote a TensorBoard event file
+    (``events.out.tfevents.<time>.<host>.<pid>.<n>``)."""
+    return int(path.name.split(".")[-2])
+
+
 def logged_step(path: Path) -> int:
     """The highest step rank 0 logged in one event file, read while it grows: the file is a
     sequence of TFRecords (length, crc, event, crc) and a record still being written is left for
@@ -229,7 +235,10 @@ def hold_at_step(
         fresh = [f for f in event_files(local_dir, run_name) if f not in known_files]
         if fresh and logged_step(fresh[-1]) >= step:
             pids = worker_pids(local_dir, run_name, written_after=started_after)
-            return (fresh[-1], pids) if len(pids) >= workers else None
+            # The pid records must be those of the group that wrote the event file (rank 0 wrote
+            # both): a record left by a group Ray tore down must not be mistaken for a live rank.
+            if len(pids) >= workers and pids.get(0) == event_file_pid(fresh[-1]):
+                return fresh[-1], pids
         return None
 
     path, pids = wait_until(

@@ -76,6 +76,8 @@ def test_sigkill_worker_at_random_steps_resumes_bitwise_identical(
                         "committed": H.committed_steps(loc),
                         "step": held.step,
                         "rank": rank,
+                        "pids": dict(held.pids),
+                        "event_file": held.event_file.name,
                         "t_wall": time.time(),
                     }
                     H.kill_worker(held.pids[rank])
@@ -92,7 +94,7 @@ def test_sigkill_worker_at_random_steps_resumes_bitwise_identical(
     if failure:
         raise failure[0]
     assert len(kills) == KILLS, f"planned {KILLS} kills, did {len(kills)}: {stream.text()[-2000:]}"
-    assert len(stream.resumes) == KILLS, stream.text()[-2000:]
+    assert len(stream.resumes) == KILLS, f"kills {kills}: {stream.text()[-2000:]}"
     final_committed = H.committed_steps(loc)
     reached = H.steps_reached_per_attempt(tmp_path, name)  # rank 0's last logged step per attempt
     assert len(reached) == KILLS + 1, (
