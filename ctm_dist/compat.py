@@ -397,6 +397,41 @@ def reference_args_from_config(
         neuron_select_type=cfg.neuron_select_type,
         n_random_pairing_self=cfg.n_random_pairing_self,
     )
+    return _with_task_fields(args, cfg, dataset, extra_args)
+
+
+def reference_args_from_lstm_config(
+    cfg: LSTMConfig, dataset: str | None, extra_args: Mapping[str, Any] | None = None
+) -> argparse.Namespace:
+    """The options a reference train script run with ``--model lstm`` (``--model_type lstm`` for
+    parity) would have saved for an LSTM baseline of this config."""
+    if dataset is None:
+        raise ValueError("an LSTM checkpoint needs the dataset it was trained on (e.g. 'parity')")
+    args = argparse.Namespace(
+        model="lstm",
+        model_type="lstm",
+        dataset=dataset,
+        iterations=cfg.iterations,
+        d_model=cfg.d_model,
+        d_input=cfg.d_input,
+        heads=cfg.heads,
+        num_layers=cfg.num_layers,
+        backbone_type=cfg.backbone_type,
+        positional_embedding_type=cfg.positional_embedding_type,
+        out_dims=cfg.out_dims,
+        dropout=cfg.dropout,
+    )
+    return _with_task_fields(args, cfg, dataset, extra_args)
+
+
+def _with_task_fields(
+    args: argparse.Namespace,
+    cfg: CTMConfig | LSTMConfig,
+    dataset: str,
+    extra_args: Mapping[str, Any] | None,
+) -> argparse.Namespace:
+    """``args`` with the task's own options (maze route length, parity length) and
+    ``extra_args``, checked against the output shape the model has."""
     if dataset in MAZE_DATASETS:
         args.maze_route_length = cfg.out_dims // MAZE_MOVES
     elif dataset in PARITY_DATASETS:
@@ -621,7 +656,7 @@ def export_reference_checkpoint(
     options in the saved Namespace. A QAMNIST model (CTM or LSTM) is saved as the reference's
     QAMNIST script saves it, with no ``dataset`` field.
     """
-    while not isinstance(model, (CTM, QAMNISTLSTM, RLAgent)):
+    while not isinstance(model, (CTM, LSTMBaseline, QAMNISTLSTM, RLAgent)):
         inner = getattr(model, "module", None) or getattr(
             model, "_orig_mod", None
         )  # DDP/DeepSpeed, torch.compile
@@ -630,6 +665,8 @@ def export_reference_checkpoint(
         model = inner
     if isinstance(model, RLAgent):
         args = reference_args_from_rl_config(model.cfg, dataset, extra_args)
+    elif isinstance(model, LSTMBaseline):
+        args = reference_args_from_lstm_config(model.cfg, dataset, extra_args)
     elif isinstance(model, (CTM, QAMNISTLSTM)):
         qcfg = getattr(model, "qcfg", None)
         if (qcfg is None) != (dataset != "qamnist"):
@@ -642,7 +679,9 @@ def export_reference_checkpoint(
         else:
             args = reference_args_from_config(model.cfg, dataset, extra_args)
     else:
-        raise TypeError(f"expected a ctm_dist CTM or RLAgent, got {type(model).__name__}")
+        raise TypeError(
+            f"expected a ctm_dist CTM, LSTMBaseline or RLAgent, got {type(model).__name__}"
+        )
     # The reference keeps float32 weights; bf16/fp16 copies (e.g. from a DeepSpeed engine) are widened.
     state = {
         key: value.detach().to(

@@ -20,7 +20,7 @@ from ctm_dist.compat import (
     load_reference_checkpoint,
     read_reference_checkpoint,
 )
-from ctm_dist.model import CTM, CTMConfig, LSTMBaseline, SortCTM
+from ctm_dist.model import CTM, CTMConfig, LSTMBaseline, LSTMConfig, SortCTM
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures")
 
@@ -186,6 +186,50 @@ def test_export_then_load_gives_the_same_model(tmp_path, dataset):
     assert loaded.cfg.prediction_reshaper == cfg.prediction_reshaper
     for got, want in zip(run(loaded, inputs), run(model, inputs)):
         torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "dataset, changes, inputs",
+    [
+        ("parity", {}, torch.randint(0, 2, (2, 16)).float() * 2 - 1),
+        (
+            "cifar10",
+            dict(
+                backbone_type="resnet18-1",
+                positional_embedding_type="none",
+                out_dims=10,
+                prediction_reshaper=[-1],
+                num_layers=2,
+            ),
+            torch.randn(2, 3, 12, 12),
+        ),
+    ],
+)
+def test_lstm_export_then_load_gives_the_same_model(tmp_path, dataset, changes, inputs):
+    """Reverse export of the LSTM baseline: the args a reference script run with ``--model lstm``
+    saves, which load back (told apart from a CTM by them) into the same outputs."""
+    torch.manual_seed(0)
+    values = dict(iterations=4, d_model=20, d_input=8, heads=2, out_dims=32)
+    cfg = LSTMConfig(**{**values, "prediction_reshaper": [16, 2], **changes})
+    model = LSTMBaseline(cfg).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    path = tmp_path / "lstm.pt"
+    export_reference_checkpoint(model, path, dataset=dataset)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        args = torch.load(path, weights_only=True)["args"]
+    assert (args.model, args.model_type, args.dataset) == ("lstm", "lstm", dataset)
+    assert args.num_layers == cfg.num_layers
+    if dataset == "parity":
+        assert args.parity_sequence_length == 16
+    loaded = load_reference_checkpoint(path)
+    assert isinstance(loaded, LSTMBaseline) and loaded.cfg == cfg
+    for got, want in zip(run(loaded, inputs), run(model, inputs)):
+        if want is not None:
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="needs the dataset"):
+        export_reference_checkpoint(model, tmp_path / "x.pt")
 
 
 def test_export_refuses_a_dataset_that_does_not_fit(tmp_path):
