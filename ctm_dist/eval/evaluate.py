@@ -79,9 +79,19 @@ def with_trained_defaults(req: EvalRequest, loaded: Loaded) -> tuple[EvalRequest
             )
         req = replace(req, data=data)
     if not req.image_size:
-        spec = input_spec(loaded, task)
-        req = replace(req, image_size=spec.image_size if spec else None)
+        req = replace(req, image_size=_trained_image_size(loaded, task))
     return req, task
+
+
+def _trained_image_size(loaded: Loaded, task: str) -> int | None:
+    """The input size ``loaded`` was trained at, None for no images. A task sized by its shard set
+    (``image_size_from_shards``) whose model records no size is fed the evaluated shard set's own
+    size (None too), as its trainer did, not the task's default size."""
+    recorded = loaded.inputs or (loaded.meta or {}).get("image_size")
+    if get_task(task).image_size_from_shards and not recorded:
+        return None
+    spec = input_spec(loaded, task)
+    return spec.image_size if spec else None
 
 
 def _task(req: EvalRequest, loaded: Loaded) -> str:

@@ -17,13 +17,21 @@ from .metrics import (
     parity_accuracy,
     parity_position_accuracy,
     per_position_accuracy,
+    per_tick,
     per_tick_accuracy,
     predictions_at_tick,
     sequence_all_correct,
     sequence_step_accuracy,
     topk_accuracy,
+    topk_correct,
 )
-from .sort import decode_sort, sort_loss, sort_position_accuracy, sort_sequence_accuracy
+from .sort import (
+    decode_sort,
+    sort_correct,
+    sort_loss,
+    sort_position_accuracy,
+    sort_sequence_accuracy,
+)
 
 __all__ = [
     "as_sequence_predictions",
@@ -36,6 +44,7 @@ __all__ = [
     "per_tick_cross_entropy",
     "sort_loss",
     "decode_sort",
+    "sort_correct",
     "sort_position_accuracy",
     "sort_sequence_accuracy",
     "accuracy_at_most_certain",
@@ -44,9 +53,11 @@ __all__ = [
     "parity_accuracy",
     "parity_position_accuracy",
     "per_position_accuracy",
+    "per_tick",
     "per_tick_accuracy",
     "predictions_at_tick",
     "sequence_all_correct",
     "sequence_step_accuracy",
     "topk_accuracy",
+    "topk_correct",
 ]

@@ -34,9 +34,18 @@ __all__ = [
 ]
 
 
-def most_certain_tick(certainties: torch.Tensor) -> torch.Tensor:
-    """Index [B] of the tick with the highest certainty (first one on ties)."""
-    return certainties[:, 1].argmax(dim=-1)
+def most_certain_tick(certainties: torch.Tensor, *, running: bool = False) -> torch.Tensor:
+    """Index [B] of the tick with the highest certainty ``certainties[:, 1]``, the first on ties.
+
+    With ``running``: [B, T], at each tick t the most certain of ticks 0..t by the same rule (the
+    tick an answer read at t would use), so its last column is the [B] index.
+    """
+    certainty = certainties[:, 1]
+    if not running:
+        return certainty.argmax(dim=-1)
+    best = certainty.cummax(dim=-1).values  # [B, T]; cummax's own indices take the last tie
+    # the first tick reaching the best so far is at or before t, where that best was reached
+    return (certainty.unsqueeze(1) == best.unsqueeze(2)).int().argmax(dim=-1)
 
 
 def per_tick_cross_entropy(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,11 @@
 """Accuracy metrics for CTM outputs, read at a chosen tick per sample (usually the most certain).
 
+Training (``Task.accumulate``) and offline evaluation (the tasks' ``Measure`` classes) both count
+with these functions. A hit is decided by ``topk_correct`` alone: the target is among the k
+highest logits, a tie counting for the lower class index (so top-1 agrees with ``argmax``). The
+rule does not depend on memory layout or batch size, which ``torch.topk`` does not promise for
+equal logits.
+
 Every metric takes an optional ``weight`` [B] (0 for padded samples) and a ``reduction``:
 ``"mean"`` (over valid samples), ``"sum"`` (for summing across ranks, together with
 ``weight.sum()``) or ``"none"`` (per sample).
@@ -15,7 +21,9 @@ import torch
 from .certainty import Reduction, _reduce
 
 __all__ = [
+    "topk_correct",
     "predictions_at_tick",
+    "per_tick",
     "accuracy_at_most_certain",
     "per_tick_accuracy",
     "topk_accuracy",
@@ -27,6 +35,30 @@ __all__ = [
     "parity_position_accuracy",
     "parity_accuracy",
 ]
+
+
+def topk_correct(
+    logits: torch.Tensor, targets: torch.Tensor, k: int = 1, dim: int = 1
+) -> torch.Tensor:
+    """Booleans: whether the target is among the ``k`` highest logits along ``dim``.
+
+    ``targets`` has the shape of ``logits`` without ``dim``, or fewer trailing dimensions (the
+    ticks), over which it is repeated: classification [B, C, T] with [B] gives [B, T]. A class
+    ranks before the target when its logit is higher, or equal at a lower index (ties as
+    ``argmax``: the first one), so any ``k`` >= the number of classes always hits.
+    """
+    dim = dim % logits.dim()
+    targets = targets.long().to(logits.device)
+    while targets.dim() < logits.dim() - 1:
+        targets = targets.unsqueeze(-1)
+    shape = list(logits.shape)
+    del shape[dim]
+    index = targets.expand(shape).unsqueeze(dim)
+    mine = logits.gather(dim, index)
+    classes = torch.arange(logits.size(dim), device=logits.device)
+    classes = classes.view([-1] + [1] * (logits.dim() - dim - 1))
+    ahead = (logits > mine) | ((logits == mine) & (classes < index))
+    return ahead.sum(dim) < k
 
 
 def predictions_at_tick(predictions: torch.Tensor, tick: torch.Tensor) -> torch.Tensor:
@@ -44,7 +76,7 @@ def accuracy_at_most_certain(
     reduction: Reduction = "mean",
 ) -> torch.Tensor:
     """Top-1 accuracy of classification predictions [B, C, T] at ``tick`` [B]."""
-    correct = predictions_at_tick(predictions, tick).argmax(dim=1) == targets
+    correct = topk_correct(predictions_at_tick(predictions, tick), targets)
     return _reduce(correct.float(), weight, reduction)
 
 
@@ -58,10 +90,7 @@ def topk_accuracy(
     reduction: Reduction = "mean",
 ) -> torch.Tensor:
     """Whether the target is among the ``k`` highest logits at ``tick`` [B]."""
-    logits = predictions_at_tick(predictions, tick)  # [B, C]
-    k = min(k, logits.size(1))
-    top = logits.topk(k, dim=1).indices
-    hit = (top == targets.unsqueeze(1)).any(dim=1)
+    hit = topk_correct(predictions_at_tick(predictions, tick), targets, k)
     return _reduce(hit.float(), weight, reduction)
 
 
@@ -69,18 +98,31 @@ def per_tick_accuracy(
     predictions: torch.Tensor,
     targets: torch.Tensor,
     *,
+    k: int = 1,
     weight: torch.Tensor | None = None,
     reduction: Reduction = "mean",
 ) -> torch.Tensor:
-    """Top-1 accuracy at every tick: [T] (or [B, T] with ``reduction="none"``).
+    """Top-``k`` accuracy at every tick: [T] (or [B, T] with ``reduction="none"``).
 
     For sequence predictions [B, S, C, T] each sample scores the fraction of correct steps.
     """
     if predictions.dim() == 4:
-        correct = (predictions.argmax(dim=2) == targets.unsqueeze(-1)).float().mean(dim=1)  # [B, T]
+        correct = topk_correct(predictions, targets, k, dim=2).float().mean(dim=1)  # [B, T]
     else:
-        correct = (predictions.argmax(dim=1) == targets.unsqueeze(-1)).float()  # [B, T]
+        correct = topk_correct(predictions, targets, k).float()  # [B, T]
     return _reduce_rows(correct, weight, reduction)
+
+
+def per_tick(metric, predictions: torch.Tensor, targets: torch.Tensor, **options) -> torch.Tensor:
+    """A metric read at one tick per sample (``metric(predictions, targets, tick, **options)``),
+    read at every tick in turn: its values stacked along a new first dimension [T, ...]."""
+    b, ticks = predictions.size(0), predictions.size(-1)
+    return torch.stack(
+        [
+            metric(predictions, targets, torch.full((b,), t, dtype=torch.long), **options)
+            for t in range(ticks)
+        ]
+    )
 
 
 def _reduce_rows(
@@ -114,7 +156,7 @@ def _steps_correct(
         raise ValueError(
             f"sequence predictions must be [B, S, C, T], got shape {tuple(predictions.shape)}"
         )
-    return predictions_at_tick(predictions, tick).argmax(dim=2) == targets  # [B, S]
+    return topk_correct(predictions_at_tick(predictions, tick), targets, dim=2)  # [B, S]
 
 
 def sequence_step_accuracy(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .certainty import Reduction, image_classification_loss
-from .metrics import predictions_at_tick
+from .metrics import accuracy_at_most_certain
 
 __all__ = ["answer_ticks_of", "qamnist_loss", "correct_by_operations"]
 
@@ -57,7 +57,7 @@ def correct_by_operations(
 
     ``answer_predictions`` [B, 10, answer ticks] are read at ``tick`` [B]; ``weight`` [B] masks padding.
     Sums, so that ranks can add them before dividing."""
-    correct = (predictions_at_tick(answer_predictions, tick).argmax(dim=1) == targets).float()
+    correct = accuracy_at_most_certain(answer_predictions, targets, tick, reduction="none")
     weight = torch.ones_like(correct) if weight is None else weight.to(correct.dtype)
     by_count = operations.to(correct.device).unsqueeze(0) == torch.tensor(
         counts, device=correct.device

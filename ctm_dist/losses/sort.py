@@ -24,6 +24,7 @@ from .certainty import Reduction, _reduce
 __all__ = [
     "sort_loss",
     "decode_sort",
+    "sort_correct",
     "sort_position_accuracy",
     "sort_sequence_accuracy",
 ]
@@ -89,6 +90,12 @@ def decode_sort(predictions: torch.Tensor, length: int | None = None) -> torch.T
     return decoded
 
 
+def sort_correct(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[B, N] booleans: each position of the decoded order equals the target's."""
+    _check(predictions, targets)
+    return decode_sort(predictions, targets.size(1)) == targets.to(predictions.device)
+
+
 def sort_position_accuracy(
     predictions: torch.Tensor,
     targets: torch.Tensor,
@@ -97,8 +104,7 @@ def sort_position_accuracy(
     reduction: Reduction = "mean",
 ) -> torch.Tensor:
     """Fraction of positions of the decoded order equal to the target's, per sample."""
-    _check(predictions, targets)
-    correct = decode_sort(predictions, targets.size(1)) == targets
+    correct = sort_correct(predictions, targets)
     return _reduce(correct.float().mean(dim=1), weight, reduction)
 
 
@@ -110,6 +116,5 @@ def sort_sequence_accuracy(
     reduction: Reduction = "mean",
 ) -> torch.Tensor:
     """Whether the whole decoded order equals the target, per sample."""
-    _check(predictions, targets)
-    correct = decode_sort(predictions, targets.size(1)) == targets
+    correct = sort_correct(predictions, targets)
     return _reduce(correct.all(dim=1).float(), weight, reduction)

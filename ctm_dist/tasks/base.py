@@ -142,7 +142,10 @@ class Task:
     def accumulate(
         self, sums: MetricSums, predictions, target, valid, tick, eval: bool = False
     ) -> None:
-        """Add a batch's metric sums (``samples`` and ``loss_sum`` are added by the trainer)."""
+        """Add a batch's metric sums (``samples`` and ``loss_sum`` are added by the trainer).
+
+        The one definition of the task's metrics: a task whose metrics need only the outputs makes
+        it a class method, and its offline measures count with it too."""
         raise NotImplementedError
 
     def summarise(self, reduced: dict, split: str) -> dict:
@@ -191,7 +194,8 @@ class Task:
 
     @classmethod
     def evaluation_measures(cls, model_cfg: CTMConfig, req) -> dict[str, Measure]:
-        """The report's sections (name -> Measure) filled batch by batch."""
+        """The report's sections (name -> Measure) filled batch by batch; what training reports
+        too they count with ``accumulate``."""
         raise NotImplementedError
 
     @classmethod

@@ -4,25 +4,29 @@ and offline the readouts, calibration and the halting sweep.
 Offline, the CTM's answer at every tick t can be read four ways, each using only ticks 0..t:
 ``instant`` (the logits of tick t), ``most_certain`` (the tick of highest certainty so far),
 ``mean_logits`` (logits averaged over ticks) and ``certainty_weighted`` (logits weighted by
-certainty). Each is scored top-1 and top-5. Calibration is the expected calibration error
-of the softmax confidence at each tick and at the most-certain tick. The halting sweep scores
-adaptive compute: a sample halts at the first tick whose certainty reaches the threshold (or
-at the last tick), the rule ``ctm_dist.inference.predict`` follows.
+certainty). Each is scored top-1 and top-5. The numbers training also reports (top-1 and top-5
+at the most-certain tick, top-1 per tick) are counted by the training's own ``accumulate``; every
+accuracy, online or offline, is a ``ctm_dist.losses`` metric. Calibration is the expected
+calibration error of the softmax confidence at each tick and at the most-certain tick. The
+halting sweep scores adaptive compute: a sample halts at the first tick whose certainty reaches
+the threshold (or at the last tick), the rule ``ctm_dist.inference.predict`` follows.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ctm_dist.data import transforms as T
 from ctm_dist.data.decode import BadSample, ClassificationDecoder, make_decoder
 from ctm_dist.losses import (
     accuracy_at_most_certain,
     image_classification_loss,
+    most_certain_tick,
     per_tick_accuracy,
+    per_tick_cross_entropy,
     topk_accuracy,
+    topk_correct,
 )
 
 from .base import ShardTask
@@ -39,7 +43,7 @@ def readout_logits(predictions: torch.Tensor, certainties: torch.Tensor) -> dict
     cumsum = predictions.cumsum(-1)
     certainty = certainties[:, 1, :].to(predictions.dtype)  # [B, T]
     weighted = (predictions * certainty[:, None, :]).cumsum(-1)
-    running_best = torch.cummax(certainty, dim=-1).indices  # [B, T]: most certain tick within 0..t
+    running_best = most_certain_tick(certainties, running=True)  # [B, T]: within ticks 0..t
     most_certain = torch.gather(predictions, 2, running_best[:, None, :].expand(B, C, T))
     return {
         "instant": predictions,
@@ -47,13 +51,6 @@ def readout_logits(predictions: torch.Tensor, certainties: torch.Tensor) -> dict
         "mean_logits": cumsum / ticks,
         "certainty_weighted": weighted,
     }
-
-
-def topk_hits(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
-    """[B, T] booleans: the target is among the k largest logits at each tick."""
-    k = min(k, logits.shape[1])
-    top = logits.topk(k, dim=1).indices  # [B, k, T]
-    return (top == targets[:, None, None]).any(1)
 
 
 def calibration_bins(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int) -> np.ndarray:
@@ -75,7 +72,12 @@ def expected_calibration_error(bins: np.ndarray) -> float:
 
 
 class ClassificationStats(Measure):
-    """Readout accuracies, loss, certainty and calibration per tick, as sums."""
+    """Readout accuracies, loss, certainty and calibration per tick, as sums.
+
+    ``Classification.accumulate`` adds the sums training has ("correct" and "top5" at the
+    most-certain tick, "per_tick_correct": the instant readout's top-1); the other readouts are
+    counted with the same ``per_tick_accuracy``.
+    """
 
     shape = ("ticks", "n_bins")
 
@@ -91,17 +93,19 @@ class ClassificationStats(Measure):
         B, C, T = predictions.shape
         if T != self.ticks:
             raise ValueError(f"expected {self.ticks} ticks, got predictions with {T}")
+        best = most_certain_tick(certainties)
+        Classification.accumulate(self.sums, predictions, targets, torch.ones(B), best, eval=True)
         add = self.sums.add
         for name, logits in readout_logits(predictions, certainties).items():
             for k in TOPK:
-                add(f"{name}/top{k}", topk_hits(logits, targets, k).sum(0))
-        loss = F.cross_entropy(predictions, targets[:, None].expand(B, T), reduction="none")
-        add("loss", loss.sum(0))
+                if (name, k) != ("instant", 1):  # that one is training's "per_tick_correct"
+                    hits = per_tick_accuracy(logits, targets, k=k, reduction="sum")
+                    add(self._sum_name(name, k), hits)
+        add("loss", per_tick_cross_entropy(predictions, targets).sum(0))
         add("certainty", certainties[:, 1].sum(0))
-        best = certainties[:, 1].argmax(-1)
         add("most_certain_tick", torch.bincount(best, minlength=T))
-        conf, pred = predictions.softmax(1).max(1)  # [B, T]
-        correct = pred == targets[:, None]
+        conf = predictions.softmax(1).max(1).values  # [B, T]
+        correct = topk_correct(predictions, targets)
         add(
             "calib_per_tick",
             np.stack([calibration_bins(conf[:, t], correct[:, t], self.n_bins) for t in range(T)]),
@@ -113,9 +117,13 @@ class ClassificationStats(Measure):
         )
         add("samples", B)
 
+    @staticmethod
+    def _sum_name(readout: str, k: int) -> str:
+        return "per_tick_correct" if (readout, k) == ("instant", 1) else f"{readout}/top{k}"
+
     def accuracy(self, readout: str, k: int) -> np.ndarray:
         """[T] accuracy of a readout at each tick (using ticks up to that one)."""
-        return (self.sums[f"{readout}/top{k}"] / max(self.n, 1)).numpy()
+        return (self.sums[self._sum_name(readout, k)] / max(self.n, 1)).numpy()
 
     def summary(self) -> dict:
         n = max(self.n, 1)
@@ -126,6 +134,9 @@ class ClassificationStats(Measure):
                 acc = self.accuracy(r, k)
                 out[f"{r}_top{k}_per_tick"] = acc.tolist()
                 out[f"{r}_top{k}"] = float(acc[-1])  # using all ticks
+        # training's eval/top1 and eval/top5 (the running readout's last tick counts the same)
+        out["most_certain_top1"] = float(self.sums["correct"][0]) / n
+        out["most_certain_top5"] = float(self.sums["top5"][0]) / n
         out["loss_per_tick"] = (self.sums["loss"] / n).tolist()
         out["certainty_per_tick"] = (self.sums["certainty"] / n).tolist()
         out["most_certain_tick_histogram"] = self.sums["most_certain_tick"].long().tolist()
@@ -187,17 +198,17 @@ class HaltingStats(Measure):
         """Classification outputs [B, C, T], [B, 2, T] and targets [B]."""
         certainty = certainties[:, 1].float().cpu()
         targets = targets.long().cpu().view(-1)
-        answers = predictions.float().cpu().argmax(1)  # [B, T]
-        rows = torch.arange(answers.shape[0])
+        correct = per_tick_accuracy(predictions.float().cpu(), targets, reduction="none")  # [B, T]
+        rows = torch.arange(correct.shape[0])
         halted = torch.stack([halting_ticks(certainty, thr) for thr in self.thresholds])  # [K, B]
-        self.sums.add("correct", (answers[rows, halted] == targets).sum(1))
+        self.sums.add("correct", correct[rows, halted].sum(1))
         self.sums.add("ticks_used", (halted + 1).sum(1))
         self.sums.add(
             "ticks_histogram",
             torch.stack([torch.bincount(t, minlength=self.ticks) for t in halted]),
         )
-        self.sums.add("full_correct", (answers[:, -1] == targets).sum())
-        self.sums.add("samples", answers.shape[0])
+        self.sums.add("full_correct", correct[:, -1].sum())
+        self.sums.add("samples", correct.shape[0])
 
     def summary(self) -> dict:
         n = max(self.n, 1)
@@ -241,7 +252,9 @@ class Classification(ShardTask):
     def loss(self, predictions, certainties, target, valid):
         return image_classification_loss(predictions, certainties, target, weight=valid)
 
-    def accumulate(self, sums, predictions, target, valid, tick, eval=False):
+    @classmethod
+    def accumulate(cls, sums, predictions, target, valid, tick, eval=False):
+        """A class method: ``ClassificationStats`` counts offline with it."""
         sums.add(
             "correct",
             accuracy_at_most_certain(predictions, target, tick, weight=valid, reduction="sum"),
@@ -286,10 +299,7 @@ class Classification(ShardTask):
 
     @classmethod
     def per_tick_loss(cls, predictions, targets):
-        B, _, T = predictions.shape
-        return F.cross_entropy(
-            predictions, targets.long().view(B, 1).expand(B, T), reduction="none"
-        )
+        return per_tick_cross_entropy(predictions, targets)
 
 
 class ImageNet(Classification):

@@ -29,7 +29,11 @@ from ctm_dist.losses import (
     maze_loss,
     maze_route_accuracy,
     maze_step_accuracy,
+    most_certain_tick,
+    per_position_accuracy,
+    per_tick,
     per_tick_accuracy,
+    predictions_at_tick,
 )
 from ctm_dist.model import MAZE_ROUTE_LENGTH
 
@@ -121,7 +125,11 @@ def split_route(predictions: torch.Tensor) -> torch.Tensor:
 
 
 class MazeStats(Measure):
-    """Per-step and whole-route accuracy per tick and at the most certain tick, as sums."""
+    """Per-step and whole-route accuracy per tick and at the most certain tick, as sums.
+
+    ``Mazes.accumulate`` adds the sums training has (step and route accuracy at the most certain
+    tick, step accuracy per tick); the others are the same ``ctm_dist.losses`` metrics.
+    """
 
     shape = ("ticks", "route_len")
 
@@ -131,26 +139,23 @@ class MazeStats(Measure):
 
     @torch.no_grad()
     def update(self, predictions, certainties, targets, inputs=None) -> None:
-        moves = split_route(predictions.float().cpu()).argmax(2)  # [B, L, T]
+        routes = split_route(predictions.float().cpu())  # [B, L, 5, T]
         targets = targets.long().cpu()
-        B, L, T = moves.shape
+        B, L, _, T = routes.shape
         if (L, T) != (self.route_len, self.ticks):
             raise ValueError(f"expected route {self.route_len} x {self.ticks} ticks, got {L} x {T}")
+        best = most_certain_tick(certainties.float().cpu())
+        Mazes.accumulate(self.sums, routes, targets, torch.ones(B), best)
         add = self.sums.add
-        correct = moves == targets[:, :, None]  # [B, L, T]
-        add("step_hits", correct.sum(0).T)  # [T, L]
-        add("route_hits", correct.all(1).sum(0))  # [T]
-        best = certainties[:, 1].float().cpu().argmax(-1)
-        chosen = correct[torch.arange(B), :, best]  # [B, L]
-        add("step_hits_certain", chosen.sum(0))
-        add("route_hits_certain", chosen.all(1).sum())
+        add("step_hits_certain", per_position_accuracy(routes, targets, best, reduction="sum"))
+        add("route_hits", per_tick(maze_route_accuracy, routes, targets, reduction="sum"))  # [T]
         add("most_certain_tick", torch.bincount(best, minlength=T))
         if inputs is not None:
+            moves = predictions_at_tick(routes, best).argmax(2)  # [B, L]
             solved = 0
             for i in range(B):
                 rgb, _ = maze_rgb(inputs[i])
-                route = moves[i, :, best[i]].numpy()
-                solved += int(walk_route(rgb, route, fault_tolerance=0).solved)
+                solved += int(walk_route(rgb, moves[i].numpy(), fault_tolerance=0).solved)
             add("solved_certain", solved)
         add("samples", B)
 
@@ -162,11 +167,11 @@ class MazeStats(Measure):
             "samples": self.n,
             "ticks": self.ticks,
             "route_len": self.route_len,
-            "step_accuracy_per_tick": (s["step_hits"].mean(1) / n).tolist(),
+            "step_accuracy_per_tick": (s["per_tick_correct"] / n).tolist(),
             "route_accuracy_per_tick": (s["route_hits"] / n).tolist(),
             "step_accuracy_per_position": (s["step_hits_certain"] / n).tolist(),
-            "step_accuracy": float(s["step_hits_certain"].mean() / n),
-            "route_accuracy": float(s["route_hits_certain"][0] / n),
+            "step_accuracy": float(s["correct"][0] / n),
+            "route_accuracy": float(s["route"][0] / n),
             "solved": float(solved[0] / n),
             "most_certain_tick_histogram": s["most_certain_tick"].long().tolist(),
         }
@@ -198,7 +203,7 @@ def solve_by_reapplication(
         x = rgb_to_tensor(current, signed, maze)[None]
         predictions, certainties, _ = model(x)[:3]
         moves = split_route(predictions.float()).argmax(2)[0].cpu()  # [L, T]
-        best = int(certainties[0, 1].argmax())
+        best = int(most_certain_tick(certainties)[0])
         route = moves[:, best].numpy()
         if keep_frames:
             applications.append(
@@ -306,7 +311,9 @@ class Mazes(ShardTask):
         loss, tick, _ = maze_loss(predictions, certainties, target, weight=valid)
         return loss, tick
 
-    def accumulate(self, sums, predictions, target, valid, tick, eval=False):
+    @classmethod
+    def accumulate(cls, sums, predictions, target, valid, tick, eval=False):
+        """A class method: ``MazeStats`` counts offline with it."""
         seq = as_sequence_predictions(predictions, target)
         sums.add("correct", maze_step_accuracy(seq, target, tick, weight=valid, reduction="sum"))
         sums.add("route", maze_route_accuracy(seq, target, tick, weight=valid, reduction="sum"))

@@ -1,7 +1,8 @@
 """Parity: the cumulative parity of +-1 sequences, generated on the fly (no shard set).
 
 The model answers every position with 2 logits per tick; training scores per-position and
-whole-sequence accuracy at the judged tick, offline evaluation per position and per tick.
+whole-sequence accuracy at the judged tick (the most certain one; the LSTM baseline's last, as the
+reference trains it), offline evaluation with the same ``accumulate`` and per position and per tick.
 """
 
 from __future__ import annotations
@@ -13,54 +14,61 @@ from ctm_dist.losses import (
     as_sequence_predictions,
     parity_accuracy,
     parity_loss,
+    per_position_accuracy,
+    per_tick,
     per_tick_accuracy,
     sequence_all_correct,
 )
-from ctm_dist.model import PARITY_SEQUENCE_LENGTH, model_config
+from ctm_dist.model import PARITY_SEQUENCE_LENGTH, kind_of, model_config
 
 from .base import GeneratedTask, sequence_loss_per_tick
 from .sums import Measure
 
 
 class ParityStats(Measure):
-    """Accuracy per position and per tick, and at the most certain tick, as sums."""
+    """Accuracy per position and per tick, and at the judged tick, as sums.
 
-    shape = ("ticks", "length")
+    ``Parity.accumulate`` adds the sums training has (per-position mean and whole-sequence
+    accuracy at the judged tick, accuracy per tick); ``most_certain`` False judges the last tick.
+    """
 
-    def __init__(self, ticks: int, length: int):
+    shape = ("ticks", "length", "most_certain")
+
+    def __init__(self, ticks: int, length: int, most_certain: bool = True):
         super().__init__()
-        self.ticks, self.length = ticks, length
+        self.ticks, self.length, self.most_certain = ticks, length, most_certain
 
     @torch.no_grad()
     def update(self, predictions, certainties, targets, inputs=None) -> None:
         B, D, T = predictions.shape
-        answers = predictions.float().cpu().reshape(B, D // 2, 2, T).argmax(2)  # [B, L, T]
+        seq = predictions.float().cpu().reshape(B, D // 2, 2, T)  # [B, L, 2, T]
         targets = targets.long().cpu().reshape(B, -1)
-        if answers.shape[1:] != (self.length, self.ticks):
+        if (seq.shape[1], T) != (self.length, self.ticks):
             raise ValueError(
-                f"expected {self.length} positions x {self.ticks} ticks, "
-                f"got {tuple(answers.shape[1:])}"
+                f"expected {self.length} positions x {self.ticks} ticks, got {seq.shape[1]} x {T}"
             )
-        correct = answers == targets[:, :, None]
-        self.sums.add("hits", correct.sum(0))  # [L, T]
-        best = certainties[:, 1].float().cpu().argmax(-1)
-        chosen = correct[torch.arange(B), :, best]
-        self.sums.add("hits_certain", chosen.sum(0))  # [L]
-        self.sums.add("sequences_certain", chosen.all(1).sum())
-        self.sums.add("samples", B)
+        # the tick training's loss judges at
+        _, tick = parity_loss(
+            seq, certainties.float().cpu(), targets, use_most_certain=self.most_certain
+        )
+        Parity.accumulate(self.sums, seq, targets, torch.ones(B), tick)
+        add = self.sums.add
+        add("hits", per_tick(per_position_accuracy, seq, targets, reduction="sum"))  # [T, L]
+        add("hits_judged", per_position_accuracy(seq, targets, tick, reduction="sum"))  # [L]
+        add("samples", B)
 
     def summary(self) -> dict:
         n = max(self.n, 1)
-        per = self.sums["hits"] / n
+        s = self.sums
         return {
             "samples": self.n,
             "ticks": self.ticks,
             "length": self.length,
-            "accuracy_per_position_per_tick": per.tolist(),
-            "accuracy_per_tick": per.mean(0).tolist(),
-            "accuracy_per_position": (self.sums["hits_certain"] / n).tolist(),
-            "accuracy": float(self.sums["hits_certain"].mean() / n),
-            "sequence_accuracy": float(self.sums["sequences_certain"][0] / n),
+            "accuracy_per_position_per_tick": (s["hits"].T / n).tolist(),
+            "accuracy_per_tick": (s["per_tick_correct"] / n).tolist(),
+            "accuracy_per_position": (s["hits_judged"] / n).tolist(),
+            "accuracy": float(s["correct"][0] / n),
+            "sequence_accuracy": float(s["all_correct"][0] / n),
         }
 
 
@@ -116,7 +124,9 @@ class Parity(GeneratedTask):
             predictions, certainties, target, use_most_certain=most_certain, weight=valid
         )
 
-    def accumulate(self, sums, predictions, target, valid, tick, eval=False):
+    @classmethod
+    def accumulate(cls, sums, predictions, target, valid, tick, eval=False):
+        """A class method: ``ParityStats`` counts offline with it."""
         seq = as_sequence_predictions(predictions, target)
         sums.add("correct", parity_accuracy(seq, target, tick, weight=valid, reduction="sum"))
         sums.add(
@@ -143,7 +153,8 @@ class Parity(GeneratedTask):
 
     @classmethod
     def evaluation_measures(cls, model_cfg, req):
-        return {"parity": ParityStats(model_cfg.iterations, cls.target_length(model_cfg))}
+        length, most_certain = cls.target_length(model_cfg), kind_of(model_cfg) == "ctm"
+        return {"parity": ParityStats(model_cfg.iterations, length, most_certain)}
 
     @classmethod
     def per_tick_loss(cls, predictions, targets):

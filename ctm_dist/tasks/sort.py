@@ -13,14 +13,24 @@ from __future__ import annotations
 import torch
 
 from ctm_dist.data.sort import SortLoader
-from ctm_dist.losses import decode_sort, sort_loss, sort_position_accuracy, sort_sequence_accuracy
+from ctm_dist.losses import (
+    decode_sort,
+    sort_correct,
+    sort_loss,
+    sort_position_accuracy,
+    sort_sequence_accuracy,
+)
 
 from .base import GeneratedTask
 from .sums import Measure
 
 
 class SortStats(Measure):
-    """Accuracy of the decoded order per position and over whole sequences, as sums."""
+    """Accuracy of the decoded order per position and over whole sequences, as sums.
+
+    ``Sort.accumulate`` adds the sums training has (mean per-position and whole-sequence
+    accuracy); the per-position counts are the same ``sort_correct``.
+    """
 
     shape = ("length",)
 
@@ -30,25 +40,24 @@ class SortStats(Measure):
 
     @torch.no_grad()
     def update(self, predictions, certainties, targets, inputs=None) -> None:
-        targets = targets.long().cpu()
+        predictions, targets = predictions.float().cpu(), targets.long().cpu()
         if targets.shape[1:] != (self.length,):
             raise ValueError(f"expected {self.length} positions, got {tuple(targets.shape[1:])}")
-        decoded = decode_sort(predictions.float().cpu(), self.length)
-        correct = decoded == targets
-        self.sums.add("hits", correct.sum(0))  # [N]
-        self.sums.add("sequences", correct.all(1).sum())
+        B = targets.shape[0]
+        Sort.accumulate(self.sums, predictions, targets, torch.ones(B), tick=None)  # CTC: no tick
+        self.sums.add("hits", sort_correct(predictions, targets).sum(0))  # [N]
+        decoded = decode_sort(predictions, self.length)
         self.sums.add("emitted", (decoded != predictions.shape[1] - 1).sum())
-        self.sums.add("samples", targets.shape[0])
+        self.sums.add("samples", B)
 
     def summary(self) -> dict:
         n = max(self.n, 1)
-        per_position = self.sums["hits"] / n
         return {
             "samples": self.n,
             "length": self.length,
-            "accuracy_per_position": per_position.tolist(),
-            "accuracy": float(per_position.mean()),
-            "sequence_accuracy": float(self.sums["sequences"][0] / n),
+            "accuracy_per_position": (self.sums["hits"] / n).tolist(),
+            "accuracy": float(self.sums["correct"][0] / n),
+            "sequence_accuracy": float(self.sums["all_correct"][0] / n),
             "emitted_per_sequence": float(self.sums["emitted"][0] / n),
             "chance_accuracy": 1.0 / self.length,
         }
@@ -99,7 +108,9 @@ class Sort(GeneratedTask):
         )
         return sort_loss(predictions, target, weight=valid), last
 
-    def accumulate(self, sums, predictions, target, valid, tick, eval=False):
+    @classmethod
+    def accumulate(cls, sums, predictions, target, valid, tick, eval=False):
+        """A class method: ``SortStats`` counts offline with it."""
         sums.add(
             "correct",
             sort_position_accuracy(predictions, target, weight=valid, reduction="sum"),

@@ -269,6 +269,9 @@ def test_evaluate_on_s3_matches_direct_computation_and_cli(tmp_path, s3_location
         p, c, _ = model(x)
     direct = ClassificationStats(model.cfg.iterations)
     direct.update(p, c, y)
+    # the model records no input size and demo is sized by its shard set: the report reads the
+    # shard set's own 16 px images, as the direct computation does (not the task's default 224)
+    assert report["image_size"] is None
     assert report["classification"]["samples"] == 40
     assert report["classification"]["most_certain_top1"] == pytest.approx(
         direct.summary()["most_certain_top1"]

@@ -7,10 +7,14 @@ from ctm_dist.losses import (
     accuracy_at_most_certain,
     maze_route_accuracy,
     maze_step_accuracy,
+    most_certain_tick,
     parity_position_accuracy,
+    per_position_accuracy,
+    per_tick,
     per_tick_accuracy,
     predictions_at_tick,
     topk_accuracy,
+    topk_correct,
 )
 
 
@@ -68,6 +72,56 @@ def test_topk_accuracy():
     assert topk_accuracy(logits, targets, tick, k=6).item() == 1.0
     # k larger than the number of classes means every sample hits
     assert topk_accuracy(logits[:, :3], torch.tensor([0, 1, 2]), tick, k=5).item() == 1.0
+
+
+def test_topk_ties_count_for_the_lower_class_whatever_the_layout():
+    """Equal logits rank by class index (top-1 is argmax's first maximum), the same for a [B, C]
+    slice, a [B, C, T] tensor and its non-contiguous transpose, so any batching counts alike."""
+    row = torch.tensor([5.0, 3, 3, 3, 3, 3, 3, 0])  # classes 1..6 tie for 2nd place
+    logits = row.expand(8, 8)
+    targets = torch.arange(8)
+    assert topk_correct(logits, targets, k=1).tolist() == [True] + [False] * 7
+    assert topk_correct(logits, targets, k=5).tolist() == [True] * 5 + [False] * 3
+    assert topk_correct(logits, targets, k=8).all()
+    assert torch.equal(
+        topk_correct(torch.zeros(3, 4), torch.tensor([0, 1, 3])), torch.tensor([True, False, False])
+    )
+    per_tick_logits = logits[:, :, None].expand(8, 8, 3)  # [B, C, T], not contiguous
+    assert topk_correct(per_tick_logits, targets, k=5)[:, 2].tolist() == [True] * 5 + [False] * 3
+    transposed = per_tick_logits.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    assert torch.equal(
+        topk_correct(transposed, targets, k=5), topk_correct(per_tick_logits, targets, k=5)
+    )
+    # at a tick and at every tick: one rule
+    tick = torch.full((8,), 2)
+    assert torch.equal(
+        per_tick_accuracy(per_tick_logits, targets, k=5, reduction="none")[:, 2],
+        topk_accuracy(per_tick_logits, targets, tick, k=5, reduction="none"),
+    )
+    for seed in range(3):  # top-1 is argmax
+        x = torch.randn(8, 8, 3, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(topk_correct(x, targets), x.argmax(1) == targets[:, None])
+
+
+def test_most_certain_tick_takes_the_first_of_equal_ticks_also_running():
+    c = torch.tensor([[0.1, 0.5, 0.5, 0.2, 0.7, 0.7], [0.9, 0.9, 0.9, 0.9, 0.9, 0.9]])
+    certainties = torch.stack((1 - c, c), 1)
+    assert most_certain_tick(certainties).tolist() == [4, 0]
+    running = most_certain_tick(certainties, running=True)
+    assert running.tolist() == [[0, 1, 1, 1, 4, 4], [0] * 6]
+    r = torch.rand(5, 1, 7).round(decimals=1)  # ties
+    certainties = torch.cat((1 - r, r), 1)
+    assert torch.equal(
+        most_certain_tick(certainties, running=True)[:, -1], most_certain_tick(certainties)
+    )
+
+
+def test_per_tick_reads_a_tick_metric_at_every_tick():
+    preds = torch.randn(4, 3, 2, 5)
+    targets = torch.randint(0, 2, (4, 3))
+    every = per_tick(per_position_accuracy, preds, targets, reduction="sum")  # [T, S]
+    assert every.shape == (5, 3)
+    assert torch.allclose(every.mean(1), per_tick_accuracy(preds, targets, reduction="sum"))
 
 
 def _sequence_logits(classes, num_classes):

@@ -171,6 +171,68 @@ def test_every_task_builds_loaders_model_and_metrics_that_merge(name, data_for):
         assert combined["samples"] == int(keep.sum())
 
 
+# offline report numbers that training logs too: task -> (report section, {report key: metric})
+SHARED = {
+    "demo": (
+        "classification",
+        {
+            "most_certain_top1": "top1",
+            "most_certain_top5": "top5",
+            "instant_top1_per_tick": "per_tick_accuracy",
+        },
+    ),
+    "mazes": (
+        "mazes",
+        {
+            "step_accuracy": "step_accuracy",
+            "route_accuracy": "route_accuracy",
+            "step_accuracy_per_tick": "per_tick_accuracy",
+        },
+    ),
+    "parity": (
+        "parity",
+        {
+            "accuracy": "step_accuracy",
+            "sequence_accuracy": "sequence_accuracy",
+            "accuracy_per_tick": "per_tick_accuracy",
+        },
+    ),
+    "sort": ("sort", {"accuracy": "step_accuracy", "sequence_accuracy": "sequence_accuracy"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHARED))
+def test_offline_measures_give_the_training_evaluation_numbers(name, data_for):
+    """On the same outputs, the offline report's accuracies equal the trainer's eval/ metrics,
+    tick choice and top-k included: logits and certainties are coarse, so ties are many."""
+    task = _task(name, data_for)
+    val = next(iter(task.eval_loader(8)))
+    model_cfg = task.model_config()
+    g = torch.Generator().manual_seed(5)
+    B = val["target"].shape[0]
+    p = torch.randint(-1, 2, (B, model_cfg.out_dims, TICKS), generator=g).float()
+    c = torch.randint(0, 3, (B, 1, TICKS), generator=g).float() / 2
+    c = torch.cat((1 - c, c), 1)
+    target, valid = val["target"], val["valid"].float()
+    _, tick = task.loss(p, c, target, valid)
+    sums = MetricSums()
+    sums.add("samples", valid.sum())
+    task.accumulate(sums, p, target, valid, tick, eval=True)
+    trained = task.summarise(sums.reduce()[0], "eval")
+
+    section, shared = SHARED[name]
+    req = type("Req", (), {"thresholds": (0.5,)})()
+    measure = get_task(name).evaluation_measures(model_cfg, req)[section]
+    keep = valid.bool()
+    measure.update(p[keep], c[keep], target[keep], inputs=val["input"][keep])
+    report = measure.summary()
+    for key, metric in shared.items():
+        _assert_close(report[key], trained[f"eval/{metric}"])
+    if name == "demo":  # the running most-certain readout ends on the same tick and top-k rule
+        for k in (1, 5):
+            _assert_close(report[f"most_certain_top{k}_per_tick"][-1], trained[f"eval/top{k}"])
+
+
 def test_headline_metric_names_per_split(data_for):
     """TensorBoard names: classification reports train/accuracy and eval/top1, sequences
     train/accuracy and eval/step_accuracy."""
