@@ -29,6 +29,7 @@ def tiny_config(**overrides):
 
 def tiny_ctm(seed: int = 0, **overrides) -> CTM:
     torch.manual_seed(seed)
+    np.random.seed(seed)  # the neuron pairs a random neuron_select_type draws
     return CTM(tiny_config(**overrides)).eval()
 
 
