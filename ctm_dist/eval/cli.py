@@ -28,7 +28,7 @@ import torch
 from ctm_dist.storage import Location, StorageError
 from ctm_dist.storage.checkpoints import CheckpointError
 from ctm_dist.storage.local import EMBEDDED_BUCKET, EMBEDDED_LOCAL_DIR, embedded_store, environ
-from ctm_dist.tasks import get_task
+from ctm_dist.tasks import PictureRequest, get_task
 from ctm_dist.tasks.classification import DEFAULT_THRESHOLDS
 
 from .evaluate import EvalRequest, evaluate, request_dict
@@ -205,13 +205,15 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--data",
         default="",
-        help="shard set URL (default: the one a run or its export trained on; none for parity)",
+        help="shard set URL (default: the one a run or its export trained on; none for parity, "
+        "sort and rl)",
     )
     p.add_argument("--split", default="val")
     p.add_argument(
         "--task",
         default=None,
-        help="imagenet, demo, cifar10, mazes, parity or sort (default: the shard set's)",
+        help="imagenet, demo, cifar10, mazes, parity, sort, qamnist or rl "
+        "(default: the checkpoint's, else the shard set's)",
     )
     p.add_argument(
         "--out", default="eval-out", help="directory for report.json, PNGs and tensorboard/"
@@ -255,6 +257,18 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     p.add_argument("--generalise-mazes", type=POSITIVE, default=20, help="per worker")
     p.add_argument("--max-reapplications", type=POSITIVE, default=20)
     p.add_argument("--parity-samples", type=POSITIVE, default=1024)
+    p.add_argument(
+        "--qamnist-questions",
+        type=POSITIVE,
+        default=1024,
+        help="Q&A MNIST: questions asked about the digits of --split",
+    )
+    p.add_argument(
+        "--episodes",
+        type=POSITIVE,
+        default=16,
+        help="rl: episodes played with the greedy policy in the run's environment",
+    )
     a = p.parse_args(argv)
 
     req = EvalRequest(
@@ -274,6 +288,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         generalise_mazes=a.generalise_mazes,
         max_reapplications=a.max_reapplications,
         parity_samples=a.parity_samples,
+        qamnist_questions=a.qamnist_questions,
+        episodes=a.episodes,
     )
     with (
         embedded_store_for(
@@ -371,6 +387,21 @@ def format_summary(report: dict) -> str:
             f"(chance {100 * order['chance_accuracy']:.1f}%)  "
             f"sequences {100 * order['sequence_accuracy']:.2f}%"
         )
+    q = report.get("qamnist")
+    if q:
+        by_ops = "  ".join(
+            f"{n} ops {100 * acc:.2f}%" for n, acc in q["accuracy_by_operations"].items()
+        )
+        lines.append(
+            f"qamnist {q['samples']}: answer accuracy {100 * q['accuracy']:.2f}%  {by_ops}"
+        )
+    rl = report.get("rl")
+    if rl:
+        lines.append(
+            f"rl {rl['env_id']}, {rl['episodes']} episodes, {rl['policy']} policy: mean return "
+            f"{rl['mean_return']:.2f} (std {rl['std_return']:.2f})  mean length "
+            f"{rl['mean_length']:.1f}"
+        )
     return "\n".join(lines)
 
 
@@ -406,9 +437,32 @@ def _inputs(a, loaded, count: int):
     return x, y, task, [f"{a.split}[{i}]" for i in range(len(x))]
 
 
+def _task_charts(a, loaded):
+    """The task's own pictures (``Task.picture_charts``), or None for the shared ones."""
+    name = a.task or loaded.task
+    if not name:
+        return None
+    data = a.data or (loaded.source or {}).get("data")
+    spec = input_spec(loaded, name, a.image_size)
+    request = PictureRequest(
+        split=a.split,
+        count=a.count,
+        per_input=a.per_input,
+        seed=a.seed,
+        image_size=spec.image_size if spec else a.image_size,
+    )
+    with torch.no_grad():
+        charts = get_task(name).picture_charts(
+            loaded.model.eval(), loaded.meta, Location.parse(data) if data else None, request
+        )
+    if charts is not None and a.images:
+        raise ValueError(f"task {name!r} draws its pictures from its own inputs: no --images")
+    return charts
+
+
 @command
 def visualize_main(argv: list[str] | None = None) -> int:
-    from .pictures import make_pictures
+    from .pictures import make_pictures, write_charts
 
     p = _Parser(description="Pictures of a CTM on a few inputs (PNG and GIF).")
     _checkpoint_args(p)
@@ -420,7 +474,18 @@ def visualize_main(argv: list[str] | None = None) -> int:
         "the model trained on)",
     )
     p.add_argument("--split", default="val")
-    p.add_argument("--count", type=POSITIVE, default=16, help="inputs in the batch")
+    p.add_argument(
+        "--count",
+        type=POSITIVE,
+        default=16,
+        help="inputs in the batch (Q&A MNIST: questions; rl: episodes)",
+    )
+    p.add_argument(
+        "--seed",
+        type=NON_NEGATIVE,
+        default=0,
+        help="seed of the questions (Q&A MNIST) or the episodes (rl)",
+    )
     p.add_argument(
         "--per-input",
         type=NON_NEGATIVE,
@@ -448,24 +513,29 @@ def visualize_main(argv: list[str] | None = None) -> int:
 
     with embedded_store_for([a.checkpoint, a.data or _recorded_data(a.checkpoint)], a.local_dir):
         loaded = _load(a.checkpoint, a.step)
-        x, y, task, _ = _inputs(a, loaded, a.count)
+        charts = _task_charts(a, loaded)
+        if charts is None:
+            x, y, task, _ = _inputs(a, loaded, a.count)
     tb = None
     if a.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
         tb = SummaryWriter(str(Path(a.out) / "tensorboard"))
     try:
-        written = make_pictures(
-            loaded.model,
-            x,
-            task,
-            a.out,
-            targets=y,
-            threshold=a.threshold,
-            per_input=a.per_input,
-            tb=tb,
-            meta=loaded.meta,
-        )
+        if charts is not None:
+            written = write_charts(charts, a.out, tb=tb)
+        else:
+            written = make_pictures(
+                loaded.model,
+                x,
+                task,
+                a.out,
+                targets=y,
+                threshold=a.threshold,
+                per_input=a.per_input,
+                tb=tb,
+                meta=loaded.meta,
+            )
     finally:
         if tb is not None:
             tb.close()
@@ -522,13 +592,21 @@ def export_main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("run", help="run URL: {storage}/{run_name}")
     p.add_argument(
-        "out", help="output directory (or .pt file with --reference-dataset); path or URL"
+        "out",
+        help="output directory (or .pt file with --reference-dataset or --reference); path or URL",
     )
     p.add_argument("--step", type=NON_NEGATIVE, default=None)
     p.add_argument(
         "--reference-dataset",
         default=None,
-        help="write the reference's checkpoint format for this dataset (cifar10, imagenet, mazes-medium, parity...)",
+        help="write the reference's checkpoint format for this dataset (cifar10, imagenet, "
+        "mazes-medium, parity, qamnist, an RL environment id such as CartPole-v1...)",
+    )
+    p.add_argument(
+        "--reference",
+        action="store_true",
+        help="write the reference's checkpoint format for the dataset the run tells "
+        "(qamnist runs: qamnist; rl runs: their environment)",
     )
     _local_dir_arg(p)
     a = p.parse_args(argv)
@@ -538,7 +616,13 @@ def export_main(argv: list[str] | None = None) -> int:
                 f"{a.run} is already an export ({MODEL_FILE}); export takes a run URL ({{storage}}/{{run}})"
             )
         with _quiet():
-            where = export_run(a.run, a.out, step=a.step, reference_dataset=a.reference_dataset)
+            where = export_run(
+                a.run,
+                a.out,
+                step=a.step,
+                reference_dataset=a.reference_dataset,
+                reference=a.reference,
+            )
     print(json.dumps({"exported": where}))
     return 0
 

@@ -1,7 +1,9 @@
-"""Evaluate a checkpoint on a shard set (or generated parity data), in-process or over Ray workers.
+"""Evaluate a checkpoint on a shard set (or generated data, or RL episodes), in-process or over
+Ray workers.
 
 ``evaluate(EvalRequest(...))`` loads the model (any kind ``ctm_dist.eval.loading`` knows), reads
-this worker's part of the split, and returns a report: a JSON-able dict of metrics per task. With
+this worker's part of the split, and returns a report: a JSON-able dict of metrics per task. The
+task decides its data, batches, model call and measures (``Task.evaluation_*``). With
 ``workers > 1`` each Ray worker evaluates the shards the reader gives its rank, returns its
 running sums, and the sums are merged before the numbers are computed.
 """
@@ -48,6 +50,12 @@ class EvalRequest:
     # parity (generated)
     parity_samples: int = 1024
     parity_seed: int = 12345
+    # Q&A MNIST: questions on the digits of ``split``
+    qamnist_questions: int = 1024
+    qamnist_seed: int = 12345
+    # RL: episodes played with the greedy policy in the run's environment
+    episodes: int = 16
+    rl_seed: int = 12345
     locations: dict = field(
         default_factory=dict
     )  # Location dicts (credentials) for workers; in memory only
@@ -104,14 +112,13 @@ def _task(req: EvalRequest, loaded: Loaded) -> str:
     raise ValueError("cannot tell the task: pass --task or a shard set")
 
 
-def _batches(loader, max_batches: int):
+def _batches(task, loader, max_batches: int):
     """(inputs, targets) of the valid samples of each batch, up to ``max_batches`` (0: all)."""
     for i, batch in enumerate(loader):
         if max_batches and i >= max_batches:
             break
-        valid = batch["valid"].bool()
-        if valid.any():
-            yield batch["input"][valid], batch["target"][valid]
+        if batch["valid"].any():
+            yield task.evaluation_batch(batch)
 
 
 @torch.no_grad()
@@ -126,16 +133,14 @@ def evaluate_part(req: EvalRequest, rank: int = 0, world_size: int = 1) -> dict[
     data = None if task.generated_data else _location(req, "data")
     loader = task.evaluation_loader(model.cfg, data, req, rank, world_size)
     stats: dict[str, Any] = dict(task.evaluation_measures(model.cfg, req))
-    for x, y in _batches(loader, req.max_batches):
-        x = x.float()
-        p, c, _ = model(x)
+    for x, y in _batches(task, loader, req.max_batches):
+        p, c = task.evaluation_forward(model, x)
         for measure in stats.values():
             measure.update(p, c, y, inputs=x)
     if not task.generated_data:
         stats["skipped"] = dict(loader.stats)
-    stats.update(
-        task.evaluation_extras(model, req, lambda name: _location(req, name), rank, world_size)
-    )
+    locate = lambda name: _location(req, name)  # noqa: E731
+    stats.update(task.evaluation_extras(model, req, locate, rank, world_size, loaded.meta))
     return {
         "task": task_name,
         "stats": stats,

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ctm_dist.compat import export_reference_checkpoint
-from ctm_dist.model import CTM, CTMConfig, LSTMBaseline, build_model, config_from_fields
+from ctm_dist.model import CTM, CTMConfig
 from ctm_dist.storage import Location
 from ctm_dist.storage.checkpoints import check_loadable
 
@@ -82,11 +82,13 @@ def load_weights(model: CTM, state: dict[str, torch.Tensor]) -> CTM:
     return model
 
 
-def _unwrap(model: torch.nn.Module) -> CTM | LSTMBaseline:
-    while not isinstance(model, (CTM, LSTMBaseline)):
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DeepSpeed/DDP (``module``) and torch.compile (``_orig_mod``) wrappers: the
+    first module that holds its own config (``cfg``; a compiled module only forwards to it)."""
+    while "cfg" not in vars(model):
+        inner = model._modules.get("module") or model._modules.get("_orig_mod")
         if not isinstance(inner, torch.nn.Module):
-            raise TypeError(f"expected a ctm_dist CTM, got {type(model).__name__}")
+            raise TypeError(f"expected a ctm_dist model (with its cfg), got {type(model).__name__}")
         model = inner
     return model
 
@@ -164,7 +166,7 @@ def run_state(
 
     step, commit, state = runs.with_loadable_step(run, step, merged)
     fields = runs.model_config_from_commit(commit)
-    cfg = config_from_fields(fields) if fields else None
+    cfg = runs.commit_task(commit).config_type(fields).from_dict(fields) if fields else None
     return state, cfg, step, commit
 
 
@@ -174,21 +176,30 @@ def export_run(
     step: int | None = None,
     cfg: CTMConfig | None = None,
     reference_dataset: str | None = None,
+    reference: bool = False,
 ) -> str:
     """Consolidate a run's committed ZeRO checkpoint (newest, or ``step``) into ``out``.
 
-    With ``reference_dataset`` (e.g. ``cifar10``, ``mazes-medium``, ``parity``) ``out`` is instead
-    a ``.pt`` file in the reference's checkpoint format.
+    With ``reference_dataset`` (e.g. ``cifar10``, ``mazes-medium``, ``parity``, ``qamnist``, an RL
+    environment id) or ``reference`` (the dataset the run tells: ``Task.reference_dataset``),
+    ``out`` is instead a ``.pt`` file in the reference's checkpoint format.
     """
     run = Location.parse(run)
     state, recorded, step, commit = run_state(run, step)
     cfg = cfg or recorded
     if cfg is None:
         raise ValueError(f"{run.url}: its COMMIT marker records no model config; pass cfg")
-    model = load_weights(build_model(cfg), state).eval()
+    task_cls = runs.commit_task(commit)
+    model = load_weights(task_cls.build_model(cfg), state).eval()
     task = commit.get("task") or (commit.get("config") or {}).get("data", {}).get("task")
-    if reference_dataset:
-        export_reference_checkpoint(model, out, reference_dataset)
+    if reference or reference_dataset:
+        dataset = reference_dataset or task_cls.reference_dataset(runs.data_meta(commit))
+        if dataset is None:
+            raise ValueError(
+                f"{run.url}: a {task} run does not tell the reference's dataset; "
+                "pass --reference-dataset NAME"
+            )
+        export_reference_checkpoint(model, out, dataset)
         return os.fspath(out)
     return save_consolidated(model, out, task=task, **_trained_with(commit, run, step))
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 
 from ctm_dist import hub
 from ctm_dist.compat import load_reference_checkpoint
-from ctm_dist.model import CTM, CTMConfig, build_model, config_from_fields
+from ctm_dist.model import CTM, CTMConfig
 from ctm_dist.storage import Location
 
 from . import export, runs
@@ -29,7 +29,9 @@ from .inputs import model_meta, trained_data, trained_inputs
 
 @dataclass
 class Loaded:
-    model: CTM  # (an LSTMBaseline for the reference's LSTM baseline)
+    # a CTM (an LSTMBaseline for the reference's LSTM baseline; a task's own model: the QAMNIST
+    # CTM or LSTM, the RL agent)
+    model: CTM
     kind: str  # "export", "run", "reference" or "hub"
     task: str | None = None
     meta: dict = field(default_factory=dict)
@@ -66,8 +68,10 @@ def _load_safetensors(location: Location, name: str, overrides: dict) -> Loaded:
             f"{location.name_url(name)}: not a ctm-dist export (no '{export.FORMAT}' metadata)"
         )
     document = json.loads(metadata["config"])
-    cfg = config_from_fields({**document["model"], **overrides})
-    model = export.load_weights(build_model(cfg), state).eval()
+    task = runs.task_class(document.get("task"))
+    fields = {**document["model"], **overrides}
+    cfg = task.config_type(fields).from_dict(fields)
+    model = export.load_weights(task.build_model(cfg), state).eval()
     return Loaded(
         model,
         "export",
@@ -134,8 +138,8 @@ def load_model(
         state, cfg, step, commit = export.run_state(location, step)
         if cfg is None:
             raise ValueError(f"{location.url}: its COMMIT marker records no model config")
-        cfg = cfg.replace(**overrides) if overrides else cfg
-        model = export.load_weights(build_model(cfg), state).eval()
+        cfg = replace(cfg, **overrides) if overrides else cfg
+        model = export.load_weights(runs.commit_task(commit).build_model(cfg), state).eval()
         task = commit.get("task") or (commit.get("config") or {}).get("data", {}).get("task")
         loaded = _run_loaded(model, task, commit, location, step)
     elif location.path.endswith(".safetensors"):

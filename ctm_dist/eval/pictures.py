@@ -9,6 +9,9 @@
 * ``neurons_{i}.png``: post-activation traces of a sample of neurons; ``sync_{i}.png``: the
   synchronisation matrix of the same neurons.
 
+A task that draws from the model alone (``Task.picture_charts``: Q&A MNIST's certainty and answer
+per tick, RL's returns and values per step) gives charts instead, written by ``write_charts``.
+
 Ticks are numbered 1..T in every file and TensorBoard figure.
 """
 
@@ -99,6 +102,20 @@ def make_pictures(
         neurons = plots.sample_neurons(post.shape[1], n_neurons, seed=i)
         figure(plots.neuron_traces(post, neurons=neurons), f"neurons_{i}")
         figure(plots.synchronisation_figure(post, neurons=neurons), f"sync_{i}")
+    return written
+
+
+def write_charts(charts: list, out_dir: str | Path, tb=None, step: int = 0) -> list[Path]:
+    """Each of a task's charts as ``{name}.png`` in ``out_dir`` (and under ``pictures/`` in
+    TensorBoard); returns the files written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for c in charts:
+        fig = plots.chart(c)
+        if tb is not None:
+            tb.add_figure(f"pictures/{c.name}", fig, step, close=False)
+        written.append(plots.save(fig, out / f"{c.name}.png"))
     return written
 
 

@@ -462,3 +462,41 @@ def parity_accuracy(summary: dict):
     axes[1].grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+SPAN_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
+
+
+def chart(c):
+    """A task's chart (``ctm_dist.tasks.Chart``): its series over x = 1..n, lines or bars, shaded
+    spans labelled at the top."""
+    fig, ax = plt.subplots(figsize=(7, 3.4), layout="constrained")
+    names = list(c.series)
+    for k, name in enumerate(names):
+        values = _np(c.series[name])
+        x = np.arange(1, len(values) + 1)
+        if c.bars:
+            width = 0.8 / len(names)
+            ax.bar(x + (k - (len(names) - 1) / 2) * width, values, width=width, label=name)
+        else:
+            ax.plot(x, values, lw=1.4, marker="o" if len(values) <= 60 else None, ms=2, label=name)
+    for k, (first, last, label) in enumerate(c.spans):
+        ax.axvspan(first - 0.5, last + 0.5, color=SPAN_COLOURS[k % len(SPAN_COLOURS)], alpha=0.08)
+        ax.text(
+            (first + last) / 2,
+            1.0,
+            label,
+            transform=ax.get_xaxis_transform(),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    if c.ylim is not None:
+        ax.set_ylim(*c.ylim)
+    tick_xaxis(ax, c.xlabel)
+    ax.set_ylabel(c.ylabel)
+    ax.grid(alpha=0.3)
+    if len(names) > 1:
+        ax.legend(fontsize=8)
+    ax.set_title(c.title, fontsize=9, pad=14 if c.spans else 6)
+    return fig

@@ -50,6 +50,8 @@ def headline(report: dict) -> dict[str, float]:
         ),
         ("mazes", ("step_accuracy", "route_accuracy", "solved")),
         ("parity", ("accuracy", "sequence_accuracy")),
+        ("qamnist", ("accuracy",)),
+        ("rl", ("mean_return", "mean_length")),
         ("generalisation", ("solved",)),
     ):
         for k in keys:

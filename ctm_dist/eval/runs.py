@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TypeVar
 
 from ctm_dist.data.index import read_index
-from ctm_dist.model import CTMConfig, LSTMConfig, kind_of_fields
 from ctm_dist.storage import Location
 from ctm_dist.storage import checkpoints as fmt
 from ctm_dist.storage.checkpoints import (
@@ -24,7 +23,7 @@ from ctm_dist.storage.checkpoints import (
     UnsafeCheckpoint,
     step_name,
 )
-from ctm_dist.tasks import TASKS, get_task
+from ctm_dist.tasks import TASKS, Task, get_task
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -127,29 +126,43 @@ def find_deepspeed_checkpoint(root: str | os.PathLike) -> tuple[Path, str]:
     return tag_dir.parent, tag_dir.name
 
 
+def task_class(name: str | None) -> type[Task]:
+    """The class of task ``name``; the base class (CTM and LSTM models) for none or an unknown
+    one, so that a checkpoint of such a run still loads."""
+    return get_task(name) if name in TASKS else Task
+
+
+def commit_task(commit: dict) -> type[Task]:
+    """The task class a run's COMMIT marker names."""
+    config = commit.get("config") or {}
+    return task_class(commit.get("task") or (config.get("data") or {}).get("task"))
+
+
 def data_meta(commit: dict) -> dict:
-    """The training shard set's metadata (class names, image size...), when its index is reachable."""
-    data = (commit.get("config") or {}).get("data") or {}
+    """The training shard set's metadata (class names, image size...), when its index is reachable,
+    with what the task keeps of the training config (``Task.run_meta``: RL's environment)."""
+    config = commit.get("config") or {}
+    data = config.get("data") or {}
+    own = commit_task(commit).run_meta(config)
     if (
         not data.get("url")
         or data.get("task") not in TASKS
         or get_task(data["task"]).generated_data
     ):
-        return {}
+        return own
 
     try:
-        return dict(read_index(Location.parse(data["url"]), "train").meta)
+        return {**read_index(Location.parse(data["url"]), "train").meta, **own}
     except Exception:  # data gone or unreachable: the weights and config still load
-        return {}
+        return own
 
 
 def model_config_from_commit(commit: dict) -> dict | None:
-    """The CTMConfig (or LSTMConfig) fields of a COMMIT marker: ``config.model`` as the trainer records it (every
-    shape-giving CTMConfig field), or None when the marker records no model config."""
+    """The model config fields of a COMMIT marker: ``config.model`` as the trainer records it
+    (every shape-giving field of the task's config class), or None when it records none."""
 
     model = (commit.get("config") or {}).get("model")
     if not isinstance(model, dict) or "d_model" not in model:
         return None
-    config_type = LSTMConfig if kind_of_fields(model) == "lstm" else CTMConfig
-    known = set(config_type.__dataclass_fields__)
+    known = set(commit_task(commit).config_type(model).__dataclass_fields__)
     return {k: v for k, v in model.items() if k in known}

@@ -5,11 +5,14 @@ storage below; it never imports ``ctm_dist.train`` or ``ctm_dist.eval``.
 """
 
 from .base import ShardTask, Task
+from .charts import Chart, PictureRequest
 from .registry import TASKS, UnknownTask, get_task, make_task, preflight, task_names
 from .sums import Measure, MetricSums
 
 __all__ = [
     "TASKS",
+    "Chart",
+    "PictureRequest",
     "Measure",
     "MetricSums",
     "ShardTask",

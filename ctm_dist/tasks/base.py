@@ -21,9 +21,10 @@ import torch
 
 from ctm_dist.data.index import read_index
 from ctm_dist.data.reader import ShardLoader
-from ctm_dist.model import CTMConfig, build_model, model_config
+from ctm_dist.model import CTMConfig, LSTMConfig, build_model, kind_of_fields, model_config
 from ctm_dist.storage import Location
 
+from .charts import Chart, PictureRequest
 from .sums import Measure, MetricSums
 
 SPLITS = ("train", "eval")  # the metric-name prefixes of ``summarise``
@@ -45,7 +46,8 @@ class Task:
     # other metrics, each a sum divided by the samples (metric name -> sum name)
     headline = {"train": "accuracy", "eval": "step_accuracy"}
     rates: dict = {}
-    run_tools = True  # the offline tools (evaluate, visualize, export) take its runs
+    # visualize draws from the model alone (``picture_charts``): no shard set or image files
+    pictures_from_model = False
     # the launcher's own flags: --name -> help; ``flag_overrides`` turns given ones into overrides
     launch_flags: dict = {}
     # the launcher's config defaults (``launch/<name>.py``), under the dataclass defaults' sections
@@ -86,10 +88,29 @@ class Task:
         values.update(self.cfg.model.overrides)
         return self.config_for(self.cfg.model.preset, values, self.cfg.model.kind)
 
-    def build_model(self, model_cfg: CTMConfig) -> torch.nn.Module:
-        """The module the trainer wraps in its DeepSpeed engine (same weights on every rank: the
-        trainer seeds before calling it): the model of the config's kind and variant."""
+    @classmethod
+    def build_model(cls, model_cfg: CTMConfig) -> torch.nn.Module:
+        """The module of a model config: what the trainer wraps in its DeepSpeed engine (same
+        weights on every rank: the trainer seeds before calling it), and what the offline tools
+        load a run's or an export's weights into: the model of the config's kind and variant."""
         return build_model(model_cfg)
+
+    @classmethod
+    def config_type(cls, fields: dict) -> type:
+        """The config class of a saved field dict (a run's COMMIT marker, an export's config)."""
+        return LSTMConfig if kind_of_fields(fields) == "lstm" else CTMConfig
+
+    @classmethod
+    def run_meta(cls, train_config: dict) -> dict:
+        """What the offline tools need of a run's training config (a dict) beyond the model's
+        config and the shard set's metadata (RL: the environment). Kept in exports' ``meta``."""
+        return {}
+
+    @classmethod
+    def reference_dataset(cls, meta: dict) -> str | None:
+        """The reference's ``dataset`` for exporting a run in its format, when the run tells it
+        (``meta``: the model's metadata); None: it must be given."""
+        return None
 
     def bind_model(self, model) -> None:
         """Called with the trainer's engine once it is built; a task that acts with the model
@@ -199,9 +220,32 @@ class Task:
         raise NotImplementedError
 
     @classmethod
-    def evaluation_extras(cls, model, req, locate, rank: int, world_size: int) -> dict:
-        """Sections measured apart from the batches (``locate(name)``: a request's Location)."""
+    def evaluation_batch(cls, batch: dict):
+        """(inputs, targets) of the valid samples of a batch of ``evaluation_loader``."""
+        valid = batch["valid"].bool()
+        return batch["input"][valid], batch["target"][valid]
+
+    @classmethod
+    def evaluation_forward(cls, model, inputs):
+        """(predictions, certainties) of the model on ``evaluation_batch``'s inputs."""
+        predictions, certainties, _ = model(inputs.float())
+        return predictions, certainties
+
+    @classmethod
+    def evaluation_extras(
+        cls, model, req, locate, rank: int, world_size: int, meta: dict | None = None
+    ) -> dict:
+        """Sections measured apart from the batches (``locate(name)``: a request's Location;
+        ``meta``: the model's metadata, with ``run_meta``'s values)."""
         return {}
+
+    @classmethod
+    def picture_charts(
+        cls, model, meta: dict, data: Location | None, req: PictureRequest
+    ) -> list[Chart] | None:
+        """The task's own pictures, drawn by running the model (``data``: its shard set, if
+        any), or None (the default): the shared pictures of image or sequence inputs."""
+        return None
 
     # ------------------------------------------------------------------ inputs and pictures
 

@@ -328,7 +328,7 @@ class Mazes(ShardTask):
         return {"mazes": MazeStats(model_cfg.iterations, cls.target_length(model_cfg))}
 
     @classmethod
-    def evaluation_extras(cls, model, req, locate, rank, world_size):
+    def evaluation_extras(cls, model, req, locate, rank, world_size, model_meta=None):
         """With ``req.generalise_data``: re-application on (larger) mazes of that shard set,
         ``req.generalise_mazes`` per worker; success by optimal route length."""
         if not req.generalise_data:

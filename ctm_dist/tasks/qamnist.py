@@ -6,7 +6,9 @@ curriculum and tick counts. The model is the QAMNIST CTM or its LSTM baseline
 (``model.kind=lstm``), called ``m(x, z)``: a batch's input is the pair (digit images, question
 codes) and its target the pair (answer, number of operations) ``[B, 2]``. The loss and accuracy
 read only the answer ticks; accuracy is also reported per number of operations
-(``{split}/accuracy_ops_N``). Offline evaluation and pictures are not implemented for this task.
+(``{split}/accuracy_ops_N``). Offline evaluation asks held-out questions and reports the same
+accuracies; the pictures are the certainty and answer per tick (``qamnist_offline.py``). Exports
+in the reference's format are its QAMNIST script's (``dataset`` ``qamnist``).
 """
 
 from __future__ import annotations
@@ -20,15 +22,7 @@ from ctm_dist.model import QAMNISTConfig, preset
 from ctm_dist.model.qamnist import QAMNIST_PRESETS, build_qamnist_model
 
 from .base import EVAL_BATCHES, EVAL_SEED_OFFSET, ShardTask
-
-
-def operation_counts(cfg: QAMNISTConfig) -> list[int]:
-    """Every number of operations a batch can have: [n - delta, n + delta), or n alone."""
-    low, high = (
-        cfg.num_operations - cfg.num_operations_delta,
-        cfg.num_operations + cfg.num_operations_delta,
-    )
-    return list(range(low, high)) if high > low else [low]
+from .qamnist_offline import QAMNISTStats, operation_counts, question_charts, question_loader
 
 
 class QAMNIST(ShardTask):
@@ -70,8 +64,17 @@ class QAMNIST(ShardTask):
         values.setdefault("kind", self.cfg.model.kind)  # model.kind picks the CTM or the LSTM
         return preset(self.cfg.model.preset, **values)
 
-    def build_model(self, model_cfg):
+    @classmethod
+    def build_model(cls, model_cfg):
         return build_qamnist_model(model_cfg)
+
+    @classmethod
+    def config_type(cls, fields):
+        return QAMNISTConfig
+
+    @classmethod
+    def reference_dataset(cls, meta):
+        return "qamnist"
 
     def forward(self, model, x):
         images, question = x
@@ -156,3 +159,55 @@ class QAMNIST(ShardTask):
                 if n > 0:
                     out[f"{split}/accuracy_ops_{count}"] = c / n
         return out
+
+    # --- offline evaluation and pictures
+    @classmethod
+    def evaluation_loader(cls, model_cfg, data, req, rank, world_size):
+        """``req.qamnist_questions`` questions of ``req.qamnist_seed`` on the digits of
+        ``req.split``, split over the workers. A batch's numbers of digits and operations are
+        drawn per global batch, so ``req.batch_size`` is the global batch: the same questions
+        whatever the number of workers."""
+        if req.batch_size % world_size:
+            raise ValueError(
+                f"Q&A MNIST: --batch-size ({req.batch_size}) must be a multiple of --workers "
+                f"({world_size}): it is the global batch, whose questions do not depend on them"
+            )
+        return question_loader(
+            model_cfg,
+            data,
+            req.split,
+            batch_size=req.batch_size // world_size,
+            seed=req.qamnist_seed,
+            questions=req.qamnist_questions,
+            rank=rank,
+            world_size=world_size,
+            image_size=req.image_size,
+        )
+
+    @classmethod
+    def input_pipeline(cls, meta, image_size):
+        """Digits resized to ``data.image_size`` when training set one (the loader normalises
+        with the shard set's mean and std); None: their stored size."""
+        if not image_size:
+            return None
+        return image_size, (float(meta.get("mean", 0.0)),), (float(meta.get("std", 1.0)),)
+
+    @classmethod
+    def evaluation_batch(cls, batch):
+        valid = batch["valid"].bool()
+        inputs = (batch["input"][valid], batch["question"][valid])
+        return inputs, torch.stack((batch["target"], batch["operations"]), 1)[valid]
+
+    @classmethod
+    def evaluation_forward(cls, model, inputs):
+        images, question = inputs
+        predictions, certainties, _ = model(images.float(), question)
+        return predictions, certainties
+
+    @classmethod
+    def evaluation_measures(cls, model_cfg, req):
+        return {"qamnist": QAMNISTStats(model_cfg)}
+
+    @classmethod
+    def picture_charts(cls, model, meta, data, req):
+        return question_charts(model, data, req)

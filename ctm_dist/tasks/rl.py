@@ -10,22 +10,28 @@ evaluation plays one episode per evaluation environment with the current policy.
 Metrics: ``train/episode_return`` and ``train/episode_length`` (raw, of the episodes finished
 since the last log line), ``perf/episodes_per_s``, ``perf/env_steps_per_s``, PPO's losses,
 entropy, approximate KL and clip fraction; ``eval/episode_return``.
+
+Offline (``rl_offline.py``): evaluation plays ``--episodes`` episodes with the greedy policy in
+the run's environment (recorded in the model's metadata, ``run_meta``) and reports their mean
+return and length; the pictures are the return per episode and the value estimate and action
+probability per step; exports in the reference's format are its RL script's (``dataset``: the
+environment id).
 """
 
 from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 
-from ctm_dist.data.rl_envs import EpisodeStats, check_env_id, env_shapes, make_vector_env
+from ctm_dist.data.rl_envs import check_env_id, env_shapes
 from ctm_dist.losses.ppo import ppo_loss
 from ctm_dist.model.rl import RLAgent
 from ctm_dist.model.rl_config import RLAgentConfig, rl_preset
 
 from .base import EVAL_SEED_OFFSET, Task
-from .rl_rollouts import RolloutLoader, RolloutSpec, as_tensor
+from .rl_offline import EnvSettings, EpisodeMeasure, episode_charts, play_episodes
+from .rl_rollouts import RolloutLoader, RolloutSpec
 from .sums import MetricSums
 
 # --env: the reference scripts' model preset and episode limit per environment
@@ -47,7 +53,7 @@ PPO_RATES = {
 class ReinforcementLearning(Task):
     name = "rl"
     generated_data = True  # environments, no shard set
-    run_tools = False  # evaluation plays episodes in training; export: ctm_dist.compat
+    pictures_from_model = True  # episodes played in the run's environment
     launch_defaults = {
         # the reference's cartpole script, sized for a few CPU workers (it ran 256 envs on a GPU)
         "run": {"name": "rl", "max_steps": 20_000, "log_every": 20},
@@ -104,8 +110,24 @@ class ReinforcementLearning(Task):
             self.cfg.model.kind,
         )
 
-    def build_model(self, model_cfg: RLAgentConfig) -> RLAgent:
+    @classmethod
+    def build_model(cls, model_cfg: RLAgentConfig) -> RLAgent:
         return RLAgent(model_cfg)
+
+    @classmethod
+    def config_type(cls, fields: dict) -> type:
+        return RLAgentConfig
+
+    @classmethod
+    def run_meta(cls, train_config: dict) -> dict:
+        """The environment the run trained in, which the offline tools play."""
+        rl = train_config.get("rl") or {}
+        keys = ("env_id", "max_environment_steps", "mask_velocity")
+        return {k: rl[k] for k in keys if k in rl}
+
+    @classmethod
+    def reference_dataset(cls, meta: dict) -> str | None:
+        return meta.get("env_id")
 
     def bind_model(self, model) -> None:
         self.model = model
@@ -185,29 +207,34 @@ class ReinforcementLearning(Task):
     def evaluate_model(self, engine, device) -> dict:
         """One episode per evaluation environment, policy sampled, the same seeds every time."""
         r = self.rl
-        envs = make_vector_env(r.env_id, r.eval_envs, r.max_environment_steps, r.mask_velocity)
-        obs, _ = envs.reset(seed=self.cfg.run.seed + EVAL_SEED_OFFSET * (self.rank + 1))
-        obs = as_tensor(obs, r.env_id, device)
-        done = torch.zeros(r.eval_envs)
-        hidden, stats, finished = None, EpisodeStats(r.eval_envs), np.zeros(r.eval_envs, bool)
-        episodes = []
-        while not finished.all():
-            step = engine(obs[None], hidden, done[None])
-            obs, reward, terminated, truncated, _ = envs.step(step.action.cpu().numpy())
-            ended = np.logical_or(terminated, truncated)
-            stats.step(np.where(finished, 0.0, reward), ended)
-            for (ret, length), i in zip(stats.take(), np.flatnonzero(ended)):
-                if not finished[i]:
-                    episodes.append((ret, length))
-            finished |= ended
-            obs = as_tensor(obs, r.env_id, device)
-            done = torch.as_tensor(ended, dtype=torch.float32)
-            hidden = step.hidden
-        envs.close()
+        first = self.cfg.run.seed + EVAL_SEED_OFFSET * (self.rank + 1)
+        env = EnvSettings(r.env_id, r.max_environment_steps, r.mask_velocity)
+        played = play_episodes(
+            engine, env, [first + i for i in range(r.eval_envs)], greedy=False, device=device
+        )
         sums = MetricSums()
-        add_episodes(sums, episodes)
+        add_episodes(sums, [(e.ret, e.length) for e in played])
         reduced, _ = sums.reduce()
         return episode_summary(reduced, "eval")
+
+    # --- offline evaluation and pictures
+    @classmethod
+    def evaluation_loader(cls, model_cfg, data, req, rank, world_size):
+        return []  # episodes, played in evaluation_extras
+
+    @classmethod
+    def evaluation_measures(cls, model_cfg, req):
+        return {}
+
+    @classmethod
+    def evaluation_extras(cls, model, req, locate, rank, world_size, meta=None):
+        """``req.episodes`` episodes (seeds ``req.rl_seed + i``), greedy, split over workers."""
+        measure = EpisodeMeasure(EnvSettings.from_meta(meta), req.episodes, req.rl_seed)
+        return {"rl": measure.play(model, rank, world_size)}
+
+    @classmethod
+    def picture_charts(cls, model, meta, data, req):
+        return episode_charts(model, EnvSettings.from_meta(meta), req)
 
 
 def add_episodes(sums: MetricSums, episodes: list[tuple[float, int]]) -> None:

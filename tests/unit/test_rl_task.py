@@ -182,8 +182,15 @@ def test_rl_config_and_launcher_flags():
         build_config(None, ["model.kind=gru"], TASK_DEFAULTS["rl"])
 
 
-def test_driver_reports_the_eval_return_and_suggests_no_offline_tools():
-    assert next_commands("s3://b/runs/rl-a", "rl") == []
-    assert next_commands("s3://b/runs/p", "parity")  # other tasks keep theirs
+def test_driver_reports_the_eval_return_and_suggests_the_offline_tools():
+    assert [c.split()[1] for c in next_commands("s3://b/runs/rl-a", "rl")] == [
+        "launch/evaluate.py",
+        "launch/visualize.py",  # pictures from episodes: no data to give
+        "launch/export.py",
+    ]
+    assert [c.split()[1] for c in next_commands("s3://b/runs/p", "parity")] == [
+        "launch/evaluate.py",
+        "launch/export.py",  # parity pictures need --data
+    ]
     lines = summary_lines({"run": "rl-a", "step": 9, "eval/episode_return": 87.25})
     assert "  eval mean episode return: 87.2500" in lines
