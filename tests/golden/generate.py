@@ -17,13 +17,19 @@ one family.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import torch
-from reference_runs import bf16_weights, built_reference, make_input, randomise, save_fixture
+from reference_runs import (
+    bf16_weights,
+    built_reference,
+    make_input,
+    randomise,
+    reference_parser,
+    save_fixture,
+)
 
 from ctm_dist.model.config import OUR_FIELDS
 
@@ -369,11 +375,7 @@ def generate_ctc(reference: Path, seed: int = 99) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--reference", type=Path, required=True, help="checkout of the reference CTM repository"
-    )
-    parser.add_argument("--seed", type=int, default=1234)
+    parser = reference_parser(__doc__, seed=1234)
     parser.add_argument(
         "--only",
         choices=("ctm", "qamnist", "sort"),

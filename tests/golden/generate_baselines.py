@@ -11,13 +11,19 @@ eval mode with tracking; ``tests/golden/baselines/<case>.safetensors`` holds the
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import torch
-from reference_runs import bf16_weights, built_reference, make_input, randomise, save_fixture
+from reference_runs import (
+    bf16_weights,
+    built_reference,
+    make_input,
+    randomise,
+    reference_parser,
+    save_fixture,
+)
 
 HERE = Path(__file__).resolve().parent / "baselines"
 
@@ -84,11 +90,7 @@ def generate(reference: Path, seed: int = 4321) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--reference", type=Path, required=True, help="checkout of the reference CTM repository"
-    )
-    parser.add_argument("--seed", type=int, default=4321)
+    parser = reference_parser(__doc__, seed=4321)
     args = parser.parse_args()
     generate(args.reference.resolve(), args.seed)
 

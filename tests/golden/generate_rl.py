@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from reference_runs import bf16_weights, save_fixture
+from reference_runs import bf16_weights, reference_parser, save_fixture
 
 HERE = Path(__file__).resolve().parent / "rl"
 STEPS, ENVS = 3, 2
@@ -158,11 +158,7 @@ def generate(reference: Path, seed: int = 4321) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--reference", type=Path, required=True, help="checkout of the reference CTM repository"
-    )
-    parser.add_argument("--seed", type=int, default=4321)
+    parser = reference_parser(__doc__, seed=4321)
     args = parser.parse_args()
     generate(args.reference, args.seed)
 

@@ -8,6 +8,7 @@ with the inputs and outputs in a safetensors file. Imported by the scripts as a 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 from collections.abc import Callable
@@ -18,6 +19,16 @@ import torch
 from safetensors.torch import save_file
 
 GOLDEN = Path(__file__).resolve().parent
+
+
+def reference_parser(doc: str, seed: int) -> argparse.ArgumentParser:
+    """A script's options: ``--reference`` (the reference checkout) and ``--seed``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument(
+        "--reference", type=Path, required=True, help="checkout of the reference CTM repository"
+    )
+    parser.add_argument("--seed", type=int, default=seed)
+    return parser
 
 
 def make_input(config: dict, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
