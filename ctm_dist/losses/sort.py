@@ -97,9 +97,7 @@ def sort_position_accuracy(
     reduction: Reduction = "mean",
 ) -> torch.Tensor:
     """Fraction of positions of the decoded order equal to the target's, per sample."""
-    _check(predictions, targets)
-    correct = decode_sort(predictions, targets.size(1)) == targets
-    return _reduce(correct.float().mean(dim=1), weight, reduction)
+    return _reduce(_decoded_correct(predictions, targets).float().mean(dim=1), weight, reduction)
 
 
 def sort_sequence_accuracy(
@@ -110,6 +108,10 @@ def sort_sequence_accuracy(
     reduction: Reduction = "mean",
 ) -> torch.Tensor:
     """Whether the whole decoded order equals the target, per sample."""
+    return _reduce(_decoded_correct(predictions, targets).all(dim=1).float(), weight, reduction)
+
+
+def _decoded_correct(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[B, N]: whether each position of the decoded order equals the target's."""
     _check(predictions, targets)
-    correct = decode_sort(predictions, targets.size(1)) == targets
-    return _reduce(correct.all(dim=1).float(), weight, reduction)
+    return decode_sort(predictions, targets.size(1)) == targets
