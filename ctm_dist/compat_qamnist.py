@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ctm_dist.compat_args import config_from_args
 from ctm_dist.model.qamnist import QAMNISTConfig, qamnist_config
 from ctm_dist.storage.checkpoints import CheckpointError
 
@@ -111,11 +112,7 @@ def qamnist_config_from_reference_args(
         },
         **ctm_fields,
     )
-    values.update(overrides)
-    try:
-        return qamnist_config(**values)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"checkpoint args describe an invalid QAMNIST model: {err}") from err
+    return config_from_args(qamnist_config, values, "QAMNIST model", overrides)
 
 
 def reference_args_from_qamnist_config(
