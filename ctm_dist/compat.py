@@ -33,7 +33,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from ctm_dist.compat_args import config_from_args
+from ctm_dist.compat_args import config_from_args, ctm_core_fields
 from ctm_dist.compat_qamnist import (
     is_qamnist_args,
     qamnist_config_from_reference_args,
@@ -171,18 +171,11 @@ def _sort_config(args: argparse.Namespace, overrides: dict[str, Any]) -> CTMConf
             f"(which gives {length + 1})"
         )
     values = dict(
+        ctm_core_fields(args),
         variant="sort",
-        iterations=args.iterations,
-        d_model=args.d_model,
         d_input=length,
         heads=0,
-        n_synch_out=args.n_synch_out,
         n_synch_action=0,
-        synapse_depth=args.synapse_depth,
-        memory_length=args.memory_length,
-        deep_nlms=bool(args.deep_memory),
-        memory_hidden_dims=args.memory_hidden_dims,
-        do_layernorm_nlm=bool(getattr(args, "do_normalisation", False)),
         backbone_type="none",
         positional_embedding_type="none",
         out_dims=length + 1,
@@ -190,7 +183,6 @@ def _sort_config(args: argparse.Namespace, overrides: dict[str, Any]) -> CTMConf
         dropout=getattr(args, "dropout", 0.0),
         dropout_nlm=getattr(args, "dropout_nlm", None),
         neuron_select_type=getattr(args, "neuron_select_type", "random-pairing"),
-        n_random_pairing_self=getattr(args, "n_random_pairing_self", 0),
     )
     return config_from_args(CTMConfig, values, "sort CTM", overrides)
 
@@ -322,17 +314,10 @@ def config_from_reference_args(
             f"(which gives {out_dims})"
         )
     values = dict(
-        iterations=args.iterations,
-        d_model=args.d_model,
+        ctm_core_fields(args),
         d_input=args.d_input,
         heads=args.heads,
-        n_synch_out=args.n_synch_out,
         n_synch_action=args.n_synch_action,
-        synapse_depth=args.synapse_depth,
-        memory_length=args.memory_length,
-        deep_nlms=bool(args.deep_memory),
-        memory_hidden_dims=args.memory_hidden_dims,
-        do_layernorm_nlm=bool(getattr(args, "do_normalisation", False)),
         backbone_type=backbone_type,
         positional_embedding_type=getattr(args, "positional_embedding_type", "none"),
         out_dims=out_dims,
@@ -341,7 +326,6 @@ def config_from_reference_args(
         dropout_nlm=getattr(args, "dropout_nlm", None),
         # Runs from before the option existed used first-last selection.
         neuron_select_type=getattr(args, "neuron_select_type", "first-last"),
-        n_random_pairing_self=getattr(args, "n_random_pairing_self", 0),
         in_channels=input_channels(backbone_type, state_dict),
     )
     return config_from_args(CTMConfig, values, "CTM", overrides)
