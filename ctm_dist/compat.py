@@ -33,6 +33,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 
+from ctm_dist.compat_args import config_from_args, ctm_core_fields
 from ctm_dist.compat_qamnist import (
     is_qamnist_args,
     qamnist_config_from_reference_args,
@@ -170,18 +171,11 @@ def _sort_config(args: argparse.Namespace, overrides: dict[str, Any]) -> CTMConf
             f"(which gives {length + 1})"
         )
     values = dict(
+        ctm_core_fields(args),
         variant="sort",
-        iterations=args.iterations,
-        d_model=args.d_model,
         d_input=length,
         heads=0,
-        n_synch_out=args.n_synch_out,
         n_synch_action=0,
-        synapse_depth=args.synapse_depth,
-        memory_length=args.memory_length,
-        deep_nlms=bool(args.deep_memory),
-        memory_hidden_dims=args.memory_hidden_dims,
-        do_layernorm_nlm=bool(getattr(args, "do_normalisation", False)),
         backbone_type="none",
         positional_embedding_type="none",
         out_dims=length + 1,
@@ -189,13 +183,8 @@ def _sort_config(args: argparse.Namespace, overrides: dict[str, Any]) -> CTMConf
         dropout=getattr(args, "dropout", 0.0),
         dropout_nlm=getattr(args, "dropout_nlm", None),
         neuron_select_type=getattr(args, "neuron_select_type", "random-pairing"),
-        n_random_pairing_self=getattr(args, "n_random_pairing_self", 0),
     )
-    values.update(overrides)
-    try:
-        return CTMConfig(**values)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"checkpoint args describe an invalid sort CTM: {err}") from err
+    return config_from_args(CTMConfig, values, "sort CTM", overrides)
 
 
 def _sort_args(cfg: CTMConfig) -> argparse.Namespace:
@@ -247,6 +236,13 @@ def reference_model_kind(args: argparse.Namespace) -> str:
 _REQUIRED_LSTM_ARGS = ("iterations", "d_model", "d_input", "heads", "backbone_type", "dataset")
 
 
+def _check_namespace(args: Any) -> None:
+    if not isinstance(args, argparse.Namespace):
+        raise CheckpointError(
+            f"checkpoint 'args' must be an argparse.Namespace, got {type(args).__name__}"
+        )
+
+
 def lstm_config_from_reference_args(
     args: argparse.Namespace,
     state_dict: Mapping[str, torch.Tensor] | None = None,
@@ -254,10 +250,7 @@ def lstm_config_from_reference_args(
 ) -> LSTMConfig:
     """Map a reference LSTM-baseline run's options (and its weights, for the layer count and the
     input channels) to an :class:`~ctm_dist.model.LSTMConfig`."""
-    if not isinstance(args, argparse.Namespace):
-        raise CheckpointError(
-            f"checkpoint 'args' must be an argparse.Namespace, got {type(args).__name__}"
-        )
+    _check_namespace(args)
     missing = [name for name in _REQUIRED_LSTM_ARGS if not hasattr(args, name)]
     if missing:
         raise CheckpointError(
@@ -281,11 +274,7 @@ def lstm_config_from_reference_args(
         dropout=getattr(args, "dropout", 0.0),
         in_channels=input_channels(args.backbone_type, state_dict),
     )
-    values.update(overrides)
-    try:
-        return LSTMConfig(**values)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"checkpoint args describe an invalid LSTM: {err}") from err
+    return config_from_args(LSTMConfig, values, "LSTM", overrides)
 
 
 def config_from_reference_args(
@@ -294,10 +283,7 @@ def config_from_reference_args(
     **overrides: Any,
 ) -> CTMConfig:
     """Map a reference run's options (and, for input channels, its weights) to a :class:`CTMConfig`."""
-    if not isinstance(args, argparse.Namespace):
-        raise CheckpointError(
-            f"checkpoint 'args' must be an argparse.Namespace, got {type(args).__name__}"
-        )
+    _check_namespace(args)
     if is_qamnist_args(args):
         raise CheckpointError(
             "checkpoint args are a Q&A MNIST run's (q_num_* options): load it with "
@@ -328,17 +314,10 @@ def config_from_reference_args(
             f"(which gives {out_dims})"
         )
     values = dict(
-        iterations=args.iterations,
-        d_model=args.d_model,
+        ctm_core_fields(args),
         d_input=args.d_input,
         heads=args.heads,
-        n_synch_out=args.n_synch_out,
         n_synch_action=args.n_synch_action,
-        synapse_depth=args.synapse_depth,
-        memory_length=args.memory_length,
-        deep_nlms=bool(args.deep_memory),
-        memory_hidden_dims=args.memory_hidden_dims,
-        do_layernorm_nlm=bool(getattr(args, "do_normalisation", False)),
         backbone_type=backbone_type,
         positional_embedding_type=getattr(args, "positional_embedding_type", "none"),
         out_dims=out_dims,
@@ -347,14 +326,9 @@ def config_from_reference_args(
         dropout_nlm=getattr(args, "dropout_nlm", None),
         # Runs from before the option existed used first-last selection.
         neuron_select_type=getattr(args, "neuron_select_type", "first-last"),
-        n_random_pairing_self=getattr(args, "n_random_pairing_self", 0),
         in_channels=input_channels(backbone_type, state_dict),
     )
-    values.update(overrides)
-    try:
-        return CTMConfig(**values)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"checkpoint args describe an invalid CTM: {err}") from err
+    return config_from_args(CTMConfig, values, "CTM", overrides)
 
 
 def reference_args_from_config(

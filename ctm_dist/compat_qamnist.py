@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ctm_dist.compat_args import config_from_args, ctm_core_fields
 from ctm_dist.model.qamnist import QAMNISTConfig, qamnist_config
 from ctm_dist.storage.checkpoints import CheckpointError
 
@@ -88,15 +89,9 @@ def qamnist_config_from_reference_args(
     )
     if kind == "ctm":
         ctm_fields.update(
-            n_synch_out=args.n_synch_out,
+            ctm_core_fields(args),
             n_synch_action=args.n_synch_action,
-            synapse_depth=args.synapse_depth,
-            memory_length=args.memory_length,
-            deep_nlms=bool(args.deep_memory),
-            memory_hidden_dims=args.memory_hidden_dims,
-            do_layernorm_nlm=bool(getattr(args, "do_normalisation", False)),
             neuron_select_type=getattr(args, "neuron_select_type", "random"),
-            n_random_pairing_self=getattr(args, "n_random_pairing_self", 0),
         )
     values = dict(
         kind=kind,
@@ -111,11 +106,7 @@ def qamnist_config_from_reference_args(
         },
         **ctm_fields,
     )
-    values.update(overrides)
-    try:
-        return qamnist_config(**values)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"checkpoint args describe an invalid QAMNIST model: {err}") from err
+    return config_from_args(qamnist_config, values, "QAMNIST model", overrides)
 
 
 def reference_args_from_qamnist_config(

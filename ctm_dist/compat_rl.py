@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ctm_dist.compat_args import config_from_args
 from ctm_dist.model.rl import RLAgent
 from ctm_dist.model.rl_config import RLAgentConfig
 from ctm_dist.storage.checkpoints import CheckpointError
@@ -94,10 +95,7 @@ def rl_config_from_reference_args(
         obs_dim=int(projector.shape[1]) if isinstance(projector, torch.Tensor) else 1,
         n_actions=int(actions.shape[0]),
     )
-    try:
-        return RLAgentConfig(**values)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"checkpoint args describe an invalid RL agent: {err}") from err
+    return config_from_args(RLAgentConfig, values, "RL agent")
 
 
 def reference_args_from_rl_config(

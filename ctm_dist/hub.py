@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from ctm_dist.compat import CheckpointError, check_state_dict, input_channels
+from ctm_dist.compat_args import config_from_args
 from ctm_dist.model import (
     CTM,
     OUR_FIELDS,
@@ -72,11 +73,9 @@ def config_from_hub(
         )
     values = dict(arguments)
     values["in_channels"] = input_channels(values.get("backbone_type", "none"), state)
-    values.update(overrides)
-    try:
-        return config_type(**values)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{CONFIG_FILE} describes an invalid model: {err}") from err
+    return config_from_args(
+        config_type, values, "model", overrides, source=f"{CONFIG_FILE} describes"
+    )
 
 
 def load_hub_directory(directory: str | os.PathLike, **overrides: Any) -> CTM | LSTMBaseline:

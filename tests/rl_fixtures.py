@@ -6,8 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from safetensors import safe_open
-from safetensors.torch import load_file
+from golden_fixtures import read_golden
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "rl"
 RL_FIXTURES = sorted(GOLDEN.glob("rl_*.safetensors"))
@@ -15,12 +14,5 @@ RL_FIXTURES = sorted(GOLDEN.glob("rl_*.safetensors"))
 
 def load_rl_case(path: Path):
     """(the reference run's args, its agent's weights, every stored tensor)."""
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata()
-    tensors = load_file(str(path))
-    weights = {
-        k.removeprefix("model."): (v.float() if v.is_floating_point() else v)
-        for k, v in tensors.items()
-        if k.startswith("model.")
-    }
+    metadata, weights, tensors = read_golden(path)
     return argparse.Namespace(**json.loads(metadata["args"])), weights, tensors

@@ -1,7 +1,8 @@
 """Batches of generated samples with the reader's interface: no shards, resumable, split by rank.
 
-A task whose samples are made on the fly (parity, sorting) subclasses :class:`GeneratedLoader`
-and says how to make samples from their global indices. Sample ``n`` of epoch ``e`` depends only
+A task whose samples are made on the fly (parity, sorting, Q&A MNIST) subclasses
+:class:`GeneratedLoader` and says how to make samples from their global indices (or, where a
+whole batch shares a draw, how to make this rank's batch: ``batch_at``). Sample ``n`` of epoch ``e`` depends only
 on ``(seed, e, n)``, so the stream is the same for every world size: step ``s`` of an ``N``-rank
 job gives rank ``r`` the samples ``consumed + s*N*B + r*B ... + B``, and a job resumed with
 another world size continues exactly where the last one stopped.
@@ -47,6 +48,18 @@ class GeneratedLoader:
         """The fields that decide what a sample is (a state only loads into an equal loader)."""
         return {}
 
+    def batch_at(self, consumed: int) -> dict[str, Any]:
+        """This rank's batch once ``consumed`` samples of the epoch are consumed (all ranks)."""
+        first = consumed + self.rank * self.batch_size
+        idx = np.arange(first, first + self.batch_size)
+        x, y = self.samples(idx)
+        return {
+            "input": x,
+            "target": y,
+            "valid": torch.from_numpy(idx < self.samples_per_epoch),
+            "key": [f"{self.epoch}/{i}" for i in idx.tolist()],
+        }
+
     # --- iteration
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -66,19 +79,11 @@ class GeneratedLoader:
         if self._consumed >= self.samples_per_epoch:  # resumed after an epoch's last batch
             self.epoch, self._consumed = self.epoch + 1, 0
         while self._consumed < self.samples_per_epoch:
-            first = self._consumed + self.rank * self.batch_size
-            idx = np.arange(first, first + self.batch_size)
-            x, y = self.samples(idx)
-            valid = torch.from_numpy(idx < self.samples_per_epoch)
+            out = self.batch_at(self._consumed)
             self._consumed += step
-            self.stats["samples"] += int(valid.sum())
-            self.stats["padding"] += int((~valid).sum())
-            yield {
-                "input": x,
-                "target": y,
-                "valid": valid,
-                "key": [f"{self.epoch}/{i}" for i in idx.tolist()],
-            }
+            self.stats["samples"] += int(out["valid"].sum())
+            self.stats["padding"] += int((~out["valid"]).sum())
+            yield out
         self.epoch, self._consumed = self.epoch + 1, 0
 
     # --- resuming

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -33,6 +32,7 @@ from torch.nn import functional as F
 
 from ctm_dist.storage import Location
 
+from .generated import GeneratedLoader, merge_generated_states
 from .index import read_index
 from .reader import DataError, ShardStream
 
@@ -118,8 +118,14 @@ def make_question(
     return np.repeat(np.asarray(parts, np.int64), repeats), value
 
 
-class QAMNISTLoader:
-    """Batches of Q&A MNIST questions (see the module docstring); the interface of ``ParityLoader``."""
+class QAMNISTLoader(GeneratedLoader):
+    """Batches of Q&A MNIST questions (see the module docstring).
+
+    The epoch position, its iteration and its state are ``GeneratedLoader``'s; a batch is drawn
+    whole (``batch``), since its digit and operation counts belong to the global batch.
+    """
+
+    state_format, kind = STATE_FORMAT, "QAMNIST"
 
     def __init__(
         self,
@@ -139,12 +145,16 @@ class QAMNISTLoader:
         samples_per_epoch: int | None = None,
         cycle_operations: bool = False,
     ):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        super().__init__(
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            samples_per_epoch=samples_per_epoch or len(pool.images),
+        )
         if batch_size < 1 or repeats < 1:
             raise ValueError(f"batch_size and repeats must be >= 1, got {batch_size}, {repeats}")
         self.pool = pool
-        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.digit_range = curriculum_range(num_digits, num_digits_delta)
         self.operation_range = curriculum_range(num_operations, num_operations_delta)
         self.repeats = repeats
@@ -152,24 +162,8 @@ class QAMNISTLoader:
         self.image_size = image_size or int(pool.meta.get("image_size") or pool.images.shape[1])
         self.mean = float(pool.meta.get("mean", 0.0))
         self.std = float(pool.meta.get("std", 1.0)) or 1.0
-        self.samples_per_epoch = samples_per_epoch or len(pool.images)
         self.cycle_operations = cycle_operations
-        self.stats: dict[str, int] = {"samples": 0, "padding": 0, "skipped": pool.skipped}
-        self.epoch, self._consumed = 0, 0
-
-    # --- the same interface as ParityLoader
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self._consumed = epoch, 0
-
-    def __len__(self) -> int:
-        left = self.samples_per_epoch - self._consumed
-        left = left if left > 0 else self.samples_per_epoch
-        return -(-left // (self.batch_size * self.world_size))
-
-    @property
-    def num_samples(self) -> int:
-        return self.samples_per_epoch
+        self.stats["skipped"] = pool.skipped
 
     def operation_counts(self) -> list[int]:
         """Every number of operations a batch can have."""
@@ -220,38 +214,23 @@ class QAMNISTLoader:
             "key": [f"{self.epoch}/{i}" for i in indices.tolist()],
         }
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        step = self.batch_size * self.world_size
-        if self._consumed >= self.samples_per_epoch:  # resumed after an epoch's last batch
-            self.epoch, self._consumed = self.epoch + 1, 0
-        while self._consumed < self.samples_per_epoch:
-            out = self.batch(self._consumed // step)
-            self._consumed += step
-            self.stats["samples"] += int(out["valid"].sum())
-            self.stats["padding"] += int((~out["valid"]).sum())
-            yield out
-        self.epoch, self._consumed = self.epoch + 1, 0
+    def batch_at(self, consumed: int) -> dict[str, Any]:
+        return self.batch(consumed // (self.batch_size * self.world_size))
 
     # --- resume
-    def _identity(self) -> dict[str, Any]:
+    def shape_state(self) -> dict[str, Any]:
         return {
-            "seed": self.seed,
             "digit_range": list(self.digit_range),
             "operation_range": list(self.operation_range),
             "repeats": [self.repeats, self.question_repeats],
+        }
+
+    def _identity(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            **self.shape_state(),
             "samples_per_epoch": self.samples_per_epoch,
         }
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "format": STATE_FORMAT,
-            "epoch": self.epoch,
-            "consumed": self._consumed,
-            **self._identity(),
-        }
-
-    def global_state_dict(self) -> dict[str, Any]:
-        return self.state_dict()  # identical on every rank
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("format") != STATE_FORMAT:
@@ -264,9 +243,4 @@ class QAMNISTLoader:
         self.epoch, self._consumed = int(state["epoch"]), int(state["consumed"])
 
 
-def merge_qamnist_states(states: list[dict[str, Any]]) -> dict[str, Any]:
-    if any(
-        s["consumed"] != states[0]["consumed"] or s["epoch"] != states[0]["epoch"] for s in states
-    ):
-        raise ValueError("QAMNIST loader states disagree: take every rank's state at the same step")
-    return dict(states[0])
+merge_qamnist_states = merge_generated_states

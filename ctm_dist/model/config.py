@@ -25,23 +25,21 @@ resume and export ignore them.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .config_base import (
+    ConfigDict,
+    check_heads,
+    check_input_path,
+    check_positive_ints,
+    check_prediction_reshaper,
+    preset_config,
+    requirement,
+)
+
 NEURON_SELECT_TYPES = ("first-last", "random", "random-pairing")
-RESNET_BACKBONES = tuple(
-    f"resnet{depth}-{stages}" for depth in (18, 34, 50, 101, 152) for stages in (1, 2, 3, 4)
-)
-BACKBONE_TYPES = RESNET_BACKBONES + ("shallow-wide", "parity_backbone", "none")
-POSITIONAL_EMBEDDING_TYPES = (
-    "none",
-    "learnable-fourier",
-    "multi-learnable-fourier",
-    "custom-rotational",
-    "custom-rotational-1d",
-)
 ATTENTION_IMPLS = ("sdpa", "reference")
 VARIANTS = ("ctm", "sort")
 # output sizes of the task presets when nothing else decides them (the reference's defaults)
@@ -67,7 +65,7 @@ OUR_FIELDS = (
 
 
 @dataclass
-class CTMConfig:
+class CTMConfig(ConfigDict):
     iterations: int = 50
     d_model: int = 512
     d_input: int = 128
@@ -128,34 +126,21 @@ class CTMConfig:
     # --- validation ----------------------------------------------------------------------
 
     def validate(self) -> None:
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ValueError(f"CTMConfig: {message}")
-
+        need = requirement("CTMConfig")
         need(
             self.variant in VARIANTS,
             f"variant must be one of {VARIANTS}, got {self.variant!r}",
         )
         attends = self.variant == "ctm"  # the sort variant reads its input without attention
-        for name in (
-            "iterations",
-            "d_model",
-            "d_input",
-            "memory_length",
-            "out_dims",
-            "n_synch_out",
-            "synapse_depth",
-        ) + (("heads", "n_synch_action") if attends else ()):
-            value = getattr(self, name)
-            need(
-                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                f"{name} must be a positive integer, got {value!r}",
-            )
+        check_positive_ints(
+            need,
+            self,
+            ("iterations", "d_model", "d_input", "memory_length", "out_dims", "n_synch_out")
+            + ("synapse_depth",)
+            + (("heads", "n_synch_action") if attends else ()),
+        )
         if attends:
-            need(
-                self.d_input % self.heads == 0,
-                f"d_input ({self.d_input}) must be divisible by heads ({self.heads})",
-            )
+            check_heads(need, self)
         else:
             need(
                 self.heads == 0 and self.n_synch_action == 0,
@@ -175,19 +160,7 @@ class CTMConfig:
             self.neuron_select_type in NEURON_SELECT_TYPES,
             f"neuron_select_type must be one of {NEURON_SELECT_TYPES}, got {self.neuron_select_type!r}",
         )
-        need(
-            self.backbone_type in BACKBONE_TYPES,
-            f"backbone_type must be one of {BACKBONE_TYPES}, got {self.backbone_type!r}",
-        )
-        need(
-            self.positional_embedding_type in POSITIONAL_EMBEDDING_TYPES,
-            f"positional_embedding_type must be one of {POSITIONAL_EMBEDDING_TYPES}, "
-            f"got {self.positional_embedding_type!r}",
-        )
-        need(
-            not (self.backbone_type == "none" and self.positional_embedding_type != "none"),
-            "a positional embedding needs a backbone (backbone_type='none' takes positional_embedding_type='none')",
-        )
+        check_input_path(need, self)
         for name in ("n_synch_out", "n_synch_action"):
             need(
                 getattr(self, name) <= self.d_model or self.neuron_select_type != "first-last",
@@ -248,44 +221,7 @@ class CTMConfig:
             'tick_checkpointing and recompute_nlms run eager only: set compile to false or "auto"',
         )
         need(self.in_channels >= 1, f"in_channels must be >= 1, got {self.in_channels}")
-        need(
-            len(self.prediction_reshaper) >= 1 and self.prediction_reshaper.count(-1) <= 1,
-            f"prediction_reshaper must be a non-empty shape with at most one -1, got {self.prediction_reshaper}",
-        )
-        known = [v for v in self.prediction_reshaper if v != -1]
-        product = 1
-        for v in known:
-            need(
-                v >= 1,
-                f"prediction_reshaper entries must be positive or -1, got {self.prediction_reshaper}",
-            )
-            product *= v
-        if -1 in self.prediction_reshaper:
-            need(
-                self.out_dims % product == 0,
-                f"out_dims ({self.out_dims}) does not fit prediction_reshaper {self.prediction_reshaper}",
-            )
-        else:
-            need(
-                product == self.out_dims,
-                f"prediction_reshaper {self.prediction_reshaper} has {product} elements, out_dims is {self.out_dims}",
-            )
-
-    # --- serialisation ---------------------------------------------------------------------
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> CTMConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"CTMConfig: unknown fields {unknown}")
-        return cls(**values)
-
-    def replace(self, **changes: Any) -> CTMConfig:
-        return dataclasses.replace(self, **changes)
+        check_prediction_reshaper(need, self)
 
 
 # --- presets -----------------------------------------------------------------------------------
@@ -511,20 +447,11 @@ def preset(name: str, **overrides: Any) -> CTMConfig:
     """
     if name in VARIANT_PRESETS:
         return VARIANT_PRESETS[name](**overrides)
-    if name not in _PRESETS:
-        names = PRESET_NAMES + tuple(VARIANT_PRESETS)
-        raise ValueError(f"unknown preset {name!r}; choose one of {names}")
-    builder_args = {}
-    for key in ("route_length", "sequence_length"):
-        if key in overrides:
-            builder_args[key] = overrides.pop(key)
-    try:
-        values = _PRESETS[name](**builder_args)
-    except TypeError as err:
-        raise ValueError(f"preset {name!r} does not take {sorted(builder_args)}") from err
-    known = {f.name for f in dataclasses.fields(CTMConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown CTMConfig fields {unknown} for preset {name!r}")
-    values.update(overrides)
-    return CTMConfig(**values)
+    return preset_config(
+        CTMConfig,
+        _PRESETS,
+        name,
+        overrides,
+        builder_args=("route_length", "sequence_length"),
+        choices=PRESET_NAMES + tuple(VARIANT_PRESETS),
+    )

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -143,7 +143,47 @@ def compiled_tick(model: CTM, state: TickState, ctx: TickContext) -> tuple[TickS
     return model.tick(state, ctx)
 
 
-class CTM(nn.Module):
+class FeatureInput(nn.Module):
+    """The input side and certainty of a model that attends to backbone features each tick.
+
+    The CTM and the LSTM baseline share it: an image (or sequence) goes through ``initial_rgb``
+    (a 1x1 convolution to 3 channels before a ResNet), the backbone and the positional
+    embedding, and becomes the key/value tokens (``kv_proj``); the modules carry the
+    reference's names, so its checkpoints load. A tick's certainty is 1 - the normalised
+    entropy of its prediction, shaped by ``cfg.prediction_reshaper``.
+    """
+
+    cfg: Any  # a CTMConfig or LSTMConfig: the input fields and prediction_reshaper
+
+    def build_input(self, cfg: Any) -> None:
+        """Backbone features -> tokens -> attention keys/values (``compute_features``)."""
+        d_backbone = backbone_channels(cfg.backbone_type, cfg.d_input, cfg.in_channels)
+        is_resnet = cfg.backbone_type.startswith("resnet")
+        self.initial_rgb = (
+            nn.Conv2d(cfg.in_channels, 3, kernel_size=1) if is_resnet else nn.Identity()
+        )
+        self.backbone = build_backbone(cfg.backbone_type, cfg.d_input, cfg.in_channels)
+        self.positional_embedding = build_positional_embedding(
+            cfg.positional_embedding_type, d_backbone
+        )
+        self.kv_proj = nn.Sequential(nn.Linear(d_backbone, cfg.d_input), nn.LayerNorm(cfg.d_input))
+
+    def compute_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Input -> key/value tokens [B, L, d_input]."""
+        features = self.backbone(self.initial_rgb(x))
+        if self.positional_embedding is not None:
+            features = features + self.positional_embedding(features)
+        return self.kv_proj(features.flatten(2).transpose(1, 2))
+
+    def compute_certainty(self, prediction: torch.Tensor) -> torch.Tensor:
+        """[N, out_dims] -> [N, 2]: (normalised entropy, 1 - normalised entropy)."""
+        entropy = normalised_entropy(
+            prediction.reshape([prediction.size(0)] + self.cfg.prediction_reshaper)
+        )
+        return torch.stack((entropy, 1 - entropy), dim=-1)
+
+
+class CTM(FeatureInput):
     def __init__(self, cfg: CTMConfig):
         super().__init__()
         cfg.validate()
@@ -153,38 +193,10 @@ class CTM(nn.Module):
         )
         d_model, d_input = cfg.d_model, cfg.d_input
 
-        # --- input: backbone features -> tokens -> attention keys/values
-        d_backbone = backbone_channels(cfg.backbone_type, d_input, cfg.in_channels)
-        is_resnet = cfg.backbone_type.startswith("resnet")
-        self.initial_rgb = (
-            nn.Conv2d(cfg.in_channels, 3, kernel_size=1) if is_resnet else nn.Identity()
-        )
-        self.backbone = build_backbone(cfg.backbone_type, d_input, cfg.in_channels)
-        self.positional_embedding = build_positional_embedding(
-            cfg.positional_embedding_type, d_backbone
-        )
-        self.kv_proj = nn.Sequential(nn.Linear(d_backbone, d_input), nn.LayerNorm(d_input))
+        self.build_input(cfg)
         self.q_proj = TickLinear(cfg.synch_size_action, d_input)
         self.attention = TickAttention(d_input, cfg.heads, cfg.dropout, cfg.attention_impl)
-
-        # --- core: synapses and neuron-level models
-        self.synapses = build_synapses(d_input + d_model, d_model, cfg.synapse_depth, cfg.dropout)
-        self.trace_processor = NeuronLevelModels(
-            d_model,
-            cfg.memory_length,
-            cfg.deep_nlms,
-            cfg.memory_hidden_dims,
-            cfg.do_layernorm_nlm,
-            cfg.nlm_dropout,
-        )
-
-        # --- learned start state
-        bound = math.sqrt(1 / d_model)
-        self.start_activated_state = nn.Parameter(torch.empty(d_model).uniform_(-bound, bound))
-        bound = math.sqrt(1 / (d_model + cfg.memory_length))
-        self.start_trace = nn.Parameter(
-            torch.empty(d_model, cfg.memory_length).uniform_(-bound, bound)
-        )
+        self.build_core(cfg)
 
         # --- synchronisation: neuron indices (action drawn first) and learned decays
         for kind, n_synch, size in (
@@ -203,21 +215,28 @@ class CTM(nn.Module):
         # --- output
         self.output_projector = nn.Sequential(nn.Linear(cfg.synch_size_out, cfg.out_dims))
 
-    # --- input ------------------------------------------------------------------------------
-
-    def compute_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Input -> key/value tokens [B, L, d_input]."""
-        features = self.backbone(self.initial_rgb(x))
-        if self.positional_embedding is not None:
-            features = features + self.positional_embedding(features)
-        return self.kv_proj(features.flatten(2).transpose(1, 2))
-
-    def compute_certainty(self, prediction: torch.Tensor) -> torch.Tensor:
-        """[B, out_dims] -> [B, 2]: (normalised entropy, 1 - normalised entropy)."""
-        entropy = normalised_entropy(
-            prediction.reshape([prediction.size(0)] + self.cfg.prediction_reshaper)
+    def build_core(self, cfg: CTMConfig) -> None:
+        """Synapses, neuron-level models and the learned start state (the sort variant's too)."""
+        d_model = cfg.d_model
+        self.synapses = build_synapses(
+            cfg.d_input + d_model, d_model, cfg.synapse_depth, cfg.dropout
         )
-        return torch.stack((entropy, 1 - entropy), dim=-1)
+        self.trace_processor = NeuronLevelModels(
+            d_model,
+            cfg.memory_length,
+            cfg.deep_nlms,
+            cfg.memory_hidden_dims,
+            cfg.do_layernorm_nlm,
+            cfg.nlm_dropout,
+        )
+
+        # --- learned start state
+        bound = math.sqrt(1 / d_model)
+        self.start_activated_state = nn.Parameter(torch.empty(d_model).uniform_(-bound, bound))
+        bound = math.sqrt(1 / (d_model + cfg.memory_length))
+        self.start_trace = nn.Parameter(
+            torch.empty(d_model, cfg.memory_length).uniform_(-bound, bound)
+        )
 
     # --- the tick ------------------------------------------------------------------------------
 

@@ -13,7 +13,6 @@ as for the CTM).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -21,14 +20,20 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .backbones import backbone_channels, build_backbone
-from .config import BACKBONE_TYPES, POSITIONAL_EMBEDDING_TYPES
-from .ctm import normalised_entropy
-from .positional import build_positional_embedding
+from .config_base import (
+    ConfigDict,
+    check_heads,
+    check_input_path,
+    check_positive_ints,
+    check_prediction_reshaper,
+    preset_config,
+    requirement,
+)
+from .ctm import FeatureInput
 
 
 @dataclass
-class LSTMConfig:
+class LSTMConfig(ConfigDict):
     iterations: int = 75
     d_model: int = 669
     d_input: int = 512
@@ -49,59 +54,15 @@ class LSTMConfig:
         self.validate()
 
     def validate(self) -> None:
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ValueError(f"LSTMConfig: {message}")
-
-        for name in ("iterations", "d_model", "d_input", "heads", "num_layers", "out_dims"):
-            value = getattr(self, name)
-            need(
-                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                f"{name} must be a positive integer, got {value!r}",
-            )
-        need(
-            self.d_input % self.heads == 0,
-            f"d_input ({self.d_input}) must be divisible by heads ({self.heads})",
+        need = requirement("LSTMConfig")
+        check_positive_ints(
+            need, self, ("iterations", "d_model", "d_input", "heads", "num_layers", "out_dims")
         )
-        need(
-            self.backbone_type in BACKBONE_TYPES,
-            f"backbone_type must be one of {BACKBONE_TYPES}, got {self.backbone_type!r}",
-        )
-        need(
-            self.positional_embedding_type in POSITIONAL_EMBEDDING_TYPES,
-            f"positional_embedding_type must be one of {POSITIONAL_EMBEDDING_TYPES}, "
-            f"got {self.positional_embedding_type!r}",
-        )
-        need(
-            not (self.backbone_type == "none" and self.positional_embedding_type != "none"),
-            "a positional embedding needs a backbone (backbone_type='none' takes positional_embedding_type='none')",
-        )
+        check_heads(need, self)
+        check_input_path(need, self)
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}")
         need(self.in_channels >= 1, f"in_channels must be >= 1, got {self.in_channels}")
-        shape = [v for v in self.prediction_reshaper if v != -1]
-        need(
-            all(v >= 1 for v in shape) and self.prediction_reshaper.count(-1) <= 1,
-            f"prediction_reshaper must hold positive sizes and at most one -1, got {self.prediction_reshaper}",
-        )
-        size = math.prod(shape)
-        need(
-            self.out_dims % size == 0 if -1 in self.prediction_reshaper else size == self.out_dims,
-            f"out_dims ({self.out_dims}) does not fit prediction_reshaper {self.prediction_reshaper}",
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> LSTMConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"LSTMConfig: unknown fields {unknown}")
-        return cls(**values)
-
-    def replace(self, **changes: Any) -> LSTMConfig:
-        return dataclasses.replace(self, **changes)
+        check_prediction_reshaper(need, self)
 
 
 class LSTMTracking(NamedTuple):
@@ -111,22 +72,13 @@ class LSTMTracking(NamedTuple):
     attention: torch.Tensor  # [T, B, heads, 1, L]
 
 
-class LSTMBaseline(nn.Module):
+class LSTMBaseline(FeatureInput):
     def __init__(self, cfg: LSTMConfig):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
         d_model, d_input = cfg.d_model, cfg.d_input
-        d_backbone = backbone_channels(cfg.backbone_type, d_input, cfg.in_channels)
-        is_resnet = cfg.backbone_type.startswith("resnet")
-        self.initial_rgb = (
-            nn.Conv2d(cfg.in_channels, 3, kernel_size=1) if is_resnet else nn.Identity()
-        )
-        self.backbone = build_backbone(cfg.backbone_type, d_input, cfg.in_channels)
-        self.positional_embedding = build_positional_embedding(
-            cfg.positional_embedding_type, d_backbone
-        )
-        self.kv_proj = nn.Sequential(nn.Linear(d_backbone, d_input), nn.LayerNorm(d_input))
+        self.build_input(cfg)
         self.lstm = nn.LSTM(d_input, d_model, cfg.num_layers, batch_first=True, dropout=cfg.dropout)
         self.q_proj = nn.Linear(d_model, d_input)
         self.attention = nn.MultiheadAttention(d_input, cfg.heads, cfg.dropout, batch_first=True)
@@ -138,20 +90,6 @@ class LSTMBaseline(nn.Module):
         self.start_cell_state = nn.Parameter(
             torch.empty(cfg.num_layers, d_model).uniform_(-bound, bound)
         )
-
-    def compute_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Input -> key/value tokens [B, L, d_input]."""
-        features = self.backbone(self.initial_rgb(x))
-        if self.positional_embedding is not None:
-            features = features + self.positional_embedding(features)
-        return self.kv_proj(features.flatten(2).transpose(1, 2))
-
-    def compute_certainty(self, prediction: torch.Tensor) -> torch.Tensor:
-        """[N, out_dims] -> [N, 2]: (normalised entropy, 1 - normalised entropy)."""
-        entropy = normalised_entropy(
-            prediction.reshape([prediction.size(0)] + self.cfg.prediction_reshaper)
-        )
-        return torch.stack((entropy, 1 - entropy), dim=-1)
 
     def forward(self, x: torch.Tensor, track: bool = False):
         kv = self.compute_features(x)
@@ -215,13 +153,11 @@ PRESET_NAMES = tuple(_PRESETS)
 
 def preset(name: str, **overrides: Any) -> LSTMConfig:
     """A named LSTM configuration with fields overridden (``sequence_length`` sizes the output)."""
-    if name not in _PRESETS:
-        raise ValueError(f"no LSTM preset {name!r}; choose one of {PRESET_NAMES}")
-    builder_args = {k: overrides.pop(k) for k in ("sequence_length",) if k in overrides}
-    values = _PRESETS[name](**builder_args)
-    known = {f.name for f in dataclasses.fields(LSTMConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown LSTMConfig fields {unknown} for preset {name!r}")
-    values.update(overrides)
-    return LSTMConfig(**values)
+    return preset_config(
+        LSTMConfig,
+        _PRESETS,
+        name,
+        overrides,
+        builder_args=("sequence_length",),
+        label="no LSTM preset",
+    )

@@ -25,7 +25,6 @@ key/value set to compile or bank gradients over); of the execution fields only
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -36,6 +35,7 @@ from torch import nn
 
 from .casts import autocast_dtype, cast_once, per_tick
 from .config import VARIANT_PRESETS, CTMConfig
+from .config_base import check_positive_ints, preset_config, requirement
 from .ctm import CTM, Tracking, _clamped, normalised_entropy
 from .synchronisation import update_synchronisation
 
@@ -128,23 +128,13 @@ class QAMNISTConfig(CTMConfig):
     def validate(self) -> None:
         super().validate()
 
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ValueError(f"QAMNISTConfig: {message}")
-
-        for name in (
-            "iterations_per_digit",
-            "iterations_per_question_part",
-            "iterations_for_answering",
-            "image_channels",
-            "num_digits",
-            "num_operations",
-        ):
-            value = getattr(self, name)
-            need(
-                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                f"{name} must be a positive integer, got {value!r}",
-            )
+        need = requirement("QAMNISTConfig")
+        check_positive_ints(
+            need,
+            self,
+            ("iterations_per_digit", "iterations_per_question_part", "iterations_for_answering")
+            + ("image_channels", "num_digits", "num_operations"),
+        )
         for name in ("num_digits", "num_operations"):
             delta = getattr(self, f"{name}_delta")
             need(
@@ -170,14 +160,6 @@ class QAMNISTConfig(CTMConfig):
             not (self.tick_checkpointing or self.recompute_nlms or self.compile is True),
             "the QAMNIST variant runs eager: tick_checkpointing, recompute_nlms and compile must be off",
         )
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> QAMNISTConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"QAMNISTConfig: unknown fields {unknown}")
-        return cls(**values)
 
 
 def qamnist_config(**fields: Any) -> QAMNISTConfig:
@@ -475,13 +457,9 @@ QAMNIST_PRESETS = {"qamnist": _reference_defaults, "qamnist-small": _small}
 
 def qamnist_preset(name: str = "qamnist", **overrides: Any) -> QAMNISTConfig:
     """A named QAMNIST configuration with fields overridden."""
-    if name not in QAMNIST_PRESETS:
-        raise ValueError(f"unknown QAMNIST preset {name!r}; choose one of {tuple(QAMNIST_PRESETS)}")
-    known = {f.name for f in dataclasses.fields(QAMNISTConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown QAMNISTConfig fields {unknown} for preset {name!r}")
-    return qamnist_config(**{**QAMNIST_PRESETS[name](), **overrides})
+    return preset_config(
+        QAMNISTConfig, QAMNIST_PRESETS, name, overrides, label="unknown QAMNIST preset"
+    )
 
 
 VARIANT_PRESETS.update({name: partial(qamnist_preset, name) for name in QAMNIST_PRESETS})

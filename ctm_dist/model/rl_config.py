@@ -12,9 +12,10 @@ Presets: ``cartpole``, ``acrobot`` and ``4rooms`` are the reference scripts' mod
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
+
+from .config_base import ConfigDict, preset_config, requirement
 
 RL_KINDS = ("ctm", "lstm")
 RL_BACKBONES = ("classic-control-backbone", "navigation-backbone")
@@ -22,7 +23,7 @@ MINIGRID_VIEW = 7  # MiniGrid's agent sees a 7 x 7 grid of (object, colour, stat
 
 
 @dataclass
-class RLAgentConfig:
+class RLAgentConfig(ConfigDict):
     kind: str = "ctm"
     iterations: int = 1
     d_model: int = 128
@@ -60,10 +61,7 @@ class RLAgentConfig:
         return self.d_input
 
     def validate(self) -> None:
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ValueError(f"RLAgentConfig: {message}")
-
+        need = requirement("RLAgentConfig")
         need(self.kind in RL_KINDS, f"kind must be one of {RL_KINDS}, got {self.kind!r}")
         need(
             self.backbone_type in RL_BACKBONES,
@@ -78,17 +76,6 @@ class RLAgentConfig:
         need(self.synapse_depth >= 1, "synapse_depth must be >= 1")
         need(1 <= self.n_synch_out <= self.d_model, "n_synch_out must be in [1, d_model]")
         need(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> RLAgentConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown RLAgentConfig fields {unknown}")
-        return cls(**values)
 
 
 def _cartpole() -> dict[str, Any]:
@@ -137,6 +124,4 @@ RL_PRESET_NAMES = tuple(_PRESETS)
 
 def rl_preset(name: str, **overrides: Any) -> RLAgentConfig:
     """A named agent configuration with fields overridden."""
-    if name not in _PRESETS:
-        raise ValueError(f"unknown RL preset {name!r}; choose one of {RL_PRESET_NAMES}")
-    return RLAgentConfig.from_dict({**_PRESETS[name](), **overrides})
+    return preset_config(RLAgentConfig, _PRESETS, name, overrides, label="unknown RL preset")

@@ -14,7 +14,6 @@ read-out) is the CTM's own; the state dict has the reference's keys, with no ``a
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -23,8 +22,6 @@ from torch import nn
 from .casts import autocast_dtype, cast_once, per_tick
 from .config import CTMConfig
 from .ctm import CTM, TickOutput, TickState, _clamped
-from .nlm import NeuronLevelModels
-from .synapses import build_synapses
 from .synchronisation import select_neurons, upper_triangle
 
 
@@ -51,24 +48,7 @@ class SortCTM(CTM):
         self.tick_region = True
         d_model = cfg.d_model
 
-        self.synapses = build_synapses(
-            cfg.d_input + d_model, d_model, cfg.synapse_depth, cfg.dropout
-        )
-        self.trace_processor = NeuronLevelModels(
-            d_model,
-            cfg.memory_length,
-            cfg.deep_nlms,
-            cfg.memory_hidden_dims,
-            cfg.do_layernorm_nlm,
-            cfg.nlm_dropout,
-        )
-
-        bound = math.sqrt(1 / d_model)
-        self.start_activated_state = nn.Parameter(torch.empty(d_model).uniform_(-bound, bound))
-        bound = math.sqrt(1 / (d_model + cfg.memory_length))
-        self.start_trace = nn.Parameter(
-            torch.empty(d_model, cfg.memory_length).uniform_(-bound, bound)
-        )
+        self.build_core(cfg)
 
         # only the out side is drawn, so a given NumPy seed gives the reference's index buffers
         left, right = select_neurons(

@@ -19,7 +19,7 @@ import warnings
 from ctm_dist.tasks import get_task, task_names
 from ctm_dist.train.config import ConfigError, build_config
 from ctm_dist.train.metrics import config_text
-from ctm_dist.train.preemption import Preempted, exit_code_for
+from ctm_dist.train.preemption import exit_code_for, preempted_in
 
 # Per-task launcher defaults (``Task.launch_defaults``); the dataclass defaults are the demo's.
 TASK_DEFAULTS: dict[str, dict] = {name: get_task(name).launch_defaults for name in task_names()}
@@ -221,7 +221,7 @@ def main(task: str, argv: list[str] | None = None, prog: str | None = None) -> i
         )
         return 130
     except Exception as e:
-        stopped = _preempted(e)
+        stopped = preempted_in(e)
         if stopped is not None:
             if stopped.signum == signal.SIGINT:
                 print(
@@ -241,17 +241,6 @@ def main(task: str, argv: list[str] | None = None, prog: str | None = None) -> i
     for line in summary_lines(summary):
         print(line)
     return 0
-
-
-def _preempted(error: BaseException):
-    seen = set()
-    e: BaseException | None = error
-    while e is not None and id(e) not in seen:
-        if isinstance(e, Preempted):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
 
 
 def run() -> None:

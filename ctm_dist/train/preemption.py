@@ -64,16 +64,21 @@ class Preempted(Exception):
         self.step, self.signum = step, signum
 
 
-def exit_code_for(error: BaseException) -> int | None:
-    """``EXIT_PREEMPTED`` for a :class:`Preempted` error (also wrapped in another exception)."""
+def preempted_in(error: BaseException) -> Preempted | None:
+    """The :class:`Preempted` error that ``error`` is or wraps (its causes and contexts), if any."""
     seen = set()
     e: BaseException | None = error
     while e is not None and id(e) not in seen:
         if isinstance(e, Preempted):
-            return EXIT_PREEMPTED
+            return e
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return None
+
+
+def exit_code_for(error: BaseException) -> int | None:
+    """``EXIT_PREEMPTED`` for a :class:`Preempted` error (also wrapped in another exception)."""
+    return EXIT_PREEMPTED if preempted_in(error) is not None else None
 
 
 class PreemptionHandler:

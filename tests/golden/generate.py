@@ -17,16 +17,19 @@ one family.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
 import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors.torch import save_file
+from reference_runs import (
+    bf16_weights,
+    built_reference,
+    make_input,
+    randomise,
+    reference_parser,
+    save_fixture,
+)
 
 from ctm_dist.model.config import OUR_FIELDS
 
@@ -186,29 +189,6 @@ def case_config(name: str) -> dict:
     return {**_SMALL, **overrides}
 
 
-def make_input(config: dict, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-    if config["backbone_type"] == "parity_backbone":
-        return torch.randint(0, 2, shape, generator=generator).float() * 2 - 1
-    return torch.randn(shape, generator=generator)
-
-
-def randomise(model: torch.nn.Module, generator: torch.Generator) -> None:
-    """Round weights to bf16, make BN statistics and decays non-trivial."""
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if not tensor.is_floating_point():
-                continue
-            if name.endswith("running_mean"):
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.1)
-            elif name.endswith("running_var"):
-                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
-            elif "decay_params" in name:
-                tensor.copy_(torch.rand(tensor.shape, generator=generator) * 18 - 1.5)
-            elif name.endswith(".T"):
-                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
-            tensor.copy_(tensor.to(torch.bfloat16).float())
-
-
 def generate(reference: Path, seed: int = 1234) -> None:
     sys.path.insert(0, str(reference))
     from models.ctm import ContinuousThoughtMachine  # noqa: E402  (the user's reference checkout)
@@ -220,18 +200,9 @@ def generate(reference: Path, seed: int = 1234) -> None:
         generator = torch.Generator().manual_seed(case_seed)
         x = make_input(config, shape, generator)
         ref_kwargs = {k: v for k, v in config.items() if k not in OUR_FIELDS}
-        np.random.seed(case_seed)
-        torch.manual_seed(case_seed)
-        with contextlib.redirect_stdout(io.StringIO()):
-            model = ContinuousThoughtMachine(**ref_kwargs)
-            model.eval()
-            with torch.no_grad():
-                model(x)  # materialise lazy layers
+        model = built_reference(lambda: ContinuousThoughtMachine(**ref_kwargs), case_seed, x)
         randomise(model, generator)
-        weights = {
-            f"model.{k}": (v.to(torch.bfloat16) if v.is_floating_point() else v).clone()
-            for k, v in model.state_dict().items()
-        }
+        weights = bf16_weights(model)
         with torch.no_grad():
             predictions, certainties, (sync_out, sync_action), pre, post, attention = model(
                 x, track=True
@@ -247,11 +218,8 @@ def generate(reference: Path, seed: int = 1234) -> None:
             "post_activations": torch.from_numpy(post),
             "attention": torch.from_numpy(attention),
         }
-        tensors = {k: v.contiguous() for k, v in tensors.items()}
         metadata = {"config": json.dumps(config), "numpy_seed": str(case_seed)}
-        path = HERE / f"{name}.safetensors"
-        save_file(tensors, str(path), metadata=metadata)
-        print(f"{path.name}: {path.stat().st_size / 1e3:.0f} kB")
+        save_fixture(tensors, metadata, HERE / f"{name}.safetensors")
 
 
 # name -> (model kind, config overrides, (batch, digits, question parts, image size))
@@ -321,21 +289,10 @@ def generate_qamnist(reference: Path, seed: int) -> None:
         x = images.repeat_interleave(repeats, dim=1)
         z = make_question(batch, digits, parts, config["iterations_per_question_part"], generator)
         ref_kwargs = {k: v for k, v in config.items() if k != "kind"}
-        np.random.seed(case_seed)
-        torch.manual_seed(case_seed)
-        with contextlib.redirect_stdout(io.StringIO()):
-            if config["kind"] == "ctm":
-                model = ContinuousThoughtMachineQAMNIST(**ref_kwargs)
-            else:
-                model = LSTMBaseline(**ref_kwargs)
-            model.eval()
-            with torch.no_grad():
-                model(x, z)  # materialise lazy layers
+        model_class = ContinuousThoughtMachineQAMNIST if config["kind"] == "ctm" else LSTMBaseline
+        model = built_reference(lambda: model_class(**ref_kwargs), case_seed, x, z)
         randomise(model, generator)
-        weights = {
-            f"model.{k}": (v.to(torch.bfloat16) if v.is_floating_point() else v).clone()
-            for k, v in model.state_dict().items()
-        }
+        weights = bf16_weights(model)
         with torch.no_grad():
             predictions, certainties, sync_out, pre, post, attention, _ = model(x, z, track=True)
         tensors = {
@@ -350,11 +307,8 @@ def generate_qamnist(reference: Path, seed: int) -> None:
         }
         if sync_out is not None:
             tensors["sync_out"] = sync_out
-        tensors = {k: v.contiguous() for k, v in tensors.items()}
         metadata = {"config": json.dumps(config), "numpy_seed": str(case_seed)}
-        path = out_dir / f"{name}.safetensors"
-        save_file(tensors, str(path), metadata=metadata)
-        print(f"qamnist/{path.name}: {path.stat().st_size / 1e3:.0f} kB")
+        save_fixture(tensors, metadata, out_dir / f"{name}.safetensors")
 
 
 def generate_sort(reference: Path, seed: int = 4321) -> None:
@@ -370,18 +324,9 @@ def generate_sort(reference: Path, seed: int = 4321) -> None:
         generator = torch.Generator().manual_seed(case_seed)
         x = torch.randn(shape, generator=generator)
         ref_kwargs = {k: v for k, v in config.items() if k not in OUR_FIELDS}
-        np.random.seed(case_seed)
-        torch.manual_seed(case_seed)
-        with contextlib.redirect_stdout(io.StringIO()):
-            model = ContinuousThoughtMachineSORT(**ref_kwargs)
-            model.eval()
-            with torch.no_grad():
-                model(x)  # materialise lazy layers
+        model = built_reference(lambda: ContinuousThoughtMachineSORT(**ref_kwargs), case_seed, x)
         randomise(model, generator)
-        weights = {
-            f"model.{k}": (v.to(torch.bfloat16) if v.is_floating_point() else v).clone()
-            for k, v in model.state_dict().items()
-        }
+        weights = bf16_weights(model)
         with torch.no_grad():
             predictions, certainties, sync_out, pre, post, _ = model(x, track=True)
         tensors = {
@@ -393,11 +338,8 @@ def generate_sort(reference: Path, seed: int = 4321) -> None:
             "pre_activations": torch.from_numpy(pre),
             "post_activations": torch.from_numpy(post),
         }
-        tensors = {k: v.contiguous() for k, v in tensors.items()}
         metadata = {"config": json.dumps(config), "numpy_seed": str(case_seed)}
-        path = SORT_DIR / f"{name}.safetensors"
-        save_file(tensors, str(path), metadata=metadata)
-        print(f"sort/{path.name}: {path.stat().st_size / 1e3:.0f} kB")
+        save_fixture(tensors, metadata, SORT_DIR / f"{name}.safetensors")
 
 
 def generate_ctc(reference: Path, seed: int = 99) -> None:
@@ -425,20 +367,15 @@ def generate_ctc(reference: Path, seed: int = 99) -> None:
             for d in decoded
         ]
     ).long()
-    path = SORT_DIR / "ctc_loss_and_decoding.safetensors"
-    save_file(
+    save_fixture(
         {"logits": logits, "targets": targets, "loss": loss.reshape(1), "decoded": decoded},
-        str(path),
+        None,
+        SORT_DIR / "ctc_loss_and_decoding.safetensors",
     )
-    print(f"sort/{path.name}: {path.stat().st_size / 1e3:.0f} kB")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--reference", type=Path, required=True, help="checkout of the reference CTM repository"
-    )
-    parser.add_argument("--seed", type=int, default=1234)
+    parser = reference_parser(__doc__, seed=1234)
     parser.add_argument(
         "--only",
         choices=("ctm", "qamnist", "sort"),

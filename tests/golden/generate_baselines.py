@@ -11,16 +11,19 @@ eval mode with tracking; ``tests/golden/baselines/<case>.safetensors`` holds the
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
 import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors.torch import save_file
+from reference_runs import (
+    bf16_weights,
+    built_reference,
+    make_input,
+    randomise,
+    reference_parser,
+    save_fixture,
+)
 
 HERE = Path(__file__).resolve().parent / "baselines"
 
@@ -60,25 +63,6 @@ CASES = {
 }
 
 
-def make_input(config: dict, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-    if config["backbone_type"] == "parity_backbone":
-        return torch.randint(0, 2, shape, generator=generator).float() * 2 - 1
-    return torch.randn(shape, generator=generator)
-
-
-def randomise(model: torch.nn.Module, generator: torch.Generator) -> None:
-    """Round weights to bf16 and make batch-norm statistics non-trivial."""
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if not tensor.is_floating_point():
-                continue
-            if name.endswith("running_mean"):
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.1)
-            elif name.endswith("running_var"):
-                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
-            tensor.copy_(tensor.to(torch.bfloat16).float())
-
-
 def generate(reference: Path, seed: int = 4321) -> None:
     sys.path.insert(0, str(reference))
     from models.lstm import LSTMBaseline  # noqa: E402  (the user's reference checkout)
@@ -88,41 +72,25 @@ def generate(reference: Path, seed: int = 4321) -> None:
         case_seed = seed + index
         generator = torch.Generator().manual_seed(case_seed)
         x = make_input(config, shape, generator)
-        torch.manual_seed(case_seed)
-        np.random.seed(case_seed)
-        with contextlib.redirect_stdout(io.StringIO()):
-            model = LSTMBaseline(**config)
-            model.eval()
-            with torch.no_grad():
-                model(x)  # materialise lazy layers
-        randomise(model, generator)
+        model = built_reference(lambda: LSTMBaseline(**config), case_seed, x)
+        randomise(model, generator)  # the LSTM has no decays: weights and batch-norm statistics
         with torch.no_grad():
             predictions, certainties, _, _, hidden, attention = model(x, track=True)
         tensors = {
-            **{
-                f"model.{k}": (v.to(torch.bfloat16) if v.is_floating_point() else v).clone()
-                for k, v in model.state_dict().items()
-            },
+            **bf16_weights(model),
             "input": x,
             "predictions": predictions,
             "certainties": certainties,
             "hidden_states": torch.from_numpy(hidden),
             "attention": torch.from_numpy(attention),
         }
-        tensors = {k: v.contiguous() for k, v in tensors.items()}
         in_channels = shape[1] if len(shape) == 4 else 3
         metadata = {"config": json.dumps({**config, "in_channels": in_channels})}
-        path = HERE / f"{name}.safetensors"
-        save_file(tensors, str(path), metadata=metadata)
-        print(f"{path.name}: {path.stat().st_size / 1e3:.0f} kB")
+        save_fixture(tensors, metadata, HERE / f"{name}.safetensors")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--reference", type=Path, required=True, help="checkout of the reference CTM repository"
-    )
-    parser.add_argument("--seed", type=int, default=4321)
+    parser = reference_parser(__doc__, seed=4321)
     args = parser.parse_args()
     generate(args.reference.resolve(), args.seed)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from reference_runs import bf16_weights, reference_parser, save_fixture
 
 HERE = Path(__file__).resolve().parent / "rl"
 STEPS, ENVS = 3, 2
@@ -124,10 +124,7 @@ def generate(reference: Path, seed: int = 4321) -> None:
                 agent.get_value(xs[0], agent.get_initial_state(ENVS), torch.zeros(ENVS))
         randomise(agent, generator)
         agent.eval()
-        weights = {
-            f"model.{k}": (v.to(torch.bfloat16) if v.is_floating_point() else v).clone()
-            for k, v in agent.state_dict().items()
-        }
+        weights = bf16_weights(agent)
         start = agent.get_initial_state(ENVS)
         hidden = tuple(s.detach() + 0.3 * torch.randn(s.shape, generator=generator) for s in start)
         dones = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
@@ -156,19 +153,12 @@ def generate(reference: Path, seed: int = 4321) -> None:
             "last_hidden_0": last[0],
             "last_hidden_1": last[1],
         }
-        tensors = {k: v.clone().contiguous() for k, v in tensors.items()}
         metadata = {"args": json.dumps(args), "n_actions": str(n_actions)}
-        path = HERE / f"rl_{name}.safetensors"
-        save_file(tensors, str(path), metadata=metadata)
-        print(f"{path.name}: {path.stat().st_size / 1e3:.0f} kB")
+        save_fixture(tensors, metadata, HERE / f"rl_{name}.safetensors")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--reference", type=Path, required=True, help="checkout of the reference CTM repository"
-    )
-    parser.add_argument("--seed", type=int, default=4321)
+    parser = reference_parser(__doc__, seed=4321)
     args = parser.parse_args()
     generate(args.reference, args.seed)
 

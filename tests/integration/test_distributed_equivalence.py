@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from ctm_dist.storage.local import free_ports
+from ctm_dist.storage.local import environ, free_ports
 from ctm_dist.train.driver import ensure_demo_shards
 
 CHILD = Path(__file__).with_name("equivalence_child.py")
@@ -70,16 +70,8 @@ CASES = {
 def demo_shards(object_store):
     object_store.create_bucket("equivalence-data")
     url = "s3://equivalence-data/demo"
-    saved = {k: os.environ.get(k) for k in object_store.env()}
-    os.environ.update(object_store.env())
-    try:
+    with environ(object_store.env()):
         ensure_demo_shards(url)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return url
 
 

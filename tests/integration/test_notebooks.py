@@ -8,7 +8,6 @@ store) must be gone once the notebook is done, and the kernel's shutdown must no
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -16,6 +15,8 @@ import nbformat
 import psutil
 import pytest
 from nbclient import NotebookClient
+
+from ctm_dist.storage.local import environ
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
@@ -38,16 +39,8 @@ def _run(name: str, cwd: Path, env: dict[str, str]) -> tuple[nbformat.NotebookNo
             started.setdefault(child.pid, child)
 
     client.on_cell_executed = note_children
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with environ(env):
         client.execute()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return nb, list(started.values())
 
 

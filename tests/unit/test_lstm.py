@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
+from golden_fixtures import read_golden
 
 from ctm_dist.model.lstm import LSTMBaseline, LSTMConfig
 
@@ -21,15 +20,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def load_case(path: Path):
-    with safe_open(str(path), "pt") as f:
-        config = json.loads(f.metadata()["config"])
-    tensors = load_file(str(path))
-    weights = {
-        k.removeprefix("model."): (v.float() if v.is_floating_point() else v)
-        for k, v in tensors.items()
-        if k.startswith("model.")
-    }
-    return config, weights, tensors
+    metadata, weights, tensors = read_golden(path)
+    return json.loads(metadata["config"]), weights, tensors
 
 
 def test_fixtures_cover_the_parity_configuration_and_more_layers():

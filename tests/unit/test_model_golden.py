@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
+from golden_fixtures import load_case
 
 from ctm_dist.model import CTM, CTMConfig
 
@@ -22,18 +20,6 @@ ATOL_INTERNALS = 5e-5
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def load_case(path: Path):
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata()
-    tensors = load_file(str(path))
-    weights = {
-        k.removeprefix("model."): (v.float() if v.is_floating_point() else v)
-        for k, v in tensors.items()
-        if k.startswith("model.")
-    }
-    return json.loads(metadata["config"]), int(metadata["numpy_seed"]), weights, tensors
 
 
 def test_fixtures_cover_every_option():
