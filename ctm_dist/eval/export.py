@@ -22,7 +22,14 @@ from typing import Any
 import torch
 
 from ctm_dist.compat import export_reference_checkpoint
-from ctm_dist.model import CTM, CTMConfig, LSTMBaseline, build_model, config_from_fields
+from ctm_dist.model import (
+    CTM,
+    CTMConfig,
+    FFBaseline,
+    LSTMBaseline,
+    build_model,
+    config_from_fields,
+)
 from ctm_dist.storage import Location
 from ctm_dist.storage.checkpoints import check_loadable
 
@@ -82,8 +89,8 @@ def load_weights(model: CTM, state: dict[str, torch.Tensor]) -> CTM:
     return model
 
 
-def _unwrap(model: torch.nn.Module) -> CTM | LSTMBaseline:
-    while not isinstance(model, (CTM, LSTMBaseline)):
+def _unwrap(model: torch.nn.Module) -> CTM | LSTMBaseline | FFBaseline:
+    while not isinstance(model, (CTM, LSTMBaseline, FFBaseline)):
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
         if not isinstance(inner, torch.nn.Module):
             raise TypeError(f"expected a ctm_dist CTM, got {type(model).__name__}")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 
 from ctm_dist import hub
 from ctm_dist.compat import load_reference_checkpoint
-from ctm_dist.model import CTM, CTMConfig, build_model, config_from_fields
+from ctm_dist.model import CTM, CTMConfig, ReferenceFFBaseline, build_model, config_from_fields
 from ctm_dist.storage import Location
 
 from . import export, runs
@@ -29,7 +29,7 @@ from .inputs import model_meta, trained_data, trained_inputs
 
 @dataclass
 class Loaded:
-    model: CTM  # (an LSTMBaseline for the reference's LSTM baseline)
+    model: CTM  # (an LSTMBaseline or FFBaseline for the paper's baselines)
     kind: str  # "export", "run", "reference" or "hub"
     task: str | None = None
     meta: dict = field(default_factory=dict)
@@ -147,6 +147,8 @@ def load_model(
         else:
             with location.open("") as f:
                 model = load_reference_checkpoint(f, **overrides)
+        if isinstance(model, ReferenceFFBaseline):  # the tools call every kind the same way
+            model = model.as_baseline()
         loaded = Loaded(model.eval(), "reference", None, {}, {"reference": location.url})
     else:
         raise FileNotFoundError(f"{location.url}: no such checkpoint")

@@ -8,6 +8,7 @@ an older one is taken, with a warning, when the newest is damaged.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ctm_dist.data.index import read_index
-from ctm_dist.model import CTMConfig, LSTMConfig, kind_of_fields
+from ctm_dist.model.kinds import CONFIG_TYPES, kind_of_fields
 from ctm_dist.storage import Location
 from ctm_dist.storage import checkpoints as fmt
 from ctm_dist.storage.checkpoints import (
@@ -144,12 +145,12 @@ def data_meta(commit: dict) -> dict:
 
 
 def model_config_from_commit(commit: dict) -> dict | None:
-    """The CTMConfig (or LSTMConfig) fields of a COMMIT marker: ``config.model`` as the trainer records it (every
-    shape-giving CTMConfig field), or None when the marker records no model config."""
+    """The config fields (of the CTM or a baseline) of a COMMIT marker: ``config.model`` as the
+    trainer records it (every shape-giving field), or None when the marker records no model config."""
 
     model = (commit.get("config") or {}).get("model")
     if not isinstance(model, dict) or "d_model" not in model:
         return None
-    config_type = LSTMConfig if kind_of_fields(model) == "lstm" else CTMConfig
-    known = set(config_type.__dataclass_fields__)
+    config_type = CONFIG_TYPES[kind_of_fields(model)]
+    known = {f.name for f in dataclasses.fields(config_type)}
     return {k: v for k, v in model.items() if k in known}
