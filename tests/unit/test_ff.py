@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 import ctm_dist
 from ctm_dist.compat import CheckpointError, load_reference_checkpoint
+from ctm_dist.losses import image_classification_loss
 from ctm_dist.model import (
     FFBaseline,
     FFConfig,
@@ -74,6 +76,16 @@ def test_certainty_follows_the_prediction_shape():
         predictions, certainties, _ = model(torch.randn(3, 3, 8, 8))
     per_step = normalised_entropy(predictions[..., 0].reshape(3, 2, 5))
     torch.testing.assert_close(certainties[:, 1, 0], 1 - per_step)
+
+
+def test_its_one_tick_makes_the_classification_loss_the_references_cross_entropy():
+    model = FFBaseline(FFConfig(d_model=8)).eval()
+    targets = torch.tensor([1, 7, 3])
+    with torch.no_grad():
+        predictions, certainties, _ = model(torch.randn(3, 3, 8, 8))
+    loss, tick = image_classification_loss(predictions, certainties, targets)
+    assert tick.tolist() == [0, 0, 0]
+    torch.testing.assert_close(loss, F.cross_entropy(predictions[..., 0], targets))
 
 
 def test_reference_checkpoint_loads_and_is_called_as_the_reference():
