@@ -6,6 +6,8 @@ shape is spread over those command-line options, and two of the constructor's ar
 ``out_dims`` and ``prediction_reshaper``, are derived from the task (dataset) rather than
 given. This module turns such a file into a ready :class:`~ctm_dist.model.CTM` and writes
 our models back in the same format, so that the reference's analysis scripts can read them.
+Runs of the feed-forward baseline (``--model ff``; ``compat_ff.py`` maps them) load as
+:class:`~ctm_dist.model.ReferenceFFBaseline`, called as the reference's: ``m(x)`` -> logits.
 Q&A MNIST runs (told by their ``q_num_*`` options; ``compat_qamnist.py`` maps them) load as
 :class:`~ctm_dist.model.qamnist.QAMNISTCTM` or its LSTM baseline, called ``m(x, z)``.
 
@@ -34,6 +36,7 @@ import numpy as np
 import torch
 
 from ctm_dist.compat_args import config_from_args, ctm_core_fields
+from ctm_dist.compat_ff import ff_config_from_reference_args
 from ctm_dist.compat_qamnist import (
     is_qamnist_args,
     qamnist_config_from_reference_args,
@@ -44,7 +47,14 @@ from ctm_dist.compat_rl import (
     is_rl_args,
     reference_args_from_rl_config,
 )
-from ctm_dist.model import CTM, CTMConfig, LSTMBaseline, LSTMConfig, build_model
+from ctm_dist.model import (
+    CTM,
+    CTMConfig,
+    LSTMBaseline,
+    LSTMConfig,
+    ReferenceFFBaseline,
+    build_model,
+)
 from ctm_dist.model.qamnist import QAMNISTLSTM, build_qamnist_model
 from ctm_dist.model.rl import RLAgent
 from ctm_dist.storage.checkpoints import (
@@ -228,7 +238,8 @@ def input_channels(backbone_type: str, state_dict: Mapping[str, torch.Tensor] | 
 
 
 def reference_model_kind(args: argparse.Namespace) -> str:
-    """``ctm`` or ``lstm``: the model a reference run trained (``--model`` or ``--model_type``)."""
+    """``ctm``, ``lstm`` or ``ff``: the model a reference run trained (``--model`` or
+    ``--model_type``)."""
     return getattr(args, "model", None) or getattr(args, "model_type", None) or "ctm"
 
 
@@ -555,7 +566,10 @@ def _first_line(err: BaseException) -> str:
 def load_reference_checkpoint(source: Source, **overrides: Any) -> torch.nn.Module:
     """The model of a reference checkpoint in eval mode, loaded strictly: a CTM (or, for a run of
     the reference's LSTM baseline, an :class:`LSTMBaseline`), called as the reference's model is
-    (``model(x)`` -> predictions, certainties, synchronisation or ``None``).
+    (``model(x)`` -> predictions, certainties, synchronisation or ``None``). A run of its
+    feed-forward baseline (``--model ff``) gives a :class:`ReferenceFFBaseline`: ``model(x)`` ->
+    logits, as the reference's ``FFBaseline`` (``.as_baseline()``: the same weights called as
+    our other kinds).
 
     A sort run gives a :class:`~ctm_dist.model.SortCTM`, called as the reference's: ``m(x)``.
 
@@ -577,6 +591,9 @@ def load_reference_checkpoint(source: Source, **overrides: Any) -> torch.nn.Modu
         model = build_qamnist_model(qamnist_config_from_reference_args(args, state, **overrides))
     elif isinstance(args, argparse.Namespace) and reference_model_kind(args) == "lstm":
         model = LSTMBaseline(lstm_config_from_reference_args(args, state, **overrides))
+    elif isinstance(args, argparse.Namespace) and reference_model_kind(args) == "ff":
+        shape = task_output_shape(args)
+        model = ReferenceFFBaseline(ff_config_from_reference_args(args, shape, state, **overrides))
     else:
         model = build_model(config_from_reference_args(args, state, **overrides))
     check_state_dict(model, state, name)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ctm_dist.model import kind_of
 from ctm_dist.storage import Location, StorageError
 from ctm_dist.storage.checkpoints import CheckpointError
 from ctm_dist.storage.local import EMBEDDED_BUCKET, EMBEDDED_LOCAL_DIR, embedded_store, environ
@@ -191,6 +192,15 @@ def _load(checkpoint: str, step: int | None, **overrides):
     """``load_model`` without DeepSpeed's prints."""
     with _quiet():
         return load_model(checkpoint, step=step, **overrides)
+
+
+def _need_ticks(loaded, tool: str) -> None:
+    """A one-line error for a tool that follows a model's ticks, given the feed-forward baseline."""
+    if kind_of(loaded.cfg) == "ff":
+        raise ValueError(
+            f"{tool} follows a model's internal ticks; the feed-forward baseline (model.kind=ff) "
+            "has none (evaluate and export take it)"
+        )
 
 
 # ------------------------------------------------------------------------------------- evaluate
@@ -515,6 +525,7 @@ def visualize_main(argv: list[str] | None = None) -> int:
         loaded = _load(a.checkpoint, a.step)
         charts = _task_charts(a, loaded)
         if charts is None:
+            _need_ticks(loaded, "visualize")
             x, y, task, _ = _inputs(a, loaded, a.count)
     tb = None
     if a.tensorboard:
@@ -572,6 +583,7 @@ def predict_main(argv: list[str] | None = None) -> int:
 
     with embedded_store_for([a.checkpoint], a.local_dir):
         loaded = _load(a.checkpoint, a.step)
+    _need_ticks(loaded, "predict (adaptive halting)")
     a.task = a.task or loaded.task or "imagenet"
     a.data = ""
     x, _, _, names = _inputs(a, loaded, len(a.images))

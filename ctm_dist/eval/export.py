@@ -22,7 +22,10 @@ from typing import Any
 import torch
 
 from ctm_dist.compat import export_reference_checkpoint
-from ctm_dist.model import CTM, CTMConfig
+from ctm_dist.model import (
+    CTM,
+    CTMConfig,
+)
 from ctm_dist.storage import Location
 from ctm_dist.storage.checkpoints import check_loadable
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 
 from ctm_dist import hub
 from ctm_dist.compat import load_reference_checkpoint
-from ctm_dist.model import CTM, CTMConfig
+from ctm_dist.model import CTM, CTMConfig, ReferenceFFBaseline
 from ctm_dist.storage import Location
 
 from . import export, runs
@@ -29,8 +29,8 @@ from .inputs import model_meta, trained_data, trained_inputs
 
 @dataclass
 class Loaded:
-    # a CTM (an LSTMBaseline for the reference's LSTM baseline; a task's own model: the QAMNIST
-    # CTM or LSTM, the RL agent)
+    # a CTM (an LSTMBaseline or FFBaseline for the paper's baselines; a task's own model: the
+    # QAMNIST CTM or LSTM, the RL agent)
     model: CTM
     kind: str  # "export", "run", "reference" or "hub"
     task: str | None = None
@@ -151,6 +151,8 @@ def load_model(
         else:
             with location.open("") as f:
                 model = load_reference_checkpoint(f, **overrides)
+        if isinstance(model, ReferenceFFBaseline):  # the tools call every kind the same way
+            model = model.as_baseline()
         loaded = Loaded(model.eval(), "reference", None, {}, {"reference": location.url})
     else:
         raise FileNotFoundError(f"{location.url}: no such checkpoint")

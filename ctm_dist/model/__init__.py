@@ -1,4 +1,5 @@
-"""The Continuous Thought Machine model (config, presets, module and its parts) and the LSTM baseline."""
+"""The Continuous Thought Machine model (config, presets, module and its parts) and the LSTM and
+feed-forward baselines."""
 
 from .config import (
     EXECUTION_FIELDS,
@@ -20,6 +21,7 @@ from .ctm import (
     Tracking,
     normalised_entropy,
 )
+from .ff import FFBaseline, FFConfig, ReferenceFFBaseline
 from .kinds import (
     MODEL_KINDS,
     ModelConfig,
@@ -37,6 +39,9 @@ from .sort import SortCTM, SortTickContext
 __all__ = [
     "CTM",
     "CTMConfig",
+    "FFBaseline",
+    "FFConfig",
+    "ReferenceFFBaseline",
     "LSTMBaseline",
     "LSTMConfig",
     "MODEL_KINDS",

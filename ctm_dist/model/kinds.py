@@ -1,9 +1,10 @@
-"""The model kinds a run can train: the CTM and the paper's LSTM baseline.
+"""The model kinds a run can train: the CTM and the paper's LSTM and feed-forward baselines.
 
 ``model.kind`` in a training config picks one; the rest of the code asks this module for the
 kind's config (from a preset name and overrides, or from a saved dict) and builds the module.
-Both kinds are called the same way: ``model(x)`` -> predictions ``[B, out_dims, T]``,
-certainties ``[B, 2, T]`` and a third value (the CTM's last synchronisation, ``None`` for the LSTM).
+Every kind is called the same way: ``model(x)`` -> predictions ``[B, out_dims, T]``,
+certainties ``[B, 2, T]`` and a third value (the CTM's last synchronisation, ``None`` for the
+baselines). The feed-forward baseline has one tick (``T = 1``).
 """
 
 from __future__ import annotations
@@ -12,15 +13,16 @@ from typing import Any
 
 from torch import nn
 
-from . import lstm, qamnist
+from . import ff, lstm, qamnist
 from .config import VARIANT_PRESETS, CTMConfig
 from .config import preset as ctm_preset
 from .ctm import CTM
 from .sort import SortCTM
 
-MODEL_KINDS = ("ctm", "lstm")
-CONFIG_TYPES = {"ctm": CTMConfig, "lstm": lstm.LSTMConfig}
-ModelConfig = CTMConfig | lstm.LSTMConfig
+MODEL_KINDS = ("ctm", "lstm", "ff")
+CONFIG_TYPES = {"ctm": CTMConfig, "lstm": lstm.LSTMConfig, "ff": ff.FFConfig}
+ModelConfig = CTMConfig | lstm.LSTMConfig | ff.FFConfig
+BASELINE_PRESETS = {"lstm": lstm.preset, "ff": ff.preset}
 
 
 def check_kind(kind: str) -> None:
@@ -29,7 +31,8 @@ def check_kind(kind: str) -> None:
 
 
 def kind_of(cfg: ModelConfig) -> str:
-    return "lstm" if isinstance(cfg, lstm.LSTMConfig) else "ctm"
+    """The kind of a config; a variant's (Q&A MNIST, sort) counts as the CTM's."""
+    return next((k for k, t in CONFIG_TYPES.items() if k != "ctm" and isinstance(cfg, t)), "ctm")
 
 
 def model_config(kind: str, name: str, **overrides: Any) -> ModelConfig:
@@ -37,7 +40,7 @@ def model_config(kind: str, name: str, **overrides: Any) -> ModelConfig:
     check_kind(kind)
     if name in VARIANT_PRESETS:  # a variant's config (Q&A MNIST) holds its own kind
         return ctm_preset(name, **{"kind": kind, **overrides})
-    return lstm.preset(name, **overrides) if kind == "lstm" else ctm_preset(name, **overrides)
+    return BASELINE_PRESETS.get(kind, ctm_preset)(name, **overrides)
 
 
 def config_from_dict(kind: str, values: dict[str, Any]) -> ModelConfig:
@@ -46,7 +49,10 @@ def config_from_dict(kind: str, values: dict[str, Any]) -> ModelConfig:
 
 
 def kind_of_fields(values: dict[str, Any]) -> str:
-    """The kind whose config a saved field dict is: the LSTM's has layers and no synchronisation."""
+    """The kind whose config a saved field dict is: the LSTM's has layers and no synchronisation,
+    the feed-forward baseline's no ticks."""
+    if "iterations" not in values and "d_model" in values:
+        return "ff"
     return "lstm" if "num_layers" in values and "n_synch_out" not in values else "ctm"
 
 
@@ -60,4 +66,6 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         return qamnist.build_qamnist_model(cfg)
     if isinstance(cfg, lstm.LSTMConfig):
         return lstm.LSTMBaseline(cfg)
+    if isinstance(cfg, ff.FFConfig):
+        return ff.FFBaseline(cfg)
     return SortCTM(cfg) if cfg.variant == "sort" else CTM(cfg)

@@ -21,7 +21,8 @@ import torch
 
 from ctm_dist.data.index import read_index
 from ctm_dist.data.reader import ShardLoader
-from ctm_dist.model import CTMConfig, LSTMConfig, build_model, kind_of_fields, model_config
+from ctm_dist.model import CTMConfig, build_model, kind_of_fields, model_config
+from ctm_dist.model.kinds import CONFIG_TYPES
 from ctm_dist.storage import Location
 
 from .charts import Chart, PictureRequest
@@ -98,7 +99,7 @@ class Task:
     @classmethod
     def config_type(cls, fields: dict) -> type:
         """The config class of a saved field dict (a run's COMMIT marker, an export's config)."""
-        return LSTMConfig if kind_of_fields(fields) == "lstm" else CTMConfig
+        return CONFIG_TYPES[kind_of_fields(fields)]
 
     @classmethod
     def run_meta(cls, train_config: dict) -> dict:

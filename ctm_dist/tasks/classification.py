@@ -28,6 +28,7 @@ from ctm_dist.losses import (
     topk_accuracy,
     topk_correct,
 )
+from ctm_dist.model import kind_of
 
 from .base import ShardTask
 from .sums import Measure
@@ -271,10 +272,10 @@ class Classification(ShardTask):
     @classmethod
     def evaluation_measures(cls, model_cfg, req):
         T = model_cfg.iterations
-        return {
-            "classification": ClassificationStats(T),
-            "halting": HaltingStats(T, tuple(req.thresholds)),
-        }
+        measures = {"classification": ClassificationStats(T)}
+        if kind_of(model_cfg) != "ff":  # the feed-forward baseline has no ticks to halt at
+            measures["halting"] = HaltingStats(T, tuple(req.thresholds))
+        return measures
 
     @classmethod
     def input_pipeline(cls, meta, image_size):
@@ -344,3 +345,10 @@ class Demo(Classification):
     # digits at 8x8 (their native resolution) so that bf16 on two CPU cores reaches >= 90% top-1
     # in a few minutes; tick checkpointing on to exercise it
     launch_defaults = {"data": {"image_size": 8}, "model": {"tick_checkpointing": 4}}
+
+    @classmethod
+    def config_for(cls, preset_name, overrides, kind="ctm"):
+        # tick checkpointing is the CTM's; the baselines' configs have no such field
+        if kind != "ctm":
+            overrides = {k: v for k, v in overrides.items() if k != "tick_checkpointing"}
+        return super().config_for(preset_name, overrides, kind)

@@ -20,7 +20,7 @@ from typing import Any, Union
 
 import yaml
 
-from ctm_dist.model import MODEL_KINDS, CTMConfig, LSTMConfig, QAMNISTConfig
+from ctm_dist.model import MODEL_KINDS, CTMConfig, FFConfig, LSTMConfig, QAMNISTConfig
 from ctm_dist.model.rl_config import RLAgentConfig
 from ctm_dist.tasks import UnknownTask, get_task, task_names
 
@@ -70,7 +70,8 @@ class DataSection:
 
 @dataclass
 class ModelSection:
-    kind: str = "ctm"  # "ctm", or "lstm": the paper's LSTM baseline (ctm_dist/model/lstm.py)
+    # "ctm", or a baseline of the paper: "lstm" (ctm_dist/model/lstm.py), "ff" (model/ff.py)
+    kind: str = "ctm"
     preset: str = "demo"
     overrides: dict = field(
         default_factory=dict
@@ -281,17 +282,24 @@ def _merge(obj: Any, raw: Any, prefix: str) -> None:
 
 
 def _model_hint(name: str) -> Any:
-    """The type of ``model.<name>``: a CTMConfig or LSTMConfig field or a preset argument."""
+    """The type of ``model.<name>``: a field of a model kind's config or a preset argument."""
     hint = _MODEL_HINTS.get(name)
     if hint is None:
         raise ConfigError(
-            f"unknown config field 'model.{name}' (not a CTMConfig or LSTMConfig field)"
+            f"unknown config field 'model.{name}' (not a field of any model kind's config)"
         )
     return hint
 
 
 # the fields of every model kind's and variant's config are accepted under model.*
+def _field_hints(cls: type) -> dict:
+    """The types of a config dataclass's fields (not its class constants)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in typing.get_type_hints(cls).items() if k in names}
+
+
 _MODEL_HINTS = {
+    **_field_hints(FFConfig),
     **typing.get_type_hints(LSTMConfig),
     **typing.get_type_hints(QAMNISTConfig),
     **typing.get_type_hints(RLAgentConfig),

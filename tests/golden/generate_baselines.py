@@ -1,12 +1,14 @@
-"""Write the golden fixtures of the baselines: reference LSTM outputs for small configurations.
+"""Write the golden fixtures of the baselines: reference LSTM and FF outputs for small configurations.
 
     python tests/golden/generate_baselines.py --reference /path/to/continuous-thought-machines
+    python tests/golden/generate_baselines.py --reference ... --models ff   # only the FF cases
 
-The sibling of ``generate.py`` for ``models/lstm.py`` of the reference (imported from the given
-checkout at run time; nothing of it is stored here). Each case in ``CASES`` is built with the
-reference's constructor, its lazy layers materialised, its weights rounded to bfloat16, and run in
-eval mode with tracking; ``tests/golden/baselines/<case>.safetensors`` holds the weights
-(``model.*``), the input and the outputs, with the constructor's arguments in the metadata.
+The sibling of ``generate.py`` for ``models/lstm.py`` and ``models/ff.py`` of the reference
+(imported from the given checkout at run time; nothing of it is stored here). Each case in
+``CASES`` (LSTM) and ``FF_CASES`` is built with the reference's constructor, its lazy layers
+materialised, its weights rounded to bfloat16, and run in eval mode (the LSTM with tracking);
+``tests/golden/baselines/<case>.safetensors`` holds the weights (``model.*``), the input and the
+outputs, with the constructor's arguments (and the input channels) in the metadata.
 """
 
 from __future__ import annotations
@@ -63,6 +65,20 @@ CASES = {
 }
 
 
+# name -> (reference FFBaseline arguments, input shape): a basic-block and a bottleneck ResNet,
+# colour and grey inputs
+FF_CASES = {
+    "ff_resnet18_1": (
+        dict(d_model=12, backbone_type="resnet18-1", out_dims=5, dropout=0.0),
+        (2, 3, 16, 16),
+    ),
+    "ff_resnet50_1_gray": (
+        dict(d_model=8, backbone_type="resnet50-1", out_dims=12, dropout=0.1),
+        (3, 1, 12, 12),
+    ),
+}
+
+
 def generate(reference: Path, seed: int = 4321) -> None:
     sys.path.insert(0, str(reference))
     from models.lstm import LSTMBaseline  # noqa: E402  (the user's reference checkout)
@@ -89,10 +105,33 @@ def generate(reference: Path, seed: int = 4321) -> None:
         save_fixture(tensors, metadata, HERE / f"{name}.safetensors")
 
 
+def generate_ff(reference: Path, seed: int = 4321) -> None:
+    sys.path.insert(0, str(reference))
+    from models.ff import FFBaseline  # noqa: E402  (the user's reference checkout)
+
+    HERE.mkdir(exist_ok=True)
+    for index, (name, (config, shape)) in enumerate(FF_CASES.items()):
+        case_seed = seed + 100 + index
+        generator = torch.Generator().manual_seed(case_seed)
+        x = torch.randn(shape, generator=generator)
+        model = built_reference(lambda: FFBaseline(**config), case_seed, x)
+        randomise(model, generator)
+        with torch.no_grad():
+            logits = model(x)
+        tensors = {**bf16_weights(model), "input": x, "logits": logits}
+        metadata = {"config": json.dumps({**config, "in_channels": shape[1]})}
+        save_fixture(tensors, metadata, HERE / f"{name}.safetensors")
+
+
+GENERATORS = {"lstm": generate, "ff": generate_ff}
+
+
 def main() -> None:
     parser = reference_parser(__doc__, seed=4321)
+    parser.add_argument("--models", nargs="+", choices=sorted(GENERATORS), default=list(GENERATORS))
     args = parser.parse_args()
-    generate(args.reference.resolve(), args.seed)
+    for model in args.models:
+        GENERATORS[model](args.reference.resolve(), args.seed)
 
 
 if __name__ == "__main__":

@@ -344,8 +344,14 @@ def test_unknown_dataset_and_other_models(tmp_path):
     with pytest.raises(CheckpointError, match="unknown dataset 'qamnist'"):
         load_reference_checkpoint(_save(tmp_path, checkpoint))
     checkpoint = _reference_checkpoint()
-    checkpoint["args"].model_type = "ff"
-    with pytest.raises(CheckpointError, match="'ff' model, not a CTM"):
+    checkpoint["args"].model_type = "gru"
+    with pytest.raises(CheckpointError, match="'gru' model, not a CTM"):
+        load_reference_checkpoint(_save(tmp_path, checkpoint))
+    checkpoint = _reference_checkpoint()
+    checkpoint["args"].model_type = "ff"  # CTM weights under FF args
+    with pytest.raises(
+        CheckpointError, match="weights do not fit the ReferenceFFBaseline its args describe"
+    ):
         load_reference_checkpoint(_save(tmp_path, checkpoint))
     checkpoint = _reference_checkpoint()
     checkpoint["args"].model_type = "lstm"  # CTM weights under LSTM args

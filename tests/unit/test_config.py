@@ -249,7 +249,7 @@ def test_model_kind_picks_the_lstm_baseline_and_checks_its_fields():
 @pytest.mark.parametrize(
     "overrides, fragment",
     [
-        (["model.kind=gru"], "model.kind must be one of ctm, lstm, got 'gru'"),
+        (["model.kind=gru"], "model.kind must be one of ctm, lstm, ff, got 'gru'"),
         (["model.kind=lstm", "model.preset=imagenet"], "no LSTM preset 'imagenet'"),
         (
             ["model.kind=lstm", "model.preset=parity", "model.memory_length=4"],

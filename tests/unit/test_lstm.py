@@ -13,7 +13,7 @@ from golden_fixtures import read_golden
 from ctm_dist.model.lstm import LSTMBaseline, LSTMConfig
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "baselines"
-FIXTURES = sorted(GOLDEN.glob("*.safetensors"))
+FIXTURES = sorted(GOLDEN.glob("lstm_*.safetensors"))
 ATOL = 1e-5
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
