@@ -50,6 +50,8 @@ from ctm_dist.compat_rl import (
 from ctm_dist.model import (
     CTM,
     CTMConfig,
+    FFBaseline,
+    FFConfig,
     LSTMBaseline,
     LSTMConfig,
     ReferenceFFBaseline,
@@ -409,9 +411,27 @@ def reference_args_from_lstm_config(
     return _with_task_fields(args, cfg, dataset, extra_args)
 
 
+def reference_args_from_ff_config(
+    cfg: FFConfig, dataset: str | None, extra_args: Mapping[str, Any] | None = None
+) -> argparse.Namespace:
+    """The options a reference image-classification or maze script run with ``--model ff``
+    would have saved for a feed-forward baseline of this config."""
+    if dataset is None:
+        raise ValueError("an FF checkpoint needs the dataset it was trained on (e.g. 'cifar10')")
+    args = argparse.Namespace(
+        model="ff",
+        dataset=dataset,
+        d_model=cfg.d_model,
+        backbone_type=cfg.backbone_type,
+        out_dims=cfg.out_dims,
+        dropout=cfg.dropout,
+    )
+    return _with_task_fields(args, cfg, dataset, extra_args)
+
+
 def _with_task_fields(
     args: argparse.Namespace,
-    cfg: CTMConfig | LSTMConfig,
+    cfg: CTMConfig | LSTMConfig | FFConfig,
     dataset: str,
     extra_args: Mapping[str, Any] | None,
 ) -> argparse.Namespace:
@@ -647,7 +667,7 @@ def export_reference_checkpoint(
     options in the saved Namespace. A QAMNIST model (CTM or LSTM) is saved as the reference's
     QAMNIST script saves it, with no ``dataset`` field.
     """
-    while not isinstance(model, (CTM, LSTMBaseline, QAMNISTLSTM, RLAgent)):
+    while not isinstance(model, (CTM, LSTMBaseline, FFBaseline, QAMNISTLSTM, RLAgent)):
         inner = getattr(model, "module", None) or getattr(
             model, "_orig_mod", None
         )  # DDP/DeepSpeed, torch.compile
@@ -658,6 +678,8 @@ def export_reference_checkpoint(
         args = reference_args_from_rl_config(model.cfg, dataset, extra_args)
     elif isinstance(model, LSTMBaseline):
         args = reference_args_from_lstm_config(model.cfg, dataset, extra_args)
+    elif isinstance(model, FFBaseline):
+        args = reference_args_from_ff_config(model.cfg, dataset, extra_args)
     elif isinstance(model, (CTM, QAMNISTLSTM)):
         qcfg = getattr(model, "qcfg", None)
         if (qcfg is None) != (dataset != "qamnist"):
@@ -670,9 +692,7 @@ def export_reference_checkpoint(
         else:
             args = reference_args_from_config(model.cfg, dataset, extra_args)
     else:
-        raise TypeError(
-            f"expected a ctm_dist CTM, LSTMBaseline or RLAgent, got {type(model).__name__}"
-        )
+        raise TypeError(f"expected a ctm_dist CTM, baseline or RLAgent, got {type(model).__name__}")
     # The reference keeps float32 weights; bf16/fp16 copies (e.g. from a DeepSpeed engine) are widened.
     state = {
         key: value.detach().to(

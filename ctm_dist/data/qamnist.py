@@ -127,6 +127,22 @@ class QAMNISTLoader(GeneratedLoader):
 
     state_format, kind = STATE_FORMAT, "QAMNIST"
 
+    @classmethod
+    def for_model(cls, pool: DigitPool, qcfg, **options) -> QAMNISTLoader:
+        """The loader of the questions a Q&A MNIST model of config ``qcfg`` (a ``QAMNISTConfig``:
+        its curriculum and its ticks per digit and per question part) trains on; ``options``
+        are the other arguments of ``__init__``."""
+        return cls(
+            pool,
+            num_digits=qcfg.num_digits,
+            num_digits_delta=qcfg.num_digits_delta,
+            num_operations=qcfg.num_operations,
+            num_operations_delta=qcfg.num_operations_delta,
+            repeats=qcfg.iterations_per_digit,
+            question_repeats=qcfg.iterations_per_question_part,
+            **options,
+        )
+
     def __init__(
         self,
         pool: DigitPool,

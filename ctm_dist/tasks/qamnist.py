@@ -88,19 +88,13 @@ class QAMNIST(ShardTask):
         return self._pools[split]
 
     def _loader(self, split, batch_size, train, seed, **extra):
-        q = self.qcfg
-        return QAMNISTLoader(
+        return QAMNISTLoader.for_model(
             self._pool(split),
+            self.qcfg,
             batch_size=batch_size,
             rank=self.rank,
             world_size=self.world_size,
             seed=seed,
-            num_digits=q.num_digits,
-            num_digits_delta=q.num_digits_delta,
-            num_operations=q.num_operations,
-            num_operations_delta=q.num_operations_delta,
-            repeats=q.iterations_per_digit,
-            question_repeats=q.iterations_per_question_part,
             image_size=self.cfg.data.image_size or None,
             **extra,
         )

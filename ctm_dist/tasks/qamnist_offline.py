@@ -45,18 +45,13 @@ def question_loader(
     curriculum, every number of operations in turn."""
     if data is None:
         raise ValueError("Q&A MNIST questions need the digit shard set: pass --data URL")
-    return QAMNISTLoader(
+    return QAMNISTLoader.for_model(
         DigitPool.read(data, split),
+        cfg,
         batch_size=batch_size,
         rank=rank,
         world_size=world_size,
         seed=seed,
-        num_digits=cfg.num_digits,
-        num_digits_delta=cfg.num_digits_delta,
-        num_operations=cfg.num_operations,
-        num_operations_delta=cfg.num_operations_delta,
-        repeats=cfg.iterations_per_digit,
-        question_repeats=cfg.iterations_per_question_part,
         image_size=image_size,
         samples_per_epoch=questions,
         cycle_operations=True,

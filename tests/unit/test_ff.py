@@ -4,6 +4,7 @@ as it (tests/fixtures/make_reference_checkpoint.py), its interface, presets and 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -15,7 +16,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import ctm_dist
-from ctm_dist.compat import CheckpointError, load_reference_checkpoint
+from ctm_dist.compat import (
+    CheckpointError,
+    export_reference_checkpoint,
+    load_reference_checkpoint,
+)
 from ctm_dist.losses import image_classification_loss
 from ctm_dist.model import (
     FFBaseline,
@@ -121,6 +126,32 @@ def test_reference_checkpoint_with_a_non_resnet_backbone_name_builds_resnet18_4(
     torch.save(checkpoint, path)
     with pytest.raises(CheckpointError, match="weights do not fit the ReferenceFFBaseline"):
         load_reference_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    "dataset, out_dims, reshaper",
+    [("cifar10", 10, [-1]), ("mazes-small", 20, [4, 5])],
+)
+def test_export_in_the_reference_format_round_trips(tmp_path, dataset, out_dims, reshaper):
+    """Reverse export: the args a reference ``--model ff`` run saves (the maze route length
+    included), which load back into the reference-called FF with the same logits."""
+    torch.manual_seed(0)
+    cfg = FFConfig(d_model=8, out_dims=out_dims, prediction_reshaper=reshaper, dropout=0.1)
+    model = FFBaseline(cfg).eval()
+    path = tmp_path / "ff.pt"
+    export_reference_checkpoint(model, path, dataset=dataset)
+    loaded = load_reference_checkpoint(path)
+    assert isinstance(loaded, ReferenceFFBaseline) and loaded.cfg == cfg
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        args = torch.load(path, weights_only=True)["args"]
+    assert (args.model, args.dataset, args.d_model) == ("ff", dataset, 8)
+    if dataset == "mazes-small":
+        assert args.maze_route_length == 4
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.logits(x), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="needs the dataset"):
+        export_reference_checkpoint(model, tmp_path / "x.pt")
 
 
 @pytest.mark.parametrize("task", ["imagenet", "cifar10", "demo", "mazes"])

@@ -111,16 +111,11 @@ def report(out) -> dict:
 def direct_qamnist_accuracy(model, digits: str, questions: int, batch_size: int):
     """Accuracy at the most certain answer tick, overall and per number of operations."""
     cfg = model.cfg
-    loader = QAMNISTLoader(
+    loader = QAMNISTLoader.for_model(
         DigitPool.read(digits, "val"),
+        cfg,
         batch_size=batch_size,
         seed=SEED,
-        num_digits=cfg.num_digits,
-        num_digits_delta=cfg.num_digits_delta,
-        num_operations=cfg.num_operations,
-        num_operations_delta=cfg.num_operations_delta,
-        repeats=cfg.iterations_per_digit,
-        question_repeats=cfg.iterations_per_question_part,
         samples_per_epoch=questions,
         cycle_operations=True,
         image_size=IMAGE_SIZE,
