@@ -134,6 +134,8 @@ def format_line(step: int, max_steps: int, values: dict[str, float]) -> str:
         ("eval/step_accuracy", "val_step", "{:.3f}"),
         ("eval/route_accuracy", "val_route", "{:.3f}"),
         ("eval/sequence_accuracy", "val_seq", "{:.3f}"),
+        ("train/episode_return", "return", "{:.1f}"),
+        ("eval/episode_return", "val_return", "{:.1f}"),
         ("checkpoint/save_s", "ckpt", "{:.2f}s"),
     ):
         if key in values and values[key] is not None:
