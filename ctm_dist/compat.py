@@ -359,12 +359,13 @@ def reference_args_from_config(
         for key, value in (extra_args or {}).items():
             setattr(args, key, value)
         return args
-    if dataset is None:
-        raise ValueError("a CTM checkpoint needs the dataset it was trained on (e.g. 'cifar10')")
-    args = argparse.Namespace(
+    return _task_args(
+        "a CTM",
+        cfg,
+        dataset,
+        extra_args,
         model="ctm",  # image_classification/ and mazes/ scripts
         model_type="ctm",  # parity/ scripts
-        dataset=dataset,
         iterations=cfg.iterations,
         d_model=cfg.d_model,
         d_input=cfg.d_input,
@@ -384,7 +385,6 @@ def reference_args_from_config(
         neuron_select_type=cfg.neuron_select_type,
         n_random_pairing_self=cfg.n_random_pairing_self,
     )
-    return _with_task_fields(args, cfg, dataset, extra_args)
 
 
 def reference_args_from_lstm_config(
@@ -392,12 +392,13 @@ def reference_args_from_lstm_config(
 ) -> argparse.Namespace:
     """The options a reference train script run with ``--model lstm`` (``--model_type lstm`` for
     parity) would have saved for an LSTM baseline of this config."""
-    if dataset is None:
-        raise ValueError("an LSTM checkpoint needs the dataset it was trained on (e.g. 'parity')")
-    args = argparse.Namespace(
+    return _task_args(
+        "an LSTM",
+        cfg,
+        dataset,
+        extra_args,
         model="lstm",
         model_type="lstm",
-        dataset=dataset,
         iterations=cfg.iterations,
         d_model=cfg.d_model,
         d_input=cfg.d_input,
@@ -408,7 +409,6 @@ def reference_args_from_lstm_config(
         out_dims=cfg.out_dims,
         dropout=cfg.dropout,
     )
-    return _with_task_fields(args, cfg, dataset, extra_args)
 
 
 def reference_args_from_ff_config(
@@ -416,17 +416,32 @@ def reference_args_from_ff_config(
 ) -> argparse.Namespace:
     """The options a reference image-classification or maze script run with ``--model ff``
     would have saved for a feed-forward baseline of this config."""
-    if dataset is None:
-        raise ValueError("an FF checkpoint needs the dataset it was trained on (e.g. 'cifar10')")
-    args = argparse.Namespace(
+    return _task_args(
+        "an FF",
+        cfg,
+        dataset,
+        extra_args,
         model="ff",
-        dataset=dataset,
         d_model=cfg.d_model,
         backbone_type=cfg.backbone_type,
         out_dims=cfg.out_dims,
         dropout=cfg.dropout,
     )
-    return _with_task_fields(args, cfg, dataset, extra_args)
+
+
+def _task_args(
+    what: str,
+    cfg: CTMConfig | LSTMConfig | FFConfig,
+    dataset: str | None,
+    extra_args: Mapping[str, Any] | None,
+    **fields: Any,
+) -> argparse.Namespace:
+    """A reference script's saved options: ``fields`` with the dataset and its task's options."""
+    if dataset is None:
+        raise ValueError(f"{what} checkpoint needs the dataset it was trained on (e.g. 'cifar10')")
+    return _with_task_fields(
+        argparse.Namespace(dataset=dataset, **fields), cfg, dataset, extra_args
+    )
 
 
 def _with_task_fields(
