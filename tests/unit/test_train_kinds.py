@@ -67,6 +67,7 @@ def test_lstm_baseline_trains_in_the_same_loop_on_its_last_tick(tmp_path):
     assert isinstance(trainer.engine.module, LSTMBaseline)
     before = trainer.engine.module.lstm.weight_hh_l0.detach().clone()
     summary = trainer.fit()
+    trainer.checkpointer.close()  # as the worker does: the resumed run takes the lease next
     assert summary["step"] == 3 and torch.isfinite(torch.tensor(summary["train/loss"]))
     assert (
         summary["train/most_certain_tick_mean"] == 4
@@ -128,6 +129,7 @@ def test_ff_baseline_trains_resumes_and_evaluates_as_one_tick(tmp_path):
     assert isinstance(model, FFBaseline) and trainer.model_cfg.d_model == 16
     before = model.output_projector[6].weight.detach().clone()
     summary = trainer.fit()
+    trainer.checkpointer.close()  # as the worker does: the resumed run takes the lease next
     assert summary["step"] == 3 and torch.isfinite(torch.tensor(summary["train/loss"]))
     assert summary["train/most_certain_tick_mean"] == 1  # one tick
     assert "eval/top1" in summary
@@ -136,6 +138,7 @@ def test_ff_baseline_trains_resumes_and_evaluates_as_one_tick(tmp_path):
     longer = _config(tmp_path, *overrides, "run.max_steps=4", base=TASK_DEFAULTS["demo"])
     resumed = Trainer(longer, 0, 1, torch.device("cpu"))
     assert resumed.resumed_from == 3 and resumed.fit()["step"] == 4
+    resumed.checkpointer.close()
     # the run and its export load back; evaluation reads its one tick, without a halting sweep
     run = tmp_path / "store" / "kinds"
     from_run = load_model(str(run)).model
