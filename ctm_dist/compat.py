@@ -35,7 +35,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from ctm_dist.compat_args import config_from_args, ctm_core_fields
+from ctm_dist.compat_args import config_from_args, ctm_core_fields, require_args
 from ctm_dist.compat_ff import ff_config_from_reference_args
 from ctm_dist.compat_qamnist import (
     is_qamnist_args,
@@ -168,11 +168,7 @@ _SORT_REQUIRED_ARGS = (
 
 def _sort_config(args: argparse.Namespace, overrides: dict[str, Any]) -> CTMConfig:
     """The sort script's options as the model it builds: N inputs, N positions + a blank out."""
-    missing = [name for name in _SORT_REQUIRED_ARGS if not hasattr(args, name)]
-    if missing:
-        raise CheckpointError(
-            f"checkpoint args lack {missing}; not a checkpoint of the reference's sort script"
-        )
+    require_args(args, _SORT_REQUIRED_ARGS, "the reference's sort script")
     length = getattr(args, SORT_FIELD)
     if not isinstance(length, int) or isinstance(length, bool) or length < 2:
         raise CheckpointError(f"args.{SORT_FIELD} must be an integer >= 2, got {length!r}")
@@ -264,11 +260,7 @@ def lstm_config_from_reference_args(
     """Map a reference LSTM-baseline run's options (and its weights, for the layer count and the
     input channels) to an :class:`~ctm_dist.model.LSTMConfig`."""
     _check_namespace(args)
-    missing = [name for name in _REQUIRED_LSTM_ARGS if not hasattr(args, name)]
-    if missing:
-        raise CheckpointError(
-            f"checkpoint args lack {missing}; not a checkpoint of a reference LSTM train script"
-        )
+    require_args(args, _REQUIRED_LSTM_ARGS, "a reference LSTM train script")
     out_dims, reshaper = task_output_shape(args)
     # the train scripts build one layer; the weights say how many there are
     layers = 1

@@ -26,6 +26,14 @@ def ctm_core_fields(args: Any) -> dict[str, Any]:
     )
 
 
+def require_args(args: Any, names: tuple[str, ...], script: str) -> None:
+    """:class:`CheckpointError` unless ``args`` has every option in ``names`` (``script``: whose
+    checkpoint it should be, e.g. "a reference LSTM train script")."""
+    missing = [name for name in names if not hasattr(args, name)]
+    if missing:
+        raise CheckpointError(f"checkpoint args lack {missing}; not a checkpoint of {script}")
+
+
 def config_from_args(
     build: Callable[..., C],
     values: dict[str, Any],

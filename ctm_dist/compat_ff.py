@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
+from ctm_dist.compat_args import config_from_args, require_args
 from ctm_dist.model.config_base import RESNET_BACKBONES
 from ctm_dist.model.ff import FFConfig
-from ctm_dist.storage.checkpoints import CheckpointError
 
 # the backbone the reference's FFBaseline builds for a backbone_type that names no ResNet
 NON_RESNET_BACKBONE = "resnet18-4"
@@ -32,11 +32,7 @@ def ff_config_from_reference_args(
 ) -> FFConfig:
     """Map a reference FF-baseline run's options, its task's ``(out_dims, prediction_reshaper)``
     and (for the input channels) its weights to an :class:`~ctm_dist.model.FFConfig`."""
-    missing = [name for name in _REQUIRED_FF_ARGS if not hasattr(args, name)]
-    if missing:
-        raise CheckpointError(
-            f"checkpoint args lack {missing}; not a checkpoint of a reference FF train script"
-        )
+    require_args(args, _REQUIRED_FF_ARGS, "a reference FF train script")
     backbone_type = args.backbone_type
     if backbone_type not in RESNET_BACKBONES:
         backbone_type = NON_RESNET_BACKBONE
@@ -51,8 +47,4 @@ def ff_config_from_reference_args(
         dropout=getattr(args, "dropout", 0.0),
         in_channels=in_channels,
     )
-    values.update(overrides)
-    try:
-        return FFConfig(**values)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"checkpoint args describe an invalid FF baseline: {err}") from err
+    return config_from_args(FFConfig, values, "FF baseline", overrides)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ctm_dist.compat_args import config_from_args
+from ctm_dist.compat_args import config_from_args, require_args
 from ctm_dist.model.rl import RLAgent
 from ctm_dist.model.rl_config import RLAgentConfig
 from ctm_dist.storage.checkpoints import CheckpointError
@@ -68,11 +68,7 @@ def backbone_for_env(env_id: str) -> str:
 def rl_config_from_reference_args(
     args: argparse.Namespace, state_dict: Mapping[str, torch.Tensor]
 ) -> RLAgentConfig:
-    missing = [name for name in _REQUIRED_ARGS if not hasattr(args, name)]
-    if missing:
-        raise CheckpointError(
-            f"checkpoint args lack {missing}; not a checkpoint of the reference RL train script"
-        )
+    require_args(args, _REQUIRED_ARGS, "the reference RL train script")
     actions = state_dict.get("actor.4.weight")
     if not isinstance(actions, torch.Tensor) or actions.dim() != 2:
         raise CheckpointError("model_state_dict lacks actor.4.weight: not a reference RL agent")
