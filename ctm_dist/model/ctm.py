@@ -131,6 +131,13 @@ def normalised_entropy(logits: torch.Tensor) -> torch.Tensor:
     return entropy.flatten(1).mean(-1) if entropy.dim() > 1 else entropy
 
 
+def certainty(prediction: torch.Tensor, prediction_reshaper: list[int]) -> torch.Tensor:
+    """[N, out_dims] -> [N, 2]: (normalised entropy, 1 - normalised entropy), the entropy over
+    the last axis of the prediction shaped as ``[N, *prediction_reshaper]``."""
+    entropy = normalised_entropy(prediction.reshape([prediction.size(0)] + prediction_reshaper))
+    return torch.stack((entropy, 1 - entropy), dim=-1)
+
+
 def with_banks(ctx: TickContext) -> TickContext:
     """The context with keys and values read through gradient banks (tick_grads.py)."""
     k_bank, v_bank = Bank(ctx.keys), Bank(ctx.values)
@@ -176,11 +183,7 @@ class FeatureInput(nn.Module):
         return self.kv_proj(features.flatten(2).transpose(1, 2))
 
     def compute_certainty(self, prediction: torch.Tensor) -> torch.Tensor:
-        """[N, out_dims] -> [N, 2]: (normalised entropy, 1 - normalised entropy)."""
-        entropy = normalised_entropy(
-            prediction.reshape([prediction.size(0)] + self.cfg.prediction_reshaper)
-        )
-        return torch.stack((entropy, 1 - entropy), dim=-1)
+        return certainty(prediction, self.cfg.prediction_reshaper)
 
 
 class CTM(FeatureInput):

@@ -39,7 +39,7 @@ from .config_base import (
     preset_config,
     requirement,
 )
-from .ctm import normalised_entropy
+from .ctm import certainty
 
 
 @dataclass
@@ -106,15 +106,9 @@ class FFBaseline(nn.Module):
         """Input -> logits [B, out_dims]."""
         return self.output_projector(self.backbone(self.initial_rgb(x)))
 
-    def compute_certainty(self, prediction: torch.Tensor) -> torch.Tensor:
-        """[B, out_dims] -> [B, 2]: (normalised entropy, 1 - normalised entropy)."""
-        shape = [prediction.size(0)] + self.cfg.prediction_reshaper
-        entropy = normalised_entropy(prediction.reshape(shape))
-        return torch.stack((entropy, 1 - entropy), dim=-1)
-
     def forward(self, x: torch.Tensor):
         logits = self.logits(x)
-        certainties = self.compute_certainty(logits)
+        certainties = certainty(logits, self.cfg.prediction_reshaper)
         return logits.float().unsqueeze(-1), certainties.float().unsqueeze(-1), None
 
 
